@@ -1,0 +1,277 @@
+"""BailingMoe, the LLM of Ming-UniVision: GQA attention with a fused qkv, 1-D RoPE, MoE with shared experts.
+
+Numerics follow UPSTREAM.md 3.2: RMSNorm multiplies by its weight in fp32 before casting back; the
+router softmax runs in fp32, top-k weights are renormalised, and the expert outputs are combined in
+fp32. RoPE is computed in fp32 from explicit position ids; with (3, B, L) ids the M-RoPE sections are
+stitched (identical rows reduce to plain RoPE, which is all upstream ever builds).
+
+Parameter names are the released ones (`model.layers.{i}.attention.query_key_value`, `...mlp.gate`,
+`...mlp.experts.{e}.gate_proj`, `lm_head`, `vis_head`, `diffloss.net`), so checkpoints load as they are.
+
+KV caches come in two forms, one set of weights:
+  * concat (ONNX convention): past (B, kv, P, d) in, present (B, kv, P+L, d) out;
+  * static (CUDA graphs): preallocated (B, kv, S_max, d) buffers written in place at `cache_position`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FlowHeadConfig, LLMConfig
+from .flow_head import FlowHead, VisHead
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(x.dtype)  # weight applied in fp32, then cast (not Llama's order)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section=None):
+    """cos, sin (B, L, d) in fp32 from position ids (B, L), or (3, B, L) for M-RoPE."""
+    if position_ids.dim() == 2:
+        freqs = position_ids.float()[..., None] * inv_freq  # (B, L, d/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+    freqs = position_ids.float()[..., None] * inv_freq  # (3, B, L, d/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    sections = list(mrope_section) * 2
+    if sum(sections) != emb.shape[-1]:
+        raise ValueError(f"mrope_section {tuple(mrope_section)} does not cover head_dim {emb.shape[-1]}")
+    cos = torch.cat([part[i % 3] for i, part in enumerate(emb.cos().split(sections, dim=-1))], dim=-1)
+    sin = torch.cat([part[i % 3] for i, part in enumerate(emb.sin().split(sections, dim=-1))], dim=-1)
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, d); cos/sin (B, L, d). Rotate-half layout, applied in fp32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+def attention_mask_4d(key_mask: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, L, S): causal by cache slot, and only keys whose key_mask is set.
+
+    key_mask (B, S) marks the keys a row may see (CFG rows hide the user turn this way);
+    query_slots (L,) is the cache slot of each new token.
+    """
+    keys = torch.arange(key_mask.shape[1], device=key_mask.device)
+    causal = keys[None, :] <= query_slots[:, None]  # (L, S)
+    return causal[None, None] & key_mask.bool()[:, None, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
+        self.dense = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def project(self, x, cos, sin):
+        b, n, _ = x.shape
+        qkv = self.query_key_value(x).view(b, n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, mask):
+        b, h, n, d = q.shape
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                             scale=d ** -0.5, enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.dense(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        q, k, v = self.project(x, cos, sin)
+        k = torch.cat([past_k, k.to(past_k.dtype)], dim=2)
+        v = torch.cat([past_v, v.to(past_v.dtype)], dim=2)
+        return self.attend(q, k, v, mask), k, v
+
+    def forward_static(self, x, cos, sin, mask, k_cache, v_cache, cache_position):
+        q, k, v = self.project(x, cos, sin)
+        k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
+        return self.attend(q, k_cache, v_cache, mask)
+
+
+class ExpertMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.top_k = cfg.num_experts_per_tok
+        self.renormalize = cfg.norm_topk_prob and cfg.num_experts_per_tok > 1
+
+    def forward(self, x: torch.Tensor):
+        """x (T, H) -> expert ids (T, k), fp32 weights (T, k), logits (T, E)."""
+        logits = F.linear(x, self.weight)
+        weights, idx = torch.topk(logits.softmax(dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return idx, weights, logits
+
+
+class MoE(nn.Module):
+    """Routed experts plus always-on shared experts; image rows are routed by `image_gate`.
+
+    Dispatch modes, all equal in exact arithmetic:
+      * "loop": per-expert batches (eager reference; data-dependent shapes);
+      * "gather": gathers the routed experts' weights per token (decode: reads only those weights);
+      * "dense": runs every expert on every token and keeps the routed ones (static shapes, prefill export).
+    """
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.experts = nn.ModuleList(ExpertMLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.gate = Router(cfg)
+        if cfg.multi_gate:
+            self.image_gate = Router(cfg)
+            self.audio_gate = Router(cfg)  # present in checkpoints, never used by Ming-UniVision
+        self.shared_experts = (ExpertMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+                               if cfg.num_shared_experts else None)
+
+    def route(self, x, image_mask):
+        idx, w, logits = self.gate(x)
+        if image_mask is not None and hasattr(self, "image_gate"):
+            i_idx, i_w, i_logits = self.image_gate(x)
+            m = image_mask.reshape(-1, 1).bool()
+            idx, w, logits = torch.where(m, i_idx, idx), torch.where(m, i_w, w), torch.where(m, i_logits, logits)
+        return idx, w, logits
+
+    def stacked(self, name: str) -> torch.Tensor:
+        return torch.stack([getattr(e, name).weight for e in self.experts])  # (E, out, in)
+
+    def routed_outputs(self, x, idx, mode: str) -> torch.Tensor:
+        """Each token's k routed expert outputs (T, k, H)."""
+        t, k = idx.shape
+        if mode == "loop":
+            out = x.new_zeros(t * k, x.shape[-1])
+            flat = idx.reshape(-1)
+            token = torch.arange(t, device=x.device).repeat_interleave(k)
+            for e in torch.unique(flat).tolist():
+                sel = (flat == e).nonzero(as_tuple=True)[0]
+                out[sel] = self.experts[e](x[token[sel]])
+            return out.view(t, k, -1)
+        if mode == "gather":
+            wg, wu, wd = self.stacked("gate_proj")[idx], self.stacked("up_proj")[idx], self.stacked("down_proj")[idx]
+            xk = x[:, None, :, None]  # (T, 1, H, 1)
+            h = F.silu((wg @ xk).squeeze(-1)) * (wu @ xk).squeeze(-1)  # (T, k, I)
+            return (wd @ h[..., None]).squeeze(-1)  # (T, k, H)
+        if mode == "dense":
+            every = torch.stack([e(x) for e in self.experts], dim=1)  # (T, E, H)
+            return torch.gather(every, 1, idx[..., None].expand(t, k, every.shape[-1]))
+        raise ValueError(f"unknown MoE mode {mode!r}")
+
+    def forward(self, x: torch.Tensor, image_mask=None, mode: str = "loop", record: dict | None = None):
+        b, n, h = x.shape
+        flat = x.reshape(-1, h)
+        idx, w, logits = self.route(flat, image_mask)
+        if record is not None:
+            record.setdefault("router_logits", []).append(logits.view(b, n, -1))
+            record.setdefault("topk_idx", []).append(idx.view(b, n, -1))
+            record.setdefault("topk_weight", []).append(w.view(b, n, -1))
+        outs = self.routed_outputs(flat, idx, mode)
+        y = (outs.float() * w[..., None]).sum(dim=1).to(x.dtype).view(b, n, h)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, index: int):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.is_moe = cfg.num_experts > 0 and index >= cfg.first_k_dense_replace
+        self.mlp = MoE(cfg) if self.is_moe else ExpertMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def ffn(self, x, image_mask, moe_mode, record):
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, image_mask, moe_mode, record) if self.is_moe else self.mlp(h))
+
+
+class BailingMoeModel(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_keys, past_values,
+                image_mask=None, moe_mode: str = "loop", record: dict | None = None):
+        """Concat-cache form.
+
+        inputs_embeds (B, L, H); attention_mask (B, P+L) 1 = visible; position_ids (B, L) or (3, B, L);
+        past_keys/values: per layer (B, kv, P, d). Returns the final-normed hidden (B, L, H) and the
+        present keys/values per layer (B, kv, P+L, d).
+        """
+        past = past_keys[0].shape[2]
+        slots = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
+        mask = attention_mask_4d(attention_mask, slots)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
+        x = inputs_embeds
+        keys, values = [], []
+        for layer, pk, pv in zip(self.layers, past_keys, past_values):
+            if record is not None:
+                record.setdefault("layer_inputs", []).append(x)
+            h, k, v = layer.attention(layer.input_layernorm(x), cos, sin, mask, pk, pv)
+            x = layer.ffn(x + h, image_mask, moe_mode, record)
+            keys.append(k)
+            values.append(v)
+        return self.norm(x), keys, values
+
+    def forward_static(self, inputs_embeds, attention_mask, position_ids, k_caches, v_caches, cache_position,
+                       image_mask=None, moe_mode: str = "gather"):
+        """Static-cache form: attention_mask (B, S_max) covers every slot of the preallocated buffers."""
+        mask = attention_mask_4d(attention_mask, cache_position)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
+        x = inputs_embeds
+        for layer, kc, vc in zip(self.layers, k_caches, v_caches):
+            x = x + layer.attention.forward_static(layer.input_layernorm(x), cos, sin, mask, kc, vc, cache_position)
+            x = layer.ffn(x, image_mask, moe_mode, None)
+        return self.norm(x)
+
+    def empty_cache(self, batch: int, length: int = 0, dtype=torch.float32, device=None):
+        shape = (batch, self.cfg.num_kv_heads, length, self.cfg.head_dim)
+        n = len(self.layers)
+        return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+                [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)])
+
+
+class LanguageModel(nn.Module):
+    """The `model.` part of the composite checkpoint: LLM, lm_head, vis_head and the flow head."""
+
+    def __init__(self, cfg: LLMConfig, flow_cfg: FlowHeadConfig):
+        super().__init__()
+        self.model = BailingMoeModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.vis_head = VisHead(flow_cfg)
+        self.diffloss = FlowHead(flow_cfg)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
