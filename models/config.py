@@ -155,6 +155,7 @@ class ModelConfig:
     tokens: TokenConfig = field(default_factory=TokenConfig)
     text_cfg: float = 3.0  # the values upstream actually samples with (UPSTREAM.md 4.5)
     image_cfg: float = 1.1
+    understanding_image_size: int = 1024  # images to describe are resized to this square (1024 tokens)
 
     @property
     def num_image_tokens(self) -> int:
@@ -167,6 +168,8 @@ class ModelConfig:
         _require(self.flow_head.latent_dim == self.mingtok.latent_dim, "flow_head.latent_dim must equal mingtok.latent_dim")
         _require(self.connector.in_dim == self.mingtok.semantic_dim, "connector.in_dim must equal mingtok.semantic_dim")
         _require(self.connector.hidden_size == self.llm.hidden_size, "connector.hidden_size must equal llm.hidden_size")
+        _require(self.understanding_image_size % self.mingtok.patch_size == 0,
+                 "understanding_image_size must be a multiple of mingtok.patch_size")
         for name in ("image_start", "image_patch", "image_end", "eos"):
             tok = getattr(self.tokens, name)
             _require(0 <= tok < self.llm.vocab_size, f"tokens.{name}={tok} outside the vocabulary (size {self.llm.vocab_size})")
@@ -210,6 +213,7 @@ def tiny_config() -> ModelConfig:
         connector=ConnectorConfig(in_dim=128, hidden_size=256, depth=2),
         tokens=TokenConfig(image_start=500, image_patch=501, image_end=502, eos=503, pad=503,
                            user_prefix=(490, 491), assistant_prefix=(492, 493)),
+        understanding_image_size=256,
     ).validate()
 
 

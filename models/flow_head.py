@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import FlowHeadConfig
@@ -100,19 +99,20 @@ def euler_schedule(num_steps: int, time_shift: float | None = None) -> tuple[tor
 
 
 def guide(v: torch.Tensor, text_cfg, image_cfg, renorm: bool) -> torch.Tensor:
-    """Combine per-row velocities (B, R, C) into one guided velocity (B, C)."""
+    """Combine per-row velocities (B, R, C), R in {1, 2, 3}, into one guided velocity (B, C).
+
+    One formula serves every R: v_u + image_cfg * (v_tu - v_u) + text_cfg * (v_c - v_tu), where a
+    missing text-uncond row is the uncond row and a missing uncond row is the cond row. The extra terms
+    are then exact zeros, so R=2 gives upstream's v_u + text_cfg * (v_c - v_u) bit for bit and R=1
+    gives v_c; one exported graph covers all three.
+    """
     rows = v.shape[1]
-    v_c = v[:, 0]
-    if rows == 1:
-        return v_c
-    v_u = v[:, 1]
-    if rows == 2:
-        out = v_u + text_cfg * (v_c - v_u)
-    elif rows == 3:
-        v_tu = v[:, 2]
-        out = v_u + image_cfg * (v_tu - v_u) + text_cfg * (v_c - v_tu)
-    else:
+    if not 1 <= rows <= 3:
         raise ValueError(f"CFG needs 1, 2 or 3 rows per prompt, got {rows}")
+    v_c = v[:, 0]
+    v_u = v[:, min(1, rows - 1)]
+    v_tu = v[:, min(2, rows - 1)]
+    out = v_u + image_cfg * (v_tu - v_u) + text_cfg * (v_c - v_tu)
     if renorm:  # 'channel' renorm: never let the guided velocity be longer than the cond one
         scale = (torch.linalg.vector_norm(v_c, dim=-1, keepdim=True)
                  / torch.linalg.vector_norm(out, dim=-1, keepdim=True) + 1e-8).clamp(0.0, 1.0)
@@ -129,22 +129,22 @@ class FlowHead(nn.Module):
         self.net = VelocityNet(cfg)
 
     def sample(self, z: torch.Tensor, noise: torch.Tensor, *, text_cfg=3.0, image_cfg=1.1, temperature=1.0,
-               num_steps: int | None = None, time_shift: float | None = None, renorm: bool = False) -> torch.Tensor:
+               time_shift: float | None = None, renorm: bool = False, schedule=None) -> torch.Tensor:
         """z (B*R, W) conditions, prompt-major; noise (B, C) -> latent (B, C) in fp32.
 
-        Every row of a prompt starts from the same noise; the guided velocity moves them together,
-        so the state is kept once per prompt.
+        Every row of a prompt starts from the same noise and the guided velocity moves them together,
+        so the state is kept once per prompt. `schedule` = (times, dts) overrides cfg.num_steps/time_shift.
         """
         b, c = noise.shape
-        if z.shape[0] % b:
-            raise ValueError(f"{z.shape[0]} condition rows are not a multiple of {b} noise rows")
         rows = z.shape[0] // b
-        times, dts = euler_schedule(num_steps or self.cfg.num_steps, time_shift)
+        if rows * b != z.shape[0]:
+            raise ValueError(f"{z.shape[0]} condition rows are not a multiple of {b} noise rows")
+        times, dts = schedule if schedule is not None else euler_schedule(self.cfg.num_steps, time_shift)
         times, dts = times.to(z.device), dts.to(z.device)
         x = noise.float() * temperature  # (B, C)
         for k in range(times.shape[0]):
             t = times[k].expand(b * rows)
-            x_rows = x.repeat_interleave(rows, dim=0).to(z.dtype)  # (B*R, C)
+            x_rows = x[:, None].expand(b, rows, c).reshape(b * rows, c).to(z.dtype)  # (B*R, C)
             v = self.net(x_rows, t, z).view(b, rows, c)
             x = x + guide(v, text_cfg, image_cfg, renorm).float() * dts[k]
         return x

@@ -70,7 +70,10 @@ def attention_mask_4d(key_mask: torch.Tensor, query_slots: torch.Tensor) -> torc
     """
     keys = torch.arange(key_mask.shape[1], device=key_mask.device)
     causal = keys[None, :] <= query_slots[:, None]  # (L, S)
-    return causal[None, None] & key_mask.bool()[:, None, None, :]
+    # A token always sees itself: a padding query would otherwise have no visible key and turn NaN,
+    # and NaN values poison later rows even at zero attention weight.
+    own = keys[None, :] == query_slots[:, None]
+    return (causal[None, None] & key_mask.bool()[:, None, None, :]) | own[None, None]
 
 
 class Attention(nn.Module):
