@@ -34,6 +34,8 @@ class MingTokConfig:
     pixel_dim: int = 1024
     pixel_depth: int = 24
     head_dim: int = 64  # every MingTok transformer uses dim // 64 heads
+    encoder_ffn: str = "swiglu"  # "swiglu" | "mlp"; the pixel decoder always uses the GELU MLP
+    semantic_ffn: str = "swiglu"
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     scaling_factor: float = 8.09449291  # latent normalisation: z = (raw - mean) / scaling_factor
@@ -61,6 +63,8 @@ class MingTokConfig:
         _require(self.encoder_dim % self.latent_dim == 0, "mingtok.encoder_dim must be a multiple of latent_dim (channel-averaging shortcut)")
         _require(self.semantic_dim % self.latent_dim == 0, "mingtok.semantic_dim must be a multiple of latent_dim (channel-repeating shortcut)")
         _require(self.scaling_factor != 0, "mingtok.scaling_factor must be non-zero")
+        for name in ("encoder_ffn", "semantic_ffn"):
+            _require(getattr(self, name) in ("swiglu", "mlp"), f"mingtok.{name} must be 'swiglu' or 'mlp'")
         for name in ("encoder_depth", "semantic_depth", "pixel_depth"):
             _require(getattr(self, name) >= 1, f"mingtok.{name} must be >= 1")
         return self
@@ -208,7 +212,7 @@ def tiny_config() -> ModelConfig:
                               pixel_depth=2, scaling_factor=2.5, mean=0.3),
         llm=LLMConfig(vocab_size=512, hidden_size=256, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=128,
                       num_experts=8, num_experts_per_tok=2, num_shared_experts=2, moe_intermediate_size=64,
-                      intermediate_size=512, max_position_embeddings=256),
+                      intermediate_size=0, max_position_embeddings=256),
         flow_head=FlowHeadConfig(hidden_size=256, width=64, depth=2, mlp_mult=4, latent_dim=16, num_steps=4),
         connector=ConnectorConfig(in_dim=128, hidden_size=256, depth=2),
         tokens=TokenConfig(image_start=500, image_patch=501, image_end=502, eos=503, pad=503,

@@ -35,7 +35,7 @@ class LowLevelEncoder(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens + 1, d))
-        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, cfg.mlp_ratio, "swiglu", cfg.norm_eps) for _ in range(cfg.encoder_depth))
+        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, cfg.mlp_ratio, cfg.encoder_ffn, cfg.norm_eps) for _ in range(cfg.encoder_depth))
         self.out_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(d, cfg.latent_dim)
 
@@ -53,12 +53,20 @@ class LowLevelEncoder(nn.Module):
         patch = patch.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
         return torch.cat([patch, table[:, -1:]], dim=1).to(self.pos_embed.dtype)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> raw latents (B, N+1, C), the cls token last."""
+    def tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """Patch tokens then the cls token, plus position embeddings: (B, N+1, D)."""
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"expected an image batch (B, 3, H, W), got {tuple(image.shape)}")
         gh, gw = image.shape[-2] // self.patch_size, image.shape[-1] // self.patch_size
+        if gh * self.patch_size != image.shape[-2] or gw * self.patch_size != image.shape[-1]:
+            raise ValueError(f"image size {tuple(image.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(image)
         x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)
-        x = x + self.position_embedding(gh, gw)
+        return x + self.position_embedding(gh, gw)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> raw latents (B, N+1, C), the cls token last."""
+        x = self.tokens(image)
         for blk in self.blocks:
             x = blk(x)
         b, n, d = x.shape
@@ -77,7 +85,7 @@ class SemanticDecoder(nn.Module):
         self.num_heads = d // cfg.head_dim
         self.head_dim = cfg.head_dim
         self.in_proj = nn.Linear(cfg.latent_dim, d)
-        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, cfg.mlp_ratio, "swiglu", cfg.norm_eps) for _ in range(cfg.semantic_depth))
+        self.blocks = nn.ModuleList(Block(d, cfg.head_dim, cfg.mlp_ratio, cfg.semantic_ffn, cfg.norm_eps) for _ in range(cfg.semantic_depth))
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
 
     def embed(self, raw: torch.Tensor) -> torch.Tensor:
@@ -124,12 +132,16 @@ class PixelDecoder(nn.Module):
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.head = nn.Linear(d, cfg.pixel_patch_size ** 2 * 3)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, g*g, D) pixel tokens -> (B, 3, g*p, g*p), not clamped."""
+    def head_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, g*g, D) pixel tokens -> (B, g*g, p*p*3) patches laid out (row, col, channel)."""
         x = tokens
         for blk in self.blocks:
             x = blk(x)
-        out = self.head(self.norm(x))
+        return self.head(self.norm(x))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, g*g, D) pixel tokens -> (B, 3, g*p, g*p), not clamped."""
+        out = self.head_tokens(tokens)
         b, n, _ = out.shape
         g, p = _isqrt(n), self.patch_size
         # (B, g, g, p, p, 3) laid out (row, col, channel) -> image (B, 3, g*p, g*p)
