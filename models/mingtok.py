@@ -139,20 +139,13 @@ class PixelDecoder(nn.Module):
             x = blk(x)
         return self.head(self.norm(x))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, g*g, D) pixel tokens -> (B, 3, g*p, g*p), not clamped."""
+    def forward(self, tokens: torch.Tensor, grid: int) -> torch.Tensor:
+        """(B, grid*grid, D) pixel tokens -> (B, 3, grid*p, grid*p), not clamped."""
         out = self.head_tokens(tokens)
-        b, n, _ = out.shape
-        g, p = _isqrt(n), self.patch_size
+        b = out.shape[0]
+        g, p = grid, self.patch_size
         # (B, g, g, p, p, 3) laid out (row, col, channel) -> image (B, 3, g*p, g*p)
         return out.view(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, g * p, g * p)
-
-
-def _isqrt(n: int) -> int:
-    r = int(round(n ** 0.5))
-    if r * r != n:
-        raise ValueError(f"{n} tokens do not form a square grid")
-    return r
 
 
 class MingTok(nn.Module):
@@ -185,11 +178,15 @@ class MingTok(nn.Module):
         return self.semantic_decoder(self.denormalize(z))
 
     def features_to_pixel_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, G*G, D) semantic features -> (B, (G*r)^2, D_pix): each token becomes an r x r block."""
         b, n, _ = features.shape
-        g, r = _isqrt(n), self.cfg.pixel_ratio
+        g, r = self.cfg.grid, self.cfg.pixel_ratio
+        if n != g * g:
+            raise ValueError(f"the pixel decoder takes {g * g} semantic tokens (a {g}x{g} grid), got {n}")
         t = self.sem_to_pix(features).view(b, g, g, r, r, -1)  # (B, h, w, x, y, c)
-        return t.permute(0, 1, 3, 2, 4, 5).reshape(b, n * r * r, -1)  # row-major over (h x, w y)
+        return t.permute(0, 1, 3, 2, 4, 5).reshape(b, g * g * r * r, -1)  # row-major over (h x, w y)
 
     def decode_pixels(self, features: torch.Tensor) -> torch.Tensor:
         """Semantic features (B, N, D) -> image (B, 3, S, S) clamped to [-1, 1]."""
-        return self.pixel_decoder(self.features_to_pixel_tokens(features)).clamp(-1.0, 1.0)
+        tokens = self.features_to_pixel_tokens(features)
+        return self.pixel_decoder(tokens, self.cfg.grid * self.cfg.pixel_ratio).clamp(-1.0, 1.0)

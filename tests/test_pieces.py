@@ -1,0 +1,151 @@
+"""The exported-piece modules compute what the reference model computes; static caches equal concat caches."""
+import pytest
+import torch
+
+from conftest import assert_close
+from models.contract import PIECE_NAMES, piece_specs
+from models.pieces import LLMStatic, SemanticDecoderStatic, build_pieces
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def pieces(tiny_model):
+    return build_pieces(tiny_model)
+
+
+def test_contract_covers_every_piece(tiny_model, pieces):
+    specs = piece_specs(tiny_model.cfg)
+    assert set(specs) == set(PIECE_NAMES) == set(pieces)
+    llm = specs["llm_step"]
+    assert llm.input_names[:4] == ["inputs_embeds", "attention_mask", "position_ids", "image_mask"]
+    assert llm.input_names[4:6] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert llm.output_names[2:4] == ["present.0.key", "present.0.value"]
+    assert llm.dynamic_axes["past_key_values.0.key"] == {0: "batch_size", 2: "past_sequence_length"}
+    assert specs["flow_head"].dynamic_axes["condition_hidden"] == {0: "batch_size", 1: "cfg_rows"}
+
+
+@torch.no_grad()
+def test_encoder_piece(tiny_model, pieces):
+    img = torch.rand(2, 3, 128, 128) * 2 - 1
+    latents, feats, embeds = pieces["encoder"](img)
+    ref = tiny_model.vision.encode(img)
+    assert latents.shape == (2, 17, 16) and feats.shape == (2, 16, 128) and embeds.shape == (2, 16, 256)
+    assert_close("pieces/encoder_latents", latents, ref["latent"], ATOL)
+    assert_close("pieces/encoder_embeds", embeds, tiny_model.linear_proj(ref["features"]), ATOL)
+
+
+@torch.no_grad()
+def test_semantic_decoder_piece_step_and_prefill(tiny_model, pieces):
+    piece = pieces["semantic_decoder"]
+    depth = len(tiny_model.vision.semantic_decoder.blocks)
+    z = torch.randn(2, 16, 16)
+    empty = tuple(torch.zeros(2, 2, 0, 64) for _ in range(2 * depth))
+    prefill = piece(z, *empty)
+    assert_close("pieces/semdec_prefill", prefill[0], tiny_model.vision.decode_features(z), ATOL)
+    past = empty
+    steps = []
+    for i in range(16):
+        out = piece(z[:, i:i + 1], *past)
+        steps.append(out[0])
+        past = out[2:]
+    assert past[0].shape == (2, 2, 16, 64)
+    assert_close("pieces/semdec_steps_vs_prefill", torch.cat(steps, 1), prefill[0], ATOL)
+    assert_close("pieces/semdec_cache", past[-1], prefill[-1], ATOL)
+    # prefill half, then step the rest on its cache
+    half = piece(z[:, :8], *empty)
+    rest = piece(z[:, 8:], *half[2:])
+    assert_close("pieces/semdec_split_prefill", rest[0], prefill[0][:, 8:], ATOL)
+
+
+@torch.no_grad()
+def test_semantic_decoder_static_equals_concat(tiny_model, pieces):
+    static = SemanticDecoderStatic(tiny_model)
+    depth = len(tiny_model.vision.semantic_decoder.blocks)
+    z = torch.randn(1, 16, 16)
+    caches = tuple(torch.zeros(1, 2, 24, 64) for _ in range(2 * depth))  # max_len 24 > 16 used
+    outs = [static(z[:, i:i + 1], torch.tensor([i]), *caches)[0] for i in range(16)]
+    ref = pieces["semantic_decoder"](z, *(torch.zeros(1, 2, 0, 64) for _ in range(2 * depth)))
+    assert_close("pieces/semdec_static", torch.cat(outs, 1), ref[0], ATOL)
+    assert_close("pieces/semdec_static_cache", caches[0][:, :, :16], ref[2], ATOL)
+
+
+def _llm_inputs(model, b=3, n=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = model.cfg.llm.hidden_size
+    embeds = torch.randn(b, n, h, generator=g) * 0.5
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[1, 2:5] = 0  # an uncond-like row
+    image_mask = torch.zeros(b, n, dtype=torch.bool)
+    image_mask[2, 1:4] = True
+    return embeds, mask, image_mask
+
+
+@pytest.mark.parametrize("piece_name", ["llm_prefill", "llm_step"])
+@torch.no_grad()
+def test_llm_piece_matches_reference(tiny_model, pieces, piece_name):
+    embeds, mask, image_mask = _llm_inputs(tiny_model)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keys, values = tiny_model.llm.empty_cache(3)
+    hidden, ref_k, ref_v = tiny_model.llm(embeds, mask, positions, keys, values, image_mask=image_mask)
+    past = tuple(t for kv in zip(keys, values) for t in kv)
+    out = pieces[piece_name](embeds, mask, positions, image_mask, *past)
+    assert_close(f"pieces/{piece_name}_hidden", out[0], hidden[:, -1:], ATOL)
+    assert_close(f"pieces/{piece_name}_logits", out[1], tiny_model.model.logits(hidden[:, -1:]), ATOL)
+    assert_close(f"pieces/{piece_name}_cache", out[2], ref_k[0], ATOL)
+
+
+@torch.no_grad()
+def test_llm_static_equals_concat(tiny_model, pieces):
+    """Prefill then three decode steps, once through grown caches and once through fixed buffers."""
+    embeds, mask, image_mask = _llm_inputs(tiny_model)
+    b, n, h = embeds.shape
+    layers = tiny_model.cfg.llm.num_layers
+    s_max = 16
+    static = LLMStatic(tiny_model)
+    caches = tuple(torch.zeros(b, 1, s_max, 128) for _ in range(2 * layers))
+    full_mask = torch.zeros(b, s_max, dtype=torch.long)
+    full_mask[:, :n] = mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out_s = static(embeds, full_mask, positions, image_mask, torch.arange(n), *caches)
+    past = tuple(torch.zeros(b, 1, 0, 128) for _ in range(2 * layers))
+    out_c = pieces["llm_prefill"](embeds, mask, positions, image_mask, *past)
+    assert_close("pieces/llm_static_prefill", out_s[0], out_c[0], ATOL)
+    cur_mask, past = mask, out_c[2:]
+    for step in range(3):
+        x = torch.randn(b, 1, h) * 0.5
+        cur_mask = torch.cat([cur_mask, torch.ones(b, 1, dtype=torch.long)], 1)
+        pos = (cur_mask.cumsum(-1) - 1)[:, -1:]
+        full_mask[:, n + step] = 1
+        no_image = torch.zeros(b, 1, dtype=torch.bool)
+        out_c = pieces["llm_step"](x, cur_mask, pos, no_image, *past)
+        past = out_c[2:]
+        out_s = static(x, full_mask, pos, no_image, torch.tensor([n + step]), *caches)
+        assert_close(f"pieces/llm_static_step{step}", out_s[0], out_c[0], ATOL)
+        assert_close(f"pieces/llm_static_step{step}_logits", out_s[1], out_c[1], ATOL)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@torch.no_grad()
+def test_flow_head_piece(tiny_model, pieces, rows):
+    g = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(2, rows, 256, generator=g)
+    noise = torch.randn(2, 16, generator=g)
+    scal = lambda v: torch.tensor([v], dtype=torch.float32)  # noqa: E731
+    out = pieces["flow_head"](hidden, noise, scal(2.5), scal(1.3), scal(0.9))
+    z = tiny_model.model.vis_head(hidden).reshape(2 * rows, -1)
+    ref = tiny_model.flow_head.sample(z, noise, text_cfg=2.5, image_cfg=1.3, temperature=0.9)
+    assert_close(f"pieces/flow_head_rows{rows}", out, ref, ATOL)
+    if rows == 2:  # the one-formula guidance is upstream's two-row formula exactly
+        z2 = z.view(2, 2, -1)
+        for b in range(2):
+            one = tiny_model.flow_head.sample(z2[b], noise[b:b + 1], text_cfg=2.5, image_cfg=1.3, temperature=0.9)
+            assert_close(f"pieces/flow_head_rows2_prompt{b}", out[b:b + 1], one, ATOL)
+
+
+@torch.no_grad()
+def test_pixel_decoder_piece(tiny_model, pieces):
+    feats = torch.randn(1, 16, 128)
+    img = pieces["pixel_decoder"](feats)
+    assert img.shape == (1, 3, 128, 128) and img.min() >= -1 and img.max() <= 1
+    assert_close("pieces/pixel_decoder", img, tiny_model.vision.decode_pixels(feats), ATOL)
