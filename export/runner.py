@@ -1,0 +1,319 @@
+"""The build itself: model -> per piece (export, quantize, build engines, verify) -> manifest -> summary."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.config import get_config
+from models.contract import piece_specs
+from models.pieces import build_pieces
+
+from . import manifest as mf
+from .build import FLOAT_DTYPE, BuildConfig, BuildError
+from .shapes import ShapeLimits, trt_profiles
+from .verify import IMAGE_PSNR_FLOOR, REL_L2_BOUND, metrics, within_bound, worst
+
+logger = logging.getLogger("export.build")
+
+VERIFY_CALLS = 3  # fresh calls per piece compared with the reference
+
+
+def load_model(bc: BuildConfig):
+    """The fp32 reference model on the build device, and a description for the manifest."""
+    from models import build, load_checkpoint
+    from models.hf_config import from_checkpoint_dir
+    from models.univision import MingUniVision
+
+    if bc.checkpoint is not None:
+        cfg = from_checkpoint_dir(bc.checkpoint, bc.mingtok_checkpoint)
+        model = load_checkpoint(MingUniVision(cfg), bc.checkpoint, bc.mingtok_checkpoint)
+        source = {"checkpoint": str(bc.checkpoint), "mingtok_checkpoint": str(bc.mingtok_checkpoint or "")}
+        model = model.to(bc.device).eval()
+    else:
+        cfg = get_config(bc.model)
+        logger.info("building the %s model with seeded random weights (seed %d)", bc.model, bc.seed)
+        model = build(cfg, seed=bc.seed, device=bc.device)
+        source = {"builtin": bc.model, "seed": bc.seed}
+    return cfg, model, source
+
+
+def fingerprint(bc: BuildConfig, piece: str, model_hash: str, src_hash: str, env: dict, limits: ShapeLimits) -> str:
+    return mf.sha256_json({
+        "piece": piece, "precision": bc.precision, "targets": sorted(bc.targets), "opset": bc.opset,
+        "weights": model_hash, "source": src_hash, "limits": vars(limits),
+        "calibration": [bc.calib_images, bc.calib_seed, str(bc.calib_image_dir)] if bc.precision in ("fp8", "int8") else None,
+        "versions": {k: env.get(k) for k in ("torch", "onnx", "tensorrt", "modelopt", "sm")},
+    })
+
+
+def _user_images(bc: BuildConfig, cfg):
+    if bc.calib_image_dir is None:
+        return None
+    from models.image_io import edit_tensor
+
+    files = sorted(p for p in Path(bc.calib_image_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    if not files:
+        raise BuildError(f"--calib-image-dir {bc.calib_image_dir} holds no images")
+    return torch.cat([edit_tensor(f, cfg.mingtok.image_size) for f in files])
+
+
+def save_onnx(model, path: Path) -> list[str]:
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    if model.ByteSize() > (1 << 30):
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [path.name, data.name]
+    onnx.save_model(model, str(path))
+    return [path.name]
+
+
+def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, calib_calls) -> tuple[list[str], list[dict]]:
+    import onnx
+
+    from quant.calibrate import linear_input_amax
+    from quant.qdq import insert_qdq
+
+    amax = linear_input_amax(judge_piece, calib_calls)
+    model = onnx.load(str(path))
+    report = insert_qdq(model, amax, bc.precision)
+    return save_onnx(model, path), report
+
+
+def verify_piece(backend_piece, judge_piece, spec, calls, dtype) -> dict:
+    per_output: dict[str, dict] = {}
+    for i, call in enumerate(calls[:VERIFY_CALLS]):
+        with torch.no_grad():
+            ref = judge_piece(*call)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = backend_piece(*[t.to(dtype) if t.is_floating_point() and s.dtype == "float" else t
+                              for t, s in zip(call, spec.inputs)])
+        for out_spec, g, r in zip(spec.outputs, got, ref):
+            m = metrics(g.float(), r.float(), image=out_spec.name == "image")
+            key = out_spec.name
+            per_output[key] = m if key not in per_output else worst({"a": per_output[key], "b": m})
+    return {"outputs": per_output, "worst": worst(per_output), "calls": min(len(calls), VERIFY_CALLS)}
+
+
+def run_build(bc: BuildConfig) -> dict:
+    from runtime.backends.onnxruntime_backend import OrtPiece
+
+    t_start = time.time()
+    out = Path(bc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, judge_model, source = load_model(bc)
+    dtype = FLOAT_DTYPE[bc.precision]
+    work_model = judge_model if dtype == torch.float32 else copy.deepcopy(judge_model).to(dtype)
+    specs = piece_specs(cfg)
+    limits = ShapeLimits(bc.max_prompts, bc.max_sequence).validate()
+    env = mf.environment()
+    model_hash = mf.weights_sha256(judge_model.state_dict())
+    src_hash = mf.source_sha256()
+    old = mf.load(out)
+    man = mf.new(bc.precision, {"name": cfg.name, "config": cfg.to_dict(), "weights_sha256": model_hash, **source},
+                 vars(limits))
+    if old and old.get("schema_version") == mf.SCHEMA_VERSION:
+        man["pieces"] = dict(old.get("pieces", {}))
+
+    # Embedding table for the runtime's host-side lookup (the LLM pieces take embeddings, not ids).
+    from models.checkpoint import save_safetensors
+
+    emb_file = "embeddings.safetensors"
+    save_safetensors({"word_embeddings": work_model.llm.word_embeddings.weight.detach().cpu()}, out / emb_file)
+    man["embeddings"] = {"file": emb_file, "sha256": mf.sha256_file(out / emb_file)}
+
+    todo = []
+    for piece in bc.pieces:
+        fp = fingerprint(bc, piece, model_hash, src_hash, env, limits)
+        if not bc.force and mf.up_to_date(out, old, piece, fp, bc.targets):
+            logger.info("%s: unchanged since the last build, skipped", piece)
+            continue
+        todo.append((piece, fp))
+
+    judge_pieces = build_pieces(judge_model)
+    work_pieces = judge_pieces if work_model is judge_model else build_pieces(work_model)
+    calib, fresh = {}, {}
+    if todo:
+        from .calibration_data import collect_piece_inputs
+
+        t = time.time()
+        if bc.precision in ("fp8", "int8"):
+            calib = collect_piece_inputs(judge_model, seed=bc.calib_seed, num_images=bc.calib_images,
+                                         images=_user_images(bc, cfg))
+        fresh = collect_piece_inputs(judge_model, seed=bc.calib_seed + 7919, num_images=1, limit=VERIFY_CALLS)
+        logger.info("ran the reference model for calibration/verification inputs (%.1fs)", time.time() - t)
+
+    ort_device = "cuda" if bc.device == "cuda" and _ort_has_cuda() else "cpu"
+    for piece, fp in tqdm(todo, desc="pieces", unit="piece", disable=not todo):
+        spec = specs[piece]
+        t0 = time.time()
+        entry = {"fingerprint": fp, "io": spec.to_dict(), "description": spec.description, "targets": {},
+                 "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in trt_profiles(spec, cfg, limits)]}
+        onnx_path = out / f"{piece}.onnx"
+        logger.info("%s: exporting to ONNX (opset %d, %s)", piece, bc.opset, bc.precision)
+        from .onnx_export import export_piece
+
+        info = export_piece(work_pieces[piece], spec, cfg, onnx_path, float_dtype=dtype, limits=limits, opset=bc.opset)
+        files = info["files"]
+        if bc.precision in ("fp8", "int8"):
+            files, qreport = quantize_onnx(bc, onnx_path, judge_pieces[piece], spec, calib.get(piece, []))
+            n_q = sum(r["quantized"] for r in qreport)
+            entry["quantization"] = {"format": bc.precision, "method": "ours: per-channel weights, per-tensor static "
+                                     "activations (max calibration)", "layers": qreport, "quantized_layers": n_q}
+            logger.info("%s: %d linear layer(s) quantized to %s, %d kept high precision", piece, n_q, bc.precision,
+                        len(qreport) - n_q)
+        entry["targets"]["onnx"] = {"files": files, "opset": bc.opset, "sha256": {f: mf.sha256_file(out / f) for f in files},
+                                    "bytes": sum((out / f).stat().st_size for f in files)}
+        if "torch" in bc.targets:
+            entry["targets"]["torch"] = export_torch(work_pieces[piece], spec, cfg, limits, out / f"{piece}.pt2", dtype)
+        if "tensorrt" in bc.targets:
+            entry["targets"]["tensorrt"] = build_trt(bc, spec, cfg, limits, onnx_path, out / f"{piece}.plan", env)
+        # verification: the exported graph in onnxruntime vs the fp32 eager reference, on fresh inputs
+        ver: dict = {"backend": f"onnxruntime-{ort_device}", "judge": "eager fp32 reference"}
+        if dtype == torch.bfloat16 and ort_device == "cpu":
+            ver.update(passed=None, note="onnxruntime's CPU provider has no bfloat16 kernels: not verified here")
+        else:
+            res = verify_piece(OrtPiece(onnx_path, ort_device, threads=bc.threads), judge_pieces[piece], spec,
+                               fresh.get(piece, []), dtype)
+            rel = res["worst"].get("rel_l2", math.inf)
+            ver.update(res, bound_rel_l2=REL_L2_BOUND[bc.precision], passed=within_bound(bc.precision, rel))
+        entry["verification"] = ver
+        entry["seconds"] = round(time.time() - t0, 2)
+        man["pieces"][piece] = entry
+        mf.save(out, man)  # after every piece: an interrupted build loses nothing done
+
+    if _want_t2i(bc, cfg):
+        man["verification"]["text_to_image"] = t2i_check(bc, cfg, judge_model, out, man, dtype, ort_device)
+    man["seconds"] = round(time.time() - t_start, 1)
+    failed = [p for p in bc.pieces if man["pieces"].get(p, {}).get("verification", {}).get("passed") is False]
+    t2i = man["verification"].get("text_to_image", {})
+    man["passed"] = not failed and t2i.get("passed", True) is not False
+    mf.save(out, man)
+    print_summary(man, bc, out)
+    return man
+
+
+def _ort_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _want_t2i(bc: BuildConfig, cfg) -> bool:
+    needed = {"llm_prefill", "llm_step", "flow_head", "semantic_decoder", "pixel_decoder"}
+    if bc.t2i_check == "off" or not needed <= set(bc.pieces):
+        return False
+    return bc.t2i_check == "on" or cfg.name == "tiny"
+
+
+def t2i_check(bc, cfg, judge_model, out, man, dtype, ort_device) -> dict:
+    """A whole text-to-image through the exported pieces vs the eager reference, same prompt and noise."""
+    from models.flow_head import draw_noise
+    from models.prompting import cfg_masks
+    from runtime import loop
+    from runtime.backends.onnxruntime_backend import OrtBackend
+    from runtime.backends.torch_eager import TorchBackend
+
+    from .calibration_data import image_ids, random_prompt
+
+    if dtype == torch.bfloat16 and ort_device == "cpu":
+        return {"passed": None, "note": "bf16 graphs cannot run in onnxruntime on the CPU"}
+    gen = torch.Generator().manual_seed(bc.calib_seed + 31337)
+    ids = random_prompt(cfg, gen)
+    un, tu = cfg_masks(ids, cfg.tokens.user_prefix, cfg.tokens.assistant_prefix, image_ids(cfg))
+    noise = draw_noise(gen, 1, cfg.num_image_tokens, cfg.mingtok.latent_dim)
+    files = {p: e["targets"]["onnx"]["files"][0] for p, e in man["pieces"].items()}
+    ort_backend = OrtBackend(out, cfg, files, judge_model.llm.word_embeddings.weight.detach(), ort_device, dtype,
+                             threads=bc.threads)
+    results = {}
+    for name, backend in (("reference", TorchBackend(judge_model)), ("exported", ort_backend)):
+        dev = backend.device
+        ids_t = torch.tensor([ids], device=dev)
+        cache = loop.prefill(backend, cfg, backend.embed(ids_t))
+        results[name] = loop.generate_image(backend, cfg, cache, uncond_mask=torch.tensor([un], device=dev),
+                                            text_uncond_mask=torch.tensor([tu], device=dev), noise=noise.to(dev),
+                                            text_cfg=cfg.text_cfg, image_cfg=cfg.image_cfg, temperature=1.0)
+    ref, got = results["reference"], results["exported"]
+    rep = {"latents": metrics(got.latents, ref.latents), "features": metrics(got.features.float(), ref.features.float()),
+           "image": metrics(got.image.float(), ref.image.float(), image=True),
+           "next_token_agrees": bool(int(got.cache.logits[0, -1].argmax()) == int(ref.cache.logits[0, -1].argmax()))}
+    rep["psnr_floor"] = IMAGE_PSNR_FLOOR[bc.precision]
+    rep["passed"] = rep["image"]["psnr"] >= rep["psnr_floor"]
+    return rep
+
+
+def export_torch(module, spec, cfg, limits, path: Path, dtype) -> dict:
+    """torch.export program of the piece (the base of the AOTInductor fast path)."""
+    from .onnx_export import trace_sizes
+    from .shapes import sample_inputs, torch_dynamic_shapes
+
+    sample = sample_inputs(spec, cfg, dtype, sizes=trace_sizes(spec, cfg, limits))
+    dev = next(module.parameters()).device
+    with torch.no_grad():
+        ep = torch.export.export(module, tuple(t.to(dev) for t in sample),
+                                 dynamic_shapes=torch_dynamic_shapes(spec, cfg, limits))
+    torch.export.save(ep, str(path))
+    return {"files": [path.name], "sha256": {path.name: mf.sha256_file(path)}, "format": "torch.export",
+            "torch": torch.__version__}
+
+
+def build_trt(bc, spec, cfg, limits, onnx_path: Path, plan_path: Path, env: dict) -> dict:
+    from .tensorrt_build import Profile, build_engine, timing_cache_path
+
+    profiles = [Profile({k: tuple(tuple(s) for s in v) for k, v in p.items()}).validate()
+                for p in trt_profiles(spec, cfg, limits)]
+    cache = bc.timing_cache
+    if cache is not None and cache.is_dir():
+        cache = timing_cache_path(cache, env.get("tensorrt") or "unknown", env.get("sm") or "unknown")
+    info = build_engine(onnx_path, plan_path, profiles, timing_cache=cache, workspace_gib=bc.workspace_gib)
+    info["files"] = [plan_path.name]
+    info["sha256"] = {plan_path.name: mf.sha256_file(plan_path)}
+    info["sm"] = env.get("sm")
+    return info
+
+
+def _fmt(v, spec="{:.2e}"):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return spec.format(v)
+
+
+def print_summary(man: dict, bc: BuildConfig, out: Path) -> None:
+    rows = [("piece", "targets", "MB", "max abs", "rel L2", "cosine", "PSNR dB", "bound", "status", "s")]
+    for piece in bc.pieces:
+        e = man["pieces"].get(piece)
+        if not e:
+            continue
+        v = e.get("verification", {})
+        w = v.get("worst", {})
+        status = {True: "ok", False: "FAIL", None: "not run"}[v.get("passed")]
+        mb = sum(t.get("bytes", 0) for t in e["targets"].values()) / 1e6
+        rows.append((piece, ",".join(e["targets"]), f"{mb:.1f}", _fmt(w.get("max_abs")), _fmt(w.get("rel_l2")),
+                     _fmt(w.get("cosine"), "{:.6f}"), _fmt(w.get("psnr"), "{:.1f}"), _fmt(v.get("bound_rel_l2"), "{:.0e}"),
+                     status, _fmt(e.get("seconds"), "{:.1f}")))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    t2i = man["verification"].get("text_to_image")
+    print(f"\nexport.build {bc.precision} -> {out}  ({man.get('seconds', 0):.0f}s)")
+    print("\n".join(lines))
+    if t2i:
+        if t2i.get("passed") is None:
+            print(f"text-to-image through the exported pieces: not run ({t2i.get('note')})")
+        else:
+            print(f"text-to-image through the exported pieces: image PSNR {t2i['image']['psnr']:.1f} dB "
+                  f"(floor {t2i['psnr_floor']:.0f}), latents rel L2 {t2i['latents']['rel_l2']:.2e}, "
+                  f"next text token {'agrees' if t2i['next_token_agrees'] else 'differs'} -> "
+                  f"{'ok' if t2i['passed'] else 'FAIL'}")
+    print("PASSED" if man["passed"] else "FAILED: a piece is outside its precision's bound (see manifest.json)")

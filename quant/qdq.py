@@ -1,0 +1,164 @@
+"""Our own explicit Q/DQ insertion into an exported ONNX graph (FP8 E4M3 or INT8, symmetric).
+
+For each linear the policy allows (a MatMul or Gemm whose weight is an initializer and whose node the
+exporter tagged as an nn.Linear):
+  * the weight is stored quantized with one scale per output channel and dequantized in the graph:
+    W_q --DequantizeLinear(axis=out)--> W;
+  * the activation gets one static scale from calibration: X --Q--> --DQ--> X'.
+This is the form strongly typed TensorRT turns into low-precision GEMMs, and onnxruntime runs on the CPU.
+"""
+from __future__ import annotations
+
+import ast
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .policy import LayerPolicy
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {"fp8": 448.0, "int8": 127.0}  # largest representable magnitude (E4M3FN max is 448)
+
+
+@dataclass
+class LinearSite:
+    node_index: int
+    module: str  # e.g. "vision.pixel_decoder.blocks.0.mlp.fc1"
+    activation: str  # graph tensor name of the input
+    weight: str  # initializer name
+    axis: int  # output-channel axis of the stored weight
+
+
+def _meta(node, key: str):
+    for p in node.metadata_props:
+        if p.key == key:
+            return p.value
+    return None
+
+
+def linear_sites(model) -> list[LinearSite]:
+    """Every MatMul/Gemm that implements an nn.Linear with an initializer weight."""
+    inits = {i.name: i for i in model.graph.initializer}
+    sites = []
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        hierarchy = _meta(node, "pkg.torch.onnx.class_hierarchy")
+        scopes = _meta(node, "pkg.torch.onnx.name_scopes")
+        if not hierarchy or not scopes:
+            continue
+        classes, names = ast.literal_eval(hierarchy), ast.literal_eval(scopes)
+        if len(classes) < 2 or not classes[-2].endswith("nn.modules.linear.Linear"):
+            continue
+        if len(inits[node.input[1]].dims) != 2:
+            continue
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        axis = 0 if (node.op_type == "Gemm" and trans_b) else 1
+        sites.append(LinearSite(idx, names[-2], node.input[0], node.input[1], axis))
+    return sites
+
+
+def quantize_weight(w: np.ndarray, axis: int, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel quantization: returns (q, scale) with w ~= q * scale along `axis`."""
+    qmax = FORMATS[fmt]
+    other = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.abs(w).max(axis=other).astype(np.float32)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    scaled = w / scale.reshape(shape)
+    if fmt == "int8":
+        q = np.clip(np.rint(scaled), -127, 127).astype(np.int8)
+    else:
+        import ml_dtypes
+
+        q = np.clip(scaled, -qmax, qmax).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    return q.astype(np.float32) * scale.reshape(shape)
+
+
+def _tensor(name, fmt, array):
+    from onnx import TensorProto, helper
+
+    if fmt == "int8":
+        return helper.make_tensor(name, TensorProto.INT8, array.shape, array.astype(np.int8).tobytes(), raw=True)
+    return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, array.shape, array.view(np.uint8).tobytes(), raw=True)
+
+
+def insert_qdq(model, act_amax: dict[str, float], fmt: str, policy: LayerPolicy | None = None,
+               scale_dtype=np.float32):
+    """Rewrite `model` in place; returns the per-layer report (kept layers included, with the reason).
+
+    act_amax: calibrated max |input| per linear, keyed by module path (quant.calibrate). A module used
+    several times (the flow head's net, unrolled over the Euler steps) shares one weight and one scale.
+    scale_dtype: the graph's float type around the linears (Q/DQ scales must match it: fp32 or fp16).
+    """
+    from onnx import helper, numpy_helper
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; choose {sorted(FORMATS)}")
+    opset = next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
+    if opset < 19:
+        raise ValueError(f"Q/DQ with per-channel float8/int8 weights needs opset >= 19 (graph has {opset})")
+    policy = policy or LayerPolicy()
+    qmax = FORMATS[fmt]
+    inits = {i.name: i for i in model.graph.initializer}
+    sites = linear_sites(model)
+    report, new_nodes, done_acts, done_weights, seen = [], {}, {}, {}, set()
+    for s in sites:
+        reason = policy.reason_to_keep(s.module)
+        if reason is not None:
+            if s.module not in seen:
+                report.append({"layer": s.module, "quantized": False, "reason": reason})
+                seen.add(s.module)
+            continue
+        if s.module not in act_amax:
+            raise KeyError(f"no calibration range for the input of {s.module}")
+        node = model.graph.node[s.node_index]
+        # weight: quantized initializer + per-channel DequantizeLinear, once per weight
+        if s.weight not in done_weights:
+            w = numpy_helper.to_array(inits[s.weight]).astype(np.float32)
+            q, scale = quantize_weight(w, s.axis, fmt)
+            err = float(np.linalg.norm(dequantize(q, scale, s.axis) - w) / max(np.linalg.norm(w), 1e-12))
+            base = s.weight.replace("/", "_")
+            wq, ws, wz, wd = base + "_q", base + "_scale", base + "_zp", base + "_dq"
+            model.graph.initializer.extend([_tensor(wq, fmt, q), numpy_helper.from_array(scale.astype(scale_dtype), ws),
+                                            _tensor(wz, fmt, np.zeros(scale.shape, dtype=np.float32))])
+            new_nodes.setdefault(s.node_index, []).append(
+                helper.make_node("DequantizeLinear", [wq, ws, wz], [wd], name=base + "_DQ", axis=s.axis))
+            done_weights[s.weight] = wd
+            report.append({"layer": s.module, "quantized": True, "format": fmt, "weight_rel_error": err,
+                           "activation_amax": float(act_amax[s.module]), "weight_channels": int(scale.size)})
+        wd = done_weights[s.weight]
+        # activation: one Q/DQ pair per tensor, placed before its first consumer (sites come in graph order)
+        if s.activation not in done_acts:
+            amax = float(act_amax[s.module])
+            a_scale = np.array(max(amax, 1e-8) / qmax, dtype=scale_dtype)
+            an = f"{s.activation}_{fmt}"
+            model.graph.initializer.extend([numpy_helper.from_array(a_scale, an + "_scale"),
+                                            _tensor(an + "_zp", fmt, np.zeros((), dtype=np.float32))])
+            new_nodes.setdefault(s.node_index, []).extend([
+                helper.make_node("QuantizeLinear", [s.activation, an + "_scale", an + "_zp"], [an + "_q"], name=an + "_Q"),
+                helper.make_node("DequantizeLinear", [an + "_q", an + "_scale", an + "_zp"], [an + "_dq"], name=an + "_DQ"),
+            ])
+            done_acts[s.activation] = an + "_dq"
+        node.input[0], node.input[1] = done_acts[s.activation], wd
+    # drop float weights no node reads any more
+    used = {name for node in model.graph.node for name in node.input}
+    for name in list(done_weights):
+        if name not in used:
+            model.graph.initializer.remove(inits[name])
+    # splice the new nodes in front of their consumers, keeping the graph topologically sorted
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    for idx, node in enumerate(nodes):
+        model.graph.node.extend(new_nodes.get(idx, []))
+        model.graph.node.append(node)
+    return report
