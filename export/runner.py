@@ -301,7 +301,7 @@ def print_summary(man: dict, bc: BuildConfig, out: Path) -> None:
         status = {True: "ok", False: "FAIL", None: "not run"}[v.get("passed")]
         mb = sum(t.get("bytes", 0) for t in e["targets"].values()) / 1e6
         rows.append((piece, ",".join(e["targets"]), f"{mb:.1f}", _fmt(w.get("max_abs")), _fmt(w.get("rel_l2")),
-                     _fmt(w.get("cosine"), "{:.6f}"), _fmt(w.get("psnr"), "{:.1f}"), _fmt(v.get("bound_rel_l2"), "{:.0e}"),
+                     _fmt(w.get("cosine"), "{:.6f}"), _fmt(w.get("psnr"), "{:.1f}"), _fmt(v.get("bound_rel_l2"), "{:.1e}"),
                      status, _fmt(e.get("seconds"), "{:.1f}")))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -316,4 +316,9 @@ def print_summary(man: dict, bc: BuildConfig, out: Path) -> None:
                   f"(floor {t2i['psnr_floor']:.0f}), latents rel L2 {t2i['latents']['rel_l2']:.2e}, "
                   f"next text token {'agrees' if t2i['next_token_agrees'] else 'differs'} -> "
                   f"{'ok' if t2i['passed'] else 'FAIL'}")
-    print("PASSED" if man["passed"] else "FAILED: a piece is outside its precision's bound (see manifest.json)")
+    unverified = [p for p in bc.pieces if man["pieces"].get(p, {}).get("verification", {}).get("passed") is None]
+    if not man["passed"]:
+        print("FAILED: outside the precision's bound (see manifest.json)")
+    else:
+        print("PASSED" + (f" ({len(unverified)} piece(s) not verified on this machine: {', '.join(unverified)})"
+                          if unverified else ""))

@@ -71,7 +71,7 @@ def sample_inputs(spec: PieceSpec, cfg: ModelConfig, float_dtype=torch.float32, 
         elif t.name in ("text_cfg", "image_cfg", "temperature"):
             x = torch.tensor({"text_cfg": [3.0], "image_cfg": [1.1], "temperature": [1.0]}[t.name])
         elif t.name == "pixel_values":
-            x = torch.rand(shape, generator=g) * 2 - 1
+            x = (torch.rand(shape, generator=g) * 2 - 1).to(dt)
         else:
             x = (torch.randn(shape, generator=g) * 0.5).to(dt)
         out.append(x)

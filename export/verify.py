@@ -22,7 +22,7 @@ import math
 import torch
 
 REL_L2_BOUND = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2, "int8": 1.5e-1, "fp8": 2.5e-1}
-IMAGE_PSNR_FLOOR = {"fp32": 60.0, "fp16": 30.0, "bf16": 25.0, "int8": 12.0, "fp8": 12.0}  # dB, full tiny t2i
+IMAGE_PSNR_FLOOR = {"fp32": 60.0, "fp16": 35.0, "bf16": 28.0, "int8": 30.0, "fp8": 25.0}  # dB, full tiny t2i
 
 
 def metrics(got: torch.Tensor, ref: torch.Tensor, image: bool = False) -> dict[str, float]:

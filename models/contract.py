@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 
-PIECE_NAMES = ("encoder", "semantic_decoder", "pixel_decoder", "llm_prefill", "llm_step", "flow_head")
+PIECE_NAMES = ("encoder", "encoder_understanding", "semantic_decoder", "pixel_decoder", "llm_prefill", "llm_step",
+               "flow_head")
 
 
 @dataclass(frozen=True)
@@ -86,16 +87,22 @@ def piece_specs(cfg: ModelConfig) -> dict[str, PieceSpec]:
             what,
         )
 
+    def encoder_spec(name: str, size: int, what: str) -> PieceSpec:
+        n = (size // mt.patch_size) ** 2
+        return PieceSpec(
+            name,
+            (TensorSpec("pixel_values", ("batch_size", 3, size, size), "float"),),
+            (TensorSpec("latents", ("batch_size", n + 1, lat), "float"),
+             TensorSpec("features", ("batch_size", n, sem), "float"),
+             TensorSpec("inputs_embeds", ("batch_size", n, hidden), "float")),
+            f"{what}: image in [-1, 1] ({size}x{size}) -> normalised latents (cls last), semantic features of "
+            "the patches (parallel causal pass) and their LLM embeddings",
+        )
+
     return {
-        "encoder": PieceSpec(
-            "encoder",
-            (TensorSpec("pixel_values", ("batch_size", 3, "height", "width"), "float"),),
-            (TensorSpec("latents", ("batch_size", "num_latents", lat), "float"),
-             TensorSpec("features", ("batch_size", "num_patches", sem), "float"),
-             TensorSpec("inputs_embeds", ("batch_size", "num_patches", hidden), "float")),
-            "image in [-1, 1] -> normalised latents (cls last, num_latents = num_patches + 1), semantic "
-            "features of the patches (parallel causal pass) and their LLM embeddings",
-        ),
+        "encoder": encoder_spec("encoder", mt.image_size, "editing / reconstruction input"),
+        "encoder_understanding": encoder_spec("encoder_understanding", cfg.understanding_image_size,
+                                              "understanding input"),
         "semantic_decoder": PieceSpec(
             "semantic_decoder",
             (TensorSpec("latents", ("batch_size", "sequence_length", lat), "float"), *sem_past),

@@ -53,8 +53,11 @@ class LowLevelEncoder(nn.Module):
         patch = patch.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
         return torch.cat([patch, table[:, -1:]], dim=1).to(self.pos_embed.dtype)
 
-    def tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """Patch tokens then the cls token, plus position embeddings: (B, N+1, D)."""
+    def tokens(self, image: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens then the cls token, plus position embeddings: (B, N+1, D).
+
+        pos_embed: a precomputed `position_embedding(gh, gw)` (exported pieces bake it in per resolution).
+        """
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"expected an image batch (B, 3, H, W), got {tuple(image.shape)}")
         gh, gw = image.shape[-2] // self.patch_size, image.shape[-1] // self.patch_size
@@ -62,11 +65,11 @@ class LowLevelEncoder(nn.Module):
             raise ValueError(f"image size {tuple(image.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(image)
         x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)
-        return x + self.position_embedding(gh, gw)
+        return x + (self.position_embedding(gh, gw) if pos_embed is None else pos_embed)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> raw latents (B, N+1, C), the cls token last."""
-        x = self.tokens(image)
+        x = self.tokens(image, pos_embed)
         for blk in self.blocks:
             x = blk(x)
         b, n, d = x.shape
@@ -163,13 +166,13 @@ class MingTok(nn.Module):
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.cfg.scaling_factor + self.cfg.mean
 
-    def encode(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, image: torch.Tensor, pos_embed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Image (B, 3, H, W) in [-1, 1] -> normalised latents (cls last) and patch features.
 
         The semantic decoder sees the raw latents including cls; being causal, the patch features
         never see the cls, which is dropped afterwards.
         """
-        raw = self.low_level_encoder(image)
+        raw = self.low_level_encoder(image, pos_embed)
         features = self.semantic_decoder(raw)[:, :-1]
         return {"latent": self.normalize(raw), "latent_raw": raw, "features": features}
 

@@ -26,13 +26,20 @@ def _flat(keys, values):
 
 
 class EncoderPiece(nn.Module):
-    def __init__(self, model: MingUniVision):
+    """One input resolution per piece: the (possibly interpolated) position table is baked in."""
+
+    def __init__(self, model: MingUniVision, image_size: int):
         super().__init__()
         self.vision = model.vision
         self.connector = model.linear_proj
+        self.image_size = image_size
+        grid = image_size // model.cfg.mingtok.patch_size
+        with torch.no_grad():
+            pos = model.vision.low_level_encoder.position_embedding(grid, grid).detach().clone()
+        self.register_buffer("pos_embed", pos, persistent=False)
 
     def forward(self, pixel_values: torch.Tensor):
-        enc = self.vision.encode(pixel_values)  # latents (B, N+1, C), features (B, N, D)
+        enc = self.vision.encode(pixel_values, self.pos_embed)  # latents (B, N+1, C), features (B, N, D)
         return enc["latent"], enc["features"], self.connector(enc["features"])
 
 
@@ -122,7 +129,8 @@ class LLMStatic(nn.Module):
 
 def build_pieces(model: MingUniVision) -> dict[str, nn.Module]:
     return {
-        "encoder": EncoderPiece(model),
+        "encoder": EncoderPiece(model, model.cfg.mingtok.image_size),
+        "encoder_understanding": EncoderPiece(model, model.cfg.understanding_image_size),
         "semantic_decoder": SemanticDecoderPiece(model),
         "pixel_decoder": PixelDecoderPiece(model),
         "llm_prefill": LLMPiece(model, "dense"),

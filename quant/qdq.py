@@ -89,7 +89,10 @@ def _tensor(name, fmt, array):
 
     if fmt == "int8":
         return helper.make_tensor(name, TensorProto.INT8, array.shape, array.astype(np.int8).tobytes(), raw=True)
-    return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, array.shape, array.view(np.uint8).tobytes(), raw=True)
+    import ml_dtypes
+
+    fp8 = np.asarray(array).astype(ml_dtypes.float8_e4m3fn)
+    return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, fp8.shape, fp8.view(np.uint8).tobytes(), raw=True)
 
 
 def insert_qdq(model, act_amax: dict[str, float], fmt: str, policy: LayerPolicy | None = None,
