@@ -1,0 +1,148 @@
+"""python -m export.build on the tiny model: every piece x precision exports, verifies, and is re-usable."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import manifest as mf
+from export.build import BuildError, main, parse_args
+from models.contract import PIECE_NAMES
+
+PRECISIONS = ["fp32", "fp16", "fp8", "int8"]
+
+
+@pytest.fixture(scope="module", params=PRECISIONS)
+def built(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"art-{request.param}")
+    assert main(["--precision", request.param, "--out", str(out), "--device", "cpu", "--calib-images", "1"]) == 0
+    return request.param, out, json.loads((out / "manifest.json").read_text())
+
+
+def test_every_piece_verified_within_bound(built):
+    precision, out, man = built
+    assert man["schema_version"] == mf.SCHEMA_VERSION and man["precision"] == precision and man["passed"]
+    assert set(man["pieces"]) == set(PIECE_NAMES)
+    for name, entry in man["pieces"].items():
+        v = entry["verification"]
+        assert v["passed"] is True, name
+        assert v["worst"]["rel_l2"] <= v["bound_rel_l2"], name
+        assert v["worst"]["cosine"] > 0.98, name
+        onnx_files = entry["targets"]["onnx"]["files"]
+        assert (out / onnx_files[0]).exists()
+        assert entry["targets"]["onnx"]["sha256"][onnx_files[0]] == mf.sha256_file(out / onnx_files[0])
+    t2i = man["verification"]["text_to_image"]
+    assert t2i["passed"] and t2i["image"]["psnr"] >= t2i["psnr_floor"]
+    if precision == "fp32":
+        assert t2i["image"]["psnr"] > 100 and man["pieces"]["llm_step"]["verification"]["worst"]["max_abs"] < 1e-4
+
+
+def test_manifest_describes_io_and_environment(built):
+    precision, out, man = built
+    env = man["environment"]
+    assert env["torch"] == torch.__version__ and env["onnx"] == onnx.__version__
+    llm = man["pieces"]["llm_step"]
+    assert [t["name"] for t in llm["io"]["inputs"][:4]] == ["inputs_embeds", "attention_mask", "position_ids", "image_mask"]
+    assert llm["profiles"][0]["past_key_values.0.key"][2][2] == man["limits"]["max_sequence"] - 1
+    model = onnx.load(str(out / "llm_step.onnx"))
+    present = next(o for o in model.graph.output if o.name == "present.0.key")
+    assert [d.dim_param or d.dim_value for d in present.type.tensor_type.shape.dim] == \
+        ["batch_size", 1, "total_sequence_length", 128]
+    assert man["model"]["config"]["name"] == "tiny" and len(man["model"]["weights_sha256"]) == 64
+
+
+def _initializer_types(model):
+    return {i.name: i.data_type for i in model.graph.initializer}
+
+
+def test_qdq_nodes_follow_the_policy(built):
+    precision, out, man = built
+    model = onnx.load(str(out / "flow_head.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    if precision not in ("fp8", "int8"):
+        assert "QuantizeLinear" not in ops and "quantization" not in man["pieces"]["flow_head"]
+        return
+    want = onnx.TensorProto.FLOAT8E4M3FN if precision == "fp8" else onnx.TensorProto.INT8
+    types = _initializer_types(model)
+    layers = {r["layer"]: r for r in man["pieces"]["flow_head"]["quantization"]["layers"]}
+    assert layers["flow.net.res_blocks.0.mlp.w12"]["quantized"] is True
+    assert layers["flow.net.res_blocks.1.adaLN_modulation.1"]["quantized"] is True
+    for kept in ("flow.net.final_layer.linear", "flow.net.input_proj", "vis_head.0", "flow.net.time_embed.mlp.0"):
+        assert layers[kept]["quantized"] is False and layers[kept]["reason"]
+    # quantized weights are stored in the low-precision type, one scale per output channel
+    q_weights = [n for n, t in types.items() if t == want and n.endswith("_q")]
+    assert q_weights, "no quantized weight initializers"
+    dq_axis = [a.i for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in q_weights for a in n.attribute]
+    assert dq_axis and set(dq_axis) <= {0, 1}
+    # every Q feeds a DQ, and every quantized linear reads a DQ'd activation and a DQ'd weight
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("Gemm", "MatMul") and node.input[1] in producers and producers[node.input[1]].op_type == "DequantizeLinear":
+            assert producers[node.input[0]].op_type == "DequantizeLinear"
+    # the LLM keeps its routers and lm_head in high precision
+    llm_layers = {r["layer"]: r for r in man["pieces"]["llm_prefill"]["quantization"]["layers"]}
+    assert llm_layers["lm.lm_head"]["quantized"] is False
+    assert any(r["quantized"] for k, r in llm_layers.items() if "experts" in k)
+
+
+def test_rerun_skips_unchanged_and_rebuilds_changed(built, caplog):
+    precision, out, man = built
+    if precision != "int8":
+        pytest.skip("change detection is exercised once, on the int8 build")
+    caplog.set_level("INFO", logger="export.build")
+    args = ["--precision", precision, "--out", str(out), "--device", "cpu", "--calib-images", "1"]
+    assert main(args) == 0
+    skipped = [p for p in PIECE_NAMES if f"{p}: unchanged since the last build, skipped" in caplog.text]
+    assert sorted(skipped) == sorted(PIECE_NAMES)
+    # an altered file is rebuilt, the rest stay
+    (out / "pixel_decoder.onnx").write_bytes(b"corrupted")
+    caplog.clear()
+    assert main(args) == 0
+    assert "pixel_decoder: unchanged" not in caplog.text and "encoder: unchanged" in caplog.text
+    assert onnx.load(str(out / "pixel_decoder.onnx")).graph.node
+    # other weights: every piece is rebuilt
+    caplog.clear()
+    assert main(args + ["--seed", "1", "--pieces", "flow_head"]) == 0
+    assert "flow_head: unchanged" not in caplog.text
+    new = json.loads((out / "manifest.json").read_text())
+    assert new["pieces"]["flow_head"]["fingerprint"] != man["pieces"]["flow_head"]["fingerprint"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--precision", "fp8", "--pieces", "encoder,bogus"], "unknown piece"),
+    (["--precision", "fp8", "--targets", "onnx,tensorrt"], "TensorRT is not installed"),
+    (["--precision", "fp8", "--targets", "coreml"], "unknown target"),
+    (["--precision", "fp8", "--mingtok-checkpoint", "."], "only makes sense with --checkpoint"),
+    (["--precision", "fp8", "--checkpoint", "/nonexistent"], "is not a directory"),
+    (["--precision", "fp16", "--model", "full", "--device", "cpu"], "--model full"),
+])
+def test_bad_flag_combinations(argv, message):
+    with pytest.raises(BuildError, match=message):
+        parse_args(argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_requested_without_gpu(capsys):
+    assert main(["--precision", "fp16", "--device", "cuda"]) == 2
+    assert "PyTorch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_fp8_refuses_old_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA RTX A6000")
+    with pytest.raises(BuildError, match=r"FP8 needs compute capability 8.9.*RTX A6000 is 8.6"):
+        parse_args(["--precision", "fp8", "--device", "cuda", "--targets", "onnx"])
+
+
+def test_qdq_weight_quantization_roundtrip():
+    from quant.qdq import dequantize, quantize_weight
+
+    w = np.random.default_rng(0).normal(size=(16, 64)).astype(np.float32)
+    w[3] *= 100  # a loud channel must not crush the others: per-channel scales
+    for fmt, bound in (("int8", 0.01), ("fp8", 0.05)):
+        q, scale = quantize_weight(w, 0, fmt)
+        assert scale.shape == (16,)
+        err = np.linalg.norm(dequantize(q, scale, 0) - w, axis=1) / np.linalg.norm(w, axis=1)
+        assert err.max() < bound, (fmt, err.max())
