@@ -63,6 +63,19 @@ def _user_images(bc: BuildConfig, cfg):
     return torch.cat([edit_tensor(f, cfg.mingtok.image_size) for f in files])
 
 
+def copy_tokenizer(bc: BuildConfig, cfg, out: Path) -> None:
+    """The runtime reads tokenizer.json from the artifact folder: the checkpoint's, or the tiny one."""
+    import shutil
+
+    from runtime.tokenizer import TINY_ASSET
+
+    src = Path(bc.checkpoint) / "tokenizer.json" if bc.checkpoint else (TINY_ASSET if cfg.name == "tiny" else None)
+    if src is not None and src.exists():
+        shutil.copyfile(src, out / "tokenizer.json")
+    else:
+        logger.warning("no tokenizer.json to copy; the runtime will need tokenizer=<path>")
+
+
 def save_onnx(model, path: Path) -> list[str]:
     import onnx
 
@@ -130,6 +143,7 @@ def run_build(bc: BuildConfig) -> dict:
     save_safetensors({"word_embeddings": work_model.llm.word_embeddings.weight.detach().cpu()}, out / emb_file)
     man["embeddings"] = {"file": emb_file, "sha256": mf.sha256_file(out / emb_file)}
 
+    copy_tokenizer(bc, cfg, out)
     todo = []
     for piece in bc.pieces:
         fp = fingerprint(bc, piece, model_hash, src_hash, env, limits)

@@ -216,7 +216,7 @@ def tiny_config() -> ModelConfig:
         flow_head=FlowHeadConfig(hidden_size=256, width=64, depth=2, mlp_mult=4, latent_dim=16, num_steps=4),
         connector=ConnectorConfig(in_dim=128, hidden_size=256, depth=2),
         tokens=TokenConfig(image_start=500, image_patch=501, image_end=502, eos=503, pad=503,
-                           user_prefix=(490, 491), assistant_prefix=(492, 493)),
+                           user_prefix=(490,), assistant_prefix=(492,)),  # the tiny tokenizer (runtime/assets)
         understanding_image_size=256,
     ).validate()
 

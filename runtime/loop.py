@@ -17,6 +17,8 @@ import torch
 from models.config import ModelConfig
 from models.prompting import generation_rows
 
+from .errors import Cancelled
+
 
 class Backend(Protocol):
     device: torch.device
@@ -25,10 +27,6 @@ class Backend(Protocol):
     def run(self, piece: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # (B, L) -> (B, L, H)
-
-
-class Cancelled(RuntimeError):
-    """The caller cancelled a generation; the runtime and its session stay usable."""
 
 
 @dataclass
@@ -86,11 +84,14 @@ def prefill(backend: Backend, cfg: ModelConfig, embeds, attention_mask=None, ima
     return llm_forward(backend, "llm_prefill", embeds, mask, image_mask, kv)
 
 
-def generate_image(backend: Backend, cfg: ModelConfig, cache: LLMCache, *, uncond_mask, text_uncond_mask,
-                   noise: torch.Tensor, text_cfg: float, image_cfg: float, temperature: float,
-                   on_token: Callable[[int, int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> LoopImage:
-    """Upstream's image-generation loop over the pieces; noise (N+1, B, C) drawn up front."""
+def generate_image_steps(backend: Backend, cfg: ModelConfig, cache: LLMCache, *, uncond_mask, text_uncond_mask,
+                         noise: torch.Tensor, text_cfg: float, image_cfg: float, temperature: float,
+                         should_stop: Callable[[], bool] | None = None):
+    """Upstream's image-generation loop over the pieces, as a generator.
+
+    Yields the number of image tokens done after each one; returns a LoopImage (StopIteration.value).
+    noise: (N+1, B, C) drawn up front. should_stop is polled before every step (cooperative cancel).
+    """
     dev, n_tok = cache.kv[0].device, cfg.num_image_tokens
     b = cache.kv[0].shape[0]
     ones = torch.ones(b, 1, dtype=torch.long, device=dev)
@@ -119,23 +120,40 @@ def generate_image(backend: Backend, cfg: ModelConfig, cache: LLMCache, *, uncon
         feats.append(f)
         embeds = e.repeat_interleave(r, dim=0)
         mask = torch.cat([mask, torch.ones(b * r, 1, dtype=mask.dtype, device=dev)], dim=1)
-        if on_token is not None:
-            on_token(i + 1, n_tok)
+        yield i + 1
     features = torch.cat(feats, dim=1)
     image = backend.run("pixel_decoder", features)[0]
     out = LLMCache(tuple(t[::r] for t in kv), mask[::r], step.last_hidden[::r], step.logits[::r])
     return LoopImage(torch.stack(latents, dim=1).float(), features, image, out, mask.view(b, r, -1))
 
 
-def greedy_decode(backend: Backend, cfg: ModelConfig, cache: LLMCache, max_new_tokens: int, stop_ids=()):
-    """Greedy tokens for a batch of one after a prefilled cache; returns (tokens, cache)."""
+def generate_image(backend: Backend, cfg: ModelConfig, cache: LLMCache, *, on_token=None, **kwargs) -> LoopImage:
+    """Run generate_image_steps to the end; on_token(done, total) after every image token."""
+    steps = generate_image_steps(backend, cfg, cache, **kwargs)
+    while True:
+        try:
+            done = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if on_token is not None:
+            on_token(done, cfg.num_image_tokens)
+
+
+def greedy_decode(backend: Backend, cfg: ModelConfig, cache: LLMCache, max_new_tokens: int, stop_ids=(),
+                  should_stop: Callable[[], bool] | None = None):
+    """Greedy tokens for a batch of one after a prefilled cache; returns (tokens, cache).
+
+    The returned cache holds every token but the last one produced (as Hugging Face generate leaves it).
+    """
     tokens: list[int] = []
     stop = set(stop_ids)
     for _ in range(max_new_tokens):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"decoding cancelled after {len(tokens)} tokens")
         token = cache.logits[:, -1].argmax(-1)  # (1,)
         t = int(token[0])  # the host needs the id to decide whether to stop: one sync per text token
         tokens.append(t)
-        if t in stop:
+        if t in stop or len(tokens) == max_new_tokens:
             break
         embeds = backend.embed(token[:, None])
         mask = torch.cat([cache.attention_mask, torch.ones_like(cache.attention_mask[:, :1])], dim=1)

@@ -1,0 +1,301 @@
+"""The runtime's public API: `load()`, `Runtime` (stateless calls) and `Session` (multi-round).
+
+Thread safety: a Runtime may be shared by threads; every call builds its own state and the backends'
+run() is safe to call concurrently (onnxruntime sessions are; TensorRT gets one context per thread).
+A Session is one conversation: use it from one thread at a time.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from models.flow_head import draw_noise
+from models.image_io import ImageInputError, edit_tensor, to_pil, understanding_tensor
+from models.prompting import cfg_masks
+
+from . import loop
+from .engines import choose_backend, check_device, open_backend, read_manifest
+from .errors import Cancelled, PromptError, SessionFullError
+from .tokenizer import TINY_ASSET, ChatTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class CancelToken:
+    """Pass to a call, call cancel() from anywhere; the call raises Cancelled before its next step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+
+
+@dataclass
+class ImageOutput:
+    images: list[Image.Image]
+    latents: torch.Tensor | None = None  # (B, N, C) normalised
+    features: torch.Tensor | None = None  # (B, N, D) semantic features
+    pixels: torch.Tensor | None = None  # (B, 3, S, S) in [-1, 1]
+    text: list[str] = field(default_factory=list)  # what the model said after the image (sessions only)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+
+def load(engine_dir: str | Path, backend: str = "auto", device: str | torch.device | None = None, *,
+         tokenizer: str | Path | None = None, verify_hashes: bool = False, threads: int | None = None) -> "Runtime":
+    """Open an artifact folder made by `python -m export.build`.
+
+    backend: "auto" (TensorRT on a GPU when its plans exist, else onnxruntime), "onnxruntime",
+    "tensorrt" or "torch" (the reference pieces, eager). The manifest is checked before any engine loads.
+    """
+    folder = Path(engine_dir)
+    man = read_manifest(folder)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but PyTorch sees no CUDA GPU")
+    name = choose_backend(backend, dev, man)
+    check_device(man, dev, name)
+    cfg, be = open_backend(folder, man, name, dev, verify_hashes, threads)
+    tok_path = Path(tokenizer) if tokenizer else folder / "tokenizer.json"
+    if not tok_path.exists() and cfg.name == "tiny":
+        tok_path = TINY_ASSET
+    if not tok_path.exists():
+        raise FileNotFoundError(f"no tokenizer.json in {folder}; pass tokenizer=<checkpoint>/tokenizer.json")
+    return Runtime(be, cfg, ChatTokenizer.from_file(tok_path, cfg), man)
+
+
+class Runtime:
+    def __init__(self, backend, cfg, tokenizer: ChatTokenizer, manifest: dict | None = None):
+        self.backend, self.cfg, self.tokenizer, self.manifest = backend, cfg, tokenizer, manifest or {}
+        self.max_sequence = self.manifest.get("limits", {}).get("max_sequence", 4096)
+        self.max_prompts = self.manifest.get("limits", {}).get("max_prompts", 8)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    # -- prompts -----------------------------------------------------------------------------------
+    def _check_prompt(self, prompt: str, extra_tokens: int = 0) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("the prompt is empty")
+        ids = self.tokenizer.turn(prompt)
+        budget = self.max_sequence - self.cfg.num_image_tokens - 2 - extra_tokens
+        if len(ids) > budget:
+            raise PromptError(f"the prompt is {len(ids)} tokens; at most {budget} fit in the engines' "
+                              f"{self.max_sequence}-token context next to the image")
+        return ids
+
+    def _batch(self, prompts: list[str]):
+        """Left-padded ids (B, P), key mask, uncond and text-uncond masks for a batch of prompts."""
+        if not prompts:
+            raise PromptError("no prompts given")
+        if len(prompts) > self.max_prompts:
+            raise PromptError(f"{len(prompts)} prompts in one call; the engines take at most {self.max_prompts} "
+                              "(rebuild with --max-prompts)")
+        seqs = [self._check_prompt(p) for p in prompts]
+        width = max(map(len, seqs))
+        ids, mask, unc, tunc = [], [], [], []
+        for s in seqs:
+            u, t = cfg_masks(s, self.tokenizer.user_prefix, self.tokenizer.assistant_prefix, self.tokenizer.image_ids())
+            pad = width - len(s)
+            ids.append([self.cfg.tokens.pad] * pad + s)
+            mask.append([0] * pad + [1] * len(s))
+            unc.append([0] * pad + u)
+            tunc.append([0] * pad + t)
+        dev = self.device
+        return (torch.tensor(ids, device=dev), torch.tensor(mask, device=dev), torch.tensor(unc, device=dev),
+                torch.tensor(tunc, device=dev))
+
+    def _noise(self, batch: int, seed, noise):
+        if noise is not None:
+            want = (self.cfg.num_image_tokens + 1, batch, self.cfg.mingtok.latent_dim)
+            if tuple(noise.shape) != want:
+                raise ValueError(f"noise must have shape {want}, got {tuple(noise.shape)}")
+            return noise.to(self.device, torch.float32)
+        # One seed per prompt (an int seed s gives prompt i the seed s + i). Drawn on the CPU, so a seed
+        # gives the same noise on every device and backend.
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(batch)]
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
+        parts = [draw_noise(torch.Generator().manual_seed(int(s)), 1, self.cfg.num_image_tokens,
+                            self.cfg.mingtok.latent_dim) for s in seeds]
+        return torch.cat(parts, dim=1).to(self.device)
+
+    # -- text-to-image -----------------------------------------------------------------------------
+    def iter_generate_image(self, prompt: str | list[str], *, seed: int | list[int] = 0, noise: torch.Tensor | None = None,
+                            cfg_text: float | None = None, cfg_image: float | None = None, temperature: float = 1.0,
+                            cancel: CancelToken | None = None) -> Iterator[Progress | ImageOutput]:
+        """Yields Progress after every image token, then the ImageOutput."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids, mask, unc, tunc = self._batch(prompts)
+        noise = self._noise(len(prompts), seed, noise)
+        cache = loop.prefill(self.backend, self.cfg, self.backend.embed(ids), mask)
+        steps = loop.generate_image_steps(
+            self.backend, self.cfg, cache, uncond_mask=unc, text_uncond_mask=tunc, noise=noise,
+            text_cfg=self.cfg.text_cfg if cfg_text is None else cfg_text,
+            image_cfg=self.cfg.image_cfg if cfg_image is None else cfg_image, temperature=temperature,
+            should_stop=None if cancel is None else (lambda: cancel.cancelled))
+        total = self.cfg.num_image_tokens
+        while True:
+            try:
+                done = next(steps)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            yield Progress(done, total)
+        yield ImageOutput([to_pil(x) for x in result.image], result.latents, result.features, result.image)
+
+    def generate_image(self, prompt: str | list[str], *, on_token: Callable[[int, int], None] | None = None,
+                       **kwargs) -> ImageOutput:
+        """Text-to-image with classifier-free guidance; one image per prompt (a list is one batch)."""
+        out = None
+        for item in self.iter_generate_image(prompt, **kwargs):
+            if isinstance(item, Progress):
+                if on_token is not None:
+                    on_token(item.done, item.total)
+            else:
+                out = item
+        return out
+
+    # -- understanding -----------------------------------------------------------------------------
+    def _image_embeds(self, image, understanding: bool) -> torch.Tensor:
+        piece = "encoder_understanding" if understanding else "encoder"
+        size = self.cfg.understanding_image_size if understanding else self.cfg.mingtok.image_size
+        if isinstance(image, torch.Tensor):
+            if image.dim() != 4 or image.shape[1] != 3 or image.shape[-1] != size or image.shape[-2] != size:
+                raise ImageInputError(f"an image tensor must be (1, 3, {size}, {size}) in [-1, 1], got {tuple(image.shape)}")
+            x = image
+        else:
+            x = understanding_tensor(image, size) if understanding else edit_tensor(image, size)
+        out = self.backend.run(piece, x.to(self.device, self.backend.dtype))
+        return out[2]  # (1, N, H) LLM embeddings of the patches
+
+    def describe(self, image, question: str, *, max_new_tokens: int = 128, stop_ids=None,
+                 cancel: CancelToken | None = None) -> str:
+        """Image understanding: greedy answer to `question` about `image` (path, file, PIL image or tensor)."""
+        if not isinstance(question, str) or not question.strip():
+            raise PromptError("the question is empty")
+        embeds = self._image_embeds(image, understanding=True)
+        n = embeds.shape[1]
+        ids = self.tokenizer.turn(question, image_tokens=n)
+        if len(ids) + max_new_tokens > self.max_sequence:
+            raise PromptError(f"image + question ({len(ids)} tokens) + {max_new_tokens} new tokens exceed the "
+                              f"{self.max_sequence}-token context")
+        ids_t = torch.tensor([ids], device=self.device)
+        slots = ids_t == self.cfg.tokens.image_patch
+        x = self.backend.embed(ids_t).masked_scatter(slots[..., None], embeds.to(self.backend.dtype))
+        cache = loop.prefill(self.backend, self.cfg, x, image_mask=slots)
+        stop = (self.cfg.tokens.eos,) if stop_ids is None else tuple(stop_ids)
+        tokens, _ = loop.greedy_decode(self.backend, self.cfg, cache, max_new_tokens, stop,
+                                       should_stop=None if cancel is None else (lambda: cancel.cancelled))
+        return self.tokenizer.decode([t for t in tokens if t not in stop])
+
+    def session(self, max_tokens: int | None = None) -> "Session":
+        return Session(self, max_tokens or self.max_sequence)
+
+
+class Session:
+    """A conversation whose LLM cache carries over: generate an image, then edit it by instruction.
+
+    Earlier images stay in the cache as the semantic features they were generated from, so an edit
+    reuses them directly: no pixel decode and re-encode between rounds. Later rounds see earlier
+    prompts in every CFG row and earlier generated content in the cond and text-uncond rows only
+    (upstream's default 'DROP' rule). Memory is bounded by `max_tokens` (the cache length).
+    """
+
+    def __init__(self, runtime: Runtime, max_tokens: int):
+        if max_tokens > runtime.max_sequence:
+            raise ValueError(f"max_tokens {max_tokens} exceeds the engines' {runtime.max_sequence}")
+        self.rt, self.max_tokens = runtime, max_tokens
+        self.cache: loop.LLMCache | None = None
+        self.past_uncond: torch.Tensor | None = None
+        self.past_text_uncond: torch.Tensor | None = None
+        self.images: list[ImageOutput] = []
+
+    @property
+    def length(self) -> int:
+        return 0 if self.cache is None else self.cache.length
+
+    def reset(self) -> None:
+        self.cache, self.past_uncond, self.past_text_uncond, self.images = None, None, None, []
+
+    def _turn(self, ids: list[int], embeds: torch.Tensor | None = None, image_mask=None):
+        rt, dev = self.rt, self.rt.device
+        need = len(ids) + rt.cfg.num_image_tokens + 1
+        if self.length + need > self.max_tokens:
+            raise SessionFullError(f"this turn needs {need} more tokens; the session holds {self.length} of "
+                                   f"{self.max_tokens}. Start a new session (or reset()).")
+        u, t = cfg_masks(ids, rt.tokenizer.user_prefix, rt.tokenizer.assistant_prefix, rt.tokenizer.image_ids())
+        u, t = torch.tensor([u], device=dev), torch.tensor([t], device=dev)
+        if self.cache is not None:
+            u, t = torch.cat([self.past_uncond, u], 1), torch.cat([self.past_text_uncond, t], 1)
+        ids_t = torch.tensor([ids], device=dev)
+        x = rt.backend.embed(ids_t)
+        if embeds is not None:
+            x = x.masked_scatter(image_mask[..., None], embeds.to(x.dtype))
+        cache = loop.prefill(rt.backend, rt.cfg, x, image_mask=image_mask, cache=self.cache)
+        return cache, u, t
+
+    def generate_image(self, prompt: str, *, image=None, seed: int = 0, cfg_text: float | None = None,
+                       cfg_image: float | None = None, temperature: float = 1.0, on_token=None,
+                       cancel: CancelToken | None = None, reply_tokens: int = 8) -> ImageOutput:
+        """One round: the prompt (plus an optional input image to edit) -> a new image.
+
+        After the image the model may say a few words (up to `reply_tokens`, greedy), as upstream lets it.
+        A cancelled or failed round leaves the session as it was before the round.
+        """
+        rt = self.rt
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("the prompt is empty")
+        embeds = image_mask = None
+        if image is not None:
+            embeds = rt._image_embeds(image, understanding=False)
+            ids = rt.tokenizer.turn(prompt, image_tokens=embeds.shape[1])
+            image_mask = torch.tensor([ids], device=rt.device) == rt.cfg.tokens.image_patch
+        else:
+            ids = rt.tokenizer.turn(prompt)
+        cache, u, t = self._turn(ids, embeds, image_mask)
+        res = loop.generate_image(
+            rt.backend, rt.cfg, cache, uncond_mask=u, text_uncond_mask=t, noise=rt._noise(1, seed, None),
+            text_cfg=rt.cfg.text_cfg if cfg_text is None else cfg_text,
+            image_cfg=rt.cfg.image_cfg if cfg_image is None else cfg_image, temperature=temperature,
+            on_token=on_token, should_stop=None if cancel is None else (lambda: cancel.cancelled))
+        after, reply = res.cache, []
+        if reply_tokens:  # as with Hugging Face generate, the last token produced is not fed back
+            budget = min(reply_tokens, self.max_tokens - after.length)
+            reply, after = loop.greedy_decode(rt.backend, rt.cfg, after, budget, (rt.cfg.tokens.eos,))
+        # DROP rule: everything generated this round is hidden from the uncond row only.
+        gen = after.length - u.shape[1]
+        ones = torch.ones(1, gen, dtype=u.dtype, device=u.device)
+        self.past_uncond = torch.cat([torch.ones_like(u), torch.zeros_like(ones)], 1)
+        self.past_text_uncond = torch.cat([torch.ones_like(t), ones], 1)
+        self.cache = after
+        out = ImageOutput([to_pil(res.image[0])], res.latents, res.features, res.image,
+                          [rt.tokenizer.decode([x for x in reply if x != rt.cfg.tokens.eos])])
+        self.images.append(out)
+        return out
+
+    def edit(self, instruction: str, **kwargs) -> ImageOutput:
+        """Edit the last image: its tokens are already in the cache, so only the instruction is added."""
+        if not self.images:
+            raise PromptError("nothing to edit yet: generate_image() first, or pass image= to generate_image()")
+        return self.generate_image(instruction, **kwargs)
