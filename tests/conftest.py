@@ -62,3 +62,21 @@ def tiny_model():
                llm=load_file(str(fixture_dir("llm") / "weights.safetensors")),
                linear_proj=load_file(str(FIXTURES / "linear_proj.safetensors")))
     return model
+
+
+_BUILT: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tmp_path_factory):
+    """build(precision) -> artifact folder of the tiny model, built once per test session."""
+    from export.build import main
+
+    def build(precision: str) -> Path:
+        if precision not in _BUILT:
+            out = tmp_path_factory.mktemp(f"art-{precision}")
+            assert main(["--precision", precision, "--out", str(out), "--device", "cpu", "--calib-images", "1"]) == 0
+            _BUILT[precision] = out
+        return _BUILT[precision]
+
+    return build
