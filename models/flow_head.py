@@ -28,13 +28,15 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, width: int, frequency_dim: int, max_period: float):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
-        half = frequency_dim // 2
-        # Computed in fp32 on the CPU as upstream does, then moved with the module.
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.frequency_dim, self.max_period = frequency_dim, max_period
+
+    def freqs(self, device) -> torch.Tensor:
+        # fp32, computed as upstream does; not a buffer, so casting the module never rounds it.
+        half = self.frequency_dim // 2
+        return torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32) / half).to(device)
 
     def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
-        args = t[:, None].float() * self.freqs[None]
+        args = t[:, None].float() * self.freqs(t.device)[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

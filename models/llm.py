@@ -139,21 +139,50 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """Routed experts plus always-on shared experts; image rows are routed by `image_gate`.
 
+    The routed experts' weights are stored stacked, (E, I, H) / (E, H, I), so any subset can be read
+    without a host sync; state dicts still use the released per-expert names
+    (`experts.{e}.gate_proj.weight`, ...), converted by the two hooks below.
+
     Dispatch modes, all equal in exact arithmetic:
       * "loop": per-expert batches (eager reference; data-dependent shapes);
       * "gather": gathers the routed experts' weights per token (decode: reads only those weights);
       * "dense": runs every expert on every token and keeps the routed ones (static shapes, prefill export).
     """
 
+    PARTS = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
+
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.experts = nn.ModuleList(ExpertMLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.num_experts = e
+        self.w_gate = nn.Parameter(torch.empty(e, i, h))
+        self.w_up = nn.Parameter(torch.empty(e, i, h))
+        self.w_down = nn.Parameter(torch.empty(e, h, i))
+        for w in (self.w_gate, self.w_up, self.w_down):
+            nn.init.kaiming_uniform_(w.view(-1, w.shape[-1]), a=5 ** 0.5)
         self.gate = Router(cfg)
         if cfg.multi_gate:
             self.image_gate = Router(cfg)
             self.audio_gate = Router(cfg)  # present in checkpoints, never used by Ming-UniVision
         self.shared_experts = (ExpertMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
                                if cfg.num_shared_experts else None)
+        self._register_state_dict_hook(MoE._to_released_names)
+        self.register_load_state_dict_pre_hook(MoE._from_released_names)
+
+    @staticmethod
+    def _to_released_names(module, state, prefix, local_metadata):
+        for ours, theirs in MoE.PARTS:
+            stacked = state.pop(prefix + ours)
+            for e in range(stacked.shape[0]):
+                state[f"{prefix}experts.{e}.{theirs}.weight"] = stacked[e]
+        return state
+
+    @staticmethod
+    def _from_released_names(module, state, prefix, local_metadata, strict, missing, unexpected, errors):
+        for ours, theirs in MoE.PARTS:
+            keys = [f"{prefix}experts.{e}.{theirs}.weight" for e in range(module.num_experts)]
+            if all(k in state for k in keys):
+                state[prefix + ours] = torch.stack([state.pop(k) for k in keys])
 
     def route(self, x, image_mask):
         idx, w, logits = self.gate(x)
@@ -163,8 +192,8 @@ class MoE(nn.Module):
             idx, w, logits = torch.where(m, i_idx, idx), torch.where(m, i_w, w), torch.where(m, i_logits, logits)
         return idx, w, logits
 
-    def stacked(self, name: str) -> torch.Tensor:
-        return torch.stack([getattr(e, name).weight for e in self.experts])  # (E, out, in)
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e]), self.w_down[e])
 
     def routed_outputs(self, x, idx, mode: str) -> torch.Tensor:
         """Each token's k routed expert outputs (T, k, H)."""
@@ -175,15 +204,16 @@ class MoE(nn.Module):
             token = torch.arange(t, device=x.device).repeat_interleave(k)
             for e in torch.unique(flat).tolist():
                 sel = (flat == e).nonzero(as_tuple=True)[0]
-                out[sel] = self.experts[e](x[token[sel]])
+                out[sel] = self.expert(e, x[token[sel]])
             return out.view(t, k, -1)
         if mode == "gather":
-            wg, wu, wd = self.stacked("gate_proj")[idx], self.stacked("up_proj")[idx], self.stacked("down_proj")[idx]
             xk = x[:, None, :, None]  # (T, 1, H, 1)
-            h = F.silu((wg @ xk).squeeze(-1)) * (wu @ xk).squeeze(-1)  # (T, k, I)
-            return (wd @ h[..., None]).squeeze(-1)  # (T, k, H)
+            h = F.silu((self.w_gate[idx] @ xk).squeeze(-1)) * (self.w_up[idx] @ xk).squeeze(-1)  # (T, k, I)
+            return (self.w_down[idx] @ h[..., None]).squeeze(-1)  # (T, k, H)
         if mode == "dense":
-            every = torch.stack([e(x) for e in self.experts], dim=1)  # (T, E, H)
+            g = torch.einsum("th,eih->tei", x, self.w_gate)
+            u = torch.einsum("th,eih->tei", x, self.w_up)
+            every = torch.einsum("tei,ehi->teh", F.silu(g) * u, self.w_down)  # (T, E, H)
             return torch.gather(every, 1, idx[..., None].expand(t, k, every.shape[-1]))
         raise ValueError(f"unknown MoE mode {mode!r}")
 
@@ -223,7 +253,10 @@ class BailingMoeModel(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        # Recomputed in fp32 on every call (as upstream does): no buffer that a .to(bfloat16) could round.
+        return rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(device)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past_keys, past_values,
                 image_mask=None, moe_mode: str = "loop", record: dict | None = None):
@@ -236,7 +269,7 @@ class BailingMoeModel(nn.Module):
         past = past_keys[0].shape[2]
         slots = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
         mask = attention_mask_4d(attention_mask, slots)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq(inputs_embeds.device), self.cfg.mrope_section)
         x = inputs_embeds
         keys, values = [], []
         for layer, pk, pv in zip(self.layers, past_keys, past_values):
@@ -252,7 +285,7 @@ class BailingMoeModel(nn.Module):
                        image_mask=None, moe_mode: str = "gather"):
         """Static-cache form: attention_mask (B, S_max) covers every slot of the preallocated buffers."""
         mask = attention_mask_4d(attention_mask, cache_position)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq(inputs_embeds.device), self.cfg.mrope_section)
         x = inputs_embeds
         for layer, kc, vc in zip(self.layers, k_caches, v_caches):
             x = x + layer.attention.forward_static(layer.input_layernorm(x), cos, sin, mask, kc, vc, cache_position)

@@ -52,28 +52,41 @@ class MingUniVision(nn.Module):
         return self.llm.word_embeddings(input_ids.clamp(0, self.cfg.llm.vocab_size - 1))
 
 
-def seeded_init_(model: nn.Module, seed: int = 0) -> nn.Module:
+def seeded_init_(model: nn.Module, seed: int = 0, device=None) -> nn.Module:
     """The fixtures' recipe: norm weights 1 + 0.1 N(0,1), every other tensor 0.05 N(0,1), on the bf16 grid.
 
     Values on the bf16 grid load losslessly in bf16 and fp32, so one tiny model serves every precision.
+    The draws come from a generator on `device` (default CPU): a seed gives the same weights only on
+    the same kind of device.
     """
-    gen = torch.Generator().manual_seed(seed)
-    norm_types = (nn.LayerNorm,)
+    gen = torch.Generator(device=device or "cpu").manual_seed(seed)
     norm_params = set()
     for module in model.modules():
-        if isinstance(module, norm_types) or type(module).__name__ == "RMSNorm":
+        if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm":
             if getattr(module, "weight", None) is not None:
                 norm_params.add(id(module.weight))
     with torch.no_grad():
         for _, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
+            noise = torch.randn(p.shape, generator=gen, device=gen.device)
             value = 1 + 0.1 * noise if id(p) in norm_params else 0.05 * noise
-            p.copy_(value.to(torch.bfloat16).float())
+            p.copy_(value.to(torch.bfloat16))
     return model
 
 
-def build(cfg: ModelConfig, *, seed: int | None = 0, device=None, dtype=torch.float32) -> MingUniVision:
-    """A model with seeded random weights (seed=None: leave PyTorch's default init)."""
+def build(cfg: ModelConfig, *, seed: int | None = 0, device=None, dtype=torch.float32,
+          fast_init: bool | None = None) -> MingUniVision:
+    """A model with seeded random weights (seed=None: leave PyTorch's default init).
+
+    fast_init (default: for the full model on a GPU) allocates directly on the device and draws the
+    weights there, instead of initialising 18.8 B parameters on the CPU first.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if fast_init is None:
+        fast_init = device.type == "cuda" and cfg.name == "full"
+    if fast_init and seed is not None:
+        model = build_meta(cfg).to_empty(device=device).to(dtype)  # the models hold no derived buffers
+        seeded_init_(model, seed, device)
+        return model.eval()
     model = MingUniVision(cfg)
     if seed is not None:
         seeded_init_(model, seed)
