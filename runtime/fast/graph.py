@@ -1,0 +1,181 @@
+"""Text-to-image with ONE CUDA graph per image token.
+
+The graph holds the whole token step: LLM step over the CFG rows (static KV caches written in place,
+routed experts gathered on the device) -> vis_head -> the flow head's Euler loop with guidance ->
+one semantic-decoder step (once per prompt, not per identical CFG row) -> connector -> next LLM
+input. All its state lives in preallocated buffers, every index (cache slot, position, token number)
+is a device tensor the graph advances itself, and the noise of every token is drawn up front: no
+host sync and no allocation between replays. The prefill and the pixel decode run outside the graph.
+
+On a CPU (or with use_graph=False) the same step function runs eagerly, which is how it is tested
+against the reference pipeline without a GPU.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.pieces import LLMStatic, SemanticDecoderStatic
+from models.prompting import generation_rows
+from models.univision import MingUniVision
+
+from ..loop import LLMCache, LoopImage
+from .flow_head import FastFlowHead
+
+logger = logging.getLogger(__name__)
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+@dataclass
+class _Bucket:
+    """Static buffers (and the captured graph) for one (prompts, rows, cache length) shape."""
+
+    b: int
+    r: int
+    s_max: int
+    llm_caches: tuple
+    sem_caches: tuple
+    embeds: torch.Tensor  # (B*R, 1, H)
+    mask: torch.Tensor  # (B*R, S_max) int64
+    positions: torch.Tensor  # (B*R, 1)
+    cache_pos: torch.Tensor  # (1,) slot of the current token
+    sem_pos: torch.Tensor  # (1,)
+    step: torch.Tensor  # (1,) image-token index
+    noise: torch.Tensor  # (N+1, B, C)
+    scalars: tuple  # text_cfg, image_cfg, temperature, each (1,)
+    latents: torch.Tensor  # (N, B, C)
+    feats: torch.Tensor  # (B, N, D)
+    no_image: torch.Tensor  # (B*R, 1) bool
+    graph: object = None
+    capture_seconds: float = 0.0
+
+
+class GraphImageGenerator:
+    def __init__(self, model: MingUniVision, use_graph: bool | None = None, bucket: int = 64):
+        self.model, self.cfg = model.eval(), model.cfg
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        self.bucket = bucket
+        self.llm = LLMStatic(model, moe_mode="gather")
+        self.sem = SemanticDecoderStatic(model)
+        self.flow = FastFlowHead(model)
+        self._buckets: dict[tuple, _Bucket] = {}
+
+    # -- buffers ---------------------------------------------------------------------------------
+    def _new_bucket(self, b: int, r: int, s_max: int) -> _Bucket:
+        cfg, dev, dt = self.cfg, self.device, self.dtype
+        llm, mt = cfg.llm, cfg.mingtok
+        n = cfg.num_image_tokens
+        z = lambda *shape, dtype=dt: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
+        llm_caches = tuple(z(b * r, llm.num_kv_heads, s_max, llm.head_dim) for _ in range(2 * llm.num_layers))
+        sem_caches = tuple(z(b, mt.semantic_dim // mt.head_dim, n, mt.head_dim) for _ in range(2 * mt.semantic_depth))
+        one = lambda: torch.zeros(1, dtype=torch.long, device=dev)  # noqa: E731
+        return _Bucket(b, r, s_max, llm_caches, sem_caches, z(b * r, 1, llm.hidden_size),
+                       z(b * r, s_max, dtype=torch.long), z(b * r, 1, dtype=torch.long), one(), one(), one(),
+                       z(n + 1, b, mt.latent_dim, dtype=torch.float32),
+                       tuple(torch.ones(1, dtype=torch.float32, device=dev) for _ in range(3)),
+                       z(n, b, mt.latent_dim, dtype=torch.float32), z(b, n, mt.semantic_dim),
+                       z(b * r, 1, dtype=torch.bool))
+
+    @torch.no_grad()
+    def _step(self, k: _Bucket) -> None:
+        """One image token, entirely on the device, advancing its own indices."""
+        hidden = self.llm.lm.model.forward_static(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
+                                                  image_mask=k.no_image, moe_mode="gather")[:, -1:]  # (B*R, 1, H)
+        noise = k.noise.index_select(0, k.step)[0]  # (B, C)
+        latent = self.flow(hidden.view(k.b, k.r, -1), noise, *k.scalars)  # (B, C) fp32
+        feats, emb = self.sem(latent[:, None].to(self.dtype), k.sem_pos, *k.sem_caches)  # (B, 1, D), (B, 1, H)
+        k.latents.index_copy_(0, k.step, latent[None])
+        k.feats.index_copy_(1, k.step, feats)
+        k.embeds.copy_(emb.repeat_interleave(k.r, dim=0))
+        k.mask.index_fill_(1, k.cache_pos + 1, 1)  # the next token's own slot becomes visible
+        for t in (k.cache_pos, k.sem_pos, k.step, k.positions):
+            t.add_(1)
+
+    @staticmethod
+    def _pairs(flat):
+        return list(flat[0::2]), list(flat[1::2])
+
+    def _capture(self, k: _Bucket) -> None:
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up on the capture stream (state is reloaded before each use)
+                self._step(k)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(k)
+        torch.cuda.synchronize()
+        k.graph, k.capture_seconds = graph, time.perf_counter() - t0
+        logger.info("captured the image-token graph for %s in %.2fs", (k.b, k.r, k.s_max), k.capture_seconds)
+
+    def bucket_for(self, b: int, r: int, prompt_len: int) -> _Bucket:
+        s_max = _round_up(prompt_len + self.cfg.num_image_tokens + 2, self.bucket)
+        key = (b, r, s_max)
+        if key not in self._buckets:
+            k = self._new_bucket(b, r, s_max)
+            if self.use_graph:
+                self._capture(k)
+            self._buckets[key] = k
+        return self._buckets[key]
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, cache: LLMCache, *, uncond_mask, text_uncond_mask, noise, text_cfg, image_cfg, temperature,
+                 on_token=None, should_stop=None) -> LoopImage:
+        """Same contract as runtime.loop.generate_image (cache: the prompt's concat-form LLM cache)."""
+        from ..errors import Cancelled
+
+        cfg, dev = self.cfg, self.device
+        b, p = cache.kv[0].shape[0], cache.kv[0].shape[2]
+        n = cfg.num_image_tokens
+        ones = torch.ones(b, 1, dtype=torch.long, device=dev)
+        rows = generation_rows(torch.cat([cache.attention_mask.long(), ones], 1), uncond_mask, text_uncond_mask)
+        r = rows.shape[1]
+        k = self.bucket_for(b, r, p)
+        # load this request into the static buffers (stale values past the prompt are masked, but
+        # must not be NaN: zero weights times NaN values would still poison the attention output)
+        for dst, src in zip(k.llm_caches, cache.kv):
+            dst.zero_()
+            dst[:, :, :p].copy_(src.repeat_interleave(r, dim=0))
+        for t in k.sem_caches:
+            t.zero_()
+        k.mask.zero_()
+        k.mask[:, :p + 1].copy_(rows.reshape(b * r, p + 1))
+        k.positions.copy_((rows.reshape(b * r, -1).cumsum(-1) - 1)[:, -1:])
+        k.cache_pos.fill_(p)
+        k.sem_pos.zero_()
+        k.step.zero_()
+        k.noise.copy_(noise)
+        for dst, v in zip(k.scalars, (text_cfg, image_cfg, temperature)):
+            dst.fill_(float(v))
+        start = torch.full((b * r, 1), cfg.tokens.image_start, device=dev)
+        k.embeds.copy_(self.model.embed_tokens(start).to(self.dtype))
+        for i in range(n):
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"generation cancelled after {i} of {n} image tokens")
+            if k.graph is not None:
+                k.graph.replay()
+            else:
+                self._step(k)
+            if on_token is not None:
+                on_token(i + 1, n)  # progress of enqueued work: reporting it needs no sync
+        # the (N+1)-th LLM step only extends the cache; its flow sample would be discarded
+        hidden = self.llm.lm.model.forward_static(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
+                                                  image_mask=k.no_image, moe_mode="gather")[:, -1:]
+        features = k.feats.clone()
+        image = self.model.vision.decode_pixels(features)
+        total = p + 1 + n
+        kv = tuple(t[::r, :, :total].clone() for t in k.llm_caches)
+        last = hidden[::r]
+        out = LLMCache(kv, k.mask[::r, :total].clone(), last, self.model.model.logits(last))
+        return LoopImage(k.latents.transpose(0, 1).clone(), features, image, out, k.mask[:, :total].view(b, r, total).clone())
