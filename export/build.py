@@ -99,6 +99,10 @@ class BuildConfig:
         if self.model == "full" and self.device == "cpu" and self.checkpoint is None:
             raise BuildError("--model full has 18.8 B parameters (75 GB in fp32): build it with --device cuda on a "
                              "large-memory GPU machine, or use --model tiny")
+        if self.model == "full" and self.precision in ("fp8", "int8") and {"llm_prefill", "llm_step"} & set(self.pieces):
+            raise BuildError("fp8/int8 ONNX of the full LLM would carry an fp32 base (67 GB, beyond protobuf's and most "
+                             "disks' limits); quantize the other pieces (--pieces encoder,semantic_decoder,pixel_decoder,"
+                             "flow_head) and export the LLM at --precision bf16")
         if self.t2i_check not in ("auto", "on", "off"):
             raise BuildError("--t2i-check must be auto, on or off")
         if self.calib_images < 1:

@@ -38,7 +38,8 @@ def load_model(bc: BuildConfig):
     else:
         cfg = get_config(bc.model)
         logger.info("building the %s model with seeded random weights (seed %d)", bc.model, bc.seed)
-        model = build(cfg, seed=bc.seed, device=bc.device)
+        # The full model is judged in bf16: 18.8 B parameters in fp32 do not fit next to the export.
+        model = build(cfg, seed=bc.seed, device=bc.device, dtype=torch.bfloat16 if bc.model == "full" else torch.float32)
         source = {"builtin": bc.model, "seed": bc.seed}
     return cfg, model, source
 
@@ -101,11 +102,17 @@ def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, calib_calls) -
     return save_onnx(model, path), report
 
 
+def cast_call(call, spec, dtype) -> tuple:
+    """A recorded call with its "float" inputs in `dtype` (fp32/int/bool inputs untouched)."""
+    return tuple(t.to(dtype) if s.dtype == "float" else t for t, s in zip(call, spec.inputs))
+
+
 def verify_piece(backend_piece, judge_piece, spec, calls, dtype) -> dict:
     per_output: dict[str, dict] = {}
+    judge_dtype = next(judge_piece.parameters()).dtype
     for i, call in enumerate(calls[:VERIFY_CALLS]):
         with torch.no_grad():
-            ref = judge_piece(*call)
+            ref = judge_piece(*cast_call(call, spec, judge_dtype))
         ref = ref if isinstance(ref, tuple) else (ref,)
         got = backend_piece(*[t.to(dtype) if t.is_floating_point() and s.dtype == "float" else t
                               for t, s in zip(call, spec.inputs)])
@@ -124,7 +131,13 @@ def run_build(bc: BuildConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cfg, judge_model, source = load_model(bc)
     dtype = FLOAT_DTYPE[bc.precision]
-    work_model = judge_model if dtype == torch.float32 else copy.deepcopy(judge_model).to(dtype)
+    judge_dtype = next(judge_model.parameters()).dtype
+    if judge_dtype == dtype:
+        work_model = judge_model
+    elif judge_dtype == torch.float32:
+        work_model = copy.deepcopy(judge_model).to(dtype)
+    else:  # a bf16 judge (the full model): fp32 pieces are made one at a time, below
+        work_model = None
     specs = piece_specs(cfg)
     limits = ShapeLimits(bc.max_prompts, bc.max_sequence).validate()
     env = mf.environment()
@@ -153,7 +166,14 @@ def run_build(bc: BuildConfig) -> dict:
         todo.append((piece, fp))
 
     judge_pieces = build_pieces(judge_model)
-    work_pieces = judge_pieces if work_model is judge_model else build_pieces(work_model)
+    work_pieces = judge_pieces if work_model is judge_model else (build_pieces(work_model) if work_model else None)
+
+    def modules_for(piece):
+        """(module to export, module that judges it)."""
+        if work_pieces is not None:
+            return work_pieces[piece], judge_pieces[piece]
+        m = copy.deepcopy(judge_pieces[piece]).to(dtype)
+        return m, m
     calib, fresh = {}, {}
     if todo:
         from .calibration_data import collect_piece_inputs
@@ -175,10 +195,12 @@ def run_build(bc: BuildConfig) -> dict:
         logger.info("%s: exporting to ONNX (opset %d, %s)", piece, bc.opset, bc.precision)
         from .onnx_export import export_piece
 
-        info = export_piece(work_pieces[piece], spec, cfg, onnx_path, float_dtype=dtype, limits=limits, opset=bc.opset)
+        work, judge = modules_for(piece)
+        info = export_piece(work, spec, cfg, onnx_path, float_dtype=dtype, limits=limits, opset=bc.opset)
         files = info["files"]
         if bc.precision in ("fp8", "int8"):
-            files, qreport = quantize_onnx(bc, onnx_path, judge_pieces[piece], spec, calib.get(piece, []))
+            calls = [cast_call(c, spec, next(judge.parameters()).dtype) for c in calib.get(piece, [])]
+            files, qreport = quantize_onnx(bc, onnx_path, judge, spec, calls)
             n_q = sum(r["quantized"] for r in qreport)
             entry["quantization"] = {"format": bc.precision, "method": "ours: per-channel weights, per-tensor static "
                                      "activations (max calibration)", "layers": qreport, "quantized_layers": n_q}
@@ -187,7 +209,7 @@ def run_build(bc: BuildConfig) -> dict:
         entry["targets"]["onnx"] = {"files": files, "opset": bc.opset, "sha256": {f: mf.sha256_file(out / f) for f in files},
                                     "bytes": sum((out / f).stat().st_size for f in files)}
         if "torch" in bc.targets:
-            entry["targets"]["torch"] = export_torch(work_pieces[piece], spec, cfg, limits, out / f"{piece}.pt2", dtype)
+            entry["targets"]["torch"] = export_torch(work, spec, cfg, limits, out / f"{piece}.pt2", dtype)
         if "tensorrt" in bc.targets:
             entry["targets"]["tensorrt"] = build_trt(bc, spec, cfg, limits, onnx_path, out / f"{piece}.plan", env)
         # verification: the exported graph in onnxruntime vs the fp32 eager reference, on fresh inputs
@@ -195,12 +217,13 @@ def run_build(bc: BuildConfig) -> dict:
         if dtype == torch.bfloat16 and ort_device == "cpu":
             ver.update(passed=None, note="onnxruntime's CPU provider has no bfloat16 kernels: not verified here")
         else:
-            res = verify_piece(OrtPiece(onnx_path, ort_device, threads=bc.threads), judge_pieces[piece], spec,
+            res = verify_piece(OrtPiece(onnx_path, ort_device, threads=bc.threads), judge, spec,
                                fresh.get(piece, []), dtype)
             rel = res["worst"].get("rel_l2", math.inf)
             ver.update(res, bound_rel_l2=REL_L2_BOUND[bc.precision], passed=within_bound(bc.precision, rel))
         entry["verification"] = ver
         entry["seconds"] = round(time.time() - t0, 2)
+        del work, judge
         man["pieces"][piece] = entry
         mf.save(out, man)  # after every piece: an interrupted build loses nothing done
 

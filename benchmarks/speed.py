@@ -1,0 +1,312 @@
+"""benchmarks/speed.py: latency of Ming-UniVision's pieces and pipelines, eager vs the fast path, vs SD-VAE.
+
+    python benchmarks/speed.py                      # GPU, full-size shapes, random weights (minutes)
+    python benchmarks/speed.py --smoke              # CPU smoke test on the tiny model (seconds)
+
+Every number is the median (and p90) over --runs runs after --warmup runs, timed with CUDA events on a
+GPU; graph capture time is reported separately; peak memory is the max allocated. Results go to
+<out>/speed.json (with an environment block), <out>/speed.md, and <out>/speed.png when matplotlib exists.
+The end-to-end eager baseline is slow (tens of seconds per image), so it gets --e2e-runs runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import build, full_config, tiny_config  # noqa: E402
+from models.flow_head import draw_noise  # noqa: E402
+from models.pieces import FlowHeadPiece, LLMPiece, SemanticDecoderPiece  # noqa: E402
+from models.prompting import cfg_masks  # noqa: E402
+from runtime import loop  # noqa: E402
+from runtime.backends.torch_eager import TorchBackend  # noqa: E402
+from runtime.fast.flow_head import FastFlowHead  # noqa: E402
+from runtime.fast.graph import GraphImageGenerator  # noqa: E402
+
+H100_HBM_TBPS = 3.35  # H100 SXM HBM3 peak; the floor below is bytes / this
+
+
+def timed(fn, device, warmup: int, runs: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+            "min_ms": times[0], "runs": runs}
+
+
+def environment(device) -> dict:
+    env = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "device": str(device)}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(), sm="".join(map(str, torch.cuda.get_device_capability())))
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    try:
+        import subprocess
+
+        env["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except Exception:
+        pass
+    return env
+
+
+def token_bytes(model, rows: int) -> dict:
+    """Weight bytes one image token must stream (the HBM floor), per component."""
+    cfg = model.cfg
+    el = next(model.parameters()).element_size()
+    llm = cfg.llm
+    per_layer_active = (model.llm.layers[0].attention.query_key_value.weight.numel() + model.llm.layers[0].attention.dense.weight.numel()
+                        + 3 * llm.moe_intermediate_size * llm.hidden_size * min(llm.num_experts, llm.num_experts_per_tok * rows)
+                        + 3 * llm.moe_intermediate_size * llm.num_shared_experts * llm.hidden_size
+                        + llm.num_experts * llm.hidden_size)
+    net = model.flow_head.net
+    per_step = sum(p.numel() for n, p in net.named_parameters() if "adaLN" not in n and "time_embed" not in n and "cond_embed" not in n)
+    once = sum(p.numel() for n, p in net.named_parameters() if "adaLN" in n or "cond_embed" in n) + sum(
+        p.numel() for p in model.model.vis_head.parameters())
+    sem = sum(p.numel() for p in model.vision.semantic_decoder.parameters()) + sum(p.numel() for p in model.linear_proj.parameters())
+    out = {"llm": per_layer_active * llm.num_layers * el, "flow_head": (per_step * cfg.flow_head.num_steps + once) * el,
+           "semantic_decoder": sem * el}
+    out["total"] = sum(out.values())
+    return out
+
+
+def prompt(cfg, n_text: int, gen: torch.Generator):
+    t = cfg.tokens
+    special = {t.image_start, t.image_patch, t.image_end, t.eos, t.pad, *t.user_prefix, *t.assistant_prefix}
+    ids = [int(i) for i in torch.randint(0, cfg.llm.vocab_size, (4 * n_text,), generator=gen) if int(i) not in special][:n_text]
+    return [*t.user_prefix, *ids, *t.assistant_prefix]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser("python benchmarks/speed.py", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few runs (CI)")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--e2e-runs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8, help="prompts in the batched text-to-image run")
+    p.add_argument("--skip-eager-e2e", action="store_true")
+    p.add_argument("--skip-sdvae", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    a = p.parse_args(argv)
+    smoke = a.smoke or not torch.cuda.is_available()
+    device = torch.device("cpu" if smoke else "cuda")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    runs, warmup = (3, 1) if smoke else (a.runs, a.warmup)
+    cfg = tiny_config() if smoke else full_config()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = build(cfg, seed=0, device=device, dtype=dtype)
+    results = {"env": environment(device), "config": cfg.name, "dtype": str(dtype), "build_seconds": time.perf_counter() - t0,
+               "pieces": {}, "pipelines": {}, "sdvae": {}}
+    print(f"model built in {results['build_seconds']:.1f}s on {device} ({dtype})", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    rows, n = 2, cfg.num_image_tokens
+    h, lat = cfg.llm.hidden_size, cfg.mingtok.latent_dim
+    backend = TorchBackend(model)
+
+    def rec(group, name, fn, r=runs):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        res = timed(fn, device, warmup if r > 1 else 0, r)
+        if device.type == "cuda":
+            res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results[group][name] = res
+        print(f"{group:10s} {name:40s} median {res['median_ms']:9.2f} ms  p90 {res['p90_ms']:9.2f} ms", flush=True)
+        return res
+
+    with torch.no_grad():
+        # --- pieces -------------------------------------------------------------------------------
+        ids = prompt(cfg, 24, gen)
+        cache = loop.prefill(backend, cfg, backend.embed(torch.tensor([ids], device=device)))
+        past = cache.kv[0].shape[2] + n // 2
+        kv = tuple(torch.randn(rows, t.shape[1], past, t.shape[3], device=device, dtype=dtype) for t in cache.kv)
+        x = torch.randn(rows, 1, h, device=device, dtype=dtype)
+        mask = torch.ones(rows, past + 1, dtype=torch.long, device=device)
+        pos = torch.full((rows, 1), past, device=device)
+        no_img = torch.zeros(rows, 1, dtype=torch.bool, device=device)
+        llm_step = LLMPiece(model, "gather")
+        rec("pieces", "llm_step (2 rows, gather MoE) eager", lambda: llm_step(x, mask, pos, no_img, *kv))
+        flow, fast = FlowHeadPiece(model), FastFlowHead(model)
+        hid = torch.randn(1, rows, h, device=device, dtype=dtype)
+        noise1 = torch.randn(1, lat, device=device)
+        sc = [torch.tensor([v], device=device) for v in (3.0, 1.1, 1.0)]
+        rec("pieces", "flow_head (2 rows, 16 steps) eager", lambda: flow(hid, noise1, *sc))
+        rec("pieces", "flow_head hoisted invariants", lambda: fast(hid, noise1, *sc))
+        sem = SemanticDecoderPiece(model)
+        mt = cfg.mingtok
+        skv = tuple(torch.randn(1, mt.semantic_dim // mt.head_dim, n // 2, mt.head_dim, device=device, dtype=dtype)
+                    for _ in range(2 * mt.semantic_depth))
+        zlat = torch.randn(1, 1, lat, device=device, dtype=dtype)
+        rec("pieces", "semantic_decoder step eager", lambda: sem(zlat, *skv))
+        feats = torch.randn(1, n, mt.semantic_dim, device=device, dtype=dtype)
+        rec("pieces", f"pixel_decoder {mt.image_size}px", lambda: model.vision.decode_pixels(feats))
+        img = torch.rand(1, 3, mt.image_size, mt.image_size, device=device, dtype=dtype) * 2 - 1
+        rec("pieces", f"encoder {mt.image_size}px", lambda: model.vision.encode(img))
+
+        # --- token step and text-to-image ---------------------------------------------------------
+        un, tu = cfg_masks(ids, cfg.tokens.user_prefix, cfg.tokens.assistant_prefix,
+                           [cfg.tokens.image_start, cfg.tokens.image_patch, cfg.tokens.image_end])
+        masks = dict(uncond_mask=torch.tensor([un], device=device), text_uncond_mask=torch.tensor([tu], device=device))
+        noise = draw_noise(gen, 1, n, lat).to(device)
+        kw = dict(noise=noise, text_cfg=3.0, image_cfg=1.1, temperature=1.0, **masks)
+        eager_gen = GraphImageGenerator(model, use_graph=False)
+        graph_gen = GraphImageGenerator(model)
+        t = time.perf_counter()
+        bucket = graph_gen.bucket_for(1, rows, cache.kv[0].shape[2])
+        results["graph_capture_seconds"] = time.perf_counter() - t if device.type == "cuda" else 0.0
+        eb = eager_gen.bucket_for(1, rows, cache.kv[0].shape[2])
+        graph_gen.generate(cache, **kw)  # loads the buffers; then time replays of the token graph alone
+        eager_gen.generate(cache, **kw)
+
+        def reset(k):
+            k.cache_pos.fill_(cache.kv[0].shape[2] + 8)
+            k.step.fill_(8)
+            k.sem_pos.fill_(8)
+
+        def eager_step():
+            reset(eb)
+            eager_gen._step(eb)
+
+        def graph_step():
+            reset(bucket)
+            if bucket.graph is not None:
+                bucket.graph.replay()
+            else:
+                graph_gen._step(bucket)
+
+        rec("pipelines", "image-token step: static caches, eager", eager_step)
+        step = rec("pipelines", "image-token step: one CUDA graph", graph_step)
+        rec("pipelines", "text-to-image, CUDA graph per token (batch 1)", lambda: graph_gen.generate(cache, **kw))
+        if not smoke or a.batch:
+            bsz = min(a.batch, 2) if smoke else a.batch
+            pids = [prompt(cfg, 24, gen) for _ in range(bsz)]
+            bcache = loop.prefill(backend, cfg, backend.embed(torch.tensor(pids, device=device)))
+            bmasks = [cfg_masks(q, cfg.tokens.user_prefix, cfg.tokens.assistant_prefix,
+                                [cfg.tokens.image_start, cfg.tokens.image_patch, cfg.tokens.image_end]) for q in pids]
+            bkw = dict(noise=draw_noise(gen, bsz, n, lat).to(device), text_cfg=3.0, image_cfg=1.1, temperature=1.0,
+                       uncond_mask=torch.tensor([m[0] for m in bmasks], device=device),
+                       text_uncond_mask=torch.tensor([m[1] for m in bmasks], device=device))
+            graph_gen.generate(bcache, **bkw)
+            rec("pipelines", f"text-to-image, CUDA graph per token (batch {bsz})", lambda: graph_gen.generate(bcache, **bkw),
+                r=max(1, runs // 4))
+        if not a.skip_eager_e2e:
+            rec("pipelines", "text-to-image, eager pieces (baseline)",
+                lambda: loop.generate_image(backend, cfg, cache, **kw), r=a.e2e_runs if not smoke else 1)
+
+        # --- the HBM floor --------------------------------------------------------------------------
+        tb = token_bytes(model, rows)
+        floor_ms = tb["total"] / (H100_HBM_TBPS * 1e12) * 1e3
+        results["floor"] = {"bytes_per_token": tb, "hbm_tbps": H100_HBM_TBPS, "token_floor_ms": floor_ms,
+                            "image_floor_s": floor_ms * n / 1e3,
+                            "token_step_fraction_of_floor": floor_ms / step["median_ms"]}
+        print(f"floor: {tb['total'] / 1e9:.2f} GB per token -> {floor_ms:.2f} ms; graph step reaches "
+              f"{results['floor']['token_step_fraction_of_floor']:.0%} of it", flush=True)
+
+        # --- SD-VAE (diffusers AutoencoderKL, SD config, random weights) ----------------------------
+        if not a.skip_sdvae and not smoke:
+            sdvae(results, device, runs, warmup, rec, model)
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    name = "speed_smoke" if smoke else "speed"
+    (a.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (a.out / f"{name}.md").write_text(markdown(results))
+    plot(results, a.out / f"{name}.png")
+    print(f"wrote {a.out / name}.json/.md")
+    return 0
+
+
+def sdvae(results, device, runs, warmup, rec, model):
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        results["sdvae"]["note"] = "diffusers is not installed: pip install diffusers"
+        return
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, sample_size=512).to(device, torch.float16).eval()
+    for size in (512, 1024):
+        x = torch.randn(1, 3, size, size, device=device, dtype=torch.float16)
+        z = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=torch.float16)
+        rec("sdvae", f"SD-VAE encode {size}px fp16 eager", lambda: vae.encode(x).latent_dist.mode())
+        rec("sdvae", f"SD-VAE decode {size}px fp16 eager", lambda: vae.decode(z).sample)
+        img = torch.rand(1, 3, size, size, device=device, dtype=torch.bfloat16) * 2 - 1
+        pos = None
+        if size != model.cfg.mingtok.image_size:
+            g = size // model.cfg.mingtok.patch_size
+            pos = model.vision.low_level_encoder.position_embedding(g, g).detach()
+        rec("sdvae", f"MingTok encode {size}px bf16 eager", lambda: model.vision.encode(img, pos))
+    try:
+        cvae = torch.compile(vae.decode)
+        z = torch.randn(1, 4, 64, 64, device=device, dtype=torch.float16)
+        t = time.perf_counter()
+        cvae(z)
+        results["sdvae"]["compile_seconds_decode_512"] = time.perf_counter() - t
+        rec("sdvae", "SD-VAE decode 512px fp16 torch.compile", lambda: cvae(z).sample)
+    except Exception as exc:  # report, don't hide
+        results["sdvae"]["compile_error"] = repr(exc)[:300]
+
+
+def markdown(r: dict) -> str:
+    env = r["env"]
+    lines = [f"# Speed ({r['config']} shapes, {r['dtype']}, {env.get('gpu', env['device'])})", "",
+             f"torch {env['torch']}, CUDA {env.get('cuda')}, git {env.get('git_sha', '')[:10]}", "",
+             "| group | what | median ms | p90 ms | peak GiB |", "| --- | --- | ---: | ---: | ---: |"]
+    for group in ("pieces", "pipelines", "sdvae"):
+        for name, v in r.get(group, {}).items():
+            if isinstance(v, dict) and "median_ms" in v:
+                lines.append(f"| {group} | {name} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} | {v.get('peak_mem_gib', 0):.1f} |")
+    f = r.get("floor")
+    if f:
+        lines += ["", f"HBM floor: {f['bytes_per_token']['total'] / 1e9:.2f} GB streamed per image token -> "
+                      f"{f['token_floor_ms']:.2f} ms at {f['hbm_tbps']} TB/s ({f['image_floor_s']:.2f} s per image); "
+                      f"the graph step reaches {f['token_step_fraction_of_floor']:.0%} of it.",
+                  f"Graph capture: {r.get('graph_capture_seconds', 0):.2f} s (once per shape bucket)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    items = [(f"{g}: {k}", v["median_ms"]) for g in ("pieces", "pipelines", "sdvae") for k, v in r.get(g, {}).items()
+             if isinstance(v, dict) and "median_ms" in v]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(items) + 1))
+    ax.barh([i[0] for i in items], [i[1] for i in items])
+    ax.set_xscale("log")
+    ax.set_xlabel("median ms (log)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
