@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="prompts in the batched text-to-image run")
     p.add_argument("--skip-eager-e2e", action="store_true")
     p.add_argument("--skip-sdvae", action="store_true")
+    p.add_argument("--compile-sdvae", action="store_true", help="also time torch.compile'd SD-VAE decode (minutes of compile)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
     smoke = a.smoke or not torch.cuda.is_available()
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
 
         # --- SD-VAE (diffusers AutoencoderKL, SD config, random weights) ----------------------------
         if not a.skip_sdvae and not smoke:
-            sdvae(results, device, runs, warmup, rec, model)
+            sdvae(results, device, runs, warmup, rec, model, a.compile_sdvae)
 
     a.out.mkdir(parents=True, exist_ok=True)
     name = "speed_smoke" if smoke else "speed"
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def sdvae(results, device, runs, warmup, rec, model):
+def sdvae(results, device, runs, warmup, rec, model, compile_decode: bool):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
@@ -261,6 +262,8 @@ def sdvae(results, device, runs, warmup, rec, model):
             g = size // model.cfg.mingtok.patch_size
             pos = model.vision.low_level_encoder.position_embedding(g, g).detach()
         rec("sdvae", f"MingTok encode {size}px bf16 eager", lambda: model.vision.encode(img, pos))
+    if not compile_decode:
+        return
     try:
         cvae = torch.compile(vae.decode)
         z = torch.randn(1, 4, 64, 64, device=device, dtype=torch.float16)
