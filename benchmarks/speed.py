@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few runs (CI)")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--e2e-runs", type=int, default=3)
+    p.add_argument("--e2e-runs", type=int, default=5, help="runs of the fast end-to-end text-to-image")
+    p.add_argument("--eager-e2e-runs", type=int, default=1, help="runs of the (slow) eager end-to-end baseline")
     p.add_argument("--batch", type=int, default=8, help="prompts in the batched text-to-image run")
     p.add_argument("--skip-eager-e2e", action="store_true")
     p.add_argument("--skip-sdvae", action="store_true")
@@ -131,14 +132,22 @@ def main(argv=None) -> int:
     h, lat = cfg.llm.hidden_size, cfg.mingtok.latent_dim
     backend = TorchBackend(model)
 
-    def rec(group, name, fn, r=runs):
+    a.out.mkdir(parents=True, exist_ok=True)
+    name = "speed_smoke" if smoke else "speed"
+
+    def save():  # after every measurement: a run cut short keeps what it measured
+        (a.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+        (a.out / f"{name}.md").write_text(markdown(results))
+
+    def rec(group, label, fn, r=runs, w=None):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        res = timed(fn, device, warmup if r > 1 else 0, r)
+        res = timed(fn, device, warmup if w is None else w, r)
         if device.type == "cuda":
             res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        results[group][name] = res
-        print(f"{group:10s} {name:40s} median {res['median_ms']:9.2f} ms  p90 {res['p90_ms']:9.2f} ms", flush=True)
+        results[group][label] = res
+        print(f"{group:10s} {label:40s} median {res['median_ms']:9.2f} ms  p90 {res['p90_ms']:9.2f} ms", flush=True)
+        save()
         return res
 
     with torch.no_grad():
@@ -203,7 +212,18 @@ def main(argv=None) -> int:
 
         rec("pipelines", "image-token step: static caches, eager", eager_step)
         step = rec("pipelines", "image-token step: one CUDA graph", graph_step)
-        rec("pipelines", "text-to-image, CUDA graph per token (batch 1)", lambda: graph_gen.generate(cache, **kw))
+        # --- the HBM floor (weights one token must stream) --------------------------------------------------------------------------
+        tb = token_bytes(model, rows)
+        floor_ms = tb["total"] / (H100_HBM_TBPS * 1e12) * 1e3
+        results["floor"] = {"bytes_per_token": tb, "hbm_tbps": H100_HBM_TBPS, "token_floor_ms": floor_ms,
+                            "image_floor_s": floor_ms * n / 1e3,
+                            "token_step_fraction_of_floor": floor_ms / step["median_ms"]}
+        print(f"floor: {tb['total'] / 1e9:.2f} GB per token -> {floor_ms:.2f} ms; graph step reaches "
+              f"{results['floor']['token_step_fraction_of_floor']:.0%} of it", flush=True)
+        save()
+
+        rec("pipelines", "text-to-image, CUDA graph per token (batch 1)", lambda: graph_gen.generate(cache, **kw),
+            r=a.e2e_runs, w=1)
         if not smoke or a.batch:
             bsz = min(a.batch, 2) if smoke else a.batch
             pids = [prompt(cfg, 24, gen) for _ in range(bsz)]
@@ -215,28 +235,16 @@ def main(argv=None) -> int:
                        text_uncond_mask=torch.tensor([m[1] for m in bmasks], device=device))
             graph_gen.generate(bcache, **bkw)
             rec("pipelines", f"text-to-image, CUDA graph per token (batch {bsz})", lambda: graph_gen.generate(bcache, **bkw),
-                r=max(1, runs // 4))
+                r=a.e2e_runs, w=0)
         if not a.skip_eager_e2e:
             rec("pipelines", "text-to-image, eager pieces (baseline)",
-                lambda: loop.generate_image(backend, cfg, cache, **kw), r=a.e2e_runs if not smoke else 1)
-
-        # --- the HBM floor --------------------------------------------------------------------------
-        tb = token_bytes(model, rows)
-        floor_ms = tb["total"] / (H100_HBM_TBPS * 1e12) * 1e3
-        results["floor"] = {"bytes_per_token": tb, "hbm_tbps": H100_HBM_TBPS, "token_floor_ms": floor_ms,
-                            "image_floor_s": floor_ms * n / 1e3,
-                            "token_step_fraction_of_floor": floor_ms / step["median_ms"]}
-        print(f"floor: {tb['total'] / 1e9:.2f} GB per token -> {floor_ms:.2f} ms; graph step reaches "
-              f"{results['floor']['token_step_fraction_of_floor']:.0%} of it", flush=True)
+                lambda: loop.generate_image(backend, cfg, cache, **kw), r=a.eager_e2e_runs, w=0)
 
         # --- SD-VAE (diffusers AutoencoderKL, SD config, random weights) ----------------------------
         if not a.skip_sdvae and not smoke:
             sdvae(results, device, runs, warmup, rec, model, a.compile_sdvae)
 
-    a.out.mkdir(parents=True, exist_ok=True)
-    name = "speed_smoke" if smoke else "speed"
-    (a.out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    (a.out / f"{name}.md").write_text(markdown(results))
+    save()
     plot(results, a.out / f"{name}.png")
     print(f"wrote {a.out / name}.json/.md")
     return 0

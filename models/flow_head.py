@@ -31,9 +31,13 @@ class TimestepEmbedder(nn.Module):
         self.frequency_dim, self.max_period = frequency_dim, max_period
 
     def freqs(self, device) -> torch.Tensor:
-        # fp32, computed as upstream does; not a buffer, so casting the module never rounds it.
-        half = self.frequency_dim // 2
-        return torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32) / half).to(device)
+        # fp32, computed on the CPU as upstream does; kept per device outside the module's buffers, so
+        # casting the module never rounds it and a CUDA graph never copies it from the host.
+        cache = self.__dict__.setdefault("_freqs", {})
+        if device not in cache:
+            half = self.frequency_dim // 2
+            cache[device] = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32) / half).to(device)
+        return cache[device]
 
     def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
         args = t[:, None].float() * self.freqs(t.device)[None]

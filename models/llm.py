@@ -255,8 +255,12 @@ class BailingMoeModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def inv_freq(self, device) -> torch.Tensor:
-        # Recomputed in fp32 on every call (as upstream does): no buffer that a .to(bfloat16) could round.
-        return rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(device)
+        # fp32, computed on the CPU as upstream does and kept per device outside the module's buffers,
+        # so no .to(bfloat16) can round it and no host-to-device copy happens inside a CUDA graph.
+        cache = self.__dict__.setdefault("_inv_freq", {})
+        if device not in cache:
+            cache[device] = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(device)
+        return cache[device]
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past_keys, past_values,
                 image_mask=None, moe_mode: str = "loop", record: dict | None = None):

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU session behind benchmarks/results/: speed of the pieces and pipelines, then full-size exports.
+# Usage (on an H100 machine with torch/onnx/onnxruntime; wheels for diffusers carried in .whl/):
+#   bash benchmarks/gpu_run.sh OUT_DIR
+set -u
+OUT=${1:?output folder}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+timeout 300 python3 benchmarks/speed.py --out "$OUT" --e2e-runs 5 --eager-e2e-runs 1 2>&1 | tee "$OUT/speed.log" | grep -v Warn
+df -h /tmp | tail -1
+# Full-size exports (random weights, released shapes). The LLM goes last: it is 34 GB of bf16.
+for spec in "fp8 encoder,semantic_decoder,pixel_decoder,flow_head 150" "bf16 encoder,semantic_decoder,pixel_decoder,flow_head,llm_step 230"; do
+  set -- $spec
+  rm -rf /tmp/full-art
+  /usr/bin/time -v timeout "$3" python3 -m export.build --model full --device cuda --precision "$1" --pieces "$2" \
+      --out /tmp/full-art --t2i-check off --calib-images 1 --threads 16 > "$OUT/export_full_$1.log" 2>&1
+  tail -14 "$OUT/export_full_$1.log" | grep -v "^\s*W1123"
+  cp /tmp/full-art/manifest.json "$OUT/export_full_$1_manifest.json" 2>/dev/null
+  ls -la /tmp/full-art > "$OUT/export_full_$1_files.txt" 2>/dev/null
+done
