@@ -48,11 +48,25 @@ def collect_piece_inputs(model: MingUniVision, *, seed: int, num_images: int, pr
         ids_t = torch.tensor([ids], device=dev)
         cache = loop.prefill(backend, cfg, backend.embed(ids_t))
         noise = draw_noise(gen, 1, cfg.num_image_tokens, cfg.mingtok.latent_dim).to(dev)
-        out = loop.generate_image(backend, cfg, cache, uncond_mask=torch.tensor([un], device=dev),
-                                  text_uncond_mask=torch.tensor([tu], device=dev), noise=noise,
-                                  text_cfg=cfg.text_cfg, image_cfg=cfg.image_cfg, temperature=1.0)
-        generated.append(out.image)
-    pool = torch.cat(generated + ([images.to(dev, backend.dtype)] if images is not None else []), dim=0)
+        steps = loop.generate_image_steps(backend, cfg, cache, uncond_mask=torch.tensor([un], device=dev),
+                                          text_uncond_mask=torch.tensor([tu], device=dev), noise=noise,
+                                          text_cfg=cfg.text_cfg, image_cfg=cfg.image_cfg, temperature=1.0)
+        # Once every per-token piece has `limit` calls, further tokens add nothing: finish the image
+        # from the latents so far plus fresh normal draws (the flow head's output distribution).
+        image = None
+        while image is None:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                image = stop.value.image
+                break
+            if all(len(backend.calls.get(p, [])) >= limit for p in ("llm_step", "flow_head", "semantic_decoder")):
+                done = [c[0][:, 0].float() for c in backend.calls["semantic_decoder"]][-limit:]
+                z = torch.randn(1, cfg.num_image_tokens, cfg.mingtok.latent_dim, generator=gen).to(dev)
+                z[:, :len(done)] = torch.stack(done, dim=1)[:1]
+                image = backend.run("pixel_decoder", model.vision.decode_features(z.to(backend.dtype)))[0]
+        generated.append(image)
+    pool = torch.cat(generated + ([images.to(dev, backend.dtype)] if images is not None else []), dim=0).clamp(-1, 1)
     for name, size in (("encoder", cfg.mingtok.image_size), ("encoder_understanding", cfg.understanding_image_size)):
         x = pool if pool.shape[-1] == size else F.interpolate(pool.float(), size=(size, size), mode="bicubic",
                                                               align_corners=False).clamp(-1, 1)

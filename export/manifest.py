@@ -46,6 +46,26 @@ def weights_sha256(state: dict) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint(model, source: dict) -> str:
+    """What identifies the weights, cheaply: built-in weights are a function of (config, seed, device
+    kind); a checkpoint of its files' names, sizes and times (hashing 37 GB would take minutes);
+    small models are hashed in full."""
+    n = sum(p.numel() for p in model.parameters())
+    if n < 200_000_000:
+        return weights_sha256(model.state_dict())
+    dev = next(model.parameters()).device.type
+    if "builtin" in source:
+        return sha256_json({"builtin": source, "config": model.cfg.to_dict(), "device": dev})
+    files = []
+    for key in ("checkpoint", "mingtok_checkpoint"):
+        if source.get(key):
+            for p in sorted(Path(source[key]).glob("*")):
+                if p.is_file():
+                    st = p.stat()
+                    files.append([str(p), st.st_size, st.st_mtime_ns])
+    return sha256_json(files)
+
+
 def source_sha256() -> str:
     h = hashlib.sha256()
     for d in SOURCE_DIRS:

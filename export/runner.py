@@ -141,7 +141,7 @@ def run_build(bc: BuildConfig) -> dict:
     specs = piece_specs(cfg)
     limits = ShapeLimits(bc.max_prompts, bc.max_sequence).validate()
     env = mf.environment()
-    model_hash = mf.weights_sha256(judge_model.state_dict())
+    model_hash = mf.weights_fingerprint(judge_model, source)
     src_hash = mf.source_sha256()
     old = mf.load(out)
     man = mf.new(bc.precision, {"name": cfg.name, "config": cfg.to_dict(), "weights_sha256": model_hash, **source},
@@ -153,7 +153,8 @@ def run_build(bc: BuildConfig) -> dict:
     from models.checkpoint import save_safetensors
 
     emb_file = "embeddings.safetensors"
-    save_safetensors({"word_embeddings": work_model.llm.word_embeddings.weight.detach().cpu()}, out / emb_file)
+    table = judge_model.llm.word_embeddings.weight.detach().to("cpu", dtype)
+    save_safetensors({"word_embeddings": table}, out / emb_file)
     man["embeddings"] = {"file": emb_file, "sha256": mf.sha256_file(out / emb_file)}
 
     copy_tokenizer(bc, cfg, out)
