@@ -42,7 +42,17 @@ class OrtPiece:
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:
+            # Some onnxruntime releases fuse float8 Q/DQ + MatMul into an integer-only kernel and then
+            # reject their own graph; the basic optimisation level keeps the Q/DQ as they are.
+            if "float8" not in str(exc):
+                raise
+            logger.warning("%s: onnxruntime's Q/DQ fusion rejected the float8 graph (%s); using basic graph "
+                           "optimisation", Path(path).name, str(exc).splitlines()[0][:120])
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeError(f"{path}: onnxruntime fell back to {self.session.get_providers()} instead of CUDA")
         self.device = torch.device(device, device_id) if device == "cuda" else torch.device("cpu")
