@@ -114,8 +114,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip-eager-e2e", action="store_true")
     p.add_argument("--skip-sdvae", action="store_true")
     p.add_argument("--compile-sdvae", action="store_true", help="also time torch.compile'd SD-VAE decode (minutes of compile)")
+    p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae (default: all)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
+    only = {x for x in a.only.split(",") if x}
+    want = lambda part: not only or part in only  # noqa: E731
     smoke = a.smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -151,33 +154,35 @@ def main(argv=None) -> int:
         return res
 
     with torch.no_grad():
-        # --- pieces -------------------------------------------------------------------------------
         ids = prompt(cfg, 24, gen)
         cache = loop.prefill(backend, cfg, backend.embed(torch.tensor([ids], device=device)))
-        past = cache.kv[0].shape[2] + n // 2
-        kv = tuple(torch.randn(rows, t.shape[1], past, t.shape[3], device=device, dtype=dtype) for t in cache.kv)
-        x = torch.randn(rows, 1, h, device=device, dtype=dtype)
-        mask = torch.ones(rows, past + 1, dtype=torch.long, device=device)
-        pos = torch.full((rows, 1), past, device=device)
-        no_img = torch.zeros(rows, 1, dtype=torch.bool, device=device)
-        llm_step = LLMPiece(model, "gather")
-        rec("pieces", "llm_step (2 rows, gather MoE) eager", lambda: llm_step(x, mask, pos, no_img, *kv))
-        flow, fast = FlowHeadPiece(model), FastFlowHead(model)
-        hid = torch.randn(1, rows, h, device=device, dtype=dtype)
-        noise1 = torch.randn(1, lat, device=device)
-        sc = [torch.tensor([v], device=device) for v in (3.0, 1.1, 1.0)]
-        rec("pieces", "flow_head (2 rows, 16 steps) eager", lambda: flow(hid, noise1, *sc))
-        rec("pieces", "flow_head hoisted invariants", lambda: fast(hid, noise1, *sc))
-        sem = SemanticDecoderPiece(model)
-        mt = cfg.mingtok
-        skv = tuple(torch.randn(1, mt.semantic_dim // mt.head_dim, n // 2, mt.head_dim, device=device, dtype=dtype)
-                    for _ in range(2 * mt.semantic_depth))
-        zlat = torch.randn(1, 1, lat, device=device, dtype=dtype)
-        rec("pieces", "semantic_decoder step eager", lambda: sem(zlat, *skv))
-        feats = torch.randn(1, n, mt.semantic_dim, device=device, dtype=dtype)
-        rec("pieces", f"pixel_decoder {mt.image_size}px", lambda: model.vision.decode_pixels(feats))
-        img = torch.rand(1, 3, mt.image_size, mt.image_size, device=device, dtype=dtype) * 2 - 1
-        rec("pieces", f"encoder {mt.image_size}px", lambda: model.vision.encode(img))
+        # --- pieces -------------------------------------------------------------------------------
+        if want("pieces"):
+            past = cache.kv[0].shape[2] + n // 2
+            kv = tuple(torch.randn(rows, t.shape[1], past, t.shape[3], device=device, dtype=dtype) for t in cache.kv)
+            x = torch.randn(rows, 1, h, device=device, dtype=dtype)
+            mask = torch.ones(rows, past + 1, dtype=torch.long, device=device)
+            pos = torch.full((rows, 1), past, device=device)
+            no_img = torch.zeros(rows, 1, dtype=torch.bool, device=device)
+            llm_step = LLMPiece(model, "gather")
+            rec("pieces", "llm_step (2 rows, gather MoE) eager", lambda: llm_step(x, mask, pos, no_img, *kv))
+            flow, fast = FlowHeadPiece(model), FastFlowHead(model)
+            hid = torch.randn(1, rows, h, device=device, dtype=dtype)
+            noise1 = torch.randn(1, lat, device=device)
+            sc = [torch.tensor([v], device=device) for v in (3.0, 1.1, 1.0)]
+            rec("pieces", "flow_head (2 rows, 16 steps) eager", lambda: flow(hid, noise1, *sc))
+            rec("pieces", "flow_head hoisted invariants", lambda: fast(hid, noise1, *sc))
+            sem = SemanticDecoderPiece(model)
+            mt = cfg.mingtok
+            skv = tuple(torch.randn(1, mt.semantic_dim // mt.head_dim, n // 2, mt.head_dim, device=device, dtype=dtype)
+                        for _ in range(2 * mt.semantic_depth))
+            zlat = torch.randn(1, 1, lat, device=device, dtype=dtype)
+            rec("pieces", "semantic_decoder step eager", lambda: sem(zlat, *skv))
+            feats = torch.randn(1, n, mt.semantic_dim, device=device, dtype=dtype)
+            rec("pieces", f"pixel_decoder {mt.image_size}px", lambda: model.vision.decode_pixels(feats))
+            img = torch.rand(1, 3, mt.image_size, mt.image_size, device=device, dtype=dtype) * 2 - 1
+            rec("pieces", f"encoder {mt.image_size}px", lambda: model.vision.encode(img))
+
 
         # --- token step and text-to-image ---------------------------------------------------------
         un, tu = cfg_masks(ids, cfg.tokens.user_prefix, cfg.tokens.assistant_prefix,
@@ -211,7 +216,7 @@ def main(argv=None) -> int:
                 graph_gen._step(bucket)
 
         rec("pipelines", "image-token step: static caches, eager", eager_step)
-        step = rec("pipelines", "image-token step: one CUDA graph", graph_step)
+        step = rec("pipelines", "image-token step: one CUDA graph", graph_step)  # always: the floor needs it
         # --- the HBM floor (weights one token must stream) --------------------------------------------------------------------------
         tb = token_bytes(model, rows)
         floor_ms = tb["total"] / (H100_HBM_TBPS * 1e12) * 1e3
@@ -222,9 +227,10 @@ def main(argv=None) -> int:
               f"{results['floor']['token_step_fraction_of_floor']:.0%} of it", flush=True)
         save()
 
-        rec("pipelines", "text-to-image, CUDA graph per token (batch 1)", lambda: graph_gen.generate(cache, **kw),
-            r=a.e2e_runs, w=1)
-        if not smoke or a.batch:
+        if want("e2e"):
+            rec("pipelines", "text-to-image, CUDA graph per token (batch 1)", lambda: graph_gen.generate(cache, **kw),
+                r=a.e2e_runs, w=1)
+        if want("batch") and (not smoke or a.batch):
             bsz = min(a.batch, 2) if smoke else a.batch
             pids = [prompt(cfg, 24, gen) for _ in range(bsz)]
             bcache = loop.prefill(backend, cfg, backend.embed(torch.tensor(pids, device=device)))
@@ -236,12 +242,12 @@ def main(argv=None) -> int:
             graph_gen.generate(bcache, **bkw)
             rec("pipelines", f"text-to-image, CUDA graph per token (batch {bsz})", lambda: graph_gen.generate(bcache, **bkw),
                 r=a.e2e_runs, w=0)
-        if not a.skip_eager_e2e:
+        if want("eager-e2e") and not a.skip_eager_e2e:
             rec("pipelines", "text-to-image, eager pieces (baseline)",
                 lambda: loop.generate_image(backend, cfg, cache, **kw), r=a.eager_e2e_runs, w=0)
 
         # --- SD-VAE (diffusers AutoencoderKL, SD config, random weights) ----------------------------
-        if not a.skip_sdvae and not smoke:
+        if want("sdvae") and not a.skip_sdvae and not smoke:
             sdvae(results, device, runs, warmup, rec, model, a.compile_sdvae)
 
     save()
