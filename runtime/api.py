@@ -88,6 +88,21 @@ class Runtime:
         self.backend, self.cfg, self.tokenizer, self.manifest = backend, cfg, tokenizer, manifest or {}
         self.max_sequence = self.manifest.get("limits", {}).get("max_sequence", 4096)
         self.max_prompts = self.manifest.get("limits", {}).get("max_prompts", 8)
+        self._fast = None
+        if getattr(backend, "name", "") == "torch" and backend.device.type == "cuda":
+            from .fast.graph import GraphImageGenerator  # the compiled path: one CUDA graph per image token
+
+            self._fast = GraphImageGenerator(backend.model)
+        self._fast_lock = threading.Lock()  # one generator's static buffers serve one request at a time
+
+    def _image_steps(self, cache, **kwargs):
+        if self._fast is None:
+            return loop.generate_image_steps(self.backend, self.cfg, cache, **kwargs)
+        return self._locked_fast_steps(cache, **kwargs)
+
+    def _locked_fast_steps(self, cache, **kwargs):
+        with self._fast_lock:
+            return (yield from self._fast.steps(cache, **kwargs))
 
     @property
     def device(self) -> torch.device:
@@ -149,8 +164,8 @@ class Runtime:
         ids, mask, unc, tunc = self._batch(prompts)
         noise = self._noise(len(prompts), seed, noise)
         cache = loop.prefill(self.backend, self.cfg, self.backend.embed(ids), mask)
-        steps = loop.generate_image_steps(
-            self.backend, self.cfg, cache, uncond_mask=unc, text_uncond_mask=tunc, noise=noise,
+        steps = self._image_steps(
+            cache, uncond_mask=unc, text_uncond_mask=tunc, noise=noise,
             text_cfg=self.cfg.text_cfg if cfg_text is None else cfg_text,
             image_cfg=self.cfg.image_cfg if cfg_image is None else cfg_image, temperature=temperature,
             should_stop=None if cancel is None else (lambda: cancel.cancelled))
@@ -274,11 +289,19 @@ class Session:
         else:
             ids = rt.tokenizer.turn(prompt)
         cache, u, t = self._turn(ids, embeds, image_mask)
-        res = loop.generate_image(
-            rt.backend, rt.cfg, cache, uncond_mask=u, text_uncond_mask=t, noise=rt._noise(1, seed, None),
+        steps = rt._image_steps(
+            cache, uncond_mask=u, text_uncond_mask=t, noise=rt._noise(1, seed, None),
             text_cfg=rt.cfg.text_cfg if cfg_text is None else cfg_text,
             image_cfg=rt.cfg.image_cfg if cfg_image is None else cfg_image, temperature=temperature,
-            on_token=on_token, should_stop=None if cancel is None else (lambda: cancel.cancelled))
+            should_stop=None if cancel is None else (lambda: cancel.cancelled))
+        while True:
+            try:
+                done = next(steps)
+            except StopIteration as stop:
+                res = stop.value
+                break
+            if on_token is not None:
+                on_token(done, rt.cfg.num_image_tokens)
         after, reply = res.cache, []
         if reply_tokens:  # as with Hugging Face generate, the last token produced is not fed back
             budget = min(reply_tokens, self.max_tokens - after.length)

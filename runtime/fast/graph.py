@@ -129,10 +129,21 @@ class GraphImageGenerator:
         return self._buckets[key]
 
     # -- generation ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, cache: LLMCache, *, uncond_mask, text_uncond_mask, noise, text_cfg, image_cfg, temperature,
-                 on_token=None, should_stop=None) -> LoopImage:
+    def generate(self, cache: LLMCache, *, on_token=None, **kwargs) -> LoopImage:
         """Same contract as runtime.loop.generate_image (cache: the prompt's concat-form LLM cache)."""
+        steps = self.steps(cache, **kwargs)
+        while True:
+            try:
+                done = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            if on_token is not None:
+                on_token(done, self.cfg.num_image_tokens)  # progress of enqueued work: reporting it needs no sync
+
+    @torch.no_grad()
+    def steps(self, cache: LLMCache, *, uncond_mask, text_uncond_mask, noise, text_cfg, image_cfg, temperature,
+              should_stop=None):
+        """Generator form (as runtime.loop.generate_image_steps): yields tokens done, returns a LoopImage."""
         from ..errors import Cancelled
 
         cfg, dev = self.cfg, self.device
@@ -167,8 +178,7 @@ class GraphImageGenerator:
                 k.graph.replay()
             else:
                 self._step(k)
-            if on_token is not None:
-                on_token(i + 1, n)  # progress of enqueued work: reporting it needs no sync
+            yield i + 1
         # the (N+1)-th LLM step only extends the cache; its flow sample would be discarded
         hidden = self.llm.lm.model.forward_static(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
                                                   image_mask=k.no_image, moe_mode="gather")[:, -1:]
