@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -122,15 +122,7 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "
     return model
 
 
-def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-
-
-def iter_names(model: nn.Module) -> Iterable[str]:
-    return model.state_dict().keys()

@@ -29,18 +29,20 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.frequency_dim, self.max_period = frequency_dim, max_period
+        self.register_buffer("freqs", self._freqs(), persistent=False)
 
-    def freqs(self, device) -> torch.Tensor:
-        # fp32, computed on the CPU as upstream does; kept per device outside the module's buffers, so
-        # casting the module never rounds it and a CUDA graph never copies it from the host.
-        cache = self.__dict__.setdefault("_freqs", {})
-        if device not in cache:
-            half = self.frequency_dim // 2
-            cache[device] = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32) / half).to(device)
-        return cache[device]
+    def _freqs(self) -> torch.Tensor:
+        half = self.frequency_dim // 2
+        return torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+    def _apply(self, fn, recurse=True):
+        # fp32, computed on the CPU as upstream does: recomputed after any move or cast, never rounded.
+        super()._apply(fn, recurse)
+        self._buffers["freqs"] = self._freqs().to(self.freqs.device)
+        return self
 
     def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
-        args = t[:, None].float() * self.freqs(t.device)[None]
+        args = t[:, None].float() * self.freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

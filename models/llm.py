@@ -254,13 +254,14 @@ class BailingMoeModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def inv_freq(self, device) -> torch.Tensor:
-        # fp32, computed on the CPU as upstream does and kept per device outside the module's buffers,
-        # so no .to(bfloat16) can round it and no host-to-device copy happens inside a CUDA graph.
-        cache = self.__dict__.setdefault("_inv_freq", {})
-        if device not in cache:
-            cache[device] = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(device)
-        return cache[device]
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # inv_freq is fp32 and computed on the CPU, as upstream does: recompute it after any move or
+        # cast (a .to(bfloat16) must not round it; to_empty() leaves it uninitialised).
+        super()._apply(fn, recurse)
+        self._buffers["inv_freq"] = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(self.inv_freq.device)
+        return self
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past_keys, past_values,
                 image_mask=None, moe_mode: str = "loop", record: dict | None = None):
@@ -273,7 +274,7 @@ class BailingMoeModel(nn.Module):
         past = past_keys[0].shape[2]
         slots = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
         mask = attention_mask_4d(attention_mask, slots)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq(inputs_embeds.device), self.cfg.mrope_section)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
         x = inputs_embeds
         keys, values = [], []
         for layer, pk, pv in zip(self.layers, past_keys, past_values):
@@ -289,7 +290,7 @@ class BailingMoeModel(nn.Module):
                        image_mask=None, moe_mode: str = "gather"):
         """Static-cache form: attention_mask (B, S_max) covers every slot of the preallocated buffers."""
         mask = attention_mask_4d(attention_mask, cache_position)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq(inputs_embeds.device), self.cfg.mrope_section)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
         x = inputs_embeds
         for layer, kc, vc in zip(self.layers, k_caches, v_caches):
             x = x + layer.attention.forward_static(layer.input_layernorm(x), cos, sin, mask, kc, vc, cache_position)

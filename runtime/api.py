@@ -21,7 +21,7 @@ from models.prompting import cfg_masks
 
 from . import loop
 from .engines import choose_backend, check_device, open_backend, read_manifest
-from .errors import Cancelled, PromptError, SessionFullError
+from .errors import PromptError, SessionFullError
 from .tokenizer import TINY_ASSET, ChatTokenizer
 
 logger = logging.getLogger(__name__)
@@ -294,14 +294,7 @@ class Session:
             text_cfg=rt.cfg.text_cfg if cfg_text is None else cfg_text,
             image_cfg=rt.cfg.image_cfg if cfg_image is None else cfg_image, temperature=temperature,
             should_stop=None if cancel is None else (lambda: cancel.cancelled))
-        while True:
-            try:
-                done = next(steps)
-            except StopIteration as stop:
-                res = stop.value
-                break
-            if on_token is not None:
-                on_token(done, rt.cfg.num_image_tokens)
+        res = loop.drive(steps, on_token, rt.cfg.num_image_tokens)
         after, reply = res.cache, []
         if reply_tokens:  # as with Hugging Face generate, the last token produced is not fed back
             budget = min(reply_tokens, self.max_tokens - after.length)

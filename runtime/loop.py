@@ -127,16 +127,20 @@ def generate_image_steps(backend: Backend, cfg: ModelConfig, cache: LLMCache, *,
     return LoopImage(torch.stack(latents, dim=1).float(), features, image, out, mask.view(b, r, -1))
 
 
-def generate_image(backend: Backend, cfg: ModelConfig, cache: LLMCache, *, on_token=None, **kwargs) -> LoopImage:
-    """Run generate_image_steps to the end; on_token(done, total) after every image token."""
-    steps = generate_image_steps(backend, cfg, cache, **kwargs)
+def drive(steps, on_token: Callable[[int, int], None] | None, total: int):
+    """Run a step generator to the end; on_token(done, total) after every step; return its value."""
     while True:
         try:
             done = next(steps)
         except StopIteration as stop:
             return stop.value
         if on_token is not None:
-            on_token(done, cfg.num_image_tokens)
+            on_token(done, total)
+
+
+def generate_image(backend: Backend, cfg: ModelConfig, cache: LLMCache, *, on_token=None, **kwargs) -> LoopImage:
+    """Run generate_image_steps to the end; on_token(done, total) after every image token."""
+    return drive(generate_image_steps(backend, cfg, cache, **kwargs), on_token, cfg.num_image_tokens)
 
 
 def greedy_decode(backend: Backend, cfg: ModelConfig, cache: LLMCache, max_new_tokens: int, stop_ids=(),

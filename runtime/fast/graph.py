@@ -22,7 +22,7 @@ from models.pieces import LLMStatic, SemanticDecoderStatic
 from models.prompting import generation_rows
 from models.univision import MingUniVision
 
-from ..loop import LLMCache, LoopImage
+from ..loop import LLMCache, LoopImage, drive
 from .flow_head import FastFlowHead
 
 logger = logging.getLogger(__name__)
@@ -131,14 +131,8 @@ class GraphImageGenerator:
     # -- generation ------------------------------------------------------------------------------
     def generate(self, cache: LLMCache, *, on_token=None, **kwargs) -> LoopImage:
         """Same contract as runtime.loop.generate_image (cache: the prompt's concat-form LLM cache)."""
-        steps = self.steps(cache, **kwargs)
-        while True:
-            try:
-                done = next(steps)
-            except StopIteration as stop:
-                return stop.value
-            if on_token is not None:
-                on_token(done, self.cfg.num_image_tokens)  # progress of enqueued work: reporting it needs no sync
+        # on_token reports enqueued work: it needs no sync
+        return drive(self.steps(cache, **kwargs), on_token, self.cfg.num_image_tokens)
 
     @torch.no_grad()
     def steps(self, cache: LLMCache, *, uncond_mask, text_uncond_mask, noise, text_cfg, image_cfg, temperature,
