@@ -56,6 +56,7 @@ class BuildConfig:
     workspace_gib: float = 8.0
     force: bool = False
     threads: int | None = None
+    quantizer: str = "auto"
 
     def validate(self) -> "BuildConfig":
         """Every flag combination is checked here, before any work starts."""
@@ -103,6 +104,13 @@ class BuildConfig:
             raise BuildError("fp8/int8 ONNX of the full LLM would carry an fp32 base (67 GB, beyond protobuf's and most "
                              "disks' limits); quantize the other pieces (--pieces encoder,semantic_decoder,pixel_decoder,"
                              "flow_head) and export the LLM at --precision bf16")
+        if self.quantizer not in ("auto", "ours", "modelopt"):
+            raise BuildError("--quantizer must be auto, ours or modelopt")
+        if self.quantizer == "modelopt":
+            from quant.modelopt_path import modelopt_available
+
+            if not modelopt_available():
+                raise BuildError("--quantizer modelopt, but nvidia-modelopt is not installed: pip install 'mingrt[quant]'")
         if self.t2i_check not in ("auto", "on", "off"):
             raise BuildError("--t2i-check must be auto, on or off")
         if self.calib_images < 1:
@@ -144,6 +152,8 @@ def parse_args(argv=None) -> BuildConfig:
     g = p.add_argument_group("calibration (fp8/int8) and verification")
     g.add_argument("--calib-images", type=int, default=2, help="generations whose tensors calibrate the pieces")
     g.add_argument("--calib-seed", type=int, default=1234)
+    g.add_argument("--quantizer", choices=["auto", "ours", "modelopt"], default="auto",
+                   help="Q/DQ from nvidia-modelopt (auto: when installed, for the pieces it can export) or ours")
     g.add_argument("--calib-image-dir", type=Path, help="user images to add to the encoders' calibration set")
     g.add_argument("--t2i-check", choices=["auto", "on", "off"], default="auto",
                    help="run a whole text-to-image through the exported pieces (auto: on for the tiny model)")
@@ -164,6 +174,7 @@ def parse_args(argv=None) -> BuildConfig:
         calib_images=a.calib_images, calib_seed=a.calib_seed, calib_image_dir=a.calib_image_dir,
         max_prompts=a.max_prompts, max_sequence=a.max_sequence, t2i_check=a.t2i_check,
         timing_cache=a.timing_cache, workspace_gib=a.workspace_gib, force=a.force, threads=a.threads,
+        quantizer=a.quantizer,
     ).validate()
 
 

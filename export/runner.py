@@ -48,7 +48,8 @@ def fingerprint(bc: BuildConfig, piece: str, model_hash: str, src_hash: str, env
     return mf.sha256_json({
         "piece": piece, "precision": bc.precision, "targets": sorted(bc.targets), "opset": bc.opset,
         "weights": model_hash, "source": src_hash, "limits": vars(limits),
-        "calibration": [bc.calib_images, bc.calib_seed, str(bc.calib_image_dir)] if bc.precision in ("fp8", "int8") else None,
+        "calibration": [bc.calib_images, bc.calib_seed, str(bc.calib_image_dir), bc.quantizer]
+        if bc.precision in ("fp8", "int8") else None,
         "versions": {k: env.get(k) for k in ("torch", "onnx", "tensorrt", "modelopt", "sm")},
     })
 
@@ -90,16 +91,40 @@ def save_onnx(model, path: Path) -> list[str]:
     return [path.name]
 
 
-def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, calib_calls) -> tuple[list[str], list[dict]]:
+# ModelOpt's route goes through torch's TorchScript exporter, which bakes Python-level sizes into the
+# graph: of our pieces only the pixel decoder (fixed token count, batch the one dynamic axis) survives it
+# (the encoder's cls-token expand and every KV-cache piece do not).
+MODELOPT_PIECES = ("pixel_decoder",)
+
+
+def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, calib_calls) -> tuple[list[str], list[dict], str]:
+    """Q/DQ for one piece: (files, per-layer report, method)."""
     import onnx
 
     from quant.calibrate import linear_input_amax
+    from quant.modelopt_path import modelopt_available
     from quant.qdq import insert_qdq
 
+    use_modelopt = bc.quantizer == "modelopt" or (bc.quantizer == "auto" and modelopt_available())
+    # ModelOpt writes FP8 as TensorRT-only custom ops (trt::TRT_FP8QuantizeLinear), which no other runtime
+    # (onnxruntime included) can run or verify: FP8 always takes our standard-ONNX Q/DQ.
+    if use_modelopt and spec.name in MODELOPT_PIECES and bc.precision == "int8":
+        from quant import modelopt_path as mo
+
+        from .onnx_export import trace_sizes
+        from .shapes import sample_inputs
+
+        q = mo.quantize_module(judge_piece, calib_calls, bc.precision)
+        sample = sample_inputs(spec, cfg, torch.float32, sizes=trace_sizes(spec, cfg, limits))
+        files = mo.export_onnx(q, spec, cfg, path, sample, bc.opset)
+        return files, mo.layer_report(q), "nvidia-modelopt: per-channel weights, per-tensor static activations (max)"
+    if use_modelopt:
+        logger.info("%s: ModelOpt's route cannot export this piece at %s as standard ONNX; using our Q/DQ",
+                    spec.name, bc.precision)
     amax = linear_input_amax(judge_piece, calib_calls)
     model = onnx.load(str(path))
     report = insert_qdq(model, amax, bc.precision)
-    return save_onnx(model, path), report
+    return save_onnx(model, path), report, "ours: per-channel weights, per-tensor static activations (max calibration)"
 
 
 def cast_call(call, spec, dtype) -> tuple:
@@ -201,10 +226,9 @@ def run_build(bc: BuildConfig) -> dict:
         files = info["files"]
         if bc.precision in ("fp8", "int8"):
             calls = [cast_call(c, spec, next(judge.parameters()).dtype) for c in calib.get(piece, [])]
-            files, qreport = quantize_onnx(bc, onnx_path, judge, spec, calls)
+            files, qreport, method = quantize_onnx(bc, onnx_path, judge, spec, cfg, limits, calls)
             n_q = sum(r["quantized"] for r in qreport)
-            entry["quantization"] = {"format": bc.precision, "method": "ours: per-channel weights, per-tensor static "
-                                     "activations (max calibration)", "layers": qreport, "quantized_layers": n_q}
+            entry["quantization"] = {"format": bc.precision, "method": method, "layers": qreport, "quantized_layers": n_q}
             logger.info("%s: %d linear layer(s) quantized to %s, %d kept high precision", piece, n_q, bc.precision,
                         len(qreport) - n_q)
         entry["targets"]["onnx"] = {"files": files, "opset": bc.opset, "sha256": {f: mf.sha256_file(out / f) for f in files},
