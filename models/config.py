@@ -7,6 +7,7 @@ Every config has `validate()`, which raises ValueError naming the offending fiel
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +74,8 @@ class MingTokConfig:
 @dataclass
 class FlowHeadConfig:
     hidden_size: int = 2048  # LLM hidden size, input of vis_head
-    width: int = 3072  # W: vis_head output, condition width and MLP width
+    width: int = 3072  # W: the velocity MLP's width
+    cond_dim: int | None = None  # condition width (vis_head output); upstream always builds it = width
     depth: int = 12  # residual blocks
     mlp_mult: int = 4
     latent_dim: int = 32
@@ -85,6 +87,10 @@ class FlowHeadConfig:
     @property
     def mlp_hidden(self) -> int:
         return swiglu_hidden(self.width, self.mlp_mult)
+
+    @property
+    def condition_dim(self) -> int:
+        return self.width if self.cond_dim is None else self.cond_dim
 
     def validate(self) -> "FlowHeadConfig":
         _require(self.width > 0 and self.depth >= 1, "flow_head.width and depth must be positive")
@@ -160,10 +166,16 @@ class ModelConfig:
     text_cfg: float = 3.0  # the values upstream actually samples with (UPSTREAM.md 4.5)
     image_cfg: float = 1.1
     understanding_image_size: int = 1024  # images to describe are resized to this square (1024 tokens)
+    image_tokens: int | None = None  # tokens per generated image (upstream num_image_tokens_for_gen); None: MingTok's grid
 
     @property
     def num_image_tokens(self) -> int:
-        return self.mingtok.num_tokens
+        return self.mingtok.num_tokens if self.image_tokens is None else self.image_tokens
+
+    @property
+    def generated_image_size(self) -> int:
+        """Side of a generated image: a square grid of num_image_tokens semantic tokens."""
+        return math.isqrt(self.num_image_tokens) * self.mingtok.patch_size
 
     def validate(self) -> "ModelConfig":
         for part in (self.mingtok, self.llm, self.flow_head, self.connector, self.tokens):
@@ -172,6 +184,9 @@ class ModelConfig:
         _require(self.flow_head.latent_dim == self.mingtok.latent_dim, "flow_head.latent_dim must equal mingtok.latent_dim")
         _require(self.connector.in_dim == self.mingtok.semantic_dim, "connector.in_dim must equal mingtok.semantic_dim")
         _require(self.connector.hidden_size == self.llm.hidden_size, "connector.hidden_size must equal llm.hidden_size")
+        if self.image_tokens is not None:
+            _require(self.image_tokens > 0 and math.isqrt(self.image_tokens) ** 2 == self.image_tokens,
+                     f"image_tokens={self.image_tokens} must be a square number (the pixel decoder's grid)")
         _require(self.understanding_image_size % self.mingtok.patch_size == 0,
                  "understanding_image_size must be a multiple of mingtok.patch_size")
         for name in ("image_start", "image_patch", "image_end", "eos"):

@@ -114,8 +114,8 @@ def piece_specs(cfg: ModelConfig) -> dict[str, PieceSpec]:
         ),
         "pixel_decoder": PieceSpec(
             "pixel_decoder",
-            (TensorSpec("features", ("batch_size", mt.num_tokens, sem), "float"),),
-            (TensorSpec("image", ("batch_size", 3, mt.image_size, mt.image_size), "float"),),
+            (TensorSpec("features", ("batch_size", cfg.num_image_tokens, sem), "float"),),
+            (TensorSpec("image", ("batch_size", 3, cfg.generated_image_size, cfg.generated_image_size), "float"),),
             "semantic features -> image in [-1, 1]",
         ),
         "llm_prefill": llm_spec("llm_prefill", "prompt prefill: every expert on every token (static shapes)"),

@@ -75,13 +75,13 @@ class FinalLayer(nn.Module):
 
 
 class VelocityNet(nn.Module):
-    """v = net(x_t, t, c): x_t (N, C) latent, t (N,) in [0, 1], c (N, W) condition."""
+    """v = net(x_t, t, c): x_t (N, C) latent, t (N,) in [0, 1], c (N, Z) condition (Z = W upstream)."""
 
     def __init__(self, cfg: FlowHeadConfig):
         super().__init__()
         w = cfg.width
         self.time_embed = TimestepEmbedder(w, cfg.frequency_dim, cfg.max_period)
-        self.cond_embed = nn.Linear(w, w)
+        self.cond_embed = nn.Linear(cfg.condition_dim, w)
         self.input_proj = nn.Linear(cfg.latent_dim, w)
         self.res_blocks = nn.ModuleList(ResBlock(w, cfg.mlp_mult, cfg.norm_eps) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(w, cfg.latent_dim, cfg.norm_eps)
@@ -162,7 +162,7 @@ class VisHead(nn.Sequential):
     """LLM final hidden (.., H) -> flow condition (.., W): Linear then LayerNorm (keys vis_head.0/.1)."""
 
     def __init__(self, cfg: FlowHeadConfig):
-        super().__init__(nn.Linear(cfg.hidden_size, cfg.width), nn.LayerNorm(cfg.width, eps=cfg.norm_eps))
+        super().__init__(nn.Linear(cfg.hidden_size, cfg.condition_dim), nn.LayerNorm(cfg.condition_dim, eps=cfg.norm_eps))
 
 
 def draw_noise(generator: torch.Generator | None, batch: int, num_tokens: int, latent_dim: int,

@@ -73,8 +73,6 @@ def from_upstream(mingtok: dict, llm: dict, vishead: dict | None = None, mlp_dep
     mt = mingtok_from_upstream(mingtok)
     lm = llm_from_upstream(llm)
     n_gen = llm.get("num_image_tokens_for_gen", 256)
-    if n_gen != mt.num_tokens:
-        raise ValueError(f"num_image_tokens_for_gen={n_gen} but MingTok makes {mt.num_tokens} tokens per image")
     pad = llm.get("pad_token_id", 126081)
     fields = dict(image_start=llm.get("image_start_token", 126347), image_patch=llm.get("image_patch_token", 126346),
                   image_end=llm.get("image_start_token", 126347) + 1,  # `</image>` follows `<image>` in the vocabulary
@@ -85,6 +83,7 @@ def from_upstream(mingtok: dict, llm: dict, vishead: dict | None = None, mlp_dep
     return ModelConfig(
         name=name, mingtok=mt, llm=lm, flow_head=flow_from_upstream(vishead or {}, lm.hidden_size, mt.latent_dim),
         connector=ConnectorConfig(in_dim=mt.semantic_dim, hidden_size=lm.hidden_size, depth=mlp_depth), tokens=tokens,
+        image_tokens=None if n_gen == mt.num_tokens else n_gen,
     ).validate()
 
 

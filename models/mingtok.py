@@ -9,6 +9,8 @@ Layout facts that matter for equivalence (UPSTREAM.md 1.3-1.6):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -183,13 +185,13 @@ class MingTok(nn.Module):
     def features_to_pixel_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(B, G*G, D) semantic features -> (B, (G*r)^2, D_pix): each token becomes an r x r block."""
         b, n, _ = features.shape
-        g, r = self.cfg.grid, self.cfg.pixel_ratio
-        if n != g * g:
-            raise ValueError(f"the pixel decoder takes {g * g} semantic tokens (a {g}x{g} grid), got {n}")
+        g, r = math.isqrt(n), self.cfg.pixel_ratio  # n is a fixed size, also when exported
+        if g * g != n:
+            raise ValueError(f"the pixel decoder takes a square grid of semantic tokens, got {n}")
         t = self.sem_to_pix(features).view(b, g, g, r, r, -1)  # (B, h, w, x, y, c)
         return t.permute(0, 1, 3, 2, 4, 5).reshape(b, g * g * r * r, -1)  # row-major over (h x, w y)
 
     def decode_pixels(self, features: torch.Tensor) -> torch.Tensor:
         """Semantic features (B, N, D) -> image (B, 3, S, S) clamped to [-1, 1]."""
         tokens = self.features_to_pixel_tokens(features)
-        return self.pixel_decoder(tokens, self.cfg.grid * self.cfg.pixel_ratio).clamp(-1.0, 1.0)
+        return self.pixel_decoder(tokens, math.isqrt(features.shape[1]) * self.cfg.pixel_ratio).clamp(-1.0, 1.0)

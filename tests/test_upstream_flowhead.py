@@ -15,7 +15,8 @@ ATOL = 1e-5
 def _build(name):
     meta, t = load_case(name)
     c = meta["ctor"]
-    cfg = FlowHeadConfig(hidden_size=c["z_channels"], width=c["width"], depth=c["depth"], mlp_mult=int(c["mlp_mult"]),
+    cfg = FlowHeadConfig(hidden_size=c["z_channels"], width=c["width"], cond_dim=c["z_channels"], depth=c["depth"],
+                         mlp_mult=int(c["mlp_mult"]),
                          latent_dim=c["target_channels"], num_steps=int(c["num_sampling_steps"]))
     model = FlowHead(cfg).eval()
     load_into(model, load_file(str(fixture_dir(name) / "weights.safetensors")))

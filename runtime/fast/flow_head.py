@@ -34,7 +34,7 @@ class FastFlowHead(nn.Module):
         b, r, _ = condition_hidden.shape
         s, w = self.temb.shape
         net = self.net
-        z = self.vis_head(condition_hidden).reshape(b * r, w)  # (B*R, W)
+        z = self.vis_head(condition_hidden).reshape(b * r, -1)  # (B*R, Z)
         y = self.temb[:, None] + net.cond_embed(z)[None]  # (S, B*R, W)
         sy = F.silu(y).reshape(s * b * r, w)
         mods = [blk.adaLN_modulation[1](sy).view(s, b * r, 3 * w) for blk in net.res_blocks]
