@@ -70,7 +70,8 @@ def environment(device) -> dict:
     try:
         import subprocess
 
-        env["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        env["git_sha"] = proc.stdout.strip() if proc.returncode == 0 else None  # None: not a git checkout
     except Exception:
         pass
     return env
@@ -292,7 +293,7 @@ def sdvae(results, device, runs, warmup, rec, model, compile_decode: bool):
 def markdown(r: dict) -> str:
     env = r["env"]
     lines = [f"# Speed ({r['config']} shapes, {r['dtype']}, {env.get('gpu', env['device'])})", "",
-             f"torch {env['torch']}, CUDA {env.get('cuda')}, git {env.get('git_sha', '')[:10]}", "",
+             f"torch {env['torch']}, CUDA {env.get('cuda')}, git {(env.get('git_sha') or 'unknown')[:10]}", "",
              "| group | what | median ms | p90 ms | peak GiB |", "| --- | --- | ---: | ---: | ---: |"]
     for group in ("pieces", "pipelines", "sdvae"):
         for name, v in r.get(group, {}).items():

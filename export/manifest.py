@@ -94,7 +94,8 @@ def gpu_info() -> dict:
 
 def environment() -> dict:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip() or None
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        sha = proc.stdout.strip() if proc.returncode == 0 else None  # None: not a git checkout
     except Exception:
         sha = None
     return {
