@@ -146,7 +146,9 @@ class MoE(nn.Module):
     Dispatch modes, all equal in exact arithmetic:
       * "loop": per-expert batches (eager reference; data-dependent shapes);
       * "gather": gathers the routed experts' weights per token (decode: reads only those weights);
-      * "dense": runs every expert on every token and keeps the routed ones (static shapes, prefill export).
+      * "dense": runs every expert on every token and keeps the routed ones (static shapes, prefill export);
+      * "fused": hands (x, ids, weights) to `self.fused_decode`, a kernel installed by the GPU fast path
+        (runtime.fast.decode_weights) that returns the weighted sum (T, H) reading only routed experts.
     """
 
     PARTS = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
@@ -225,8 +227,14 @@ class MoE(nn.Module):
             record.setdefault("router_logits", []).append(logits.view(b, n, -1))
             record.setdefault("topk_idx", []).append(idx.view(b, n, -1))
             record.setdefault("topk_weight", []).append(w.view(b, n, -1))
-        outs = self.routed_outputs(flat, idx, mode)
-        y = (outs.float() * w[..., None]).sum(dim=1).to(x.dtype).view(b, n, h)
+        if mode == "fused":
+            fused = getattr(self, "fused_decode", None)
+            if fused is None:
+                raise RuntimeError("MoE mode 'fused' needs a kernel: runtime.fast.decode_weights.prepare_decode(model)")
+            y = fused(flat, idx, w).to(x.dtype).view(b, n, h)
+        else:
+            outs = self.routed_outputs(flat, idx, mode)
+            y = (outs.float() * w[..., None]).sum(dim=1).to(x.dtype).view(b, n, h)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y

@@ -13,6 +13,11 @@ FIXTURES = Path(os.environ.get("MINGRT_FIXTURES", ROOT.parent / "shared" / "fixt
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (read when kernels are decorated,
+# so before any test module imports them).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 _ERRORS: dict[str, float] = {}
 
 

@@ -61,7 +61,7 @@ def test_static_step_equals_loop_on_cpu():
 def test_cuda_graph_equals_eager_on_gpu():
     model, backend, cfg, cache, kw = _setup("cuda")
     ref = loop.generate_image(backend, cfg, cache, **kw)
-    gen = GraphImageGenerator(model)
+    gen = GraphImageGenerator(model, kernels=False)  # exact: the kernels' bf16 operands are tested apart
     out = gen.generate(cache, **kw)
     assert gen._buckets and all(k.graph is not None for k in gen._buckets.values())
     assert_close("gpu/graph_latents", out.latents, ref.latents, 1e-4)
@@ -77,7 +77,7 @@ def test_cuda_graph_bf16_close_to_fp32_reference():
     model32, backend32, cfg, cache32, kw = _setup("cuda")
     ref = loop.generate_image(backend32, cfg, cache32, **kw)
     model, backend, cfg, cache, kw16 = _setup("cuda", torch.bfloat16)
-    out = GraphImageGenerator(model).generate(cache, **kw16)
+    out = GraphImageGenerator(model, kernels=False).generate(cache, **kw16)
     from export.verify import psnr
 
     assert psnr(out.image.float(), ref.image) > 25

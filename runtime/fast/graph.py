@@ -57,15 +57,32 @@ class _Bucket:
 
 
 class GraphImageGenerator:
-    def __init__(self, model: MingUniVision, use_graph: bool | None = None, bucket: int = 64):
+    def __init__(self, model: MingUniVision, use_graph: bool | None = None, bucket: int = 64,
+                 kernels: bool | None = None, weights: str = "bf16"):
+        """kernels: use the Triton decode kernels (default: when a GPU and triton are there);
+        weights: "bf16" or "fp8" weight streaming for them (fp8 converts decode linears in place)."""
+        from kernels import available as kernels_available
+
         self.model, self.cfg = model.eval(), model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         self.bucket = bucket
-        self.llm = LLMStatic(model, moe_mode="gather")
+        use_kernels = (self.device.type == "cuda" and kernels_available()) if kernels is None else kernels
+        if weights != "bf16" and not use_kernels:
+            raise ValueError(f"weights={weights!r} needs the decode kernels (a GPU with triton, or kernels=True)")
+        self.kernels, self.weights = use_kernels, weights
+        self.moe_mode = "fused" if use_kernels else "gather"
+        if use_kernels:
+            from .decode_weights import prepare_decode
+            from .kernel_flow_head import KernelFlowHead
+
+            prepare_decode(model, weights)
+            self.flow = KernelFlowHead(model, weights=weights)
+        else:
+            self.flow = FastFlowHead(model)
+        self.llm = LLMStatic(model, moe_mode=self.moe_mode)
         self.sem = SemanticDecoderStatic(model)
-        self.flow = FastFlowHead(model)
         self._buckets: dict[tuple, _Bucket] = {}
 
     # -- buffers ---------------------------------------------------------------------------------
@@ -88,7 +105,7 @@ class GraphImageGenerator:
     def _step(self, k: _Bucket) -> None:
         """One image token, entirely on the device, advancing its own indices."""
         hidden = self.llm.lm.model.forward_static(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
-                                                  image_mask=k.no_image, moe_mode="gather")[:, -1:]  # (B*R, 1, H)
+                                                  image_mask=k.no_image, moe_mode=self.moe_mode)[:, -1:]  # (B*R, 1, H)
         noise = k.noise.index_select(0, k.step)[0]  # (B, C)
         latent = self.flow(hidden.view(k.b, k.r, -1), noise, *k.scalars)  # (B, C) fp32
         feats, emb = self.sem(latent[:, None].to(self.dtype), k.sem_pos, *k.sem_caches)  # (B, 1, D), (B, 1, H)
@@ -175,7 +192,7 @@ class GraphImageGenerator:
             yield i + 1
         # the (N+1)-th LLM step only extends the cache; its flow sample would be discarded
         hidden = self.llm.lm.model.forward_static(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
-                                                  image_mask=k.no_image, moe_mode="gather")[:, -1:]
+                                                  image_mask=k.no_image, moe_mode=self.moe_mode)[:, -1:]
         features = k.feats.clone()
         image = self.model.vision.decode_pixels(features)
         total = p + 1 + n

@@ -1,0 +1,258 @@
+"""Skinny GEMM for decode: y = x @ W^T with few rows (M <= 64), W in bf16 or FP8 E4M3.
+
+In a decode step every weight is read once for a handful of rows (the CFG rows of one or a few
+prompts), so the time is the time to stream W from HBM. cuBLAS reaches ~2.57 TB/s on an H100 with
+bf16; padded `torch._scaled_mm` ~2.1. This kernel is built for that regime:
+
+* swap-AB: the weight tile is the MMA's A operand (BLOCK_N x BLOCK_K, K contiguous) and the rows the
+  B operand (BLOCK_K x BLOCK_M, BLOCK_M >= 16), so the tensor core's large dimension runs over W;
+* FP8 weights are widened to bf16 in registers (exact) and multiplied by bf16 activations with fp32
+  accumulation; the per-output-channel scale is applied once in the epilogue (weight-only FP8:
+  activations keep their precision);
+* split-K when there are too few column blocks to fill the GPU, reduced deterministically: each
+  split writes its partial, the last to arrive (an atomic ticket) sums them in split order, so the
+  result does not depend on scheduling and a seed gives the same image bit for bit;
+* fused prologue/epilogue for the flow head's residual block, which otherwise costs five extra
+  launches per block per Euler step: LayerNorm + adaLN modulation before the GEMM, SwiGLU or
+  `h += gate * y` (in place, fp32 residual) after it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import interpreting, next_pow2, require, tl, triton
+
+# epilogues
+STORE, SWIGLU, GATED_RESIDUAL = 0, 1, 2
+MAX_ROWS = 64
+
+if triton is not None:
+
+    @triton.jit
+    def _skinny_kernel(
+        x_ptr, w_ptr, wscale_ptr, bias_ptr, y_ptr,
+        lnw_ptr, lnb_ptr, shift_ptr, scale_ptr, gate_ptr,
+        part_ptr, ticket_ptr,
+        M, N, K, row_div, stride_xm, stride_ym, stride_mod, eps,
+        HAS_WSCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        PROLOGUE_LN: tl.constexpr, LN_AFFINE: tl.constexpr, EPILOGUE: tl.constexpr,
+        SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        x_rows = x_ptr + (rm // row_div).to(tl.int64) * stride_xm  # row_div > 1: rows share an input row
+
+        if PROLOGUE_LN:  # row statistics over all of K, two passes (rows are tiny and L2-resident)
+            s1 = tl.zeros((BLOCK_M,), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + rk
+                xt = tl.load(x_rows[None, :] + kk[:, None], mask=m_ok[None, :] & (kk[:, None] < K), other=0.0)
+                s1 += tl.sum(xt.to(tl.float32), axis=0)
+            mean = s1 / K
+            s2 = tl.zeros((BLOCK_M,), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + rk
+                ok = m_ok[None, :] & (kk[:, None] < K)
+                xt = tl.load(x_rows[None, :] + kk[:, None], mask=ok, other=0.0)
+                d = tl.where(ok, xt.to(tl.float32) - mean[None, :], 0.0)
+                s2 += tl.sum(d * d, axis=0)
+            rstd = 1.0 / tl.sqrt(s2 / K + eps)
+
+        # this split's share of K, a whole number of blocks
+        k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = pid_k * k_span
+        k_hi = tl.minimum(k_lo + k_span, K)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)  # acc[n, m] = y[m, n]
+        acc2 = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)  # SwiGLU's value half
+        w_rows = w_ptr + rn.to(tl.int64) * K
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < k_hi
+            xt = tl.load(x_rows[None, :] + kk[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BM)
+            if PROLOGUE_LN:
+                xt = (xt.to(tl.float32) - mean[None, :]) * rstd[None, :]
+                if LN_AFFINE:
+                    xt = xt * tl.load(lnw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[:, None] \
+                        + tl.load(lnb_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[:, None]
+                mod_off = rm[None, :] * stride_mod + kk[:, None]
+                mod_ok = m_ok[None, :] & k_ok[:, None]
+                sh = tl.load(shift_ptr + mod_off, mask=mod_ok, other=0.0).to(tl.float32)
+                sc = tl.load(scale_ptr + mod_off, mask=mod_ok, other=0.0).to(tl.float32)
+                xt = tl.where(mod_ok, xt * (1.0 + sc) + sh, 0.0)
+            wt = tl.load(w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
+            if UPCAST:
+                acc += tl.dot(wt.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(wt.to(tl.bfloat16), xt.to(tl.bfloat16))
+            if EPILOGUE == 1:
+                wt2 = tl.load(w_rows[:, None] + N * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                if UPCAST:
+                    acc2 += tl.dot(wt2.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+                else:
+                    acc2 += tl.dot(wt2.to(tl.bfloat16), xt.to(tl.bfloat16))
+
+        out_ok = n_ok[:, None] & m_ok[None, :]
+        if SPLIT_K > 1:
+            # partials: (SPLIT_K, 2, N_blocks * BLOCK_N, BLOCK_M) fp32
+            n_pad = tl.num_programs(0) * BLOCK_N
+            tile = rn[:, None] * BLOCK_M + rm[None, :]
+            tl.store(part_ptr + (pid_k * 2) * n_pad * BLOCK_M + tile, acc)
+            if EPILOGUE == 1:
+                tl.store(part_ptr + (pid_k * 2 + 1) * n_pad * BLOCK_M + tile, acc2)
+            tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+            ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            last = ticket == SPLIT_K - 1
+            out_ok = out_ok & ((tl.zeros((BLOCK_N, BLOCK_M), tl.int32) + ticket) == SPLIT_K - 1)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            acc2 = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for s in range(SPLIT_K):  # fixed order: deterministic
+                acc += tl.load(part_ptr + (s * 2) * n_pad * BLOCK_M + tile, mask=out_ok, other=0.0,
+                               cache_modifier=".cg")
+                if EPILOGUE == 1:
+                    acc2 += tl.load(part_ptr + (s * 2 + 1) * n_pad * BLOCK_M + tile, mask=out_ok, other=0.0,
+                                    cache_modifier=".cg")
+            tl.atomic_xchg(ticket_ptr + pid_n, 0, mask=last, sem="relaxed", scope="gpu")  # re-arm
+
+        if HAS_WSCALE:
+            acc = acc * tl.load(wscale_ptr + rn, mask=n_ok, other=0.0)[:, None]
+            if EPILOGUE == 1:
+                acc2 = acc2 * tl.load(wscale_ptr + N + rn, mask=n_ok, other=0.0)[:, None]
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            if EPILOGUE == 1:
+                acc2 = acc2 + tl.load(bias_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        y_off = rm[None, :] * stride_ym + rn[:, None]
+        if EPILOGUE == 1:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc2
+        if EPILOGUE == 2:
+            g = tl.load(gate_ptr + rm[None, :] * stride_mod + rn[:, None], mask=out_ok, other=0.0).to(tl.float32)
+            acc = tl.load(y_ptr + y_off, mask=out_ok, other=0.0).to(tl.float32) + g * acc
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+SM_COUNT_DEFAULT = 132  # H100 SXM
+
+
+def candidate_configs(n: int, k: int) -> list[dict]:
+    """The launch configs worth timing for an (N, K) weight (benchmarks/kernels.py sweeps these)."""
+    out = []
+    for bn in (16, 32, 64):
+        for bk in (128, 256, 512):
+            for split in (1, 2, 4, 8):
+                if bn > max(16, next_pow2(n)) or bk > max(32, next_pow2(k)) or (split > 1 and split * bk > k):
+                    continue
+                out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4,
+                            "num_stages": 4 if bk < 512 else 3})
+    return out
+
+
+def heuristic_config(n: int, k: int, fp8: bool, sm_count: int = SM_COUNT_DEFAULT) -> dict:
+    """Enough programs for ~2 per SM (a GEMV needs many loads in flight), K tiles of ~512 bytes per row."""
+    bk = 512 if fp8 else 256
+    bk = min(bk, max(32, next_pow2(k)))
+    bn = 32 if triton.cdiv(n, 32) >= 2 * sm_count else 16
+    split = 1
+    while triton.cdiv(n, bn) * split < 2 * sm_count and split * 2 * bk <= k and split < 8:
+        split *= 2
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": 4 if bk < 512 else 3}
+
+
+_TUNED: dict | None = None
+
+
+def tuned_configs_for(kernel: str) -> dict:
+    """Configs measured on this GPU model (kernels/configs/<gpu>.json, written by benchmarks/kernels.py)."""
+    global _TUNED
+    if _TUNED is None:
+        import json
+        from pathlib import Path
+
+        _TUNED = {}
+        if torch.cuda.is_available():
+            path = Path(__file__).parent / "configs" / f"{gpu_slug()}.json"
+            if path.exists():
+                _TUNED = json.loads(path.read_text())
+    return _TUNED.get(kernel, {})
+
+
+def gpu_slug() -> str:
+    return "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name()).strip("_")
+
+
+def config_key(m: int, n: int, k: int, fp8: bool, epilogue: int) -> str:
+    return f"m{next_pow2(max(m, 1))}_n{n}_k{k}_{'fp8' if fp8 else 'bf16'}_e{epilogue}"
+
+
+def pick_config(m: int, n: int, k: int, fp8: bool, epilogue: int) -> dict:
+    if interpreting():
+        return {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1}  # few, wide programs: the interpreter runs them one by one
+    found = tuned_configs_for("skinny").get(config_key(m, n, k, fp8, epilogue))
+    if found is not None:
+        return dict(found)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else SM_COUNT_DEFAULT
+    return heuristic_config(n, k, fp8, sms)
+
+
+class Workspace:
+    """Split-K partials and tickets for one call site (tickets must start at zero and are re-armed
+    by the kernel; one workspace must not be used by two streams at once)."""
+
+    def __init__(self, n: int, rows: int, device, max_split: int = 8):
+        block_m = max(16, next_pow2(rows))
+        self.partials = torch.empty(max_split * 2 * (n + 64) * block_m, dtype=torch.float32, device=device)
+        self.tickets = torch.zeros((n + 15) // 16 + 1, dtype=torch.int32, device=device)
+
+
+def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=None, bias=None,
+                ln=None, shift=None, scale=None, gate=None, epilogue: int = STORE, row_div: int = 1,
+                ln_eps: float = 1e-6, workspace: Workspace | None = None, config: dict | None = None) -> torch.Tensor:
+    """out[m, :] (=|+=) f(x[m // row_div] @ W^T) for M = out.shape[0] rows.
+
+    x (M / row_div, K) any float dtype, row-contiguous; w (N', K) bf16/fp16/fp8-e4m3, contiguous;
+    out (M, N) with N = N' (STORE, GATED_RESIDUAL) or N'/2 (SWIGLU); w_scale (N',) fp32 per output
+    channel; bias (N',). ln = "affine:(weight, bias)" tuple, or "plain" for a LayerNorm without
+    parameters, then shift/scale (M, K) views with a common row stride are the adaLN modulation.
+    gate (M, N) view with the same row stride as shift (GATED_RESIDUAL: out += gate * y).
+    config pins {BLOCK_N, BLOCK_K, SPLIT_K[, num_warps, num_stages]}; by default the GPU's measured table
+    (kernels/configs/) or a heuristic picks it.
+    """
+    require()
+    m, n = out.shape
+    k = w.shape[1]
+    if m > MAX_ROWS:
+        raise ValueError(f"skinny_gemm is for <= {MAX_ROWS} rows, got {m}")
+    if x.shape[-1] != k or x.stride(-1) != 1 or not w.is_contiguous():
+        raise ValueError(f"bad operands: x {tuple(x.shape)} (last stride {x.stride(-1)}), w {tuple(w.shape)}")
+    if w.shape[0] != (2 * n if epilogue == SWIGLU else n):
+        raise ValueError(f"w has {w.shape[0]} rows for {n} outputs with epilogue {epilogue}")
+    if x.shape[0] * row_div != m:
+        raise ValueError(f"{x.shape[0]} input rows x row_div {row_div} != {m} output rows")
+    dummy = out
+    lnw, lnb = (ln if isinstance(ln, tuple) else (dummy, dummy))
+    mod_stride = shift.stride(0) if shift is not None else (gate.stride(0) if gate is not None else 0)
+    for t in (shift, scale, gate):
+        if t is not None and (t.stride(0) != mod_stride or t.stride(-1) != 1):
+            raise ValueError("shift, scale and gate must share one row stride and be contiguous in columns")
+    if workspace is None:
+        workspace = Workspace(n, m, out.device)
+    args = (x, w, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, out,
+            lnw, lnb, shift if shift is not None else dummy, scale if scale is not None else dummy,
+            gate if gate is not None else dummy, workspace.partials, workspace.tickets,
+            m, n, k, row_div, x.stride(0), out.stride(0), mod_stride, ln_eps)
+    flags = dict(HAS_WSCALE=w_scale is not None, HAS_BIAS=bias is not None, PROLOGUE_LN=ln is not None,
+                 LN_AFFINE=isinstance(ln, tuple), EPILOGUE=epilogue, BLOCK_M=max(16, next_pow2(m)),
+                 UPCAST=interpreting())
+    if config is None:
+        config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, epilogue)
+    grid = (triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
+    _skinny_kernel[grid](*args, **flags, **config)
+    return out
+
+
+__all__ = ["skinny_gemm", "Workspace", "pick_config", "candidate_configs", "config_key", "STORE", "SWIGLU", "GATED_RESIDUAL", "MAX_ROWS"]

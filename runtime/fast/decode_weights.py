@@ -1,0 +1,103 @@
+"""Decode-time weights for the custom kernels: the fused MoE everywhere, FP8 linears when asked.
+
+`prepare_decode(model, weights)` changes the model in place for the GPU fast path:
+  * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
+    stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales;
+  * weights="fp8" also swaps the decode-time linears (LLM attention, shared experts, dense FFNs, the
+    semantic decoder's blocks) for FP8Linear. Kept high precision, as in quant/policy.py: embeddings,
+    norms, the router, lm_head, vis_head, the connector and everything the prefill-only pieces use.
+The flow head has its own packed weights (runtime.fast.kernel_flow_head).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import interpreting
+from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8
+from kernels.moe import moe_decode
+from kernels.skinny import MAX_ROWS, skinny_gemm
+from models.llm import MoE
+from models.univision import MingUniVision
+
+from .kernel_flow_head import WEIGHT_FORMATS
+
+logger = logging.getLogger(__name__)
+
+
+class FusedMoEDecode:
+    """Callable installed as MoE.fused_decode: (x (T, H), ids (T, k), w (T, k)) -> (T, H) fp32."""
+
+    def __init__(self, moe: MoE, weights: str):
+        if weights == "fp8":
+            (self.wg, sg), (self.wu, su), (self.wd, sd) = (quantize_rows_fp8(p) for p in (moe.w_gate, moe.w_up, moe.w_down))
+            self.scales = (sg, su, sd)
+        else:
+            self.wg, self.wu, self.wd = (p.detach().contiguous() for p in (moe.w_gate, moe.w_up, moe.w_down))
+            self.scales = None
+
+    def __call__(self, x, ids, w):
+        return moe_decode(x, ids, w, self.wg, self.wu, self.wd, self.scales)
+
+
+class FP8Linear(nn.Module):
+    """nn.Linear with an E4M3 weight and per-output-channel scale: the skinny kernel for decode rows
+    (<= MAX_ROWS), a dequantized matmul for anything larger (a prefill)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        wq, scale = quantize_rows_fp8(linear.weight)
+        self.register_buffer("weight_fp8", wq)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_dtype = linear.weight.dtype
+
+    def forward(self, x):
+        rows = x.numel() // self.in_features
+        if rows <= MAX_ROWS and (x.is_cuda or interpreting()):
+            out = torch.empty(*x.shape[:-1], self.out_features, dtype=self.out_dtype, device=x.device)
+            skinny_gemm(x.reshape(rows, self.in_features), self.weight_fp8, out.view(rows, self.out_features),
+                        w_scale=self.scale, bias=self.bias)
+            return out
+        w = dequantize_rows_fp8(self.weight_fp8, self.scale).to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def _swap_linears(module: nn.Module, names: tuple[str, ...]) -> int:
+    swapped = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear) and name in names:
+            setattr(module, name, FP8Linear(child))
+            swapped += child.weight.numel()
+        else:
+            swapped += _swap_linears(child, names)
+    return swapped
+
+
+# decode-time linears by attribute name (LLM attention/MLP, ViT blocks of the semantic decoder)
+FP8_LINEAR_NAMES = ("query_key_value", "dense", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "w12", "w3",
+                    "fc1", "fc2")
+
+
+def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
+    """Install the decode kernels on `model` (in place). Returns what was converted, in parameters."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
+    for m in moes:
+        m.fused_decode = FusedMoEDecode(m, weights)
+    report = {"moe_layers": len(moes), "fp8_linear_params": 0}
+    if weights == "fp8":
+        for layer in model.model.model.layers:
+            report["fp8_linear_params"] += _swap_linears(layer, FP8_LINEAR_NAMES)
+        for blk in model.vision.semantic_decoder.blocks:
+            report["fp8_linear_params"] += _swap_linears(blk, FP8_LINEAR_NAMES)
+    logger.info("decode weights %s: %s", weights, report)
+    return report
+
+
+__all__ = ["prepare_decode", "FP8Linear", "FusedMoEDecode", "FP8_LINEAR_NAMES"]

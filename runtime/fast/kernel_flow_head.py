@@ -1,0 +1,124 @@
+"""The flow head on the custom kernels: bf16 or FP8 weight streaming, two launches per block per step.
+
+Same function as FastFlowHead (hoisted invariants: temb once, condition once per token, all S steps'
+adaLN modulations in one GEMM per block), laid out for the memory-bound decode regime:
+
+  per token:  mods[blk] = adaLN_blk(silu(temb + cond))          (S*M, 3W) fp32, one GEMM per block
+  per step:   h   = input_proj(x)                                (M, W) fp32 residual stream
+              act = SwiGLU(w12 @ modulate(LN(h)))                launch 1: LN + adaLN prologue fused
+              h  += gate * (w3 @ act)                            launch 2: in place, fp32
+              v   = final(modulate(LN(h)))                       (M, C)
+              x  += dt * guide(v)                                one launch
+with M = B*R rows. The residual stream and the modulations stay fp32 (the reference rounds them to
+bf16 at each op); the GEMM operands are bf16 (weights bf16, or FP8 widened exactly to bf16).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.fp8 import quantize_rows_fp8
+from kernels.guidance import guide_euler_
+from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, STORE, SWIGLU, Workspace, skinny_gemm
+from models.univision import MingUniVision
+
+from .flow_head import FastFlowHead
+
+WEIGHT_FORMATS = ("bf16", "fp8")
+
+
+class PackedLinear:
+    """A linear layer's weight in the kernel's format: (W or Wq, per-row scale or None, fp32 bias)."""
+
+    def __init__(self, linear: nn.Linear, fmt: str):
+        w = linear.weight.detach()
+        if fmt == "fp8":
+            self.weight, self.scale = quantize_rows_fp8(w)
+        else:
+            self.weight, self.scale = w.to(torch.bfloat16).contiguous(), None
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class KernelFlowHead(nn.Module):
+    def __init__(self, model: MingUniVision, *, weights: str = "bf16", time_shift: float | None = None,
+                 renorm: bool = False):
+        super().__init__()
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+        self.hoisted = FastFlowHead(model, time_shift=time_shift, renorm=renorm)  # vis_head, temb, dts
+        net = self.hoisted.net
+        self.weights, self.renorm, self.eps = weights, renorm, model.cfg.flow_head.norm_eps
+        self.blocks = [dict(ln=(b.in_ln.weight.detach().float(), b.in_ln.bias.detach().float()),
+                            w12=PackedLinear(b.mlp.w12, weights), w3=PackedLinear(b.mlp.w3, weights),
+                            ada=PackedLinear(b.adaLN_modulation[1], weights)) for b in net.res_blocks]
+        self.final = PackedLinear(net.final_layer.linear, weights)
+        self.final_ada = PackedLinear(net.final_layer.adaLN_modulation[1], weights)
+        self.input_proj = PackedLinear(net.input_proj, weights)
+        self._scratch: dict[tuple, dict] = {}
+
+    def nbytes_per_step(self) -> int:
+        """Weight bytes one Euler step streams (the floor's numerator, mods excluded)."""
+        return sum(b["w12"].nbytes + b["w3"].nbytes for b in self.blocks) + self.final.nbytes + self.input_proj.nbytes
+
+    def _scratch_for(self, m: int, dev, dtype) -> dict:
+        """Per-row-count scratch, made on the first (warm-up) call so that a captured graph allocates nothing."""
+        key = (m, dev)
+        if key not in self._scratch:
+            w = self.hoisted.temb.shape[1]
+            hidden = self.blocks[0]["w3"].weight.shape[1]
+            c = self.final.weight.shape[0]
+            s = self.hoisted.temb.shape[0]
+            self._scratch[key] = dict(
+                h=torch.empty(m, w, dtype=torch.float32, device=dev),
+                act=torch.empty(m, hidden, dtype=torch.bfloat16, device=dev),
+                v=torch.empty(m, c, dtype=torch.float32, device=dev),
+                mods=[torch.empty(s * m, 3 * w, dtype=torch.float32, device=dev) for _ in self.blocks],
+                fmod=torch.empty(s * m, 2 * w, dtype=torch.float32, device=dev),
+                ws_up=Workspace(hidden, m, dev), ws_down=Workspace(w, m, dev), ws_in=Workspace(w, m, dev),
+                ws_final=Workspace(c, m, dev), ws_mod=Workspace(3 * w, min(s * m, MAX_ROWS), dev),
+            )
+        return self._scratch[key]
+
+    def _gemm_rows(self, x, lin: PackedLinear, out, ws):
+        """out = x @ W^T + b for any number of rows, MAX_ROWS at a time."""
+        for i in range(0, x.shape[0], MAX_ROWS):
+            skinny_gemm(x[i:i + MAX_ROWS], lin.weight, out[i:i + MAX_ROWS], w_scale=lin.scale, bias=lin.bias,
+                        workspace=ws)
+
+    def forward(self, condition_hidden, noise, text_cfg, image_cfg, temperature):
+        """condition_hidden (B, R, H) LLM hidden of the CFG rows; noise (B, C) -> latent (B, C) fp32."""
+        b, r, _ = condition_hidden.shape
+        m = b * r
+        fh = self.hoisted
+        s, w = fh.temb.shape
+        buf = self._scratch_for(m, condition_hidden.device, condition_hidden.dtype)
+        z = fh.vis_head(condition_hidden).reshape(m, -1)  # (M, Z)
+        sy = F.silu(fh.temb[:, None] + fh.net.cond_embed(z)[None]).reshape(s * m, w)  # (S*M, W)
+        for blk, mods in zip(self.blocks, buf["mods"]):
+            self._gemm_rows(sy, blk["ada"], mods, buf["ws_mod"])
+        self._gemm_rows(sy, self.final_ada, buf["fmod"], buf["ws_mod"])
+        h, act, v = buf["h"], buf["act"], buf["v"]
+        x = noise.float() * temperature  # (B, C)
+        for k in range(s):
+            skinny_gemm(x, self.input_proj.weight, h, w_scale=self.input_proj.scale, bias=self.input_proj.bias,
+                        row_div=r, workspace=buf["ws_in"])  # (M, W): each prompt's rows share its state
+            for blk, mods in zip(self.blocks, buf["mods"]):
+                mk = mods[k * m:(k + 1) * m]  # (M, 3W) = [shift | scale | gate]
+                skinny_gemm(h, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,
+                            ln=blk["ln"], ln_eps=self.eps, shift=mk[:, :w], scale=mk[:, w:2 * w],
+                            epilogue=SWIGLU, workspace=buf["ws_up"])
+                skinny_gemm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias,
+                            gate=mk[:, 2 * w:], epilogue=GATED_RESIDUAL, workspace=buf["ws_down"])
+            fk = buf["fmod"][k * m:(k + 1) * m]
+            skinny_gemm(h, self.final.weight, v, w_scale=self.final.scale, bias=self.final.bias, ln="plain",
+                        ln_eps=self.eps, shift=fk[:, :w], scale=fk[:, w:], workspace=buf["ws_final"])
+            guide_euler_(x, v, fh.dts, k, text_cfg, image_cfg, self.renorm)
+        return x
+
+
+__all__ = ["KernelFlowHead", "PackedLinear", "WEIGHT_FORMATS"]

@@ -1,0 +1,244 @@
+"""The Triton decode kernels against plain PyTorch.
+
+Without a GPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), where the dot
+products are fp32: errors are then at fp32 level. On a GPU the operands are rounded to bf16 as the
+kernels do, so the references round the same operands and the bounds allow for rounding flips.
+The GPU-only checks (determinism of split-K across many launches, default launch configs at the
+released shapes) are marked `gpu`.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="the kernels need triton (the 'kernels' extra)")
+
+from conftest import assert_close  # noqa: E402
+from kernels import interpreting  # noqa: E402
+from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8  # noqa: E402
+from kernels.guidance import guide_euler_  # noqa: E402
+from kernels.moe import moe_decode  # noqa: E402
+from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, skinny_gemm  # noqa: E402
+from models import build, tiny_config  # noqa: E402
+from models.flow_head import guide  # noqa: E402
+from models.pieces import FlowHeadPiece  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# relative bound on max error: fp32 products in the interpreter, bf16 operands on a GPU
+REL = 2e-5 if interpreting() else 8e-3
+
+
+def _act(x):
+    """What the kernel multiplies: fp32 in the interpreter, bf16-rounded on a GPU."""
+    return x.float() if interpreting() else x.to(torch.bfloat16).float()
+
+
+def _check(name, got, ref):
+    assert_close(name, got.float(), ref.float(), REL * max(1.0, ref.abs().max().item()))
+
+
+def _cfg(split):
+    return None if split is None else {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split}
+
+
+SPLITS = [1, 2, 3] if interpreting() else [None, 1, 2, 4]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_skinny_store(split, fmt):
+    g = torch.Generator().manual_seed(1)
+    m, n, k = 3, 40, 160
+    x = torch.randn(m, k, generator=g).to(DEV)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g).to(DEV)
+    if fmt == "fp8":
+        wq, s = quantize_rows_fp8(w)
+        wq, s, wref = wq.to(DEV), s.to(DEV), dequantize_rows_fp8(wq, s).to(DEV)
+    else:
+        wq, s = w.to(torch.bfloat16).to(DEV), None
+        wref = wq.float()
+    out = torch.empty(2 * m, n, device=DEV)
+    skinny_gemm(x, wq, out, w_scale=s, bias=b, row_div=2, config=_cfg(split))  # rows 2i, 2i+1 read x[i]
+    ref = (_act(x) @ wref.T + b).repeat_interleave(2, dim=0)
+    _check(f"kernels/skinny_{fmt}_split{split}", out, ref)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_skinny_layernorm_modulate_swiglu(split):
+    g = torch.Generator().manual_seed(2)
+    m, k, hid = 2, 96, 48
+    h = torch.randn(m, k, generator=g).to(DEV) * 3 + 1
+    w12 = torch.randn(2 * hid, k, generator=g).to(torch.bfloat16).to(DEV)
+    b12 = torch.randn(2 * hid, generator=g).to(DEV)
+    lnw, lnb = torch.randn(k, generator=g).to(DEV), torch.randn(k, generator=g).to(DEV)
+    mods = torch.randn(m, 3 * k, generator=g).to(DEV) * 0.5
+    out = torch.empty(m, hid, device=DEV)
+    skinny_gemm(h, w12, out, bias=b12, ln=(lnw, lnb), ln_eps=1e-6, shift=mods[:, :k], scale=mods[:, k:2 * k],
+                epilogue=SWIGLU, config=_cfg(split))
+    xn = F.layer_norm(h, (k,), lnw, lnb, 1e-6) * (1 + mods[:, k:2 * k]) + mods[:, :k]
+    gate, value = (_act(xn) @ w12.float().T + b12).chunk(2, dim=-1)
+    _check(f"kernels/skinny_ln_swiglu_split{split}", out, F.silu(gate) * value)
+    # a LayerNorm without parameters (the flow head's final layer)
+    out2 = torch.empty(m, hid, device=DEV)
+    skinny_gemm(h, w12[:hid].contiguous(), out2, ln="plain", shift=mods[:, :k], scale=mods[:, k:2 * k],
+                config=_cfg(split))
+    xn = F.layer_norm(h, (k,), eps=1e-6) * (1 + mods[:, k:2 * k]) + mods[:, :k]
+    _check(f"kernels/skinny_plain_ln_split{split}", out2, _act(xn) @ w12[:hid].float().T)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_skinny_gated_residual_in_place(split):
+    g = torch.Generator().manual_seed(3)
+    m, n, k = 4, 48, 128
+    h = torch.randn(m, n, generator=g).to(DEV)
+    act = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV)
+    wq, s = quantize_rows_fp8(torch.randn(n, k, generator=g))
+    wq, s = wq.to(DEV), s.to(DEV)
+    b = torch.randn(n, generator=g).to(DEV)
+    mods = torch.randn(m, 3 * n, generator=g).to(DEV)
+    ref = h + mods[:, 2 * n:] * (act.float() @ dequantize_rows_fp8(wq, s).T + b)
+    skinny_gemm(act, wq, h, w_scale=s, bias=b, gate=mods[:, 2 * n:], epilogue=GATED_RESIDUAL, config=_cfg(split))
+    _check(f"kernels/skinny_gated_residual_split{split}", h, ref)
+
+
+def test_skinny_rejects_bad_operands():
+    x = torch.randn(3, 16, device=DEV)
+    w = torch.randn(8, 32, device=DEV).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bad operands"):
+        skinny_gemm(x, w, torch.empty(3, 8, device=DEV))
+    with pytest.raises(ValueError, match="rows"):
+        skinny_gemm(torch.randn(65, 32, device=DEV), w, torch.empty(65, 8, device=DEV))
+    with pytest.raises(ValueError, match="row_div"):
+        skinny_gemm(torch.randn(3, 32, device=DEV), w, torch.empty(4, 8, device=DEV), row_div=2)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_guide_euler_matches_guide(rows, renorm):
+    g = torch.Generator().manual_seed(4)
+    b, c = 2, 16
+    v = torch.randn(b * rows, c, generator=g).to(DEV)
+    x = torch.randn(b, c, generator=g).to(DEV)
+    dts = torch.rand(4, generator=g).to(DEV)
+    tc, ic = torch.tensor([2.5], device=DEV), torch.tensor([1.3], device=DEV)
+    ref = x + guide(v.view(b, rows, c), tc, ic, renorm) * dts[2]
+    guide_euler_(x, v, dts, 2, tc, ic, renorm)
+    assert_close(f"kernels/guide_euler_r{rows}_renorm{int(renorm)}", x, ref, 1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "fp8"])
+def test_fused_moe_equals_reference_moe(fmt):
+    from models.llm import MoE
+    from runtime.fast.decode_weights import FusedMoEDecode
+
+    model = build(tiny_config(), seed=0, device=DEV)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    x = torch.randn(1, 5, model.cfg.llm.hidden_size, device=DEV)
+    if fmt == "fp8":  # the reference runs on the dequantized weights
+        fused = FusedMoEDecode(moe, "fp8")
+        with torch.no_grad():
+            for p, q, s in zip((moe.w_gate, moe.w_up, moe.w_down), (fused.wg, fused.wu, fused.wd), fused.scales):
+                p.copy_(dequantize_rows_fp8(q, s))
+    else:
+        fused = FusedMoEDecode(moe, "bf16")  # keeps the model's own (here fp32) tensors: no copy
+        assert fused.wg.data_ptr() == moe.w_gate.data_ptr()
+    moe.fused_decode = fused
+    with torch.no_grad():
+        got, ref = moe(x, mode="fused"), moe(x, mode="loop")
+    assert_close(f"kernels/moe_fused_{fmt}", got, ref, 2e-5 * max(1.0, ref.abs().max().item()))
+
+
+def test_fused_moe_mode_without_kernel_is_a_clear_error():
+    from models.llm import MoE
+
+    model = build(tiny_config(), seed=0)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    with pytest.raises(RuntimeError, match="prepare_decode"):
+        moe(torch.randn(1, 2, model.cfg.llm.hidden_size), mode="fused")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@torch.no_grad()
+def test_kernel_flow_head_close_to_reference(fmt):
+    from runtime.fast.kernel_flow_head import KernelFlowHead
+
+    model = build(tiny_config(), seed=0, device=DEV)
+    head = KernelFlowHead(model, weights=fmt)
+    # the reference computes in fp32 with the weights the kernels stream (rounded to bf16 / FP8)
+    net = model.model.diffloss.net
+    packed = [net.input_proj, net.final_layer.linear, net.final_layer.adaLN_modulation[1]]
+    for blk in net.res_blocks:
+        packed += [blk.mlp.w12, blk.mlp.w3, blk.adaLN_modulation[1]]
+    for lin in packed:
+        lin.weight.copy_(dequantize_rows_fp8(*quantize_rows_fp8(lin.weight)) if fmt == "fp8"
+                         else lin.weight.to(torch.bfloat16).float())
+    g = torch.Generator().manual_seed(5)
+    hid = torch.randn(2, 3, model.cfg.llm.hidden_size, generator=g).to(DEV)
+    noise = torch.randn(2, model.cfg.flow_head.latent_dim, generator=g).to(DEV)
+    s = [torch.tensor([v], device=DEV) for v in (2.5, 1.2, 0.8)]
+    got, ref = head(hid, noise, *s), FlowHeadPiece(model)(hid, noise, *s)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    # the SwiGLU activations are stored in bf16 (and, on a GPU, every GEMM operand is bf16)
+    bound = 5e-3 if interpreting() else 3e-2
+    assert rel < bound, f"kernel flow head ({fmt}) rel L2 {rel:.2e} >= {bound}"
+    assert head.nbytes_per_step() > 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_split_k_is_deterministic_on_gpu():
+    g = torch.Generator().manual_seed(6)
+    m, n, k = 2, 3072, 8192
+    x = torch.randn(m, k, generator=g).to(DEV, torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(DEV, torch.bfloat16)
+    ws = Workspace(n, m, DEV)
+    first = torch.empty(m, n, device=DEV)
+    skinny_gemm(x, w, first, workspace=ws, config={"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 8})
+    for _ in range(50):
+        again = torch.empty(m, n, device=DEV)
+        skinny_gemm(x, w, again, workspace=ws, config={"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 8})
+        assert torch.equal(again, first)
+    _check("kernels/gpu_split8_vs_cublas", first, x.float() @ w.float().T)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@torch.no_grad()
+def test_graph_with_kernels_close_to_eager_on_gpu(fmt):
+    from export.verify import IMAGE_PSNR_FLOOR, psnr
+    from runtime.fast.graph import GraphImageGenerator
+    from test_gpu_fast_path import _setup
+
+    from runtime import loop
+
+    model, backend, cfg, cache, kw = _setup("cuda")
+    ref = loop.generate_image(backend, cfg, cache, **kw)
+    gen = GraphImageGenerator(model, kernels=True, weights=fmt)
+    out = gen.generate(cache, **kw)
+    assert all(k.graph is not None for k in gen._buckets.values())
+    assert psnr(out.image.float(), ref.image) > IMAGE_PSNR_FLOOR[fmt]
+    assert torch.equal(gen.generate(cache, **kw).image, out.image)  # deterministic replays
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU variant below captures the graph")
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@torch.no_grad()
+def test_token_step_with_kernels_in_interpreter(fmt):
+    """The whole image-token step on the kernels (fused MoE, FP8 linears, kernel flow head), run eagerly."""
+    from export.verify import IMAGE_PSNR_FLOOR, psnr
+    from runtime.fast.decode_weights import FP8Linear
+    from runtime.fast.graph import GraphImageGenerator
+    from test_gpu_fast_path import _setup
+
+    from runtime import loop
+
+    model, backend, cfg, cache, kw = _setup("cpu", batch=1)
+    ref = loop.generate_image(backend, cfg, cache, **kw)
+    gen = GraphImageGenerator(model, use_graph=False, kernels=True, weights=fmt)
+    assert gen.moe_mode == "fused"
+    assert any(isinstance(m, FP8Linear) for m in model.modules()) == (fmt == "fp8")
+    out = gen.generate(cache, **kw)
+    assert psnr(out.image.float(), ref.image) > IMAGE_PSNR_FLOOR[fmt]
+    assert_close(f"kernels/interp_step_{fmt}_latents", out.latents, ref.latents, 0.5)
