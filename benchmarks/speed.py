@@ -31,6 +31,7 @@ from runtime import loop  # noqa: E402
 from runtime.backends.torch_eager import TorchBackend  # noqa: E402
 from runtime.fast.flow_head import FastFlowHead  # noqa: E402
 from runtime.fast.graph import GraphImageGenerator  # noqa: E402
+from kernels import available as kernels_available  # noqa: E402
 
 H100_HBM_TBPS = 3.35  # H100 SXM HBM3 peak; the floor below is bytes / this
 
@@ -77,10 +78,11 @@ def environment(device) -> dict:
     return env
 
 
-def token_bytes(model, rows: int) -> dict:
-    """Weight bytes one image token must stream (the HBM floor), per component."""
+def token_bytes(model, rows: int, el: int | None = None) -> dict:
+    """Weight bytes one image token must stream (the HBM floor), per component; el: bytes per weight
+    (default: the model's dtype; 1 for FP8 weight streaming)."""
     cfg = model.cfg
-    el = next(model.parameters()).element_size()
+    el = el or next(model.parameters()).element_size()
     llm = cfg.llm
     per_layer_active = (model.llm.layers[0].attention.query_key_value.weight.numel() + model.llm.layers[0].attention.dense.weight.numel()
                         + 3 * llm.moe_intermediate_size * llm.hidden_size * min(llm.num_experts, llm.num_experts_per_tok * rows)
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-eager-e2e", action="store_true")
     p.add_argument("--skip-sdvae", action="store_true")
     p.add_argument("--compile-sdvae", action="store_true", help="also time torch.compile'd SD-VAE decode (minutes of compile)")
-    p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae (default: all)")
+    p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae,fp8 (default: all)")
+    p.add_argument("--no-kernels", action="store_true", help="skip the Triton-kernel variants")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
     only = {x for x in a.only.split(",") if x}
@@ -191,46 +194,59 @@ def main(argv=None) -> int:
         masks = dict(uncond_mask=torch.tensor([un], device=device), text_uncond_mask=torch.tensor([tu], device=device))
         noise = draw_noise(gen, 1, n, lat).to(device)
         kw = dict(noise=noise, text_cfg=3.0, image_cfg=1.1, temperature=1.0, **masks)
-        eager_gen = GraphImageGenerator(model, use_graph=False)
-        graph_gen = GraphImageGenerator(model)
+        eager_gen = GraphImageGenerator(model, use_graph=False, kernels=False)
+        graph_gen = GraphImageGenerator(model, kernels=False)
         t = time.perf_counter()
-        bucket = graph_gen.bucket_for(1, rows, cache.kv[0].shape[2])
+        p_len = cache.kv[0].shape[2]
+        bucket = graph_gen.bucket_for(1, rows, p_len)
         results["graph_capture_seconds"] = time.perf_counter() - t if device.type == "cuda" else 0.0
-        eb = eager_gen.bucket_for(1, rows, cache.kv[0].shape[2])
+        eb = eager_gen.bucket_for(1, rows, p_len)
         graph_gen.generate(cache, **kw)  # loads the buffers; then time replays of the token graph alone
         eager_gen.generate(cache, **kw)
 
-        def reset(k):
-            k.cache_pos.fill_(cache.kv[0].shape[2] + 8)
-            k.step.fill_(8)
-            k.sem_pos.fill_(8)
+        def step_of(g, k):
+            def step():
+                k.cache_pos.fill_(p_len + 8)
+                k.step.fill_(8)
+                k.sem_pos.fill_(8)
+                if k.graph is not None:
+                    k.graph.replay()
+                else:
+                    g._step(k)
+            return step
 
-        def eager_step():
-            reset(eb)
-            eager_gen._step(eb)
-
-        def graph_step():
-            reset(bucket)
-            if bucket.graph is not None:
-                bucket.graph.replay()
-            else:
-                graph_gen._step(bucket)
-
-        rec("pipelines", "image-token step: static caches, eager", eager_step)
-        step = rec("pipelines", "image-token step: one CUDA graph", graph_step)  # always: the floor needs it
+        rec("pipelines", "image-token step: static caches, eager", step_of(eager_gen, eb))
+        step = rec("pipelines", "image-token step: one CUDA graph", step_of(graph_gen, bucket))  # always: the floor needs it
         # --- the HBM floor (weights one token must stream) --------------------------------------------------------------------------
         tb = token_bytes(model, rows)
         floor_ms = tb["total"] / (H100_HBM_TBPS * 1e12) * 1e3
+        tb8 = token_bytes(model, rows, el=1)
         results["floor"] = {"bytes_per_token": tb, "hbm_tbps": H100_HBM_TBPS, "token_floor_ms": floor_ms,
                             "image_floor_s": floor_ms * n / 1e3,
-                            "token_step_fraction_of_floor": floor_ms / step["median_ms"]}
+                            "token_step_fraction_of_floor": floor_ms / step["median_ms"],
+                            "fp8_bytes_per_token": tb8, "fp8_token_floor_ms": tb8["total"] / (H100_HBM_TBPS * 1e12) * 1e3}
         print(f"floor: {tb['total'] / 1e9:.2f} GB per token -> {floor_ms:.2f} ms; graph step reaches "
               f"{results['floor']['token_step_fraction_of_floor']:.0%} of it", flush=True)
         save()
 
+        use_kernels = device.type == "cuda" and kernels_available() and not a.no_kernels
+        if use_kernels:  # bf16 kernels: the MoE reads its stacked weights in place, the flow head packs a copy
+            t = time.perf_counter()
+            kern_gen = GraphImageGenerator(model, kernels=True, weights="bf16")
+            kb = kern_gen.bucket_for(1, rows, p_len)
+            results["kernel_graph_setup_seconds"] = time.perf_counter() - t
+            kern_gen.generate(cache, **kw)
+            ks = rec("pipelines", "image-token step: CUDA graph + kernels (bf16)", step_of(kern_gen, kb))
+            results["floor"]["kernel_bf16_fraction_of_floor"] = floor_ms / ks["median_ms"]
+        fast_gen = kern_gen if use_kernels else graph_gen
+        images = {}
         if want("e2e"):
             rec("pipelines", "text-to-image, CUDA graph per token (batch 1)", lambda: graph_gen.generate(cache, **kw),
                 r=a.e2e_runs, w=1)
+            if use_kernels:
+                rec("pipelines", "text-to-image, CUDA graph + kernels bf16 (batch 1)", lambda: kern_gen.generate(cache, **kw),
+                    r=a.e2e_runs, w=1)
+            images["fast"] = fast_gen.generate(cache, **kw).image.float()
         if want("batch") and (not smoke or a.batch):
             bsz = min(a.batch, 2) if smoke else a.batch
             pids = [prompt(cfg, 24, gen) for _ in range(bsz)]
@@ -240,21 +256,53 @@ def main(argv=None) -> int:
             bkw = dict(noise=draw_noise(gen, bsz, n, lat).to(device), text_cfg=3.0, image_cfg=1.1, temperature=1.0,
                        uncond_mask=torch.tensor([m[0] for m in bmasks], device=device),
                        text_uncond_mask=torch.tensor([m[1] for m in bmasks], device=device))
-            graph_gen.generate(bcache, **bkw)
-            rec("pipelines", f"text-to-image, CUDA graph per token (batch {bsz})", lambda: graph_gen.generate(bcache, **bkw),
+            fast_gen.generate(bcache, **bkw)
+            label = "CUDA graph + kernels bf16" if use_kernels else "CUDA graph per token"
+            rec("pipelines", f"text-to-image, {label} (batch {bsz})", lambda: fast_gen.generate(bcache, **bkw),
                 r=a.e2e_runs, w=0)
         if want("eager-e2e") and not a.skip_eager_e2e:
+            out = {}
             rec("pipelines", "text-to-image, eager pieces (baseline)",
-                lambda: loop.generate_image(backend, cfg, cache, **kw), r=a.eager_e2e_runs, w=0)
+                lambda: out.update(img=loop.generate_image(backend, cfg, cache, **kw).image), r=a.eager_e2e_runs, w=0)
+            images["eager"] = out["img"].float()
 
         # --- SD-VAE (diffusers AutoencoderKL, SD config, random weights) ----------------------------
         if want("sdvae") and not a.skip_sdvae and not smoke:
             sdvae(results, device, runs, warmup, rec, model, a.compile_sdvae)
 
+        # --- FP8 weight streaming last: it swaps the decode linears for FP8 ones in place ----------
+        if use_kernels and want("fp8"):
+            t = time.perf_counter()
+            fp8_gen = GraphImageGenerator(model, kernels=True, weights="fp8")
+            fb = fp8_gen.bucket_for(1, rows, p_len)
+            results["fp8_setup_seconds"] = time.perf_counter() - t
+            fp8_gen.generate(cache, **kw)
+            fs = rec("pipelines", "image-token step: CUDA graph + kernels (fp8)", step_of(fp8_gen, fb))
+            results["floor"]["kernel_fp8_fraction_of_fp8_floor"] = results["floor"]["fp8_token_floor_ms"] / fs["median_ms"]
+            rec("pipelines", "text-to-image, CUDA graph + kernels fp8 (batch 1)", lambda: fp8_gen.generate(cache, **kw),
+                r=a.e2e_runs, w=1)
+            images["fast_fp8"] = fp8_gen.generate(cache, **kw).image.float()
+        results["accuracy"] = accuracy(images, "fp32" if dtype == torch.float32 else "bf16")
+        print("accuracy:", results["accuracy"], flush=True)
+
     save()
     plot(results, a.out / f"{name}.png")
     print(f"wrote {a.out / name}.json/.md")
     return 0
+
+
+def accuracy(images: dict, model_precision: str) -> dict:
+    """PSNR (dB, images in [-1, 1]) of the fast paths' images against the eager reference (same seed),
+    with the build's floor for that precision (export/verify.py)."""
+    from export.verify import IMAGE_PSNR_FLOOR, psnr
+
+    out = {}
+    ref = images.get("eager")
+    for key, fmt in (("fast", model_precision), ("fast_fp8", "fp8")):
+        if ref is not None and key in images:
+            out[f"{key}_psnr_db"] = psnr(images[key], ref)
+            out[f"{key}_floor_db"] = IMAGE_PSNR_FLOOR[fmt]
+    return out
 
 
 def sdvae(results, device, runs, warmup, rec, model, compile_decode: bool):

@@ -75,7 +75,7 @@ if triton is not None:
 
 def candidate_configs() -> list[dict]:
     return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 3}
-            for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (4, 8) if bn * bk <= 8192]
+            for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (4,) if bn * bk <= 8192]
 
 
 def pick_config(h: int, i: int, fp8: bool) -> dict:

@@ -139,11 +139,12 @@ if triton is not None:
 SM_COUNT_DEFAULT = 132  # H100 SXM
 
 
-def candidate_configs(n: int, k: int) -> list[dict]:
-    """The launch configs worth timing for an (N, K) weight (benchmarks/kernels.py sweeps these)."""
+def candidate_configs(n: int, k: int, fp8: bool = False) -> list[dict]:
+    """The launch configs worth timing for an (N, K) weight (benchmarks/kernels.py sweeps these):
+    K tiles of 256-1024 bytes per weight row, 16-64 rows per program, splits of K up to 8."""
     out = []
     for bn in (16, 32, 64):
-        for bk in (128, 256, 512):
+        for bk in ((256, 512) if fp8 else (128, 256)):
             for split in (1, 2, 4, 8):
                 if bn > max(16, next_pow2(n)) or bk > max(32, next_pow2(k)) or (split > 1 and split * bk > k):
                     continue

@@ -1,0 +1,229 @@
+"""benchmarks/kernels.py: effective HBM bandwidth of the decode kernels at the released shapes.
+
+    python benchmarks/kernels.py                 # GPU: time, sweep launch configs, write the table
+    python benchmarks/kernels.py --no-sweep      # only the default (table or heuristic) configs
+
+For each decode GEMM of the full-size model (flow head blocks, adaLN, LLM attention / shared experts,
+the fused MoE) it times cuBLAS bf16 (F.linear), our kernel with bf16 weights and with FP8 weights.
+Effective bandwidth = weight bytes (plus FP8 scales) / time. Each timing replays a CUDA graph of 20
+launches (no CPU launch gaps, as in the token graph) that cycle through enough weight copies to
+exceed the L2 cache, so every launch streams from HBM. Median of --reps graph replays.
+--sweep times every candidate config of the heaviest shapes and writes the best to
+<out>/<gpu>.json, the file kernels/ reads from kernels/configs/ (copy it there to use it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.speed import environment  # noqa: E402
+from kernels.fp8 import quantize_rows_fp8  # noqa: E402
+from kernels.moe import candidate_configs as moe_candidates  # noqa: E402
+from kernels.moe import moe_decode  # noqa: E402
+from kernels.moe import pick_config as moe_pick  # noqa: E402
+from kernels.skinny import GATED_RESIDUAL, STORE, SWIGLU, Workspace, candidate_configs, config_key, pick_config, skinny_gemm  # noqa: E402
+from kernels.skinny import gpu_slug  # noqa: E402
+from models import full_config  # noqa: E402
+
+L2_BYTES = 50 * 2**20
+LAUNCHES = 20
+
+
+def graph_time_us(launch, copies: int, reps: int) -> float:
+    """Median time of one launch: a graph of LAUNCHES launches over rotating weight copies."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(copies):
+            launch(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(LAUNCHES):
+            launch(i % copies)
+    g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / LAUNCHES)
+    return statistics.median(times)
+
+
+def shapes(cfg):
+    f, llm = cfg.flow_head, cfg.llm
+    w, hid = f.width, f.mlp_hidden
+    s = f.num_steps
+    qkv = (llm.num_heads + 2 * llm.num_kv_heads) * llm.head_dim
+    shared = llm.moe_intermediate_size * llm.num_shared_experts
+    # name, rows, N (outputs), K, epilogue; swiglu: N is the hidden width, W has 2N rows
+    return [
+        ("flow w12 LN+adaLN+SwiGLU", 2, hid, w, SWIGLU),
+        ("flow w3 gated residual", 2, w, hid, GATED_RESIDUAL),
+        ("flow adaLN (16 steps x 2 rows)", 2 * s, 3 * w, w, STORE),
+        ("llm query_key_value", 2, qkv, llm.hidden_size, STORE),
+        ("llm dense", 2, llm.hidden_size, llm.num_heads * llm.head_dim, STORE),
+        ("llm shared gate/up", 2, shared, llm.hidden_size, STORE),
+        ("llm shared down", 2, llm.hidden_size, shared, STORE),
+    ]
+
+
+def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table):
+    dev = "cuda"
+    w_rows = 2 * n if epi == SWIGLU else n
+    wb = torch.randn(w_rows, k, device=dev, dtype=torch.bfloat16) * 0.02
+    if fmt == "fp8":
+        wq, sc = quantize_rows_fp8(wb)
+        nbytes = wq.numel() + sc.numel() * 4
+    else:
+        wq, sc, nbytes = wb, None, wb.numel() * 2
+    copies = max(1, min(16, -(-3 * L2_BYTES // nbytes)))
+    ws = [wq] + [wq.clone() for _ in range(copies - 1)]
+    x = torch.randn(m, k, device=dev, dtype=torch.float32 if epi != GATED_RESIDUAL else torch.bfloat16)
+    out = torch.zeros(m, n, device=dev)
+    mods = torch.randn(m, 3 * (k if epi == SWIGLU else n), device=dev) * 0.1
+    lnw, lnb = torch.ones(k, device=dev), torch.zeros(k, device=dev)
+    work = Workspace(n, m, dev)
+    kw = dict(w_scale=sc, epilogue=epi, workspace=work)
+    if epi == SWIGLU:
+        kw.update(ln=(lnw, lnb), shift=mods[:, :k], scale=mods[:, k:2 * k])
+    if epi == GATED_RESIDUAL:
+        kw.update(gate=mods[:, 2 * n:])
+
+    def run(config):
+        return graph_time_us(lambda i: skinny_gemm(x, ws[i], out, config=config, **kw), copies, reps)
+
+    default = pick_config(m, n, k, fmt == "fp8", epi)
+    row = {"name": name, "rows": m, "N": w_rows, "K": k, "fmt": fmt, "weight_mb": nbytes / 1e6,
+           "default_config": default, "us": run(default)}
+    if sweep:
+        best = (row["us"], default)
+        for c in candidate_configs(n, k, fmt == "fp8"):
+            try:
+                t = run(c)
+            except Exception as exc:  # out of shared memory and the like: not a candidate here
+                print(f"  skip {c}: {type(exc).__name__}", flush=True)
+                continue
+            best = min(best, (t, c), key=lambda p: p[0])
+        row["best_us"], row["best_config"] = best
+        table["skinny"][config_key(m, n, k, fmt == "fp8", epi)] = best[1]
+    t_us = min(row["us"], row.get("best_us", row["us"]))
+    row["tbps"] = nbytes / (t_us * 1e-6) / 1e12
+    if fmt == "bf16":  # cuBLAS at the same shape, for reference
+        xb = x.to(torch.bfloat16)
+        row["cublas_us"] = graph_time_us(lambda i: F.linear(xb, ws[i]), copies, reps)
+        row["cublas_tbps"] = nbytes / (row["cublas_us"] * 1e-6) / 1e12
+    print(f"{name:34s} {fmt:5s} {row['weight_mb']:8.1f} MB  {t_us:8.1f} us  {row['tbps']:5.2f} TB/s"
+          + (f"   cuBLAS {row['cublas_us']:8.1f} us {row['cublas_tbps']:5.2f} TB/s" if "cublas_us" in row else ""), flush=True)
+    return row
+
+
+def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
+    llm = cfg.llm
+    e, i, h, k = llm.num_experts, llm.moe_intermediate_size, llm.hidden_size, llm.num_experts_per_tok
+    dev = "cuda"
+    ws = [torch.randn(e, i, h, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)] + \
+         [torch.randn(e, h, i, device=dev, dtype=torch.bfloat16) * 0.02]
+    scales = None
+    if fmt == "fp8":
+        q = [quantize_rows_fp8(t) for t in ws]
+        ws, scales = [a for a, _ in q], tuple(s for _, s in q)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)]).to(dev)  # distinct per row
+    topw = torch.rand(rows, k, device=dev)
+    x = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
+    used = len(set(ids.flatten().tolist()))
+    nbytes = used * 3 * i * h * (1 if fmt == "fp8" else 2)
+    # the routed experts of one layer are 18 MB (bf16): rotate 12 layers' worth of expert ids to leave L2
+    id_sets = [torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)]).to(dev) for _ in range(12)]
+    act = torch.empty(rows * k, i, device=dev)
+    out = torch.empty(rows, h, device=dev)
+
+    def run(config):
+        return graph_time_us(lambda j: moe_decode(x, id_sets[j], topw, *ws, scales, act=act, out=out, config=config),
+                             len(id_sets), reps)
+
+    default = moe_pick(h, i, fmt == "fp8")
+    row = {"name": f"moe decode ({rows} rows, top-{k} of {e})", "fmt": fmt, "experts_read": used,
+           "weight_mb": nbytes / 1e6, "default_config": default, "us": run(default)}
+    if sweep:
+        best = (row["us"], default)
+        for c in moe_candidates():
+            try:
+                best = min(best, (run(c), c), key=lambda p: p[0])
+            except Exception as exc:
+                print(f"  skip {c}: {type(exc).__name__}", flush=True)
+        row["best_us"], row["best_config"] = best
+        table["moe"][f"h{h}_i{i}_{fmt}"] = best[1]
+    t_us = min(row["us"], row.get("best_us", row["us"]))
+    row["tbps"] = nbytes / (t_us * 1e-6) / 1e12
+    if fmt == "bf16":  # the gather dispatch the graph used before (copies the routed weights)
+        wg, wu, wd = ws
+
+        def gather(j):
+            idx = id_sets[j]
+            xk = x[:, None, :, None]
+            hh = F.silu((wg[idx] @ xk).squeeze(-1)) * (wu[idx] @ xk).squeeze(-1)
+            return (wd[idx] @ hh[..., None]).squeeze(-1)
+
+        row["gather_us"] = graph_time_us(gather, len(id_sets), reps)
+    print(f"{row['name']:34s} {fmt:5s} {row['weight_mb']:8.1f} MB  {t_us:8.1f} us  {row['tbps']:5.2f} TB/s"
+          + (f"   gather {row['gather_us']:8.1f} us" if "gather_us" in row else ""), flush=True)
+    return row
+
+
+def markdown(res) -> str:
+    lines = [f"# Decode kernels on {res['env'].get('gpu')} (effective HBM bandwidth; peak {res['peak_tbps']} TB/s)", "",
+             "| GEMM | rows | weight | format | ours (us) | ours TB/s | cuBLAS bf16 (us) | cuBLAS TB/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        t = min(r["us"], r.get("best_us", r["us"]))
+        ref = f"{r['cublas_us']:.1f} | {r['cublas_tbps']:.2f}" if "cublas_us" in r else (
+            f"gather {r['gather_us']:.1f} | -" if "gather_us" in r else "- | -")
+        lines.append(f"| {r['name']} | {r.get('rows', 2)} | {r['weight_mb']:.1f} MB | {r['fmt']} | {t:.1f} | {r['tbps']:.2f} | {ref} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="time only the default configs")
+    p.add_argument("--sweep-shapes", type=int, default=2, help="sweep configs for the first N GEMM shapes (heaviest)")
+    p.add_argument("--peak-tbps", type=float, default=3.35)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    cfg = full_config()
+    table = {"skinny": {}, "moe": {}}
+    res = {"env": environment(torch.device("cuda")), "peak_tbps": a.peak_tbps, "rows": []}
+    a.out.mkdir(parents=True, exist_ok=True)
+    for idx, (name, m, n, k, epi) in enumerate(shapes(cfg)):
+        for fmt in ("bf16", "fp8"):
+            res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, a.sweep and idx < a.sweep_shapes, table))
+            (a.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    for fmt in ("bf16", "fp8"):
+        res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table))
+    (a.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    (a.out / "kernels.md").write_text(markdown(res))
+    if a.sweep:
+        (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
