@@ -12,9 +12,10 @@ bf16; padded `torch._scaled_mm` ~2.1. This kernel is built for that regime:
 * split-K when there are too few column blocks to fill the GPU, reduced deterministically: each
   split writes its partial, the last to arrive (an atomic ticket) sums them in split order, so the
   result does not depend on scheduling and a seed gives the same image bit for bit;
-* fused prologue/epilogue for the flow head's residual block, which otherwise costs five extra
-  launches per block per Euler step: LayerNorm + adaLN modulation before the GEMM, SwiGLU or
-  `h += gate * y` (in place, fp32 residual) after it.
+* fused epilogues for the flow head's residual block: SwiGLU (both halves of w12 in one program)
+  and `h += gate * y` (in place, fp32 residual). The LayerNorm + adaLN modulation before w12 is a
+  separate one-program-per-row kernel (kernels/layernorm.py): fused into this one, every program
+  recomputed the row statistics before its first weight load, which cost ~30% at the real shapes.
 """
 from __future__ import annotations
 
@@ -31,11 +32,9 @@ if triton is not None:
     @triton.jit
     def _skinny_kernel(
         x_ptr, w_ptr, wscale_ptr, bias_ptr, y_ptr,
-        lnw_ptr, lnb_ptr, shift_ptr, scale_ptr, gate_ptr,
-        part_ptr, ticket_ptr,
-        M, N, K, row_div, stride_xm, stride_ym, stride_mod, eps,
-        HAS_WSCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        PROLOGUE_LN: tl.constexpr, LN_AFFINE: tl.constexpr, EPILOGUE: tl.constexpr,
+        gate_ptr, part_ptr, ticket_ptr,
+        M, N, K, row_div, stride_xm, stride_ym, stride_gate,
+        HAS_WSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
@@ -48,22 +47,6 @@ if triton is not None:
         n_ok = rn < N
         x_rows = x_ptr + (rm // row_div).to(tl.int64) * stride_xm  # row_div > 1: rows share an input row
 
-        if PROLOGUE_LN:  # row statistics over all of K, two passes (rows are tiny and L2-resident)
-            s1 = tl.zeros((BLOCK_M,), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + rk
-                xt = tl.load(x_rows[None, :] + kk[:, None], mask=m_ok[None, :] & (kk[:, None] < K), other=0.0)
-                s1 += tl.sum(xt.to(tl.float32), axis=0)
-            mean = s1 / K
-            s2 = tl.zeros((BLOCK_M,), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + rk
-                ok = m_ok[None, :] & (kk[:, None] < K)
-                xt = tl.load(x_rows[None, :] + kk[:, None], mask=ok, other=0.0)
-                d = tl.where(ok, xt.to(tl.float32) - mean[None, :], 0.0)
-                s2 += tl.sum(d * d, axis=0)
-            rstd = 1.0 / tl.sqrt(s2 / K + eps)
-
         # this split's share of K, a whole number of blocks
         k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         k_lo = pid_k * k_span
@@ -75,16 +58,6 @@ if triton is not None:
             kk = k0 + rk
             k_ok = kk < k_hi
             xt = tl.load(x_rows[None, :] + kk[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BM)
-            if PROLOGUE_LN:
-                xt = (xt.to(tl.float32) - mean[None, :]) * rstd[None, :]
-                if LN_AFFINE:
-                    xt = xt * tl.load(lnw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[:, None] \
-                        + tl.load(lnb_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[:, None]
-                mod_off = rm[None, :] * stride_mod + kk[:, None]
-                mod_ok = m_ok[None, :] & k_ok[:, None]
-                sh = tl.load(shift_ptr + mod_off, mask=mod_ok, other=0.0).to(tl.float32)
-                sc = tl.load(scale_ptr + mod_off, mask=mod_ok, other=0.0).to(tl.float32)
-                xt = tl.where(mod_ok, xt * (1.0 + sc) + sh, 0.0)
             wt = tl.load(w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
             if UPCAST:
                 acc += tl.dot(wt.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
@@ -131,7 +104,7 @@ if triton is not None:
         if EPILOGUE == 1:
             acc = acc / (1.0 + tl.exp(-acc)) * acc2
         if EPILOGUE == 2:
-            g = tl.load(gate_ptr + rm[None, :] * stride_mod + rn[:, None], mask=out_ok, other=0.0).to(tl.float32)
+            g = tl.load(gate_ptr + rm[None, :] * stride_gate + rn[:, None], mask=out_ok, other=0.0).to(tl.float32)
             acc = tl.load(y_ptr + y_off, mask=out_ok, other=0.0).to(tl.float32) + g * acc
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
@@ -210,18 +183,29 @@ class Workspace:
         self.tickets = torch.zeros((n + 15) // 16 + 1, dtype=torch.int32, device=device)
 
 
-def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=None, bias=None,
-                ln=None, shift=None, scale=None, gate=None, epilogue: int = STORE, row_div: int = 1,
-                ln_eps: float = 1e-6, workspace: Workspace | None = None, config: dict | None = None) -> torch.Tensor:
+SMEM_BUDGET = 200 * 1024  # bytes of shared memory the pipelined tiles may take (H100: 227 KB per block)
+
+
+def fit_stages(config: dict, w_bytes: int, swiglu: bool, block_m: int, x_bytes: int = 4) -> dict:
+    """Lower num_stages until the pipelined weight (and row) tiles fit in shared memory."""
+    per_stage = config["BLOCK_N"] * config["BLOCK_K"] * w_bytes * (2 if swiglu else 1) + config["BLOCK_K"] * block_m * x_bytes
+    stages = config.get("num_stages", 3)
+    while stages > 2 and stages * per_stage > SMEM_BUDGET:
+        stages -= 1
+    return {**config, "num_stages": stages} if "num_stages" in config else config
+
+
+def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=None, bias=None, gate=None,
+                epilogue: int = STORE, row_div: int = 1, workspace: Workspace | None = None,
+                config: dict | None = None) -> torch.Tensor:
     """out[m, :] (=|+=) f(x[m // row_div] @ W^T) for M = out.shape[0] rows.
 
-    x (M / row_div, K) any float dtype, row-contiguous; w (N', K) bf16/fp16/fp8-e4m3, contiguous;
-    out (M, N) with N = N' (STORE, GATED_RESIDUAL) or N'/2 (SWIGLU); w_scale (N',) fp32 per output
-    channel; bias (N',). ln = "affine:(weight, bias)" tuple, or "plain" for a LayerNorm without
-    parameters, then shift/scale (M, K) views with a common row stride are the adaLN modulation.
-    gate (M, N) view with the same row stride as shift (GATED_RESIDUAL: out += gate * y).
-    config pins {BLOCK_N, BLOCK_K, SPLIT_K[, num_warps, num_stages]}; by default the GPU's measured table
-    (kernels/configs/) or a heuristic picks it.
+    x (M / row_div, K) any float dtype, row-contiguous (multiplied as bf16 on a GPU); w (N', K)
+    bf16/fp16/fp8-e4m3, contiguous; out (M, N) with N = N' (STORE, GATED_RESIDUAL) or N'/2 (SWIGLU:
+    out = silu(y[:, :N]) * y[:, N:]); w_scale (N',) fp32 per output channel; bias (N',);
+    gate (M, N) with contiguous columns (GATED_RESIDUAL: out += gate * y, in place).
+    config pins {BLOCK_N, BLOCK_K, SPLIT_K[, num_warps, num_stages]}; by default the GPU's measured
+    table (kernels/configs/) or a heuristic picks it.
     """
     require()
     m, n = out.shape
@@ -234,23 +218,20 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
         raise ValueError(f"w has {w.shape[0]} rows for {n} outputs with epilogue {epilogue}")
     if x.shape[0] * row_div != m:
         raise ValueError(f"{x.shape[0]} input rows x row_div {row_div} != {m} output rows")
-    dummy = out
-    lnw, lnb = (ln if isinstance(ln, tuple) else (dummy, dummy))
-    mod_stride = shift.stride(0) if shift is not None else (gate.stride(0) if gate is not None else 0)
-    for t in (shift, scale, gate):
-        if t is not None and (t.stride(0) != mod_stride or t.stride(-1) != 1):
-            raise ValueError("shift, scale and gate must share one row stride and be contiguous in columns")
+    if (gate is None) != (epilogue != GATED_RESIDUAL) or (gate is not None and gate.stride(-1) != 1):
+        raise ValueError("the gated-residual epilogue needs a gate (M, N) with contiguous columns, and only it does")
     if workspace is None:
         workspace = Workspace(n, m, out.device)
+    dummy = out
     args = (x, w, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, out,
-            lnw, lnb, shift if shift is not None else dummy, scale if scale is not None else dummy,
             gate if gate is not None else dummy, workspace.partials, workspace.tickets,
-            m, n, k, row_div, x.stride(0), out.stride(0), mod_stride, ln_eps)
-    flags = dict(HAS_WSCALE=w_scale is not None, HAS_BIAS=bias is not None, PROLOGUE_LN=ln is not None,
-                 LN_AFFINE=isinstance(ln, tuple), EPILOGUE=epilogue, BLOCK_M=max(16, next_pow2(m)),
+            m, n, k, row_div, x.stride(0), out.stride(0), gate.stride(0) if gate is not None else 0)
+    block_m = max(16, next_pow2(m))
+    flags = dict(HAS_WSCALE=w_scale is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=block_m,
                  UPCAST=interpreting())
     if config is None:
         config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, epilogue)
+    config = fit_stages(config, w.element_size(), epilogue == SWIGLU, block_m, x.element_size())
     grid = (triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
     _skinny_kernel[grid](*args, **flags, **config)
     return out

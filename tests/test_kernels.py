@@ -16,6 +16,7 @@ from conftest import assert_close  # noqa: E402
 from kernels import interpreting  # noqa: E402
 from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8  # noqa: E402
 from kernels.guidance import guide_euler_  # noqa: E402
+from kernels.layernorm import ln_modulate  # noqa: E402
 from kernels.moe import moe_decode  # noqa: E402
 from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, skinny_gemm  # noqa: E402
 from models import build, tiny_config  # noqa: E402
@@ -64,27 +65,32 @@ def test_skinny_store(split, fmt):
     _check(f"kernels/skinny_{fmt}_split{split}", out, ref)
 
 
-@pytest.mark.parametrize("split", SPLITS)
-def test_skinny_layernorm_modulate_swiglu(split):
+@pytest.mark.parametrize("affine", [True, False])
+def test_ln_modulate(affine):
     g = torch.Generator().manual_seed(2)
-    m, k, hid = 2, 96, 48
+    m, k = 3, 200
     h = torch.randn(m, k, generator=g).to(DEV) * 3 + 1
-    w12 = torch.randn(2 * hid, k, generator=g).to(torch.bfloat16).to(DEV)
-    b12 = torch.randn(2 * hid, generator=g).to(DEV)
     lnw, lnb = torch.randn(k, generator=g).to(DEV), torch.randn(k, generator=g).to(DEV)
     mods = torch.randn(m, 3 * k, generator=g).to(DEV) * 0.5
+    out = torch.empty(m, k, device=DEV)
+    ln_modulate(h, mods[:, :k], mods[:, k:2 * k], out, **(dict(weight=lnw, bias=lnb) if affine else {}), eps=1e-6)
+    ref = F.layer_norm(h, (k,), lnw if affine else None, lnb if affine else None, 1e-6) * (1 + mods[:, k:2 * k]) + mods[:, :k]
+    assert_close(f"kernels/ln_modulate_affine{int(affine)}", out, ref, 1e-5 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="both"):
+        ln_modulate(h, mods[:, :k], mods[:, k:2 * k], out, weight=lnw)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_skinny_swiglu(split):
+    g = torch.Generator().manual_seed(2)
+    m, k, hid = 2, 96, 48
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV)
+    w12 = torch.randn(2 * hid, k, generator=g).to(torch.bfloat16).to(DEV)
+    b12 = torch.randn(2 * hid, generator=g).to(DEV)
     out = torch.empty(m, hid, device=DEV)
-    skinny_gemm(h, w12, out, bias=b12, ln=(lnw, lnb), ln_eps=1e-6, shift=mods[:, :k], scale=mods[:, k:2 * k],
-                epilogue=SWIGLU, config=_cfg(split))
-    xn = F.layer_norm(h, (k,), lnw, lnb, 1e-6) * (1 + mods[:, k:2 * k]) + mods[:, :k]
-    gate, value = (_act(xn) @ w12.float().T + b12).chunk(2, dim=-1)
-    _check(f"kernels/skinny_ln_swiglu_split{split}", out, F.silu(gate) * value)
-    # a LayerNorm without parameters (the flow head's final layer)
-    out2 = torch.empty(m, hid, device=DEV)
-    skinny_gemm(h, w12[:hid].contiguous(), out2, ln="plain", shift=mods[:, :k], scale=mods[:, k:2 * k],
-                config=_cfg(split))
-    xn = F.layer_norm(h, (k,), eps=1e-6) * (1 + mods[:, k:2 * k]) + mods[:, :k]
-    _check(f"kernels/skinny_plain_ln_split{split}", out2, _act(xn) @ w12[:hid].float().T)
+    skinny_gemm(x, w12, out, bias=b12, epilogue=SWIGLU, config=_cfg(split))
+    gate, value = (x.float() @ w12.float().T + b12).chunk(2, dim=-1)
+    _check(f"kernels/skinny_swiglu_split{split}", out, F.silu(gate) * value)
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -111,6 +117,8 @@ def test_skinny_rejects_bad_operands():
         skinny_gemm(torch.randn(65, 32, device=DEV), w, torch.empty(65, 8, device=DEV))
     with pytest.raises(ValueError, match="row_div"):
         skinny_gemm(torch.randn(3, 32, device=DEV), w, torch.empty(4, 8, device=DEV), row_div=2)
+    with pytest.raises(ValueError, match="gate"):
+        skinny_gemm(torch.randn(3, 32, device=DEV), w, torch.empty(3, 8, device=DEV), epilogue=GATED_RESIDUAL)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])

@@ -5,8 +5,9 @@ adaLN modulations in one GEMM per block), laid out for the memory-bound decode r
 
   per token:  mods[blk] = adaLN_blk(silu(temb + cond))          (S*M, 3W) fp32, one GEMM per block
   per step:   h   = input_proj(x)                                (M, W) fp32 residual stream
-              act = SwiGLU(w12 @ modulate(LN(h)))                launch 1: LN + adaLN prologue fused
-              h  += gate * (w3 @ act)                            launch 2: in place, fp32
+              xn  = modulate(LN(h))                              launch 1: one program per row, bf16 out
+              act = SwiGLU(w12 @ xn)                             launch 2: both halves in one program
+              h  += gate * (w3 @ act)                            launch 3: in place, fp32
               v   = final(modulate(LN(h)))                       (M, C)
               x  += dt * guide(v)                                one launch
 with M = B*R rows. The residual stream and the modulations stay fp32 (the reference rounds them to
@@ -20,7 +21,8 @@ from torch import nn
 
 from kernels.fp8 import quantize_rows_fp8
 from kernels.guidance import guide_euler_
-from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, STORE, SWIGLU, Workspace, skinny_gemm
+from kernels.layernorm import ln_modulate
+from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, Workspace, skinny_gemm
 from models.univision import MingUniVision
 
 from .flow_head import FastFlowHead
@@ -75,6 +77,7 @@ class KernelFlowHead(nn.Module):
             s = self.hoisted.temb.shape[0]
             self._scratch[key] = dict(
                 h=torch.empty(m, w, dtype=torch.float32, device=dev),
+                xn=torch.empty(m, w, dtype=torch.bfloat16, device=dev),
                 act=torch.empty(m, hidden, dtype=torch.bfloat16, device=dev),
                 v=torch.empty(m, c, dtype=torch.float32, device=dev),
                 mods=[torch.empty(s * m, 3 * w, dtype=torch.float32, device=dev) for _ in self.blocks],
@@ -102,21 +105,22 @@ class KernelFlowHead(nn.Module):
         for blk, mods in zip(self.blocks, buf["mods"]):
             self._gemm_rows(sy, blk["ada"], mods, buf["ws_mod"])
         self._gemm_rows(sy, self.final_ada, buf["fmod"], buf["ws_mod"])
-        h, act, v = buf["h"], buf["act"], buf["v"]
+        h, xn, act, v = buf["h"], buf["xn"], buf["act"], buf["v"]
         x = noise.float() * temperature  # (B, C)
         for k in range(s):
             skinny_gemm(x, self.input_proj.weight, h, w_scale=self.input_proj.scale, bias=self.input_proj.bias,
                         row_div=r, workspace=buf["ws_in"])  # (M, W): each prompt's rows share its state
             for blk, mods in zip(self.blocks, buf["mods"]):
                 mk = mods[k * m:(k + 1) * m]  # (M, 3W) = [shift | scale | gate]
-                skinny_gemm(h, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,
-                            ln=blk["ln"], ln_eps=self.eps, shift=mk[:, :w], scale=mk[:, w:2 * w],
+                ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk["ln"][0], bias=blk["ln"][1], eps=self.eps)
+                skinny_gemm(xn, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,
                             epilogue=SWIGLU, workspace=buf["ws_up"])
                 skinny_gemm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias,
                             gate=mk[:, 2 * w:], epilogue=GATED_RESIDUAL, workspace=buf["ws_down"])
             fk = buf["fmod"][k * m:(k + 1) * m]
-            skinny_gemm(h, self.final.weight, v, w_scale=self.final.scale, bias=self.final.bias, ln="plain",
-                        ln_eps=self.eps, shift=fk[:, :w], scale=fk[:, w:], workspace=buf["ws_final"])
+            ln_modulate(h, fk[:, :w], fk[:, w:], xn, eps=self.eps)
+            skinny_gemm(xn, self.final.weight, v, w_scale=self.final.scale, bias=self.final.bias,
+                        workspace=buf["ws_final"])
             guide_euler_(x, v, fh.dts, k, text_cfg, image_cfg, self.renorm)
         return x
 
