@@ -91,7 +91,7 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table):
         wq, sc, nbytes = wb, None, wb.numel() * 2
     copies = max(1, min(16, -(-3 * L2_BYTES // nbytes)))
     ws = [wq] + [wq.clone() for _ in range(copies - 1)]
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(m, k, device=dev, dtype=torch.float16 if fmt == "fp8" else torch.bfloat16)
     out = torch.zeros(m, n, device=dev)
     mods = torch.randn(m, 3 * n, device=dev) * 0.1
     work = Workspace(n, m, dev)

@@ -43,3 +43,36 @@ def require() -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+F16_MAX = 65504.0
+
+if triton is not None:
+
+    @triton.jit
+    def mma(w, x, UPCAST: tl.constexpr):
+        """w (BN, BK) @ x (BK, BM) with fp32 accumulation, operands chosen by the weight's dtype:
+        FP8 (E4M3) weights widen to fp16 (one cvt per pair on SM 8.9+, exact: E4M3 fits in fp16),
+        where widening to bf16 costs several instructions per element and made FP8 GEMMs no faster than
+        bf16 ones; the rows are then rounded to fp16 too, clamped to its range. bf16/fp16 weights
+        multiply bf16/fp16 rows. UPCAST (interpreter): fp32 IEEE products."""
+        if UPCAST:
+            out = tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+        elif w.dtype == tl.float8e4nv:
+            if x.dtype == tl.float16:
+                xh = x
+            else:
+                xh = tl.minimum(tl.maximum(x.to(tl.float32), -F16_MAX), F16_MAX).to(tl.float16)
+            out = tl.dot(w.to(tl.float16), xh)
+        elif w.dtype == tl.float16:
+            out = tl.dot(w, x.to(tl.float16))
+        else:
+            out = tl.dot(w.to(tl.bfloat16), x.to(tl.bfloat16))
+        return out
+
+    @triton.jit
+    def store_cast(ptr, value, mask):
+        """Store fp32 `value`, clamped to fp16's range when the destination is fp16."""
+        if ptr.dtype.element_ty == tl.float16:
+            value = tl.minimum(tl.maximum(value, -F16_MAX), F16_MAX)
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)

@@ -10,6 +10,9 @@ import torch
 from ._triton import next_pow2, require, tl, triton
 
 if triton is not None:
+    from ._triton import store_cast
+
+if triton is not None:
 
     @triton.jit
     def _ln_modulate_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, K, stride_x, stride_mod, stride_out,
@@ -25,7 +28,7 @@ if triton is not None:
             y = y * tl.load(w_ptr + rk, mask=ok, other=0.0).to(tl.float32) + tl.load(b_ptr + rk, mask=ok, other=0.0).to(tl.float32)
         sh = tl.load(shift_ptr + m * stride_mod + rk, mask=ok, other=0.0).to(tl.float32)
         sc = tl.load(scale_ptr + m * stride_mod + rk, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * stride_out + rk, (y * (1.0 + sc) + sh).to(out_ptr.dtype.element_ty), mask=ok)
+        store_cast(out_ptr + m * stride_out + rk, y * (1.0 + sc) + sh, ok)
 
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, *, weight=None,

@@ -8,9 +8,10 @@ routing, so each routed expert's bytes cross HBM once per row and nothing is syn
   gate_up: grid (T*k slots, I blocks)   act[s] = silu(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)
   down:    grid (T, H blocks)           y[t]   = sum_j w[t, j] * (act[t*k + j] @ Wd[e_j]^T)
 
-The k-sum runs inside one program in a fixed order: deterministic, no atomics. Rows are few, so the
-products are CUDA-core FMAs into a (BLOCK_N, BLOCK_K) accumulator reduced once at the end (a GEMV);
-FP8 weights carry a per-(expert, output channel) fp32 scale applied after the reduction.
+The k-sum runs inside one program in a fixed order: deterministic, no atomics. Each slot is one row,
+put in column 0 of a 16-wide tile so the tensor cores do the products (CUDA-core FMAs after
+widening FP8 to fp32 made the FP8 kernel compute-bound at 1.9 TB/s); FP8 weights carry a
+per-(expert, output channel) fp32 scale applied after the reduction.
 """
 from __future__ import annotations
 
@@ -19,53 +20,60 @@ import torch
 from ._triton import interpreting, require, tl, triton
 
 if triton is not None:
+    from ._triton import mma, store_cast
 
     @triton.jit
     def _gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, H, I, stride_x,
-                        TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        UPCAST: tl.constexpr):
         s = tl.program_id(0)
         t = s // TOPK
         e = tl.load(ids_ptr + s).to(tl.int64)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
+        col = tl.arange(0, 16)
         n_ok = rn < I
         rows = (e * I + rn).to(tl.int64) * H
-        acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc_g = tl.zeros((BLOCK_N, 16), tl.float32)
+        acc_u = tl.zeros((BLOCK_N, 16), tl.float32)
         for k0 in range(0, H, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < H
-            xv = tl.load(x_ptr + t * stride_x + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            # the row in column 0 of a (BK, 16) tile: the tensor cores' smallest N; the rest are zeros
+            xt = tl.load(x_ptr + t * stride_x + kk[:, None] + col[None, :] * 0, mask=k_ok[:, None] & (col[None, :] == 0),
+                         other=0.0)
             ok = n_ok[:, None] & k_ok[None, :]
-            acc_g += tl.load(wg_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0).to(tl.float32) * xv
-            acc_u += tl.load(wu_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0).to(tl.float32) * xv
+            acc_g += mma(tl.load(wg_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST)
+            acc_u += mma(tl.load(wu_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST)
         g = tl.sum(acc_g, axis=1)
         u = tl.sum(acc_u, axis=1)
         if HAS_SCALE:
             g = g * tl.load(sg_ptr + e * I + rn, mask=n_ok, other=0.0)
             u = u * tl.load(su_ptr + e * I + rn, mask=n_ok, other=0.0)
-        act = g / (1.0 + tl.exp(-g)) * u
-        tl.store(act_ptr + s * I + rn, act.to(act_ptr.dtype.element_ty), mask=n_ok)
+        store_cast(act_ptr + s * I + rn, g / (1.0 + tl.exp(-g)) * u, n_ok)
 
     @triton.jit
     def _down_kernel(act_ptr, ids_ptr, topw_ptr, wd_ptr, sd_ptr, y_ptr, H, I, stride_y,
-                     TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     UPCAST: tl.constexpr):
         t = tl.program_id(0)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
+        col = tl.arange(0, 16)
         n_ok = rn < H
         y = tl.zeros((BLOCK_N,), tl.float32)
-        for j in range(TOPK):
+        for j in range(TOPK):  # this row's experts in routing order: a fixed summation order
             s = t * TOPK + j
             e = tl.load(ids_ptr + s).to(tl.int64)
             rows = (e * H + rn).to(tl.int64) * I
-            acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            acc = tl.zeros((BLOCK_N, 16), tl.float32)
             for k0 in range(0, I, BLOCK_K):
                 kk = k0 + rk
                 k_ok = kk < I
-                a = tl.load(act_ptr + s * I + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-                acc += tl.load(wd_ptr + rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                               other=0.0).to(tl.float32) * a
+                at = tl.load(act_ptr + s * I + kk[:, None] + col[None, :] * 0, mask=k_ok[:, None] & (col[None, :] == 0),
+                             other=0.0)
+                acc += mma(tl.load(wd_ptr + rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0),
+                           at, UPCAST)
             part = tl.sum(acc, axis=1)
             if HAS_SCALE:
                 part = part * tl.load(sd_ptr + e * H + rn, mask=n_ok, other=0.0)
@@ -74,17 +82,17 @@ if triton is not None:
 
 
 def candidate_configs() -> list[dict]:
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 3}
-            for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (4,) if bn * bk <= 8192]
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 3}
+            for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 16384]
 
 
 def pick_config(h: int, i: int, fp8: bool) -> dict:
     if interpreting():
-        return {"BLOCK_N": 32, "BLOCK_K": 64}
+        return {"BLOCK_N": 32, "BLOCK_K": 64}  # few, wide programs: the interpreter runs them one by one
     from .skinny import tuned_configs_for
 
     found = tuned_configs_for("moe").get(f"h{h}_i{i}_{'fp8' if fp8 else 'bf16'}")
-    return dict(found) if found else {"BLOCK_N": 16, "BLOCK_K": 512 if fp8 else 256, "num_warps": 4, "num_stages": 3}
+    return dict(found) if found else {"BLOCK_N": 32, "BLOCK_K": 512 if fp8 else 256, "num_warps": 4, "num_stages": 3}
 
 
 def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -103,16 +111,20 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     if x.stride(-1) != 1 or not (w_gate.is_contiguous() and w_up.is_contiguous() and w_down.is_contiguous()):
         raise ValueError("moe_decode needs row-contiguous x and contiguous stacked weights")
     ids, weights = ids.contiguous(), weights.contiguous()
-    act = torch.empty(t * k, i, dtype=torch.float32, device=x.device) if act is None else act
+    fp8 = w_gate.dtype == torch.float8_e4m3fn
+    if act is None:  # the down GEMM's row operand: fp16 next to FP8 weights, else the rows' dtype
+        act = torch.empty(t * k, i, dtype=torch.float16 if fp8 else x.dtype, device=x.device)
     out = torch.empty(t, h, dtype=torch.float32, device=x.device) if out is None else out
     has_scale = scales is not None
     sg, su, sd = scales if has_scale else (act, act, act)
     if config is None:
-        config = pick_config(h, i, w_gate.dtype == torch.float8_e4m3fn)
+        config = pick_config(h, i, fp8)
     _gate_up_kernel[(t * k, triton.cdiv(i, config["BLOCK_N"]))](
-        x, ids, w_gate, w_up, sg, su, act, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **config)
+        x, ids, w_gate, w_up, sg, su, act, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, UPCAST=interpreting(),
+        **config)
     _down_kernel[(t, triton.cdiv(h, config["BLOCK_N"]))](
-        act, ids, weights, w_down, sd, out, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale, **config)
+        act, ids, weights, w_down, sd, out, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale, UPCAST=interpreting(),
+        **config)
     return out
 
 

@@ -6,9 +6,9 @@ bf16; padded `torch._scaled_mm` ~2.1. This kernel is built for that regime:
 
 * swap-AB: the weight tile is the MMA's A operand (BLOCK_N x BLOCK_K, K contiguous) and the rows the
   B operand (BLOCK_K x BLOCK_M, BLOCK_M >= 16), so the tensor core's large dimension runs over W;
-* FP8 weights are widened to bf16 in registers (exact) and multiplied by bf16 activations with fp32
-  accumulation; the per-output-channel scale is applied once in the epilogue (weight-only FP8:
-  activations keep their precision);
+* FP8 weights are widened to fp16 in registers (exact, one instruction per pair) and multiplied by
+  fp16 rows with fp32 accumulation; the per-output-channel scale is applied once in the epilogue
+  (weight-only FP8: rows keep 11 significant bits). bf16 weights multiply bf16 rows;
 * split-K when there are too few column blocks to fill the GPU, reduced deterministically: each
   split writes its partial, the last to arrive (an atomic ticket) sums them in split order, so the
   result does not depend on scheduling and a seed gives the same image bit for bit;
@@ -22,6 +22,9 @@ from __future__ import annotations
 import torch
 
 from ._triton import interpreting, next_pow2, require, tl, triton
+
+if triton is not None:
+    from ._triton import mma, store_cast
 
 # epilogues
 STORE, SWIGLU, GATED_RESIDUAL = 0, 1, 2
@@ -59,16 +62,10 @@ if triton is not None:
             k_ok = kk < k_hi
             xt = tl.load(x_rows[None, :] + kk[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BM)
             wt = tl.load(w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
-            if UPCAST:
-                acc += tl.dot(wt.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(wt.to(tl.bfloat16), xt.to(tl.bfloat16))
+            acc += mma(wt, xt, UPCAST)
             if EPILOGUE == 1:
                 wt2 = tl.load(w_rows[:, None] + N * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST:
-                    acc2 += tl.dot(wt2.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-                else:
-                    acc2 += tl.dot(wt2.to(tl.bfloat16), xt.to(tl.bfloat16))
+                acc2 += mma(wt2, xt, UPCAST)
 
         out_ok = n_ok[:, None] & m_ok[None, :]
         if SPLIT_K > 1:
@@ -106,7 +103,7 @@ if triton is not None:
         if EPILOGUE == 2:
             g = tl.load(gate_ptr + rm[None, :] * stride_gate + rn[:, None], mask=out_ok, other=0.0).to(tl.float32)
             acc = tl.load(y_ptr + y_off, mask=out_ok, other=0.0).to(tl.float32) + g * acc
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        store_cast(y_ptr + y_off, acc, out_ok)
 
 
 SM_COUNT_DEFAULT = 132  # H100 SXM

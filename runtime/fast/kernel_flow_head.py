@@ -11,7 +11,7 @@ adaLN modulations in one GEMM per block), laid out for the memory-bound decode r
               v   = final(modulate(LN(h)))                       (M, C)
               x  += dt * guide(v)                                one launch
 with M = B*R rows. The residual stream and the modulations stay fp32 (the reference rounds them to
-bf16 at each op); the GEMM operands are bf16 (weights bf16, or FP8 widened exactly to bf16).
+bf16 at each op); the GEMM operands are bf16 (bf16 weights) or fp16 (FP8 weights widened exactly to fp16).
 """
 from __future__ import annotations
 
@@ -75,10 +75,11 @@ class KernelFlowHead(nn.Module):
             hidden = self.blocks[0]["w3"].weight.shape[1]
             c = self.final.weight.shape[0]
             s = self.hoisted.temb.shape[0]
+            rows_dtype = torch.float16 if self.weights == "fp8" else torch.bfloat16  # see kernels._triton.mma
             self._scratch[key] = dict(
                 h=torch.empty(m, w, dtype=torch.float32, device=dev),
-                xn=torch.empty(m, w, dtype=torch.bfloat16, device=dev),
-                act=torch.empty(m, hidden, dtype=torch.bfloat16, device=dev),
+                xn=torch.empty(m, w, dtype=rows_dtype, device=dev),
+                act=torch.empty(m, hidden, dtype=rows_dtype, device=dev),
                 v=torch.empty(m, c, dtype=torch.float32, device=dev),
                 mods=[torch.empty(s * m, 3 * w, dtype=torch.float32, device=dev) for _ in self.blocks],
                 fmod=torch.empty(s * m, 2 * w, dtype=torch.float32, device=dev),
