@@ -18,3 +18,29 @@ def test_speed_smoke(tmp_path):
     assert res["pieces"]["flow_head hoisted invariants"]["median_ms"] > 0
     assert res["floor"]["bytes_per_token"]["total"] > 0
     assert "| pipelines |" in (tmp_path / "speed_smoke.md").read_text()
+
+
+@torch.no_grad()
+def test_sdvae_latent_pipeline_on_tiny():
+    """The SD-VAE comparison pipeline: 1 latent token per 2x2x4 SD-VAE patch, decoded by AutoencoderKL."""
+    pytest.importorskip("diffusers", reason="the SD-VAE comparison needs diffusers")
+    from benchmarks.sdvae_ar import SDVAELatentGenerator, sd_vae
+    from models import build, tiny_config
+    from models.flow_head import draw_noise
+    from models.prompting import cfg_masks
+    from runtime import loop
+    from runtime.backends.torch_eager import TorchBackend
+
+    model = build(tiny_config(), seed=0)
+    backend, cfg = TorchBackend(model), model.cfg
+    ids = [490, 5, 6, 7, 492]
+    un, tu = cfg_masks(ids, (490,), (492,), [500, 501, 502])
+    cache = loop.prefill(backend, cfg, backend.embed(torch.tensor([ids])))
+    gen = SDVAELatentGenerator(model, sd_vae("cpu", torch.float32), image_size=128, use_graph=False)
+    n = gen.cfg.num_image_tokens
+    assert n == (128 // 8 // 2) ** 2
+    out = gen.generate(cache, uncond_mask=torch.tensor([un]), text_uncond_mask=torch.tensor([tu]),
+                       noise=draw_noise(torch.Generator().manual_seed(0), 1, n, 16), text_cfg=2.0, image_cfg=1.0,
+                       temperature=1.0)
+    assert out.image.shape == (1, 3, 128, 128) and out.latents.shape == (1, n, 16)
+    assert torch.isfinite(out.image).all()

@@ -111,6 +111,11 @@ class GraphImageGenerator:
         feats, emb = self.sem(latent[:, None].to(self.dtype), k.sem_pos, *k.sem_caches)  # (B, 1, D), (B, 1, H)
         k.latents.index_copy_(0, k.step, latent[None])
         k.feats.index_copy_(1, k.step, feats)
+        self._advance(k, emb)
+
+    @staticmethod
+    def _advance(k: _Bucket, emb: torch.Tensor) -> None:
+        """Feed the next LLM input (B, 1, H) to every CFG row and move every index one token on."""
         k.embeds.copy_(emb.repeat_interleave(k.r, dim=0))
         k.mask.index_fill_(1, k.cache_pos + 1, 1)  # the next token's own slot becomes visible
         for t in (k.cache_pos, k.sem_pos, k.step, k.positions):
@@ -144,6 +149,9 @@ class GraphImageGenerator:
                 self._capture(k)
             self._buckets[key] = k
         return self._buckets[key]
+
+    def _decode(self, k: _Bucket) -> torch.Tensor:
+        return self.model.vision.decode_pixels(k.feats)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, cache: LLMCache, *, on_token=None, **kwargs) -> LoopImage:
@@ -194,7 +202,7 @@ class GraphImageGenerator:
         hidden = self.llm.lm.model.forward_static(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
                                                   image_mask=k.no_image, moe_mode=self.moe_mode)[:, -1:]
         features = k.feats.clone()
-        image = self.model.vision.decode_pixels(features)
+        image = self._decode(k)
         total = p + 1 + n
         kv = tuple(t[::r, :, :total].clone() for t in k.llm_caches)
         last = hidden[::r]
