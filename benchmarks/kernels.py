@@ -214,6 +214,8 @@ def main(argv=None) -> int:
             sweep = a.sweep and idx < a.sweep_shapes and (epi != STORE or m > 2 or fmt == "fp8")
             res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, sweep, table))
             (a.out / "kernels.json").write_text(json.dumps(res, indent=1))
+            if a.sweep:  # after every shape: a run cut short keeps what it found
+                (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
     for fmt in ("bf16", "fp8"):
         res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table))
     (a.out / "kernels.json").write_text(json.dumps(res, indent=1))

@@ -45,9 +45,8 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-F16_MAX = 65504.0
-
 if triton is not None:
+    F16_MAX = tl.constexpr(65504.0)  # a jit function reads only constexpr globals
 
     @triton.jit
     def mma(w, x, UPCAST: tl.constexpr):
@@ -66,6 +65,8 @@ if triton is not None:
             out = tl.dot(w.to(tl.float16), xh)
         elif w.dtype == tl.float16:
             out = tl.dot(w, x.to(tl.float16))
+        elif w.dtype == tl.float32:  # fp32 models (tests): exact products, slow and unused at speed
+            out = tl.dot(w, x.to(tl.float32), input_precision="ieee")
         else:
             out = tl.dot(w.to(tl.bfloat16), x.to(tl.bfloat16))
         return out
