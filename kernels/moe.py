@@ -92,7 +92,7 @@ def pick_config(h: int, i: int, fp8: bool) -> dict:
     from .skinny import tuned_configs_for
 
     found = tuned_configs_for("moe").get(f"h{h}_i{i}_{'fp8' if fp8 else 'bf16'}")
-    return dict(found) if found else {"BLOCK_N": 32, "BLOCK_K": 512 if fp8 else 256, "num_warps": 4, "num_stages": 3}
+    return dict(found) if found else {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 
 
 def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,

@@ -124,14 +124,15 @@ def candidate_configs(n: int, k: int, fp8: bool = False) -> list[dict]:
 
 
 def heuristic_config(n: int, k: int, fp8: bool, sm_count: int = SM_COUNT_DEFAULT) -> dict:
-    """Enough programs for ~2 per SM (a GEMV needs many loads in flight), K tiles of ~512 bytes per row."""
-    bk = 512 if fp8 else 256
+    """For GPUs without a measured table: the shape of the H100's best configs (64x128 bf16 tiles,
+    32x256 FP8 tiles), split K until the column blocks cover the SMs once."""
+    bn, bk = (32, 256) if fp8 else (64, 128)
     bk = min(bk, max(32, next_pow2(k)))
-    bn = 32 if triton.cdiv(n, 32) >= 2 * sm_count else 16
+    bn = min(bn, max(16, next_pow2(n)))
     split = 1
-    while triton.cdiv(n, bn) * split < 2 * sm_count and split * 2 * bk <= k and split < 8:
+    while triton.cdiv(n, bn) * split < sm_count and split * 2 * bk <= k and split < 8:
         split *= 2
-    return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": 4 if bk < 512 else 3}
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
 
 
 _TUNED: dict | None = None
