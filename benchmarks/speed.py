@@ -176,6 +176,13 @@ def main(argv=None) -> int:
             sc = [torch.tensor([v], device=device) for v in (3.0, 1.1, 1.0)]
             rec("pieces", "flow_head (2 rows, 16 steps) eager", lambda: flow(hid, noise1, *sc))
             rec("pieces", "flow_head hoisted invariants", lambda: fast(hid, noise1, *sc))
+            if device.type == "cuda" and kernels_available() and not a.no_kernels:
+                from runtime.fast.kernel_flow_head import KernelFlowHead
+
+                for fmt in ("bf16", "fp8"):  # launch-bound outside a graph: the token step below is the real number
+                    kfh = KernelFlowHead(model, weights=fmt)
+                    rec("pieces", f"flow_head kernels {fmt} (eager launches)", lambda: kfh(hid, noise1, *sc))
+                    del kfh
             sem = SemanticDecoderPiece(model)
             mt = cfg.mingtok
             skv = tuple(torch.randn(1, mt.semantic_dim // mt.head_dim, n // 2, mt.head_dim, device=device, dtype=dtype)
