@@ -362,12 +362,12 @@ def breakdown(gen, k, fmt: str, rec):
     noise = k.noise[0]
 
     def llm():
-        hidden.copy_(gen.llm.lm.model.forward_static(k.embeds, k.mask, k.positions, *gen._pairs(k.llm_caches), k.cache_pos,
+        hidden.copy_(gen._llm_step(k.embeds, k.mask, k.positions, *gen._pairs(k.llm_caches), k.cache_pos,
                                                      image_mask=k.no_image, moe_mode=gen.moe_mode)[:, -1:])
 
     parts = {"LLM step": llm,
              "flow head": lambda: gen.flow(hidden.view(k.b, k.r, -1), noise, *k.scalars),
-             "semantic decoder step + connector": lambda: gen.sem(latent, k.sem_pos, *k.sem_caches)}
+             "semantic decoder step + connector": lambda: gen._sem_step(latent, k.sem_pos, *k.sem_caches)}
     for name, fn in parts.items():
         rec("breakdown", f"{name}, CUDA graph + kernels ({fmt})", capture(fn))
 

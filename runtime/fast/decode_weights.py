@@ -18,8 +18,8 @@ from torch import nn
 
 from kernels import interpreting
 from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8
-from kernels.moe import moe_decode
-from kernels.skinny import MAX_ROWS, skinny_gemm
+from kernels.ops import moe_decode_op, skinny_linear_op
+from kernels.skinny import MAX_ROWS
 from models.llm import MoE
 from models.univision import MingUniVision
 
@@ -40,7 +40,8 @@ class FusedMoEDecode:
             self.scales = None
 
     def __call__(self, x, ids, w):
-        return moe_decode(x, ids, w, self.wg, self.wu, self.wd, self.scales)
+        sg, su, sd = self.scales if self.scales is not None else (None, None, None)
+        return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, sg, su, sd)
 
 
 class FP8Linear(nn.Module):
@@ -59,10 +60,8 @@ class FP8Linear(nn.Module):
     def forward(self, x):
         rows = x.numel() // self.in_features
         if rows <= MAX_ROWS and (x.is_cuda or interpreting()):
-            out = torch.empty(*x.shape[:-1], self.out_features, dtype=self.out_dtype, device=x.device)
-            skinny_gemm(x.reshape(rows, self.in_features), self.weight_fp8, out.view(rows, self.out_features),
-                        w_scale=self.scale, bias=self.bias)
-            return out
+            y = skinny_linear_op(x.reshape(rows, self.in_features), self.weight_fp8, self.scale, self.bias, self.out_dtype)
+            return y.view(*x.shape[:-1], self.out_features)
         w = dequantize_rows_fp8(self.weight_fp8, self.scale).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

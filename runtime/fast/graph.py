@@ -58,9 +58,11 @@ class _Bucket:
 
 class GraphImageGenerator:
     def __init__(self, model: MingUniVision, use_graph: bool | None = None, bucket: int = 64,
-                 kernels: bool | None = None, weights: str = "bf16"):
+                 kernels: bool | None = None, weights: str = "bf16", compile: bool | None = None):
         """kernels: use the Triton decode kernels (default: when a GPU and triton are there);
-        weights: "bf16" or "fp8" weight streaming for them (fp8 converts decode linears in place)."""
+        weights: "bf16" or "fp8" weight streaming for them (fp8 converts decode linears in place);
+        compile: torch.compile the LLM step and the semantic-decoder step (default: with the kernels on
+        a GPU), which fuses the ~60 small launches per layer around the kernels (custom ops to it)."""
         from kernels import available as kernels_available
 
         self.model, self.cfg = model.eval(), model.cfg
@@ -83,6 +85,12 @@ class GraphImageGenerator:
             self.flow = FastFlowHead(model)
         self.llm = LLMStatic(model, moe_mode=self.moe_mode)
         self.sem = SemanticDecoderStatic(model)
+        self.compiled = (use_kernels and self.device.type == "cuda") if compile is None else compile
+        self._llm_step = self.llm.lm.model.forward_static
+        self._sem_step = self.sem
+        if self.compiled:  # shapes are static per bucket: one compile per bucket, during the warm-up
+            self._llm_step = torch.compile(self._llm_step, dynamic=False)
+            self._sem_step = torch.compile(self.sem, dynamic=False)
         self._buckets: dict[tuple, _Bucket] = {}
 
     # -- buffers ---------------------------------------------------------------------------------
@@ -104,11 +112,11 @@ class GraphImageGenerator:
     @torch.no_grad()
     def _step(self, k: _Bucket) -> None:
         """One image token, entirely on the device, advancing its own indices."""
-        hidden = self.llm.lm.model.forward_static(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
-                                                  image_mask=k.no_image, moe_mode=self.moe_mode)[:, -1:]  # (B*R, 1, H)
+        hidden = self._llm_step(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
+                                image_mask=k.no_image, moe_mode=self.moe_mode)[:, -1:]  # (B*R, 1, H)
         noise = k.noise.index_select(0, k.step)[0]  # (B, C)
         latent = self.flow(hidden.view(k.b, k.r, -1), noise, *k.scalars)  # (B, C) fp32
-        feats, emb = self.sem(latent[:, None].to(self.dtype), k.sem_pos, *k.sem_caches)  # (B, 1, D), (B, 1, H)
+        feats, emb = self._sem_step(latent[:, None].to(self.dtype), k.sem_pos, *k.sem_caches)  # (B, 1, D), (B, 1, H)
         k.latents.index_copy_(0, k.step, latent[None])
         k.feats.index_copy_(1, k.step, feats)
         self._advance(k, emb)
@@ -199,8 +207,8 @@ class GraphImageGenerator:
                 self._step(k)
             yield i + 1
         # the (N+1)-th LLM step only extends the cache; its flow sample would be discarded
-        hidden = self.llm.lm.model.forward_static(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
-                                                  image_mask=k.no_image, moe_mode=self.moe_mode)[:, -1:]
+        hidden = self._llm_step(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
+                                image_mask=k.no_image, moe_mode=self.moe_mode)[:, -1:]
         features = k.feats.clone()
         image = self._decode(k)
         total = p + 1 + n

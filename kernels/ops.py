@@ -1,0 +1,43 @@
+"""The decode kernels as PyTorch custom ops, so torch.compile treats them as opaque calls.
+
+With these, Inductor can fuse everything around the kernels (norms, RoPE, routing, residual adds:
+~60 small launches per LLM layer in eager) while our kernels run as they are. Each op has a fake
+(meta) implementation that only computes the output's shape and dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .moe import moe_decode
+from .skinny import skinny_gemm
+
+
+@torch.library.custom_op("mingrt::moe_decode", mutates_args=())
+def moe_decode_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                  w_down: torch.Tensor, s_gate: Optional[torch.Tensor], s_up: Optional[torch.Tensor],
+                  s_down: Optional[torch.Tensor]) -> torch.Tensor:
+    scales = None if s_gate is None else (s_gate, s_up, s_down)
+    return moe_decode(x, ids, weights, w_gate, w_up, w_down, scales)
+
+
+@moe_decode_op.register_fake
+def _moe_decode_fake(x, ids, weights, w_gate, w_up, w_down, s_gate, s_up, s_down):
+    return x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("mingrt::skinny_linear", mutates_args=())
+def skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """y = x @ (weight * scale[:, None])^T + bias for x (rows, K), rows <= kernels.skinny.MAX_ROWS."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype, device=x.device)
+    return skinny_gemm(x.contiguous(), weight, out, w_scale=scale, bias=bias)
+
+
+@skinny_linear_op.register_fake
+def _skinny_linear_fake(x, weight, scale, bias, out_dtype):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)
+
+
+__all__ = ["moe_decode_op", "skinny_linear_op"]
