@@ -187,6 +187,9 @@ def main(argv=None) -> int:
 
         reference_outputs = piece_outputs("gather", FlowHeadPiece(model))
         step_accuracy = results.setdefault("single_step_accuracy", {})
+        # the reference against itself with another summation order (per-expert MoE loop, hoisted flow
+        # head): how far bf16 rounding alone moves each piece with these random weights
+        step_accuracy["reference_reordered"] = rel_errors(piece_outputs("loop", FastFlowHead(model)), reference_outputs)
         if want("pieces"):
             llm_step = LLMPiece(model, "gather")
             rec("pieces", "llm_step (2 rows, gather MoE) eager", lambda: llm_step(x, mask, pos, no_img, *kv))

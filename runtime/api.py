@@ -60,13 +60,22 @@ class ImageOutput:
         return self.images[0]
 
 
+DECODE_WEIGHTS = ("bf16", "fp8")
+
+
 def load(engine_dir: str | Path, backend: str = "auto", device: str | torch.device | None = None, *,
-         tokenizer: str | Path | None = None, verify_hashes: bool = False, threads: int | None = None) -> "Runtime":
+         tokenizer: str | Path | None = None, verify_hashes: bool = False, threads: int | None = None,
+         decode_weights: str = "bf16") -> "Runtime":
     """Open an artifact folder made by `python -m export.build`.
 
     backend: "auto" (TensorRT on a GPU when its plans exist, else onnxruntime), "onnxruntime",
-    "tensorrt" or "torch" (the reference pieces, eager). The manifest is checked before any engine loads.
+    "tensorrt" or "torch" (the reference pieces: on a GPU, the compiled path with one CUDA graph and
+    the Triton kernels per image token). decode_weights: "fp8" streams the decode weights as FP8
+    (E4M3, per-channel scales) in that path: torch backend on a GPU of SM 8.9+ only.
+    The manifest is checked before any engine loads.
     """
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {decode_weights!r}")
     folder = Path(engine_dir)
     man = read_manifest(folder)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,19 +89,33 @@ def load(engine_dir: str | Path, backend: str = "auto", device: str | torch.devi
         tok_path = TINY_ASSET
     if not tok_path.exists():
         raise FileNotFoundError(f"no tokenizer.json in {folder}; pass tokenizer=<checkpoint>/tokenizer.json")
-    return Runtime(be, cfg, ChatTokenizer.from_file(tok_path, cfg), man)
+    return Runtime(be, cfg, ChatTokenizer.from_file(tok_path, cfg), man, decode_weights=decode_weights)
 
 
 class Runtime:
-    def __init__(self, backend, cfg, tokenizer: ChatTokenizer, manifest: dict | None = None):
+    def __init__(self, backend, cfg, tokenizer: ChatTokenizer, manifest: dict | None = None, *,
+                 decode_weights: str = "bf16"):
         self.backend, self.cfg, self.tokenizer, self.manifest = backend, cfg, tokenizer, manifest or {}
         self.max_sequence = self.manifest.get("limits", {}).get("max_sequence", 4096)
         self.max_prompts = self.manifest.get("limits", {}).get("max_prompts", 8)
         self._fast = None
-        if getattr(backend, "name", "") == "torch" and backend.device.type == "cuda":
+        fast_path = getattr(backend, "name", "") == "torch" and backend.device.type == "cuda"
+        if decode_weights != "bf16":
+            if not fast_path:
+                raise ValueError(f"decode_weights={decode_weights!r} needs the torch backend on a CUDA GPU "
+                                 f"(got backend {getattr(backend, 'name', '?')!r} on {backend.device})")
+            from kernels import available
+            from kernels.fp8 import gpu_supports_fp8
+
+            ok, why = gpu_supports_fp8(backend.device)
+            if not ok:
+                raise ValueError(f"decode_weights='fp8': {why}")
+            if not available():
+                raise ImportError("decode_weights='fp8' needs triton: install the 'kernels' extra")
+        if fast_path:
             from .fast.graph import GraphImageGenerator  # the compiled path: one CUDA graph per image token
 
-            self._fast = GraphImageGenerator(backend.model)
+            self._fast = GraphImageGenerator(backend.model, weights=decode_weights)
         self._fast_lock = threading.Lock()  # one generator's static buffers serve one request at a time
 
     def _image_steps(self, cache, **kwargs):

@@ -12,6 +12,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     g.add_argument("--tokenizer", help="tokenizer.json (default: the one in --engines)")
     g.add_argument("--verify-hashes", action="store_true", help="sha256 every engine file before loading")
+    g.add_argument("--decode-weights", choices=["bf16", "fp8"], default="bf16",
+                   help="weights streamed per image token by the torch backend's GPU path (fp8: SM 8.9+)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -23,4 +25,5 @@ def setup_logging(verbose: bool) -> None:
 def open_runtime(a):
     import runtime
 
-    return runtime.load(a.engines, a.backend, a.device, tokenizer=a.tokenizer, verify_hashes=a.verify_hashes)
+    return runtime.load(a.engines, a.backend, a.device, tokenizer=a.tokenizer, verify_hashes=a.verify_hashes,
+                        decode_weights=a.decode_weights)

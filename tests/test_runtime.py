@@ -273,3 +273,12 @@ def test_cli_generate_and_doctor(fp32_dir, tmp_path, capsys):
     assert doctor.main(["--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["torch"] == torch.__version__ and "onnxruntime" in rep["backends"]
+
+
+def test_fp8_decode_weights_need_the_gpu_torch_path(fp32_dir):
+    with pytest.raises(ValueError, match="decode_weights must be one of"):
+        runtime.load(fp32_dir, "onnxruntime", "cpu", decode_weights="int4")
+    with pytest.raises(ValueError, match="needs the torch backend on a CUDA GPU"):
+        runtime.load(fp32_dir, "onnxruntime", "cpu", decode_weights="fp8")
+    with pytest.raises(ValueError, match="needs the torch backend on a CUDA GPU"):
+        runtime.load(fp32_dir, "torch", "cpu", decode_weights="fp8")
