@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -103,7 +104,7 @@ def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, c
 
     from quant.calibrate import linear_input_amax
     from quant.modelopt_path import modelopt_available
-    from quant.qdq import insert_qdq
+    from quant.qdq import insert_qdq, quantize_stacked_experts
 
     use_modelopt = bc.quantizer == "modelopt" or (bc.quantizer == "auto" and modelopt_available())
     # ModelOpt writes FP8 as TensorRT-only custom ops (trt::TRT_FP8QuantizeLinear), which no other runtime
@@ -124,7 +125,21 @@ def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, c
     amax = linear_input_amax(judge_piece, calib_calls)
     model = onnx.load(str(path))
     report = insert_qdq(model, amax, bc.precision)
+    report += quantize_stacked_experts(model, bc.precision, names=_stacked_names(model, judge_piece))
     return save_onnx(model, path), report, "ours: per-channel weights, per-tensor static activations (max calibration)"
+
+
+def _stacked_names(model, piece) -> dict[str, str]:
+    """Initializer name -> parameter path for 3-D weights the exporter renamed (matched by value)."""
+    from onnx import numpy_helper
+
+    params = {n: p.detach().float().cpu().numpy() for n, p in piece.named_parameters() if p.dim() == 3}
+    out = {}
+    for init in model.graph.initializer:
+        if len(init.dims) == 3 and init.name not in params:
+            arr = numpy_helper.to_array(init)
+            out.update({init.name: n for n, p in params.items() if p.shape == arr.shape and np.array_equal(p, arr)})
+    return out
 
 
 def cast_call(call, spec, dtype) -> tuple:

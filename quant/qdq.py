@@ -165,3 +165,60 @@ def insert_qdq(model, act_amax: dict[str, float], fmt: str, policy: LayerPolicy 
         model.graph.node.extend(new_nodes.get(idx, []))
         model.graph.node.append(node)
     return report
+
+
+STACKED_EXPERTS = r"\.w_(gate|up|down)$"  # the LLM's routed experts, (E, out, in) stacked initializers
+
+
+def _gathered_3d(model) -> set[str]:
+    """3-D float initializers read only by Gather/GatherND: stacked weights picked by an index."""
+    from onnx import TensorProto
+
+    readers: dict[str, set] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers.setdefault(x, set()).add(n.op_type)
+    return {i.name for i in model.graph.initializer
+            if len(i.dims) == 3 and i.data_type == TensorProto.FLOAT and readers.get(i.name, {"?"}) <= {"Gather", "GatherND"}}
+
+
+def quantize_stacked_experts(model, fmt: str, scale_dtype=np.float32, names: dict[str, str] | None = None) -> list[dict]:
+    """Weight-only Q/DQ for the MoE's stacked expert weights (rewrites `model` in place).
+
+    They are gathered per token or contracted with an einsum, not nn.Linears, so they get no activation
+    Q/DQ. Each (expert, output row) has its own scale: the tensor is stored as (E*out, in) in the
+    low-precision type, dequantized per row (DequantizeLinear axis 0) and reshaped back to (E, out, in)
+    under the original name, so every consumer is untouched. Opset 19 has no 2-D scales; this is the
+    per-channel form any runtime reads. `names` maps renamed initializers to module paths (report only).
+    """
+    import re
+
+    from onnx import helper, numpy_helper
+
+    report, front = [], []
+    names = names or {}
+    gathered = _gathered_3d(model)  # the exporter may have renamed them (val_123) on the gather path
+    for init in list(model.graph.initializer):
+        if len(init.dims) != 3 or not (re.search(STACKED_EXPERTS, init.name) or init.name in gathered):
+            continue
+        w = numpy_helper.to_array(init).astype(np.float32)
+        e, rows, cols = w.shape
+        flat = w.reshape(e * rows, cols)
+        q, scale = quantize_weight(flat, 0, fmt)
+        err = float(np.linalg.norm(dequantize(q, scale, 0) - flat) / max(np.linalg.norm(flat), 1e-12))
+        base = init.name.replace("/", "_")
+        wq, ws, wz, wd, shp = base + "_q", base + "_scale", base + "_zp", base + "_dq", base + "_shape"
+        model.graph.initializer.remove(init)
+        model.graph.initializer.extend([_tensor(wq, fmt, q), numpy_helper.from_array(scale.astype(scale_dtype), ws),
+                                        _tensor(wz, fmt, np.zeros(scale.shape, dtype=np.float32)),
+                                        numpy_helper.from_array(np.array([e, rows, cols], dtype=np.int64), shp)])
+        front += [helper.make_node("DequantizeLinear", [wq, ws, wz], [wd], name=base + "_DQ", axis=0),
+                  helper.make_node("Reshape", [wd, shp], [init.name], name=base + "_reshape")]
+        report.append({"layer": names.get(init.name, init.name), "quantized": True, "format": fmt, "weight_rel_error": err,
+                       "weight_channels": int(scale.size),
+                       "activation": "high precision: weight-only (stacked experts are gathered, not linears)"})
+    if front:  # they read initializers only: first in the graph keeps it topologically sorted
+        nodes = list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(front + nodes)
+    return report

@@ -83,6 +83,13 @@ def test_qdq_nodes_follow_the_policy(built):
     llm_layers = {r["layer"]: r for r in man["pieces"]["llm_prefill"]["quantization"]["layers"]}
     assert llm_layers["lm.lm_head"]["quantized"] is False
     assert any(r["quantized"] for k, r in llm_layers.items() if "experts" in k)
+    # the routed experts (stacked, gathered by the decode step) are stored quantized too, weight-only
+    step_layers = {r["layer"]: r for r in man["pieces"]["llm_step"]["quantization"]["layers"]}
+    for part in ("w_gate", "w_up", "w_down"):
+        r = step_layers[f"lm.model.layers.0.mlp.{part}"]
+        assert r["quantized"] and r["weight_rel_error"] < (0.05 if precision == "fp8" else 0.02)
+    step = onnx.load(str(out / "llm_step.onnx"))
+    assert not [i.name for i in step.graph.initializer if len(i.dims) == 3 and i.data_type == onnx.TensorProto.FLOAT]
 
 
 def test_rerun_skips_unchanged_and_rebuilds_changed(tmp_path, caplog):
