@@ -138,7 +138,9 @@ def _stacked_names(model, piece) -> dict[str, str]:
     for init in model.graph.initializer:
         if len(init.dims) == 3 and init.name not in params:
             arr = numpy_helper.to_array(init)
-            out.update({init.name: n for n, p in params.items() if p.shape == arr.shape and np.array_equal(p, arr)})
+            match = next((n for n, p in params.items() if p.shape == arr.shape and np.array_equal(p, arr)), None)
+            if match is not None:
+                out[init.name] = match
     return out
 
 

@@ -17,7 +17,6 @@ from kernels import interpreting  # noqa: E402
 from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8  # noqa: E402
 from kernels.guidance import guide_euler_  # noqa: E402
 from kernels.layernorm import ln_modulate  # noqa: E402
-from kernels.moe import moe_decode  # noqa: E402
 from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, skinny_gemm  # noqa: E402
 from models import build, tiny_config  # noqa: E402
 from models.flow_head import guide  # noqa: E402
