@@ -28,9 +28,10 @@ from quant.policy import LayerPolicy  # noqa: E402
 
 
 def linears(model):
+    """The linears the build quantizes in the encoder piece (MingTok's encoder and semantic decoder)."""
     policy = LayerPolicy()
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
-            and policy.quantizable(f"vision.low_level_encoder.{n}")}
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("pixel_decoder")
+            and policy.quantizable(f"vision.{n}")}
 
 
 def input_amax(model, enc, image) -> dict[str, float]:
@@ -47,7 +48,7 @@ def input_amax(model, enc, image) -> dict[str, float]:
 def quantized_error(model, enc, image, ref, amax, which) -> dict[str, float]:
     saved, hooks = {}, []
     for n, m in linears(enc).items():
-        if not which(n):
+        if n not in amax or not which(n):  # amax holds the linears encode() runs
             continue
         saved[n] = m.weight.data
         m.weight.data = dequantize_rows_fp8(*quantize_rows_fp8(m.weight.data))
@@ -59,7 +60,7 @@ def quantized_error(model, enc, image, ref, amax, which) -> dict[str, float]:
     for h in hooks:
         h.remove()
     for n, w in saved.items():
-        dict(enc.named_modules())[n].weight.data = w
+        enc.get_submodule(n).weight.data = w
     return {k: ((out[k] - v).norm() / v.norm()).item() for k, v in ref.items() if torch.is_tensor(v) and v.is_floating_point()}
 
 
@@ -70,13 +71,15 @@ def main() -> int:
     torch.manual_seed(0)
     cfg = full_config().mingtok
     model = MingTok(cfg).eval()
-    enc = model.low_level_encoder
+    enc = model
     calib, fresh = (torch.rand(1, 3, cfg.image_size, cfg.image_size) * 2 - 1 for _ in range(2))
     amax = input_amax(model, enc, calib)
     with torch.no_grad():
         ref = model.encode(fresh)
     result = {"note": "rel L2 vs fp32 eager on a fresh image; activation scales calibrated on another image",
               "all_linears": quantized_error(model, enc, fresh, ref, amax, lambda n: True)}
+    result["encoder_only"] = quantized_error(model, enc, fresh, ref, amax, lambda n: n.startswith("low_level_encoder"))
+    result["semantic_decoder_only"] = quantized_error(model, enc, fresh, ref, amax, lambda n: n.startswith("semantic_decoder"))
     for kind in ("qkv", "proj", "w12", "w3"):
         result[f"only_{kind}"] = quantized_error(model, enc, fresh, ref, amax, lambda n, k=kind: n.endswith(k))
     print(json.dumps(result, indent=1))
