@@ -25,12 +25,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.config import full_config  # noqa: E402
-from models.mingtok import MingTok  # noqa: E402
-from models.pieces import EncoderPiece  # noqa: E402
-from models.univision import Connector, seeded_init_  # noqa: E402
-from quant.calibrate import linear_input_amax  # noqa: E402
-from quant.emulate import fake_quantized  # noqa: E402
+from export.verify import metrics
+from models.config import full_config
+from models.mingtok import MingTok
+from models.pieces import EncoderPiece
+from models.univision import Connector, seeded_init_
+from quant.calibrate import linear_input_amax
+from quant.emulate import fake_quantized
 
 OUTPUTS = ("latents", "features", "inputs_embeds")
 
@@ -54,9 +55,8 @@ def generated_image(model, seed: int) -> torch.Tensor:
 def rel(out, ref) -> dict:
     res = {}
     for name, o, r in zip(OUTPUTS, out, ref):
-        o, r = o.double().flatten(), r.double().flatten()
-        res[name] = {"rel_l2": round(((o - r).norm() / r.norm()).item(), 4),
-                     "cosine": round(torch.nn.functional.cosine_similarity(o, r, dim=0).item(), 4)}
+        m = metrics(o, r)
+        res[name] = {"rel_l2": round(m["rel_l2"], 4), "cosine": round(m["cosine"], 4)}
     return res
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,14 +24,23 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import environment  # noqa: E402
-from kernels.fp8 import quantize_rows_fp8  # noqa: E402
-from kernels.moe import candidate_configs as moe_candidates  # noqa: E402
-from kernels.moe import moe_decode  # noqa: E402
-from kernels.moe import pick_config as moe_pick  # noqa: E402
-from kernels.skinny import GATED_RESIDUAL, STORE, SWIGLU, Workspace, candidate_configs, config_key, pick_config, skinny_gemm  # noqa: E402
-from kernels.skinny import gpu_slug  # noqa: E402
-from models import full_config  # noqa: E402
+from benchmarks.speed import capture, environment, timed
+from kernels.fp8 import quantize_rows_fp8
+from kernels.moe import candidate_configs as moe_candidates
+from kernels.moe import moe_decode
+from kernels.moe import pick_config as moe_pick
+from kernels.skinny import (
+    GATED_RESIDUAL,
+    STORE,
+    SWIGLU,
+    Workspace,
+    candidate_configs,
+    config_key,
+    gpu_slug,
+    pick_config,
+    skinny_gemm,
+)
+from models import full_config
 
 L2_BYTES = 50 * 2**20
 LAUNCHES = 20
@@ -40,26 +48,8 @@ LAUNCHES = 20
 
 def graph_time_us(launch, copies: int, reps: int) -> float:
     """Median time of one launch: a graph of LAUNCHES launches over rotating weight copies."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(copies):
-            launch(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(LAUNCHES):
-            launch(i % copies)
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / LAUNCHES)
-    return statistics.median(times)
+    replay = capture(lambda: [launch(i % copies) for i in range(LAUNCHES)])  # warm-up covers every copy
+    return timed(replay, torch.device("cuda"), warmup=1, runs=reps)["median_ms"] * 1e3 / LAUNCHES
 
 
 def shapes(cfg):

@@ -21,8 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import build, full_config  # noqa: E402
-from runtime.fast.decode_weights import prepare_decode  # noqa: E402
+from export.verify import metrics
+from models import build, full_config
+from runtime.fast.decode_weights import prepare_decode
 
 
 def run(model, inputs, mode):
@@ -37,9 +38,9 @@ def compare(ref, got) -> dict:
     rows = []
     for i, (a, b, ia, ib) in enumerate(zip(r0["layer_inputs"], r1["layer_inputs"], r0["topk_idx"], r1["topk_idx"])):
         flips = sum(set(x.tolist()) != set(y.tolist()) for x, y in zip(ia.reshape(-1, ia.shape[-1]), ib.reshape(-1, ib.shape[-1])))
-        rows.append({"layer": i, "input_rel_l2": ((b.float() - a.float()).norm() / a.float().norm()).item(),
+        rows.append({"layer": i, "input_rel_l2": metrics(b, a)["rel_l2"],
                      "rows_with_other_experts": int(flips)})
-    return {"final_rel_l2": ((h1 - h0).norm() / h0.norm()).item(), "layers": rows,
+    return {"final_rel_l2": metrics(h1, h0)["rel_l2"], "layers": rows,
             "first_layer_with_a_flip": next((r["layer"] for r in rows if r["rows_with_other_experts"]), None)}
 
 

@@ -45,8 +45,7 @@ class SDVAELatentGenerator(GraphImageGenerator):
         self.latent_proj = proj.to(self.device, self.dtype)
 
     def _step(self, k) -> None:
-        hidden = self._llm_step(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
-                                image_mask=k.no_image, moe_mode=self.moe_mode)[:, -1:]  # (B*R, 1, H)
+        hidden = self._llm_hidden(k)  # (B*R, 1, H)
         noise = k.noise.index_select(0, k.step)[0]
         latent = self.flow(hidden.view(k.b, k.r, -1), noise, *k.scalars)  # (B, 32) fp32
         k.latents.index_copy_(0, k.step, latent[None])

@@ -24,15 +24,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import build, full_config, tiny_config  # noqa: E402
-from models.flow_head import draw_noise  # noqa: E402
-from models.pieces import FlowHeadPiece, LLMPiece, SemanticDecoderPiece  # noqa: E402
-from models.prompting import cfg_masks  # noqa: E402
-from runtime import loop  # noqa: E402
-from runtime.backends.torch_eager import TorchBackend  # noqa: E402
-from runtime.fast.flow_head import FastFlowHead  # noqa: E402
-from runtime.fast.graph import GraphImageGenerator  # noqa: E402
-from kernels import available as kernels_available  # noqa: E402
+from kernels import available as kernels_available
+from models import build, full_config, tiny_config
+from models.flow_head import draw_noise
+from models.pieces import FlowHeadPiece, LLMPiece, SemanticDecoderPiece
+from models.prompting import cfg_masks
+from runtime import loop
+from runtime.backends.torch_eager import TorchBackend
+from runtime.fast.flow_head import FastFlowHead
+from runtime.fast.graph import GraphImageGenerator
 
 H100_HBM_TBPS = 3.35  # H100 SXM HBM3 peak; the floor below is bytes / this
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
     only = {x for x in a.only.split(",") if x}
-    want = lambda part: not only or part in only  # noqa: E731
+    want = lambda part: not only or part in only
     smoke = a.smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -340,7 +340,9 @@ def sdvae_ar(results, rec, model, cache, kw, gen, use_kernels: bool, runs: int):
 
 
 def rel_errors(got: dict, ref: dict) -> dict:
-    return {k: ((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref}
+    from export.verify import metrics
+
+    return {k: metrics(got[k], ref[k])["rel_l2"] for k in ref}
 
 
 def capture(fn):
@@ -362,11 +364,7 @@ def breakdown(gen, k, fmt: str, rec):
     latent = torch.zeros(k.b, 1, gen.cfg.mingtok.latent_dim, device=k.embeds.device, dtype=gen.dtype)
     noise = k.noise[0]
 
-    def llm():
-        hidden.copy_(gen._llm_step(k.embeds, k.mask, k.positions, *gen._pairs(k.llm_caches), k.cache_pos,
-                                                     image_mask=k.no_image, moe_mode=gen.moe_mode)[:, -1:])
-
-    parts = {"LLM step": llm,
+    parts = {"LLM step": lambda: hidden.copy_(gen._llm_hidden(k)),
              "flow head": lambda: gen.flow(hidden.view(k.b, k.r, -1), noise, *k.scalars),
              "semantic decoder step + connector": lambda: gen._sem_step(latent, k.sem_pos, *k.sem_caches)}
     for name, fn in parts.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,12 @@ logger = logging.getLogger("export.build")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 FLOAT_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                "fp8": torch.float32, "int8": torch.float32}  # fp8/int8: Q/DQ around linears, fp32 elsewhere
-TARGETS = ("onnx", "tensorrt", "torch")
+TARGETS = ("onnx", "tensorrt", "torch", "aoti")  # aoti: the GPU fast path's compiled steps (export/compiled_steps.py)
 EPILOG = """examples:
   python -m export.build --precision fp8                      # built-in tiny model, CPU, minutes
   python -m export.build --precision int8 --pieces flow_head,llm_step
   python -m export.build --precision bf16 --model full --device cuda --out artifacts/full-bf16
+  python -m export.build --precision fp8 --model full --device cuda --targets aoti   # compiled fast path only
   python -m export.build --precision fp8 --checkpoint ./Ming-UniVision-16B-A3B --mingtok-checkpoint ./MingTok-Vision \\
       --device cuda --targets onnx,tensorrt --timing-cache ./trt.cache
 """
@@ -58,7 +60,7 @@ class BuildConfig:
     threads: int | None = None
     quantizer: str = "auto"
 
-    def validate(self) -> "BuildConfig":
+    def validate(self) -> BuildConfig:
         """Every flag combination is checked here, before any work starts."""
         from models.contract import PIECE_NAMES
 
@@ -90,6 +92,15 @@ class BuildConfig:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
             raise BuildError(f"unknown target(s) {bad}; choose from {list(TARGETS)}")
+        if "aoti" in self.targets:
+            from .compiled_steps import plan
+
+            try:
+                plan(self.precision, self.device)
+            except ValueError as exc:
+                raise BuildError(str(exc)) from None
+            if self.device == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+                raise BuildError("--targets aoti on the CPU compiles C++: install a C++ compiler (g++ or clang++)")
         if "tensorrt" in self.targets:
             if not _trt_available():
                 raise BuildError("--targets tensorrt, but TensorRT is not installed: pip install 'mingrt[tensorrt]'")
@@ -144,7 +155,7 @@ def parse_args(argv=None) -> BuildConfig:
     g.add_argument("--out", type=Path, help="artifact folder (default artifacts/<model>-<precision>)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--pieces", default="", help="comma-separated subset (default: all)")
-    g.add_argument("--targets", default=None, help="comma-separated: onnx,tensorrt,torch (default: what this machine can build)")
+    g.add_argument("--targets", default=None, help="comma-separated: onnx,tensorrt,torch,aoti (default: what this machine can build; aoti = AOTInductor packages of the fast path's LLM and semantic-decoder steps)")
     g.add_argument("--opset", type=int, default=19)
     g.add_argument("--max-prompts", type=int, default=4, help="largest batch of prompts the engines must accept")
     g.add_argument("--max-sequence", type=int, default=4096, help="longest LLM cache the engines must accept")

@@ -119,28 +119,38 @@ def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, c
         sample = sample_inputs(spec, cfg, torch.float32, sizes=trace_sizes(spec, cfg, limits))
         files = mo.export_onnx(q, spec, cfg, path, sample, bc.opset)
         return files, mo.layer_report(q), "nvidia-modelopt: per-channel weights, per-tensor static activations (max)"
-    if use_modelopt:
-        logger.info("%s: ModelOpt's route cannot export this piece at %s as standard ONNX; using our Q/DQ",
-                    spec.name, bc.precision)
-    amax = linear_input_amax(judge_piece, calib_calls)
+    if use_modelopt:  # ModelOpt cannot write this piece as standard ONNX: its calibration, our Q/DQ
+        from quant.modelopt_path import calibrated_amax
+
+        logger.info("%s: nvidia-modelopt calibrates, our pass writes the Q/DQ (%s)", spec.name, bc.precision)
+        amax = calibrated_amax(judge_piece, calib_calls, bc.precision)
+        method = "nvidia-modelopt calibration (max) + our Q/DQ: per-channel weights, per-tensor static activations"
+    else:
+        amax = linear_input_amax(judge_piece, calib_calls)
+        method = "ours: per-channel weights, per-tensor static activations (max calibration)"
     model = onnx.load(str(path))
     report = insert_qdq(model, amax, bc.precision)
     report += quantize_stacked_experts(model, bc.precision, names=_stacked_names(model, judge_piece))
-    return save_onnx(model, path), report, "ours: per-channel weights, per-tensor static activations (max calibration)"
+    return save_onnx(model, path), report, method
 
 
 def _stacked_names(model, piece) -> dict[str, str]:
     """Initializer name -> parameter path for 3-D weights the exporter renamed (matched by value)."""
     from onnx import numpy_helper
 
-    params = {n: p.detach().float().cpu().numpy() for n, p in piece.named_parameters() if p.dim() == 3}
+    # compared one parameter at a time (the full LLM's stacked experts are tens of GB in fp32), and only
+    # after a cheap first-row check
+    params = {n: p for n, p in piece.named_parameters() if p.dim() == 3}
     out = {}
     for init in model.graph.initializer:
-        if len(init.dims) == 3 and init.name not in params:
-            arr = numpy_helper.to_array(init)
-            match = next((n for n, p in params.items() if p.shape == arr.shape and np.array_equal(p, arr)), None)
-            if match is not None:
-                out[init.name] = match
+        if len(init.dims) != 3 or init.name in params:
+            continue
+        arr = numpy_helper.to_array(init)
+        for n, p in params.items():
+            if (tuple(p.shape) == arr.shape and np.array_equal(p[0, 0].detach().float().cpu().numpy(), arr[0, 0])
+                    and np.array_equal(p.detach().float().cpu().numpy(), arr)):
+                out[init.name] = n
+                break
     return out
 
 
@@ -200,10 +210,13 @@ def run_build(bc: BuildConfig) -> dict:
     man["embeddings"] = {"file": emb_file, "sha256": mf.sha256_file(out / emb_file)}
 
     copy_tokenizer(bc, cfg, out)
+    if old and old.get("schema_version") == mf.SCHEMA_VERSION and "compiled" in old:
+        man["compiled"] = old["compiled"]
+    piece_targets = [t for t in bc.targets if t != "aoti"]
     todo = []
-    for piece in bc.pieces:
+    for piece in (bc.pieces if piece_targets else []):  # --targets aoti alone builds no ONNX piece
         fp = fingerprint(bc, piece, model_hash, src_hash, env, limits)
-        if not bc.force and mf.up_to_date(out, old, piece, fp, bc.targets):
+        if not bc.force and mf.up_to_date(out, old, piece, fp, piece_targets):
             logger.info("%s: unchanged since the last build, skipped", piece)
             continue
         todo.append((piece, fp))
@@ -269,12 +282,24 @@ def run_build(bc: BuildConfig) -> dict:
         man["pieces"][piece] = entry
         mf.save(out, man)  # after every piece: an interrupted build loses nothing done
 
-    if _want_t2i(bc, cfg):
+    if piece_targets and _want_t2i(bc, cfg):
         man["verification"]["text_to_image"] = t2i_check(bc, cfg, judge_model, out, man, dtype, ort_device)
+    work_pieces = judge_pieces = None  # let the ONNX-side copies go before the compile
+    if "aoti" in bc.targets:  # last: it installs the decode kernels into the (full) model in place
+        from . import compiled_steps
+
+        fp = compiled_steps.fingerprint(bc.precision, model_hash, src_hash, next(judge_model.parameters()).device,
+                                        limits.max_sequence)
+        if not bc.force and compiled_steps.up_to_date(out, old, fp):
+            logger.info("compiled steps: unchanged since the last build, skipped")
+        else:
+            man["compiled"] = compiled_steps.build_compiled_steps(judge_model, bc.precision, out, limits.max_sequence, fp)
+            mf.save(out, man)
     man["seconds"] = round(time.time() - t_start, 1)
     failed = [p for p in bc.pieces if man["pieces"].get(p, {}).get("verification", {}).get("passed") is False]
     t2i = man["verification"].get("text_to_image", {})
-    man["passed"] = not failed and t2i.get("passed", True) is not False
+    aoti_failed = man.get("compiled", {}).get("verification", {}).get("passed") is False
+    man["passed"] = not failed and t2i.get("passed", True) is not False and not aoti_failed
     mf.save(out, man)
     print_summary(man, bc, out)
     return man
@@ -382,6 +407,15 @@ def print_summary(man: dict, bc: BuildConfig, out: Path) -> None:
         rows.append((piece, ",".join(e["targets"]), f"{mb:.1f}", _fmt(w.get("max_abs")), _fmt(w.get("rel_l2")),
                      _fmt(w.get("cosine"), "{:.6f}"), _fmt(w.get("psnr"), "{:.1f}"), _fmt(v.get("bound_rel_l2"), "{:.1e}"),
                      status, _fmt(e.get("seconds"), "{:.1f}")))
+    comp = man.get("compiled")
+    if comp and "aoti" in bc.targets:
+        v = comp.get("verification", {})
+        for name, st in comp["steps"].items():
+            w = v.get("steps", {}).get(name, {}).get("worst", {})
+            rows.append((f"{name} (compiled)", "aoti", f"{st['bytes'] / 1e6:.1f}", _fmt(w.get("max_abs")),
+                         _fmt(w.get("rel_l2")), _fmt(w.get("cosine"), "{:.6f}"), "-",
+                         _fmt(v.get("bound_rel_l2"), "{:.1e}"), {True: "ok", False: "FAIL", None: "not run"}[v.get("passed")],
+                         _fmt(st.get("seconds"), "{:.1f}")))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
     t2i = man["verification"].get("text_to_image")
@@ -395,7 +429,9 @@ def print_summary(man: dict, bc: BuildConfig, out: Path) -> None:
                   f"(floor {t2i['psnr_floor']:.0f}), latents rel L2 {t2i['latents']['rel_l2']:.2e}, "
                   f"next text token {'agrees' if t2i['next_token_agrees'] else 'differs'} -> "
                   f"{'ok' if t2i['passed'] else 'FAIL'}")
-    unverified = [p for p in bc.pieces if man["pieces"].get(p, {}).get("verification", {}).get("passed") is None]
+    if comp and "aoti" in bc.targets and comp.get("verification", {}).get("note"):
+        print(f"compiled steps: {comp['verification']['note']}")
+    unverified = [p for p in bc.pieces if p in man["pieces"] and man["pieces"][p].get("verification", {}).get("passed") is None]
     if not man["passed"]:
         print("FAILED: outside the precision's bound (see manifest.json)")
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 E4M3_MAX = 448.0
+WEIGHT_FORMATS = ("bf16", "fp8")  # what the decode kernels stream (runtime decode_weights, CLI --decode-weights)
 
 
 def quantize_rows_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,4 +34,4 @@ def gpu_supports_fp8(device=None) -> tuple[bool, str]:
     return True, name
 
 
-__all__ = ["quantize_rows_fp8", "dequantize_rows_fp8", "gpu_supports_fp8", "E4M3_MAX"]
+__all__ = ["E4M3_MAX", "WEIGHT_FORMATS", "dequantize_rows_fp8", "gpu_supports_fp8", "quantize_rows_fp8"]

@@ -161,13 +161,14 @@ def config_key(m: int, n: int, k: int, fp8: bool, epilogue: int) -> str:
     return f"m{next_pow2(max(m, 1))}_n{n}_k{k}_{'fp8' if fp8 else 'bf16'}_e{epilogue}"
 
 
-def pick_config(m: int, n: int, k: int, fp8: bool, epilogue: int) -> dict:
+def pick_config(m: int, n: int, k: int, fp8: bool, epilogue: int, device=None) -> dict:
     if interpreting():
         return {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1}  # few, wide programs: the interpreter runs them one by one
     found = tuned_configs_for("skinny").get(config_key(m, n, k, fp8, epilogue))
     if found is not None:
         return dict(found)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else SM_COUNT_DEFAULT
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else SM_COUNT_DEFAULT
     return heuristic_config(n, k, fp8, sms)
 
 
@@ -179,6 +180,19 @@ class Workspace:
         block_m = max(16, next_pow2(rows))
         self.partials = torch.empty(max_split * 2 * (n + 64) * block_m, dtype=torch.float32, device=device)
         self.tickets = torch.zeros((n + 15) // 16 + 1, dtype=torch.int32, device=device)
+
+
+_SHARED: dict[tuple, Workspace] = {}
+
+
+def shared_workspace(n: int, rows: int, device) -> Workspace:
+    """One workspace per (device, N, row block) for calls that bring none (FP8Linear's): made once,
+    before any graph capture, instead of allocating and zeroing tickets on every call. Launches on
+    one stream are ordered and re-arm the tickets, so sequential calls may share it."""
+    key = (str(device), n, max(16, next_pow2(rows)))
+    if key not in _SHARED:
+        _SHARED[key] = Workspace(n, rows, device)
+    return _SHARED[key]
 
 
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory the pipelined tiles may take (H100: 227 KB per block)
@@ -219,7 +233,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
     if (gate is None) != (epilogue != GATED_RESIDUAL) or (gate is not None and gate.stride(-1) != 1):
         raise ValueError("the gated-residual epilogue needs a gate (M, N) with contiguous columns, and only it does")
     if workspace is None:
-        workspace = Workspace(n, m, out.device)
+        workspace = shared_workspace(n, m, out.device)
     dummy = out
     args = (x, w, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, out,
             gate if gate is not None else dummy, workspace.partials, workspace.tickets,
@@ -228,11 +242,11 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
     flags = dict(HAS_WSCALE=w_scale is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=block_m,
                  UPCAST=interpreting())
     if config is None:
-        config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, epilogue)
+        config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, epilogue, out.device)
     config = fit_stages(config, w.element_size(), epilogue == SWIGLU, block_m, x.element_size())
     grid = (triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
     _skinny_kernel[grid](*args, **flags, **config)
     return out
 
 
-__all__ = ["skinny_gemm", "Workspace", "pick_config", "candidate_configs", "config_key", "STORE", "SWIGLU", "GATED_RESIDUAL", "MAX_ROWS"]
+__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "pick_config", "shared_workspace", "skinny_gemm"]

@@ -127,6 +127,22 @@ class LLMStatic(nn.Module):
         return last, self.lm.logits(last)
 
 
+class LLMHiddenStatic(nn.Module):
+    """The image loop's LLM step: in-place caches, last hidden state only (no logits: the lm_head is
+    1.3 GB that an image token never needs). Caches are flat (k0, v0, k1, v1, ...), tensor-only
+    signature so that it exports (torch.export / AOTInductor) as it runs."""
+
+    def __init__(self, model: MingUniVision, moe_mode: str = "gather"):
+        super().__init__()
+        self.lm = model.model
+        self.moe_mode = moe_mode
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, image_mask, cache_position, *caches):
+        hidden = self.lm.model.forward_static(inputs_embeds, attention_mask, position_ids, *_pairs(caches),
+                                              cache_position, image_mask=image_mask, moe_mode=self.moe_mode)
+        return hidden[:, -1:]  # (B*R, 1, H)
+
+
 def build_pieces(model: MingUniVision) -> dict[str, nn.Module]:
     return {
         "encoder": EncoderPiece(model, model.cfg.mingtok.image_size),

@@ -1,8 +1,11 @@
 """The NVIDIA ModelOpt quantization path, used by export.build when `nvidia-modelopt` is installed.
 
-What it covers today (export/runner.py decides): INT8 of the pieces whose only dynamic axis is the batch
-(the pixel decoder). ModelOpt writes FP8 as TensorRT-only custom ops that onnxruntime cannot run, and
-its export route (below) bakes the KV-cache pieces' sizes in; those take our own Q/DQ (quant/qdq.py).
+Two routes (export/runner.py decides):
+  * ModelOpt end to end (quantize + its ONNX export): INT8 of the pieces whose only dynamic axis is the
+    batch (the pixel decoder);
+  * ModelOpt's calibration into our Q/DQ pass (`calibrated_amax` -> quant/qdq.py): every other piece and
+    FP8. ModelOpt writes FP8 as TensorRT-only custom ops that onnxruntime cannot run, and its export
+    route (below) bakes the KV-cache pieces' sizes in; the ranges it calibrates carry over unchanged.
 
 ModelOpt inserts fake-quant modules into the torch piece: only linear layers (the policy's kept layers
 excepted), static per-tensor activation scales, "max" calibration on inputs the model itself produced.
@@ -74,6 +77,21 @@ def quantize_module(module: nn.Module, calib_calls: list[tuple], fmt: str, polic
                 m(*(t.float() if t.is_floating_point() else t for t in call))
 
     return mtq.quantize(q, cfg, forward_loop=forward_loop)
+
+
+def calibrated_amax(module: nn.Module, calib_calls: list[tuple], fmt: str, policy: LayerPolicy | None = None
+                    ) -> dict[str, float]:
+    """ModelOpt's calibration, for our own Q/DQ pass: {linear path: input amax} of every linear it
+    quantizes (policy-kept layers have none, and need none). The pieces whose ONNX ModelOpt cannot write
+    (FP8 anywhere, KV-cache pieces, the encoder) take this route: ModelOpt decides the ranges, quant/qdq.py
+    writes standard QuantizeLinear/DequantizeLinear that onnxruntime and TensorRT both run."""
+    q = quantize_module(module, calib_calls, fmt, policy)
+    out = {}
+    for name, sub in q.named_modules():
+        iq = getattr(sub, "input_quantizer", None)
+        if isinstance(sub, nn.Linear) and iq is not None and iq.is_enabled and getattr(iq, "amax", None) is not None:
+            out[name] = float(iq.amax.float().max())
+    return out
 
 
 def layer_report(module: nn.Module, policy: LayerPolicy | None = None) -> list[dict]:

@@ -95,6 +95,19 @@ def _tensor(name, fmt, array):
     return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, fp8.shape, fp8.view(np.uint8).tobytes(), raw=True)
 
 
+def _weight_dequantizer(model, base: str, w: np.ndarray, axis: int, fmt: str, scale_dtype):
+    """Store `w` quantized per channel along `axis` (+ scale, zero point) as initializers of `model`;
+    return (the DequantizeLinear node that rebuilds it, its output name, relative error, channels)."""
+    from onnx import helper, numpy_helper
+
+    q, scale = quantize_weight(w, axis, fmt)
+    err = float(np.linalg.norm(dequantize(q, scale, axis) - w) / max(np.linalg.norm(w), 1e-12))
+    wq, ws, wz, wd = base + "_q", base + "_scale", base + "_zp", base + "_dq"
+    model.graph.initializer.extend([_tensor(wq, fmt, q), numpy_helper.from_array(scale.astype(scale_dtype), ws),
+                                    _tensor(wz, fmt, np.zeros(scale.shape, dtype=np.float32))])
+    return helper.make_node("DequantizeLinear", [wq, ws, wz], [wd], name=base + "_DQ", axis=axis), wd, err, int(scale.size)
+
+
 def insert_qdq(model, act_amax: dict[str, float], fmt: str, policy: LayerPolicy | None = None,
                scale_dtype=np.float32):
     """Rewrite `model` in place; returns the per-layer report (kept layers included, with the reason).
@@ -128,17 +141,11 @@ def insert_qdq(model, act_amax: dict[str, float], fmt: str, policy: LayerPolicy 
         # weight: quantized initializer + per-channel DequantizeLinear, once per weight
         if s.weight not in done_weights:
             w = numpy_helper.to_array(inits[s.weight]).astype(np.float32)
-            q, scale = quantize_weight(w, s.axis, fmt)
-            err = float(np.linalg.norm(dequantize(q, scale, s.axis) - w) / max(np.linalg.norm(w), 1e-12))
-            base = s.weight.replace("/", "_")
-            wq, ws, wz, wd = base + "_q", base + "_scale", base + "_zp", base + "_dq"
-            model.graph.initializer.extend([_tensor(wq, fmt, q), numpy_helper.from_array(scale.astype(scale_dtype), ws),
-                                            _tensor(wz, fmt, np.zeros(scale.shape, dtype=np.float32))])
-            new_nodes.setdefault(s.node_index, []).append(
-                helper.make_node("DequantizeLinear", [wq, ws, wz], [wd], name=base + "_DQ", axis=s.axis))
+            dq, wd, err, channels = _weight_dequantizer(model, s.weight.replace("/", "_"), w, s.axis, fmt, scale_dtype)
+            new_nodes.setdefault(s.node_index, []).append(dq)
             done_weights[s.weight] = wd
             report.append({"layer": s.module, "quantized": True, "format": fmt, "weight_rel_error": err,
-                           "activation_amax": float(act_amax[s.module]), "weight_channels": int(scale.size)})
+                           "activation_amax": float(act_amax[s.module]), "weight_channels": channels})
         wd = done_weights[s.weight]
         # activation: one Q/DQ pair per tensor, placed before its first consumer (sites come in graph order)
         if s.activation not in done_acts:
@@ -203,19 +210,13 @@ def quantize_stacked_experts(model, fmt: str, scale_dtype=np.float32, names: dic
             continue
         w = numpy_helper.to_array(init).astype(np.float32)
         e, rows, cols = w.shape
-        flat = w.reshape(e * rows, cols)
-        q, scale = quantize_weight(flat, 0, fmt)
-        err = float(np.linalg.norm(dequantize(q, scale, 0) - flat) / max(np.linalg.norm(flat), 1e-12))
-        base = init.name.replace("/", "_")
-        wq, ws, wz, wd, shp = base + "_q", base + "_scale", base + "_zp", base + "_dq", base + "_shape"
+        base, shp = init.name.replace("/", "_"), init.name.replace("/", "_") + "_shape"
         model.graph.initializer.remove(init)
-        model.graph.initializer.extend([_tensor(wq, fmt, q), numpy_helper.from_array(scale.astype(scale_dtype), ws),
-                                        _tensor(wz, fmt, np.zeros(scale.shape, dtype=np.float32)),
-                                        numpy_helper.from_array(np.array([e, rows, cols], dtype=np.int64), shp)])
-        front += [helper.make_node("DequantizeLinear", [wq, ws, wz], [wd], name=base + "_DQ", axis=0),
-                  helper.make_node("Reshape", [wd, shp], [init.name], name=base + "_reshape")]
+        dq, wd, err, channels = _weight_dequantizer(model, base, w.reshape(e * rows, cols), 0, fmt, scale_dtype)
+        model.graph.initializer.append(numpy_helper.from_array(np.array([e, rows, cols], dtype=np.int64), shp))
+        front += [dq, helper.make_node("Reshape", [wd, shp], [init.name], name=base + "_reshape")]
         report.append({"layer": names.get(init.name, init.name), "quantized": True, "format": fmt, "weight_rel_error": err,
-                       "weight_channels": int(scale.size),
+                       "weight_channels": channels,
                        "activation": "high precision: weight-only (stacked experts are gathered, not linears)"})
     if front:  # they read initializers only: first in the graph keeps it topologically sorted
         nodes = list(model.graph.node)

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 
+from kernels.fp8 import WEIGHT_FORMATS
 from models.flow_head import draw_noise
 from models.image_io import ImageInputError, edit_tensor, to_pil, understanding_tensor
 from models.prompting import cfg_masks
 
 from . import loop
-from .engines import choose_backend, check_device, open_backend, read_manifest
-from .errors import PromptError, SessionFullError
+from .engines import check_device, choose_backend, open_backend, read_manifest
+from .errors import EngineError, PrecisionUnsupportedError, PromptError, SessionFullError
 from .tokenizer import TINY_ASSET, ChatTokenizer
 
 logger = logging.getLogger(__name__)
@@ -60,22 +61,28 @@ class ImageOutput:
         return self.images[0]
 
 
-DECODE_WEIGHTS = ("bf16", "fp8")
+COMPILED_MODES = ("auto", "aot", "jit", "off")
 
 
 def load(engine_dir: str | Path, backend: str = "auto", device: str | torch.device | None = None, *,
          tokenizer: str | Path | None = None, verify_hashes: bool = False, threads: int | None = None,
-         decode_weights: str = "bf16") -> "Runtime":
+         decode_weights: str | None = None, compiled: str = "auto") -> Runtime:
     """Open an artifact folder made by `python -m export.build`.
 
-    backend: "auto" (TensorRT on a GPU when its plans exist, else onnxruntime), "onnxruntime",
-    "tensorrt" or "torch" (the reference pieces: on a GPU, the compiled path with one CUDA graph and
-    the Triton kernels per image token). decode_weights: "fp8" streams the decode weights as FP8
-    (E4M3, per-channel scales) in that path: torch backend on a GPU of SM 8.9+ only.
+    backend: "auto" (TensorRT on a GPU when its plans exist, else the torch fast path when the folder
+    has compiled steps for this machine, else onnxruntime), "onnxruntime", "tensorrt" or "torch" (the
+    reference pieces: on a GPU, the compiled path with one CUDA graph and the Triton kernels per image
+    token). decode_weights: "bf16" or "fp8" (E4M3, per-channel scales) weight streaming in that path,
+    SM 8.9+ only for fp8; default: as the folder's compiled steps, else bf16. compiled: how the torch
+    fast path gets its LLM and semantic-decoder steps: "auto" (the folder's AOTInductor packages when
+    they match this machine, else torch.compile at the first request), "aot" (the packages or an
+    EngineError), "jit" (torch.compile), "off" (eager, for debugging).
     The manifest is checked before any engine loads.
     """
-    if decode_weights not in DECODE_WEIGHTS:
-        raise ValueError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {decode_weights!r}")
+    if decode_weights is not None and decode_weights not in WEIGHT_FORMATS:
+        raise ValueError(f"decode_weights must be one of {WEIGHT_FORMATS}, got {decode_weights!r}")
+    if compiled not in COMPILED_MODES:
+        raise ValueError(f"compiled must be one of {COMPILED_MODES}, got {compiled!r}")
     folder = Path(engine_dir)
     man = read_manifest(folder)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,34 +96,64 @@ def load(engine_dir: str | Path, backend: str = "auto", device: str | torch.devi
         tok_path = TINY_ASSET
     if not tok_path.exists():
         raise FileNotFoundError(f"no tokenizer.json in {folder}; pass tokenizer=<checkpoint>/tokenizer.json")
-    return Runtime(be, cfg, ChatTokenizer.from_file(tok_path, cfg), man, decode_weights=decode_weights)
+    return Runtime(be, cfg, ChatTokenizer.from_file(tok_path, cfg), man, decode_weights=decode_weights,
+                   compiled=compiled, folder=folder, verify_hashes=verify_hashes)
 
 
 class Runtime:
     def __init__(self, backend, cfg, tokenizer: ChatTokenizer, manifest: dict | None = None, *,
-                 decode_weights: str = "bf16"):
+                 decode_weights: str | None = None, compiled: str = "auto", folder: Path | None = None,
+                 verify_hashes: bool = False):
         self.backend, self.cfg, self.tokenizer, self.manifest = backend, cfg, tokenizer, manifest or {}
         self.max_sequence = self.manifest.get("limits", {}).get("max_sequence", 4096)
         self.max_prompts = self.manifest.get("limits", {}).get("max_prompts", 8)
         self._fast = None
-        fast_path = getattr(backend, "name", "") == "torch" and backend.device.type == "cuda"
-        if decode_weights != "bf16":
-            if not fast_path:
-                raise ValueError(f"decode_weights={decode_weights!r} needs the torch backend on a CUDA GPU "
+        is_torch = getattr(backend, "name", "") == "torch"
+        packages = self.manifest.get("compiled") if is_torch and compiled in ("auto", "aot") else None
+        weights = decode_weights or (packages or {}).get("weights", "bf16")
+        fast_path = is_torch and (backend.device.type == "cuda" or packages is not None)
+        if weights != "bf16":
+            if not (is_torch and backend.device.type == "cuda"):
+                raise ValueError(f"decode_weights={weights!r} needs the torch backend on a CUDA GPU "
                                  f"(got backend {getattr(backend, 'name', '?')!r} on {backend.device})")
             from kernels import available
             from kernels.fp8 import gpu_supports_fp8
 
             ok, why = gpu_supports_fp8(backend.device)
             if not ok:
-                raise ValueError(f"decode_weights='fp8': {why}")
+                raise PrecisionUnsupportedError(f"decode_weights='fp8': {why}")
             if not available():
                 raise ImportError("decode_weights='fp8' needs triton: install the 'kernels' extra")
+        if compiled == "aot" and not (packages and fast_path):
+            raise EngineError(f"compiled='aot', but {folder} has no compiled steps for the torch fast path; "
+                              "build them with python -m export.build --targets aoti")
         if fast_path:
             from .fast.graph import GraphImageGenerator  # the compiled path: one CUDA graph per image token
 
-            self._fast = GraphImageGenerator(backend.model, weights=decode_weights)
+            self._fast = GraphImageGenerator(backend.model, weights=weights,
+                                             compile=False if compiled == "off" else None)
+            if packages is not None:
+                self._attach_packages(packages, folder, compiled, verify_hashes)
+            elif backend.device.type != "cuda":
+                self._fast = None  # on a CPU without packages the plain loop is the same thing, simpler
         self._fast_lock = threading.Lock()  # one generator's static buffers serve one request at a time
+
+    def _attach_packages(self, packages: dict, folder: Path | None, compiled: str, verify_hashes: bool) -> None:
+        from .fast.compiled_steps import load_compiled_steps, mismatch, probe_packages
+
+        gen = self._fast
+        why = mismatch(packages, gen.device, gen.dtype, gen.weights, gen.kernels) or probe_packages(folder, packages,
+                                                                                                 gen.device)
+        if why is None:
+            gen.use_compiled_steps(load_compiled_steps(folder, packages, gen, verify_hashes=verify_hashes))
+        elif compiled == "aot":
+            raise EngineError(f"{folder}: the compiled steps cannot run here: {why}; rebuild them on this machine "
+                              "with python -m export.build --targets aoti")
+        elif gen.device.type != "cuda":
+            self._fast = None
+            logger.warning("%s: compiled steps not used (%s); running the plain loop", folder, why)
+        else:
+            logger.warning("%s: compiled steps not used (%s); compiling at the first request instead", folder, why)
 
     def _image_steps(self, cache, **kwargs):
         if self._fast is None:
@@ -247,7 +284,7 @@ class Runtime:
                                        should_stop=None if cancel is None else (lambda: cancel.cancelled))
         return self.tokenizer.decode([t for t in tokens if t not in stop])
 
-    def session(self, max_tokens: int | None = None) -> "Session":
+    def session(self, max_tokens: int | None = None) -> Session:
         return Session(self, max_tokens or self.max_sequence)
 
 

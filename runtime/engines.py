@@ -109,6 +109,11 @@ def choose_backend(requested: str, device: torch.device, man: dict) -> str:
             return "tensorrt"
         except ImportError:
             pass
+    packages = man.get("compiled")
+    if packages and packages.get("device") == device.type and packages.get("torch") == torch.__version__:
+        return "torch"  # the compiled fast path, built for this machine
+    if not man["pieces"] and packages:
+        return "torch"  # a folder of compiled steps only (export.build --targets aoti)
     return "onnxruntime"
 
 
@@ -120,6 +125,9 @@ def open_backend(folder: Path, man: dict, backend: str, device: torch.device, ve
         if entry is not None and [t["name"] for t in entry["io"]["inputs"]] != specs[name].input_names:
             raise EngineError(f"{folder}: {name} was built for another piece contract; {rebuild_hint(man, folder)}")
     dtype = FLOAT_DTYPE[man["precision"]]
+    packages = man.get("compiled")
+    if backend == "torch" and packages and packages.get("device") == device.type:
+        dtype = getattr(torch, packages["dtype"])  # the weights the compiled steps were built for
     if backend == "torch":
         from models import build, load_checkpoint
         from models.univision import MingUniVision

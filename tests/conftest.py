@@ -80,7 +80,9 @@ def tiny_engines(tmp_path_factory):
     def build(precision: str) -> Path:
         if precision not in _BUILT:
             out = tmp_path_factory.mktemp(f"art-{precision}")
-            assert main(["--precision", precision, "--out", str(out), "--device", "cpu", "--calib-images", "1"]) == 0
+            # our own Q/DQ path here (tests/test_modelopt_path.py covers ModelOpt, when installed)
+            assert main(["--precision", precision, "--out", str(out), "--device", "cpu", "--calib-images", "1",
+                         "--quantizer", "ours"]) == 0
             _BUILT[precision] = out
         return _BUILT[precision]
 

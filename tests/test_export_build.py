@@ -124,6 +124,8 @@ def test_rerun_skips_unchanged_and_rebuilds_changed(tmp_path, caplog):
     (["--precision", "fp8", "--mingtok-checkpoint", "."], "only makes sense with --checkpoint"),
     (["--precision", "fp8", "--checkpoint", "/nonexistent"], "is not a directory"),
     (["--precision", "fp16", "--model", "full", "--device", "cpu"], "--model full"),
+    (["--precision", "int8", "--targets", "aoti"], "aoti compiles the fp32, bf16 or fp8 fast path"),
+    (["--precision", "fp8", "--targets", "aoti", "--device", "cpu"], "needs --device cuda and triton"),
 ])
 def test_bad_flag_combinations(argv, message):
     with pytest.raises(BuildError, match=message):

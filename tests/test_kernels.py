@@ -12,15 +12,16 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the kernels need triton (the 'kernels' extra)")
 
-from conftest import assert_close  # noqa: E402
-from kernels import interpreting  # noqa: E402
-from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8  # noqa: E402
-from kernels.guidance import guide_euler_  # noqa: E402
-from kernels.layernorm import ln_modulate  # noqa: E402
-from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, skinny_gemm  # noqa: E402
-from models import build, tiny_config  # noqa: E402
-from models.flow_head import guide  # noqa: E402
-from models.pieces import FlowHeadPiece  # noqa: E402
+from conftest import assert_close
+
+from kernels import interpreting
+from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8
+from kernels.guidance import guide_euler_
+from kernels.layernorm import ln_modulate
+from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, skinny_gemm
+from models import build, tiny_config
+from models.flow_head import guide
+from models.pieces import FlowHeadPiece
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -148,7 +149,7 @@ def test_fused_moe_equals_reference_moe(fmt):
     if fmt == "fp8":  # the reference runs on the dequantized weights
         fused = FusedMoEDecode(moe, "fp8")
         with torch.no_grad():
-            for p, q, s in zip((moe.w_gate, moe.w_up, moe.w_down), (fused.wg, fused.wu, fused.wd), fused.scales):
+            for p, q, s in zip((moe.w_gate, moe.w_up, moe.w_down), (fused.wg, fused.wu, fused.wd), (fused.sg, fused.su, fused.sd)):
                 p.copy_(dequantize_rows_fp8(q, s))
     else:
         fused = FusedMoEDecode(moe, "bf16")  # keeps the model's own (here fp32) tensors: no copy
@@ -219,11 +220,11 @@ def test_split_k_is_deterministic_on_gpu():
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 @torch.no_grad()
 def test_graph_with_kernels_close_to_eager_on_gpu(fmt):
-    from export.verify import IMAGE_PSNR_FLOOR, psnr
-    from runtime.fast.graph import GraphImageGenerator
     from test_gpu_fast_path import _setup
 
+    from export.verify import IMAGE_PSNR_FLOOR, psnr
     from runtime import loop
+    from runtime.fast.graph import GraphImageGenerator
 
     model, backend, cfg, cache, kw = _setup("cuda")
     ref = loop.generate_image(backend, cfg, cache, **kw)
@@ -239,12 +240,12 @@ def test_graph_with_kernels_close_to_eager_on_gpu(fmt):
 @torch.no_grad()
 def test_token_step_with_kernels_in_interpreter(fmt):
     """The whole image-token step on the kernels (fused MoE, FP8 linears, kernel flow head), run eagerly."""
-    from export.verify import IMAGE_PSNR_FLOOR, psnr
-    from runtime.fast.decode_weights import FP8Linear
-    from runtime.fast.graph import GraphImageGenerator
     from test_gpu_fast_path import _setup
 
+    from export.verify import IMAGE_PSNR_FLOOR, psnr
     from runtime import loop
+    from runtime.fast.decode_weights import FP8Linear
+    from runtime.fast.graph import GraphImageGenerator
 
     model, backend, cfg, cache, kw = _setup("cpu", batch=1)
     ref = loop.generate_image(backend, cfg, cache, **kw)

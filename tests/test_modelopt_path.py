@@ -31,7 +31,8 @@ def test_int8_pixel_decoder_through_modelopt(tmp_path):
     man = json.loads((tmp_path / "manifest.json").read_text())
     pd, fh = man["pieces"]["pixel_decoder"], man["pieces"]["flow_head"]
     assert pd["quantization"]["method"].startswith("nvidia-modelopt")
-    assert fh["quantization"]["method"].startswith("ours")  # its row axis must stay dynamic
+    # its row axis must stay dynamic: ModelOpt calibrates, our pass writes the graph
+    assert fh["quantization"]["method"].startswith("nvidia-modelopt calibration")
     assert pd["verification"]["passed"] and pd["verification"]["worst"]["rel_l2"] < 0.1
     graph = onnx.load(str(tmp_path / "pixel_decoder.onnx"))
     ops = [n.op_type for n in graph.graph.node]
@@ -40,8 +41,39 @@ def test_int8_pixel_decoder_through_modelopt(tmp_path):
 
 
 @needs_modelopt
-def test_fp8_stays_on_our_qdq(tmp_path):
-    assert main(["--precision", "fp8", "--quantizer", "modelopt", "--pieces", "pixel_decoder",
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_modelopt_calibration_drives_our_qdq_for_the_other_pieces(tmp_path, precision):
+    """FP8 anywhere, and the KV-cache pieces and the encoder: ModelOpt's ranges, our standard Q/DQ."""
+    pieces = ["encoder", "semantic_decoder", "llm_step"]
+    assert main(["--precision", precision, "--quantizer", "modelopt", "--pieces", ",".join(pieces),
                  "--out", str(tmp_path), "--device", "cpu", "--calib-images", "1"]) == 0
     man = json.loads((tmp_path / "manifest.json").read_text())
-    assert man["pieces"]["pixel_decoder"]["quantization"]["method"].startswith("ours")
+    for piece in pieces:
+        e = man["pieces"][piece]
+        assert e["quantization"]["method"].startswith("nvidia-modelopt calibration"), piece
+        assert e["quantization"]["quantized_layers"] > 0 and e["verification"]["passed"], piece
+        ops = [n.op_type for n in onnx.load(str(tmp_path / f"{piece}.onnx")).graph.node]
+        assert not [o for o in ops if o.startswith("TRT_")] and ops.count("QuantizeLinear") >= 2, piece
+
+
+@needs_modelopt
+def test_modelopt_ranges_equal_our_max_calibration():
+    """Both are "max" calibration over the same tensors: the ranges must agree, layer by layer."""
+    import torch
+
+    from models import build, tiny_config
+    from models.pieces import build_pieces
+    from quant.calibrate import linear_input_amax
+    from quant.modelopt_path import calibrated_amax
+    from quant.policy import LayerPolicy
+
+    model = build(tiny_config(), seed=0)
+    piece = build_pieces(model)["flow_head"]
+    g = torch.Generator().manual_seed(0)
+    calls = [(torch.randn(1, 2, 256, generator=g), torch.randn(1, 16, generator=g), torch.tensor([3.0]),
+              torch.tensor([1.1]), torch.tensor([1.0])) for _ in range(2)]
+    ours, theirs = linear_input_amax(piece, calls), calibrated_amax(piece, calls, "fp8")
+    kept = {n for n in ours if LayerPolicy().reason_to_keep(n) is not None}
+    assert theirs and set(theirs) == set(ours) - kept
+    for name, value in theirs.items():
+        assert abs(value - ours[name]) <= 1e-5 * ours[name], name

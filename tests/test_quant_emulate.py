@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from export.build import main
+from export.verify import metrics
 from models import build, tiny_config
 from models.pieces import build_pieces
 from quant.emulate import fake_quant_activation, fake_quant_weight, fake_quantized
@@ -24,12 +25,10 @@ from runtime.backends.onnxruntime_backend import OrtPiece
 
 
 def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    return metrics(a, b)["rel_l2"]
 
 
 def test_fake_quant_matches_qdq_weight_rounding():
-    import numpy as np
-
     from quant.qdq import dequantize, quantize_weight
 
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.05

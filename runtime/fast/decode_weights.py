@@ -16,31 +16,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import interpreting
-from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8
+from kernels.fp8 import WEIGHT_FORMATS, dequantize_rows_fp8, quantize_rows_fp8
 from kernels.ops import moe_decode_op, skinny_linear_op
 from kernels.skinny import MAX_ROWS
 from models.llm import MoE
 from models.univision import MingUniVision
 
-from .kernel_flow_head import WEIGHT_FORMATS
-
 logger = logging.getLogger(__name__)
 
 
-class FusedMoEDecode:
-    """Callable installed as MoE.fused_decode: (x (T, H), ids (T, k), w (T, k)) -> (T, H) fp32."""
+class FusedMoEDecode(nn.Module):
+    """Installed as MoE.fused_decode: (x (T, H), ids (T, k), w (T, k)) -> (T, H) fp32.
+
+    A module with non-persistent buffers (checkpoints are unchanged) so that torch.export sees the
+    expert weights as named constants, which AOTInductor packages take from the live model."""
 
     def __init__(self, moe: MoE, weights: str):
+        super().__init__()
         if weights == "fp8":
-            (self.wg, sg), (self.wu, su), (self.wd, sd) = (quantize_rows_fp8(p) for p in (moe.w_gate, moe.w_up, moe.w_down))
-            self.scales = (sg, su, sd)
-        else:
-            self.wg, self.wu, self.wd = (p.detach().contiguous() for p in (moe.w_gate, moe.w_up, moe.w_down))
-            self.scales = None
+            (wg, sg), (wu, su), (wd, sd) = (quantize_rows_fp8(p) for p in (moe.w_gate, moe.w_up, moe.w_down))
+        else:  # the stacked parameters themselves (no copy: they are contiguous)
+            (wg, wu, wd), (sg, su, sd) = (p.detach().contiguous() for p in (moe.w_gate, moe.w_up, moe.w_down)), (None,) * 3
+        for name, t in dict(wg=wg, wu=wu, wd=wd, sg=sg, su=su, sd=sd).items():
+            self.register_buffer(name, t, persistent=False)
 
-    def __call__(self, x, ids, w):
-        sg, su, sd = self.scales if self.scales is not None else (None, None, None)
-        return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, sg, su, sd)
+    def forward(self, x, ids, w):
+        return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
 
 
 class FP8Linear(nn.Module):
@@ -98,4 +99,4 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     return report
 
 
-__all__ = ["prepare_decode", "FP8Linear", "FusedMoEDecode", "FP8_LINEAR_NAMES"]
+__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "prepare_decode"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.pieces import LLMStatic, SemanticDecoderStatic
+from models.pieces import LLMHiddenStatic, SemanticDecoderStatic
 from models.prompting import generation_rows
 from models.univision import MingUniVision
 
@@ -62,7 +62,8 @@ class GraphImageGenerator:
         """kernels: use the Triton decode kernels (default: when a GPU and triton are there);
         weights: "bf16" or "fp8" weight streaming for them (fp8 converts decode linears in place);
         compile: torch.compile the LLM step and the semantic-decoder step (default: with the kernels on
-        a GPU), which fuses the ~60 small launches per layer around the kernels (custom ops to it)."""
+        a GPU), which fuses the ~60 small launches per layer around the kernels (custom ops to it).
+        use_compiled_steps() swaps in AOTInductor packages of those two steps instead."""
         from kernels import available as kernels_available
 
         self.model, self.cfg = model.eval(), model.cfg
@@ -83,25 +84,32 @@ class GraphImageGenerator:
             self.flow = KernelFlowHead(model, weights=weights)
         else:
             self.flow = FastFlowHead(model)
-        self.llm = LLMStatic(model, moe_mode=self.moe_mode)
+        self.llm = LLMHiddenStatic(model, moe_mode=self.moe_mode)
         self.sem = SemanticDecoderStatic(model)
         self.compiled = (use_kernels and self.device.type == "cuda") if compile is None else compile
-        self._llm_step = self.llm.lm.model.forward_static
-        self._sem_step = self.sem
+        self._llm_step, self._sem_step = self.llm, self.sem
         if self.compiled:  # shapes are static per bucket: one compile per bucket, during the warm-up
-            self._llm_step = torch.compile(self._llm_step, dynamic=False)
+            self._llm_step = torch.compile(self.llm, dynamic=False)
             self._sem_step = torch.compile(self.sem, dynamic=False)
         self._buckets: dict[tuple, _Bucket] = {}
+
+    def use_compiled_steps(self, steps: dict) -> None:
+        """Run `steps` ({"llm_step": f, "semantic_step": g}, same signatures as self.llm / self.sem:
+        runtime/fast/compiled_steps.py) instead of compiling at run time. Before the first request."""
+        if self._buckets:
+            raise RuntimeError("use_compiled_steps() after a graph was captured would leave it on the old steps")
+        self._llm_step, self._sem_step = steps["llm_step"], steps["semantic_step"]
+        self.compiled = "aot"
 
     # -- buffers ---------------------------------------------------------------------------------
     def _new_bucket(self, b: int, r: int, s_max: int) -> _Bucket:
         cfg, dev, dt = self.cfg, self.device, self.dtype
         llm, mt = cfg.llm, cfg.mingtok
         n = cfg.num_image_tokens
-        z = lambda *shape, dtype=dt: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
+        z = lambda *shape, dtype=dt: torch.zeros(shape, dtype=dtype, device=dev)
         llm_caches = tuple(z(b * r, llm.num_kv_heads, s_max, llm.head_dim) for _ in range(2 * llm.num_layers))
         sem_caches = tuple(z(b, mt.semantic_dim // mt.head_dim, n, mt.head_dim) for _ in range(2 * mt.semantic_depth))
-        one = lambda: torch.zeros(1, dtype=torch.long, device=dev)  # noqa: E731
+        one = lambda: torch.zeros(1, dtype=torch.long, device=dev)
         return _Bucket(b, r, s_max, llm_caches, sem_caches, z(b * r, 1, llm.hidden_size),
                        z(b * r, s_max, dtype=torch.long), z(b * r, 1, dtype=torch.long), one(), one(), one(),
                        z(n + 1, b, mt.latent_dim, dtype=torch.float32),
@@ -112,14 +120,17 @@ class GraphImageGenerator:
     @torch.no_grad()
     def _step(self, k: _Bucket) -> None:
         """One image token, entirely on the device, advancing its own indices."""
-        hidden = self._llm_step(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
-                                image_mask=k.no_image, moe_mode=self.moe_mode)[:, -1:]  # (B*R, 1, H)
+        hidden = self._llm_hidden(k)  # (B*R, 1, H)
         noise = k.noise.index_select(0, k.step)[0]  # (B, C)
         latent = self.flow(hidden.view(k.b, k.r, -1), noise, *k.scalars)  # (B, C) fp32
         feats, emb = self._sem_step(latent[:, None].to(self.dtype), k.sem_pos, *k.sem_caches)  # (B, 1, D), (B, 1, H)
         k.latents.index_copy_(0, k.step, latent[None])
         k.feats.index_copy_(1, k.step, feats)
         self._advance(k, emb)
+
+    def _llm_hidden(self, k: _Bucket) -> torch.Tensor:
+        """One LLM step of every CFG row on the bucket's static caches: last hidden (B*R, 1, H)."""
+        return self._llm_step(k.embeds, k.mask, k.positions, k.no_image, k.cache_pos, *k.llm_caches)
 
     @staticmethod
     def _advance(k: _Bucket, emb: torch.Tensor) -> None:
@@ -128,10 +139,6 @@ class GraphImageGenerator:
         k.mask.index_fill_(1, k.cache_pos + 1, 1)  # the next token's own slot becomes visible
         for t in (k.cache_pos, k.sem_pos, k.step, k.positions):
             t.add_(1)
-
-    @staticmethod
-    def _pairs(flat):
-        return list(flat[0::2]), list(flat[1::2])
 
     def _capture(self, k: _Bucket) -> None:
         t0 = time.perf_counter()
@@ -207,8 +214,7 @@ class GraphImageGenerator:
                 self._step(k)
             yield i + 1
         # the (N+1)-th LLM step only extends the cache; its flow sample would be discarded
-        hidden = self._llm_step(k.embeds, k.mask, k.positions, *self._pairs(k.llm_caches), k.cache_pos,
-                                image_mask=k.no_image, moe_mode=self.moe_mode)[:, -1:]
+        hidden = self._llm_hidden(k)
         features = k.feats.clone()
         image = self._decode(k)
         total = p + 1 + n

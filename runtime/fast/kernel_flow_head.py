@@ -19,15 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fp8 import quantize_rows_fp8
+from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
 from kernels.guidance import guide_euler_
 from kernels.layernorm import ln_modulate
 from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, Workspace, skinny_gemm
 from models.univision import MingUniVision
 
 from .flow_head import FastFlowHead
-
-WEIGHT_FORMATS = ("bf16", "fp8")
 
 
 class PackedLinear:
@@ -126,4 +124,4 @@ class KernelFlowHead(nn.Module):
         return x
 
 
-__all__ = ["KernelFlowHead", "PackedLinear", "WEIGHT_FORMATS"]
+__all__ = ["WEIGHT_FORMATS", "KernelFlowHead", "PackedLinear"]

@@ -1,0 +1,167 @@
+"""`--targets aoti`: AOTInductor packages of the GPU fast path's compiled steps (see
+runtime/fast/compiled_steps.py for what they hold and how the runtime loads them).
+
+Built once here instead of torch.compile'd at every start of a service: the LLM step over the CFG rows
+and the semantic-decoder step, exported with dynamic rows and cache length, compiled for this
+machine's torch and GPU, verified against the eager modules on fresh inputs, and recorded in the
+manifest with the same rules as the other engines (files, sha256, versions, a fingerprint that
+skips an unchanged rebuild).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import manifest as mf
+from .verify import REL_L2_BOUND, metrics, within_bound, worst
+
+logger = logging.getLogger("export.build")
+
+AOTI_PRECISIONS = {"fp32": (torch.float32, "bf16"), "bf16": (torch.bfloat16, "bf16"), "fp8": (torch.bfloat16, "fp8")}
+VERIFY_CALLS = 2
+
+
+def plan(precision: str, device: str) -> dict:
+    """(model dtype, decode weights, kernels) of the packages a build makes; raises ValueError if none."""
+    from kernels import available
+
+    if precision not in AOTI_PRECISIONS:
+        raise ValueError(f"--targets aoti compiles the fp32, bf16 or fp8 fast path, not {precision}")
+    dtype, weights = AOTI_PRECISIONS[precision]
+    kernels = device == "cuda" and available()
+    if weights == "fp8" and not kernels:
+        raise ValueError("--targets aoti at fp8 streams FP8 weights through the Triton kernels: it needs "
+                         "--device cuda and triton (pip install 'mingrt[kernels]')")
+    return {"dtype": dtype, "weights": weights, "kernels": kernels}
+
+
+def fingerprint(precision: str, model_hash: str, src_hash: str, device: torch.device, max_sequence: int) -> str:
+    from runtime.fast.compiled_steps import SCHEMA, device_key
+
+    return mf.sha256_json({"aoti": SCHEMA, "precision": precision, "weights": model_hash, "source": src_hash,
+                           "torch": torch.__version__, **device_key(device), "max_sequence": max_sequence})
+
+
+def up_to_date(folder: Path, old: dict | None, fp: str) -> bool:
+    entry = (old or {}).get("compiled")
+    if not entry or entry.get("fingerprint") != fp or not entry.get("verification", {}).get("passed"):
+        return False
+    return all((Path(folder) / s["file"]).exists() and mf.sha256_file(Path(folder) / s["file"]) == s["sha256"]
+               for s in entry["steps"].values())
+
+
+def _fresh_inputs(gen, name: str, rows_per_prompt: int, prompts: int, s_max: int, seed: int) -> tuple:
+    """Random inputs of another size than the export sample: states a real loop could be in."""
+    from runtime.fast import compiled_steps as cs
+
+    g = torch.Generator().manual_seed(seed)
+    args = list(cs.sample_inputs(gen, rows_per_prompt, prompts, s_max)[name])
+    rnd = lambda t, scale: (torch.randn(t.shape, generator=g) * scale).to(t.device, t.dtype)
+    if name == "llm_step":
+        filled = s_max // 2  # slots [0, filled] hold a prompt, the current token writes slot `filled`
+        args[0] = rnd(args[0], 1.0)
+        args[1][:, :filled + 1] = 1
+        args[2].fill_(filled)
+        args[4].fill_(filled)
+        args[5:] = [rnd(c, 1.0) for c in args[5:]]
+    else:
+        args[0] = rnd(args[0], 1.0)
+        args[1].fill_(3)
+        args[2:] = [rnd(c, 1.0) for c in args[2:]]
+    return tuple(args)
+
+
+def verify_steps(gen, steps: dict, dtype: torch.dtype) -> dict:
+    """Each package against the eager module on fresh inputs (caches compared too: they are outputs)."""
+    from runtime.fast.compiled_steps import step_modules
+
+    modules = step_modules(gen)
+    per_step = {}
+    for name, step in steps.items():
+        res: dict = {}
+        for i, (r, b, s) in enumerate([(2, 1, 96), (2, 3, 160)][:VERIFY_CALLS]):
+            ref_in = _fresh_inputs(gen, name, r, b, s, seed=100 + i)
+            got_in = tuple(t.clone() for t in ref_in)
+            with torch.no_grad():
+                ref = modules[name](*ref_in)
+                got = step(*got_in)
+            ref, got = (ref,) if torch.is_tensor(ref) else ref, (got,) if torch.is_tensor(got) else got
+            first_cache = 5 if name == "llm_step" else 2
+            outs = {f"out{j}": (g, q) for j, (g, q) in enumerate(zip(got, ref))}
+            outs["caches"] = (torch.cat([t.flatten() for t in got_in[first_cache:]]),
+                              torch.cat([t.flatten() for t in ref_in[first_cache:]]))
+            for key, (g, q) in outs.items():
+                m = metrics(g.float(), q.float())
+                res[key] = m if key not in res else worst({"a": res[key], "b": m})
+        per_step[name] = {"outputs": res, "worst": worst(res)}
+    key = "fp32" if dtype == torch.float32 else "bf16"  # both sides stream the same (bf16 or FP8) weights
+    rel = max(s["worst"]["rel_l2"] for s in per_step.values())
+    return {"judge": "the eager modules, same weights", "steps": per_step, "bound_rel_l2": REL_L2_BOUND[key],
+            "passed": within_bound(key, rel)}
+
+
+def compile_steps(gen, out: Path, max_sequence: int) -> tuple[dict, dict]:
+    """Export and AOT-compile the generator's two steps into `out`: (manifest entries, loaded steps)."""
+    from runtime.fast import compiled_steps as cs
+
+    samples, shapes = cs.sample_inputs(gen), cs.dynamic_shapes(gen, max_sequence)
+    entries, steps = {}, {}
+    for name, module in cs.step_modules(gen).items():
+        t = time.time()
+        path = Path(out) / cs.STEP_FILES[name]
+        logger.info("aoti: exporting %s", name)
+        with torch.no_grad():
+            ep = torch.export.export(module, samples[name], dynamic_shapes=shapes[name])
+        sig = ep.graph_signature  # the tensors the program reads from the module (what a package will ask for)
+        ep_constants = [*sig.inputs_to_parameters.values(), *sig.inputs_to_buffers.values()]
+        logger.info("aoti: compiling %s with AOTInductor (minutes for the full model)", name)
+        path.unlink(missing_ok=True)
+        torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False})
+        del ep
+        entries[name] = {"file": path.name, "sha256": mf.sha256_file(path), "bytes": path.stat().st_size,
+                         "seconds": round(time.time() - t, 1)}
+        why = cs.probe_load(path, gen.device)
+        if why:  # the package is written, but this process must not load it (see probe_load)
+            logger.warning("aoti: %s cannot be loaded on this machine: %s", name, why)
+            entries[name]["constants"] = cs.constants_signature(module, ep_constants)
+            entries[name]["load_error"] = why
+            continue
+        names = torch._inductor.aoti_load_package(str(path)).get_constant_fqns()
+        entries[name]["constants"] = cs.constants_signature(module, names)
+        steps[name] = cs.CompiledStep(path, module, entries[name]["constants"], gen.device)
+    return entries, steps
+
+
+def build_compiled_steps(model, precision: str, out: Path, max_sequence: int, fp: str) -> dict:
+    """Export, compile, verify; returns the manifest's "compiled" block. `model` is changed in place
+    when it already has the packages' dtype (the decode kernels install themselves; the full model is
+    not copied), so this runs after everything else that uses it."""
+    from runtime.fast import compiled_steps as cs
+    from runtime.fast.graph import GraphImageGenerator
+
+    t0 = time.time()
+    device = next(model.parameters()).device
+    p = plan(precision, device.type)
+    if next(model.parameters()).dtype != p["dtype"]:
+        model = copy.deepcopy(model).to(p["dtype"])
+    gen = GraphImageGenerator(model, use_graph=False, kernels=p["kernels"], weights=p["weights"], compile=False)
+    entry = {"schema": cs.SCHEMA, "format": "aotinductor", "torch": torch.__version__, **cs.device_key(device),
+             "dtype": str(p["dtype"]).removeprefix("torch."), "weights": p["weights"], "kernels": p["kernels"],
+             "max_rows": cs.MAX_ROWS, "max_sequence": max_sequence, "fingerprint": fp}
+    entry["steps"], steps = compile_steps(gen, out, max_sequence)
+    errors = {s.get("load_error") for s in entry["steps"].values()} - {None}
+    if errors:
+        entry["verification"] = {"passed": None, "note": f"not loadable on this machine: {errors.pop()}"}
+    else:
+        entry["verification"] = verify_steps(gen, steps, p["dtype"])
+    entry["seconds"] = round(time.time() - t0, 1)
+    return entry
+
+
+__all__ = ["AOTI_PRECISIONS", "build_compiled_steps", "compile_steps", "fingerprint", "plan", "up_to_date",
+           "verify_steps"]

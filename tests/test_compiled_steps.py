@@ -1,0 +1,146 @@
+"""`export.build --targets aoti`: AOTInductor packages of the fast path's steps, built, verified, loaded.
+
+CPU: the fp32 packages (C++ code) end to end through the build and the runtime, and the FP8 decode
+path (the Triton kernels as custom ops inside a package) in the Triton interpreter. The GPU versions
+run in tests/test_gpu_fast_path.py.
+"""
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+import runtime
+from export.build import main
+from runtime.errors import EngineError
+
+pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                                reason="AOTInductor on the CPU needs a C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def aoti_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aoti-fp32")
+    assert main(["--precision", "fp32", "--targets", "aoti", "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
+def _manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_build_records_and_verifies_the_packages(aoti_folder):
+    man = _manifest(aoti_folder)
+    comp = man["compiled"]
+    assert man["passed"] and man["pieces"] == {}  # --targets aoti alone: no ONNX piece
+    assert comp["format"] == "aotinductor" and comp["torch"] == torch.__version__ and comp["device"] == "cpu"
+    assert (comp["dtype"], comp["weights"], comp["kernels"]) == ("float32", "bf16", False)
+    assert set(comp["steps"]) == {"llm_step", "semantic_step"}
+    for name, step in comp["steps"].items():
+        path = aoti_folder / step["file"]
+        assert path.stat().st_size == step["bytes"] < 20e6  # code only: the weights stay with the model
+        assert any(n.endswith("norm.weight") for n, _, _ in step["constants"]), name
+    v = comp["verification"]
+    assert v["passed"] and v["bound_rel_l2"] == 1e-4
+    for name, res in v["steps"].items():
+        assert res["worst"]["rel_l2"] < 1e-5 and "caches" in res["outputs"], name
+
+
+def test_unchanged_build_is_skipped(aoti_folder, caplog):
+    before = _manifest(aoti_folder)["compiled"]
+    with caplog.at_level(logging.INFO, logger="export.build"):
+        assert main(["--precision", "fp32", "--targets", "aoti", "--device", "cpu", "--out", str(aoti_folder)]) == 0
+    assert "compiled steps: unchanged" in caplog.text
+    assert _manifest(aoti_folder)["compiled"] == before
+
+
+def test_runtime_runs_the_packages_and_matches_eager(aoti_folder):
+    rt = runtime.load(aoti_folder)  # auto: the torch backend, because the packages suit this machine
+    assert rt.backend.name == "torch" and rt._fast is not None and rt._fast.compiled == "aot"
+    got = rt.generate_image(["a red bicycle", "a blue car"], seed=[3, 4])
+    ref = runtime.load(aoti_folder, backend="torch", compiled="off").generate_image(["a red bicycle", "a blue car"],
+                                                                                   seed=[3, 4])
+    assert torch.allclose(got.latents, ref.latents, atol=1e-5, rtol=0)
+    assert (got.pixels - ref.pixels).abs().max() < 1e-4
+
+
+def test_mismatched_or_damaged_packages_fail_clearly(aoti_folder, tmp_path, caplog):
+    folder = tmp_path / "copy"
+    shutil.copytree(aoti_folder, folder)
+    man = _manifest(folder)
+    man["compiled"]["torch"] = "0.0.0"
+    (folder / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(EngineError, match="built for torch='0.0.0'"):
+        runtime.load(folder, backend="torch", compiled="aot")
+    with caplog.at_level(logging.WARNING):
+        rt = runtime.load(folder, backend="torch")  # auto: falls back to the plain loop, and says so
+    assert rt._fast is None and "compiled steps not used" in caplog.text
+    shutil.copytree(aoti_folder, folder, dirs_exist_ok=True)  # good manifest back, then damage a package
+    with open(folder / "compiled_llm_step.pt2", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(EngineError, match="differs from the manifest"):
+        runtime.load(folder, backend="torch")
+    with pytest.raises(ValueError, match="compiled must be one of"):
+        runtime.load(folder, compiled="yes")
+
+
+def test_fp8_kernel_steps_compile_into_a_package(tmp_path):
+    """The decode kernels (custom ops) inside AOTInductor packages: same result as the eager modules."""
+    pytest.importorskip("triton", reason="the decode kernels need triton (the 'kernels' extra)")
+    from export.compiled_steps import compile_steps, verify_steps
+    from models.config import tiny_config
+    from models.univision import build
+    from runtime.fast.graph import GraphImageGenerator
+
+    model = build(tiny_config(), seed=0).to(torch.bfloat16).eval()
+    gen = GraphImageGenerator(model, use_graph=False, kernels=True, weights="fp8", compile=False)
+    _, steps = compile_steps(gen, tmp_path, max_sequence=512)
+    names = [n for n, _, _ in steps["llm_step"].expected]
+    assert any(n.endswith("fused_decode.wg") for n in names) and any(n.endswith("weight_fp8") for n in names)
+    rep = verify_steps(gen, steps, torch.bfloat16)
+    assert rep["passed"]
+    for name, res in rep["steps"].items():  # bf16 rounding differs between Inductor's fusions and eager
+        assert res["worst"]["rel_l2"] < 2e-2 and res["worst"]["cosine"] > 0.9995, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_gpu_packages_inside_the_cuda_graph(tmp_path, precision):
+    """Built by export.build on the GPU, loaded by the runtime, replayed in the per-token CUDA graph:
+    the image matches the run-time torch.compile path's up to bf16 rounding of the fused steps."""
+    from export.verify import psnr
+    from kernels.fp8 import gpu_supports_fp8
+
+    if precision == "fp8" and not gpu_supports_fp8(torch.device("cuda"))[0]:
+        pytest.skip("FP8 needs SM 8.9+")
+    assert main(["--precision", precision, "--targets", "aoti", "--device", "cuda", "--out", str(tmp_path)]) == 0
+    comp = _manifest(tmp_path)["compiled"]
+    if comp["verification"]["passed"] is None:  # the packages were written; this torch cannot load them here
+        pytest.skip(comp["verification"]["note"])
+    assert comp["device"] == "cuda" and comp["kernels"] and comp["weights"] == ("fp8" if precision == "fp8" else "bf16")
+    aot = runtime.load(tmp_path, backend="torch", compiled="aot")
+    assert aot._fast.compiled == "aot"
+    got = aot.generate_image("a red bicycle", seed=3)
+    assert all(k.graph is not None for k in aot._fast._buckets.values())
+    ref = runtime.load(tmp_path, backend="torch", compiled="jit", decode_weights=comp["weights"])
+    assert ref._fast.compiled is True
+    # bf16 rounding differs between the two compilations (as between bf16 and fp32: see test_gpu_fast_path)
+    assert psnr(got.pixels.float(), ref.generate_image("a red bicycle", seed=3).pixels.float()) > 25
+
+
+def test_a_crashing_loader_is_caught_in_a_child_process(tmp_path, monkeypatch):
+    """probe_load reports a loader that kills its process (a segfault) instead of inheriting it."""
+    from runtime.fast import compiled_steps as cs
+
+    pkg = tmp_path / "step.pt2"
+    pkg.write_bytes(b"not a package")
+    monkeypatch.setattr(cs, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(cs, "_PROBED", {})
+    why = cs.probe_load(pkg, torch.device("cuda", 0))
+    assert why.startswith("AOTInductor's CUDA loader crashed") and "signal 11" in why
+    monkeypatch.setattr(cs, "_PROBE", "raise SystemExit('bad archive')")
+    monkeypatch.setattr(cs, "_PROBED", {})
+    assert cs.probe_load(pkg, torch.device("cuda", 0)) == "AOTInductor's loader failed: bad archive"
+    assert cs.probe_load(pkg, torch.device("cpu")) is None  # CPU packages load in-process
