@@ -24,7 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import capture, environment, timed
+from benchmarks.speed import capture, environment, hbm_tbps, timed
 from kernels.fp8 import quantize_rows_fp8
 from kernels.moe import candidate_configs as moe_candidates
 from kernels.moe import moe_decode
@@ -189,14 +189,15 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="time only the default configs")
     p.add_argument("--sweep-shapes", type=int, default=99, help="sweep configs for the first N GEMM shapes (heaviest first)")
-    p.add_argument("--peak-tbps", type=float, default=3.35)
+    p.add_argument("--peak-tbps", type=float, default=None, help="HBM peak (default: by GPU name, speed.HBM_TBPS)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
     cfg = full_config()
     table = {"skinny": {}, "moe": {}}
-    res = {"env": environment(torch.device("cuda")), "peak_tbps": a.peak_tbps, "rows": []}
+    res = {"env": environment(torch.device("cuda")), "peak_tbps": hbm_tbps(torch.device("cuda"), a.peak_tbps),
+           "rows": []}
     a.out.mkdir(parents=True, exist_ok=True)
     for idx, (name, m, n, k, epi) in enumerate(shapes(cfg)):
         for fmt in ("bf16", "fp8"):

@@ -80,7 +80,9 @@ class BuildConfig:
             raise BuildError("--device cuda, but PyTorch sees no CUDA GPU on this machine")
         if self.precision == "fp8" and self.device == "cuda":
             major, minor = torch.cuda.get_device_capability()
-            if (major, minor) < (8, 9):
+            from kernels.fp8 import FP8_MIN_CAPABILITY
+
+            if (major, minor) < FP8_MIN_CAPABILITY:
                 raise BuildError(f"FP8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
                                  f"{torch.cuda.get_device_name()} is {major}.{minor}. Use --precision int8 or fp16.")
         unknown = [p for p in self.pieces if p not in PIECE_NAMES]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 E4M3_MAX = 448.0
+FP8_MIN_CAPABILITY = (8, 9)  # E4M3 hardware: Ada, Hopper, Blackwell (one constant for the build, runtime, doctor)
 WEIGHT_FORMATS = ("bf16", "fp8")  # what the decode kernels stream (runtime decode_weights, CLI --decode-weights)
 
 
@@ -29,9 +30,9 @@ def gpu_supports_fp8(device=None) -> tuple[bool, str]:
         return False, "no CUDA GPU"
     major, minor = torch.cuda.get_device_capability(device)
     name = torch.cuda.get_device_name(device)
-    if (major, minor) < (8, 9):
+    if (major, minor) < FP8_MIN_CAPABILITY:
         return False, f"{name} is SM {major}.{minor}; FP8 (E4M3) needs SM 8.9 or newer (Ada, Hopper, Blackwell)"
     return True, name
 
 
-__all__ = ["E4M3_MAX", "WEIGHT_FORMATS", "dequantize_rows_fp8", "gpu_supports_fp8", "quantize_rows_fp8"]
+__all__ = ["E4M3_MAX", "FP8_MIN_CAPABILITY", "WEIGHT_FORMATS", "dequantize_rows_fp8", "gpu_supports_fp8", "quantize_rows_fp8"]

@@ -18,6 +18,8 @@ def _version(name: str):
 def report() -> dict:
     import torch
 
+    from kernels.fp8 import FP8_MIN_CAPABILITY
+
     out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
            "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"), "tensorrt": _version("tensorrt"),
            "modelopt": _version("modelopt"), "triton": _version("triton")}
@@ -30,7 +32,7 @@ def report() -> dict:
     gpus = []
     for i in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(i)
-        precisions = ["fp32", "fp16"] + (["bf16"] if major >= 8 else []) + ["int8"] + (["fp8"] if (major, minor) >= (8, 9) else [])
+        precisions = ["fp32", "fp16"] + (["bf16"] if major >= 8 else []) + ["int8"] + (["fp8"] if (major, minor) >= FP8_MIN_CAPABILITY else [])
         gpus.append({"index": i, "name": torch.cuda.get_device_name(i), "sm": f"{major}.{minor}", "precisions": precisions,
                      "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)})
     out["cuda"] = torch.version.cuda

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.fp8 import FP8_MIN_CAPABILITY
 from models.config import ModelConfig
 from models.contract import piece_specs
 
@@ -52,7 +53,7 @@ def check_device(man: dict, device: torch.device, backend: str) -> None:
     prec = man["precision"]
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        if prec == "fp8" and (major, minor) < (8, 9):
+        if prec == "fp8" and (major, minor) < FP8_MIN_CAPABILITY:
             raise PrecisionUnsupportedError(
                 f"these engines are FP8, which needs compute capability 8.9+; {torch.cuda.get_device_name(device)} is "
                 f"{major}.{minor}. Build int8 or fp16 engines instead: python -m export.build --precision int8")
