@@ -21,6 +21,8 @@ logger = logging.getLogger("export.build")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 FLOAT_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                "fp8": torch.float32, "int8": torch.float32}  # fp8/int8: Q/DQ around linears, fp32 elsewhere
+QUANT_BASES = ("auto", "fp32", "bf16")
+LARGE_PIECES = ("llm_prefill", "llm_step")  # 16.8 B parameters in the full model: 67 GB as an fp32 graph
 TARGETS = ("onnx", "tensorrt", "torch", "aoti")  # aoti: the GPU fast path's compiled steps (export/compiled_steps.py)
 EPILOG = """examples:
   python -m export.build --precision fp8                      # built-in tiny model, CPU, minutes
@@ -34,6 +36,18 @@ EPILOG = """examples:
 
 class BuildError(RuntimeError):
     """A build that cannot go on; the message says what to change."""
+
+
+def piece_dtype(precision: str, piece: str, model: str, quant_base: str = "auto") -> torch.dtype:
+    """The float type of a piece's graph. fp8/int8 put Q/DQ around the linears of an fp32 graph, which
+    onnxruntime's CPU provider can run and verify; the full model's LLM pieces get a bf16 graph instead
+    (DequantizeLinear to bf16, what strongly typed TensorRT takes), because as fp32 they would be 67 GB.
+    bf16 graphs cannot be verified by the CPU provider."""
+    if precision not in ("fp8", "int8"):
+        return FLOAT_DTYPE[precision]
+    if quant_base == "bf16" or (quant_base == "auto" and model == "full" and piece in LARGE_PIECES):
+        return torch.bfloat16
+    return torch.float32
 
 
 @dataclass
@@ -59,6 +73,7 @@ class BuildConfig:
     force: bool = False
     threads: int | None = None
     quantizer: str = "auto"
+    quant_base: str = "auto"
 
     def validate(self) -> BuildConfig:
         """Every flag combination is checked here, before any work starts."""
@@ -113,10 +128,10 @@ class BuildConfig:
         if self.model == "full" and self.device == "cpu" and self.checkpoint is None:
             raise BuildError("--model full has 18.8 B parameters (75 GB in fp32): build it with --device cuda on a "
                              "large-memory GPU machine, or use --model tiny")
-        if self.model == "full" and self.precision in ("fp8", "int8") and {"llm_prefill", "llm_step"} & set(self.pieces):
-            raise BuildError("fp8/int8 ONNX of the full LLM would carry an fp32 base (67 GB, beyond protobuf's and most "
-                             "disks' limits); quantize the other pieces (--pieces encoder,semantic_decoder,pixel_decoder,"
-                             "flow_head) and export the LLM at --precision bf16")
+        if self.quant_base not in QUANT_BASES:
+            raise BuildError(f"--quant-base must be one of {QUANT_BASES}")
+        if self.quant_base != "auto" and self.precision not in ("fp8", "int8"):
+            raise BuildError("--quant-base is the float type around fp8/int8 Q/DQ: use it with --precision fp8 or int8")
         if self.quantizer not in ("auto", "ours", "modelopt"):
             raise BuildError("--quantizer must be auto, ours or modelopt")
         if self.quantizer == "modelopt":
@@ -167,6 +182,8 @@ def parse_args(argv=None) -> BuildConfig:
     g.add_argument("--calib-seed", type=int, default=1234)
     g.add_argument("--quantizer", choices=["auto", "ours", "modelopt"], default="auto",
                    help="Q/DQ from nvidia-modelopt (auto: when installed, for the pieces it can export) or ours")
+    g.add_argument("--quant-base", choices=QUANT_BASES, default="auto",
+                   help="float type around fp8/int8 Q/DQ (auto: bf16 for the full model's LLM pieces, else fp32)")
     g.add_argument("--calib-image-dir", type=Path, help="user images to add to the encoders' calibration set")
     g.add_argument("--t2i-check", choices=["auto", "on", "off"], default="auto",
                    help="run a whole text-to-image through the exported pieces (auto: on for the tiny model)")
@@ -187,7 +204,7 @@ def parse_args(argv=None) -> BuildConfig:
         calib_images=a.calib_images, calib_seed=a.calib_seed, calib_image_dir=a.calib_image_dir,
         max_prompts=a.max_prompts, max_sequence=a.max_sequence, t2i_check=a.t2i_check,
         timing_cache=a.timing_cache, workspace_gib=a.workspace_gib, force=a.force, threads=a.threads,
-        quantizer=a.quantizer,
+        quantizer=a.quantizer, quant_base=a.quant_base,
     ).validate()
 
 

@@ -16,7 +16,7 @@ from models.contract import piece_specs
 from models.pieces import build_pieces
 
 from . import manifest as mf
-from .build import FLOAT_DTYPE, BuildConfig, BuildError
+from .build import FLOAT_DTYPE, BuildConfig, BuildError, piece_dtype
 from .shapes import ShapeLimits, trt_profiles
 from .verify import IMAGE_PSNR_FLOOR, REL_L2_BOUND, metrics, within_bound, worst
 
@@ -49,7 +49,7 @@ def fingerprint(bc: BuildConfig, piece: str, model_hash: str, src_hash: str, env
     return mf.sha256_json({
         "piece": piece, "precision": bc.precision, "targets": sorted(bc.targets), "opset": bc.opset,
         "weights": model_hash, "source": src_hash, "limits": vars(limits),
-        "calibration": [bc.calib_images, bc.calib_seed, str(bc.calib_image_dir), bc.quantizer]
+        "calibration": [bc.calib_images, bc.calib_seed, str(bc.calib_image_dir), bc.quantizer, bc.quant_base]
         if bc.precision in ("fp8", "int8") else None,
         "versions": {k: env.get(k) for k in ("torch", "onnx", "tensorrt", "modelopt", "sm")},
     })
@@ -98,8 +98,9 @@ def save_onnx(model, path: Path) -> list[str]:
 MODELOPT_PIECES = ("pixel_decoder",)
 
 
-def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, calib_calls) -> tuple[list[str], list[dict], str]:
-    """Q/DQ for one piece: (files, per-layer report, method)."""
+def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, calib_calls,
+                  graph_dtype=torch.float32) -> tuple[list[str], list[dict], str]:
+    """Q/DQ for one piece around its `graph_dtype` graph: (files, per-layer report, method)."""
     import onnx
 
     from quant.calibrate import linear_input_amax
@@ -109,7 +110,7 @@ def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, c
     use_modelopt = bc.quantizer == "modelopt" or (bc.quantizer == "auto" and modelopt_available())
     # ModelOpt writes FP8 as TensorRT-only custom ops (trt::TRT_FP8QuantizeLinear), which no other runtime
     # (onnxruntime included) can run or verify: FP8 always takes our standard-ONNX Q/DQ.
-    if use_modelopt and spec.name in MODELOPT_PIECES and bc.precision == "int8":
+    if use_modelopt and spec.name in MODELOPT_PIECES and bc.precision == "int8" and graph_dtype == torch.float32:
         from quant import modelopt_path as mo
 
         from .onnx_export import trace_sizes
@@ -129,9 +130,19 @@ def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, c
         amax = linear_input_amax(judge_piece, calib_calls)
         method = "ours: per-channel weights, per-tensor static activations (max calibration)"
     model = onnx.load(str(path))
-    report = insert_qdq(model, amax, bc.precision)
-    report += quantize_stacked_experts(model, bc.precision, names=_stacked_names(model, judge_piece))
+    scale_dtype = _numpy_dtype(graph_dtype)  # Q/DQ scales take the graph's float type (opset 19)
+    report = insert_qdq(model, amax, bc.precision, scale_dtype=scale_dtype)
+    report += quantize_stacked_experts(model, bc.precision, scale_dtype=scale_dtype,
+                                       names=_stacked_names(model, judge_piece))
     return save_onnx(model, path), report, method
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    if dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return {torch.float32: np.float32, torch.float16: np.float16}[dtype]
 
 
 def _stacked_names(model, piece) -> dict[str, str]:
@@ -147,8 +158,9 @@ def _stacked_names(model, piece) -> dict[str, str]:
             continue
         arr = numpy_helper.to_array(init)
         for n, p in params.items():
-            if (tuple(p.shape) == arr.shape and np.array_equal(p[0, 0].detach().float().cpu().numpy(), arr[0, 0])
-                    and np.array_equal(p.detach().float().cpu().numpy(), arr)):
+            if (tuple(p.shape) == arr.shape
+                    and np.array_equal(p[0, 0].detach().float().cpu().numpy(), arr[0, 0].astype(np.float32))
+                    and np.array_equal(p.detach().float().cpu().numpy(), arr.astype(np.float32))):
                 out[init.name] = n
                 break
     return out
@@ -224,12 +236,17 @@ def run_build(bc: BuildConfig) -> dict:
     judge_pieces = build_pieces(judge_model)
     work_pieces = judge_pieces if work_model is judge_model else (build_pieces(work_model) if work_model else None)
 
-    def modules_for(piece):
+    model_kind = "full" if bc.checkpoint is not None else cfg.name
+    graph_dtypes = {p: piece_dtype(bc.precision, p, model_kind, bc.quant_base) for p in bc.pieces}
+
+    def modules_for(piece, pdtype):
         """(module to export, module that judges it)."""
-        if work_pieces is not None:
+        if pdtype == judge_dtype:  # the reference itself: no copy (the full LLM is 33 GB)
+            return judge_pieces[piece], judge_pieces[piece]
+        if work_pieces is not None and pdtype == dtype:
             return work_pieces[piece], judge_pieces[piece]
-        m = copy.deepcopy(judge_pieces[piece]).to(dtype)
-        return m, m
+        m = copy.deepcopy(judge_pieces[piece]).to(pdtype)
+        return m, (judge_pieces[piece] if judge_dtype == torch.float32 else m)
     calib, fresh = {}, {}
     if todo:
         from .calibration_data import collect_piece_inputs
@@ -251,12 +268,14 @@ def run_build(bc: BuildConfig) -> dict:
         logger.info("%s: exporting to ONNX (opset %d, %s)", piece, bc.opset, bc.precision)
         from .onnx_export import export_piece
 
-        work, judge = modules_for(piece)
-        info = export_piece(work, spec, cfg, onnx_path, float_dtype=dtype, limits=limits, opset=bc.opset)
+        pdtype = graph_dtypes[piece]
+        entry["graph_dtype"] = str(pdtype).removeprefix("torch.")
+        work, judge = modules_for(piece, pdtype)
+        info = export_piece(work, spec, cfg, onnx_path, float_dtype=pdtype, limits=limits, opset=bc.opset)
         files = info["files"]
         if bc.precision in ("fp8", "int8"):
             calls = [cast_call(c, spec, next(judge.parameters()).dtype) for c in calib.get(piece, [])]
-            files, qreport, method = quantize_onnx(bc, onnx_path, judge, spec, cfg, limits, calls)
+            files, qreport, method = quantize_onnx(bc, onnx_path, judge, spec, cfg, limits, calls, pdtype)
             n_q = sum(r["quantized"] for r in qreport)
             entry["quantization"] = {"format": bc.precision, "method": method, "layers": qreport, "quantized_layers": n_q}
             logger.info("%s: %d linear layer(s) quantized to %s, %d kept high precision", piece, n_q, bc.precision,
@@ -264,16 +283,16 @@ def run_build(bc: BuildConfig) -> dict:
         entry["targets"]["onnx"] = {"files": files, "opset": bc.opset, "sha256": {f: mf.sha256_file(out / f) for f in files},
                                     "bytes": sum((out / f).stat().st_size for f in files)}
         if "torch" in bc.targets:
-            entry["targets"]["torch"] = export_torch(work, spec, cfg, limits, out / f"{piece}.pt2", dtype)
+            entry["targets"]["torch"] = export_torch(work, spec, cfg, limits, out / f"{piece}.pt2", pdtype)
         if "tensorrt" in bc.targets:
             entry["targets"]["tensorrt"] = build_trt(bc, spec, cfg, limits, onnx_path, out / f"{piece}.plan", env)
         # verification: the exported graph in onnxruntime vs the fp32 eager reference, on fresh inputs
         ver: dict = {"backend": f"onnxruntime-{ort_device}", "judge": "eager fp32 reference"}
-        if dtype == torch.bfloat16 and ort_device == "cpu":
+        if pdtype == torch.bfloat16 and ort_device == "cpu":
             ver.update(passed=None, note="onnxruntime's CPU provider has no bfloat16 kernels: not verified here")
         else:
             res = verify_piece(OrtPiece(onnx_path, ort_device, threads=bc.threads), judge, spec,
-                               fresh.get(piece, []), dtype)
+                               fresh.get(piece, []), pdtype)
             rel = res["worst"].get("rel_l2", math.inf)
             ver.update(res, bound_rel_l2=REL_L2_BOUND[bc.precision], passed=within_bound(bc.precision, rel))
         entry["verification"] = ver
@@ -283,7 +302,8 @@ def run_build(bc: BuildConfig) -> dict:
         mf.save(out, man)  # after every piece: an interrupted build loses nothing done
 
     if piece_targets and _want_t2i(bc, cfg):
-        man["verification"]["text_to_image"] = t2i_check(bc, cfg, judge_model, out, man, dtype, ort_device)
+        bf16_graphs = any(d == torch.bfloat16 for d in graph_dtypes.values())
+        man["verification"]["text_to_image"] = t2i_check(bc, cfg, judge_model, out, man, dtype, ort_device, bf16_graphs)
     work_pieces = judge_pieces = None  # let the ONNX-side copies go before the compile
     if "aoti" in bc.targets:  # last: it installs the decode kernels into the (full) model in place
         from . import compiled_steps
@@ -320,7 +340,7 @@ def _want_t2i(bc: BuildConfig, cfg) -> bool:
     return bc.t2i_check == "on" or cfg.name == "tiny"
 
 
-def t2i_check(bc, cfg, judge_model, out, man, dtype, ort_device) -> dict:
+def t2i_check(bc, cfg, judge_model, out, man, dtype, ort_device, bf16_graphs: bool = False) -> dict:
     """A whole text-to-image through the exported pieces vs the eager reference, same prompt and noise."""
     from models.flow_head import draw_noise
     from models.prompting import cfg_masks
@@ -330,7 +350,7 @@ def t2i_check(bc, cfg, judge_model, out, man, dtype, ort_device) -> dict:
 
     from .calibration_data import image_ids, random_prompt
 
-    if dtype == torch.bfloat16 and ort_device == "cpu":
+    if bf16_graphs and ort_device == "cpu":
         return {"passed": None, "note": "bf16 graphs cannot run in onnxruntime on the CPU"}
     gen = torch.Generator().manual_seed(bc.calib_seed + 31337)
     ids = random_prompt(cfg, gen)

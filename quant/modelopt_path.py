@@ -65,16 +65,18 @@ def quant_config(module: nn.Module, fmt: str, policy: LayerPolicy) -> dict:
 
 
 def quantize_module(module: nn.Module, calib_calls: list[tuple], fmt: str, policy: LayerPolicy | None = None) -> nn.Module:
-    """A quantized fp32 deep copy of `module`, calibrated by running `module(*call)` for every call."""
+    """A quantized deep copy of `module` (its own float type: a bf16 LLM is not widened to 67 GB of fp32),
+    calibrated by running it on every call."""
     mtq = _mtq()
     policy = policy or LayerPolicy()
-    q = copy.deepcopy(module).float().eval()
+    q = copy.deepcopy(module).eval()
+    dtype = next(q.parameters()).dtype
     cfg = quant_config(q, fmt, policy)
 
     def forward_loop(m):
         with torch.no_grad():
             for call in calib_calls:
-                m(*(t.float() if t.is_floating_point() else t for t in call))
+                m(*(t.to(dtype) if t.is_floating_point() else t for t in call))
 
     return mtq.quantize(q, cfg, forward_loop=forward_loop)
 

@@ -185,8 +185,9 @@ def _gathered_3d(model) -> set[str]:
     for n in model.graph.node:
         for x in n.input:
             readers.setdefault(x, set()).add(n.op_type)
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
     return {i.name for i in model.graph.initializer
-            if len(i.dims) == 3 and i.data_type == TensorProto.FLOAT and readers.get(i.name, {"?"}) <= {"Gather", "GatherND"}}
+            if len(i.dims) == 3 and i.data_type in floats and readers.get(i.name, {"?"}) <= {"Gather", "GatherND"}}
 
 
 def quantize_stacked_experts(model, fmt: str, scale_dtype=np.float32, names: dict[str, str] | None = None) -> list[dict]:

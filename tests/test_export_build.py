@@ -125,6 +125,7 @@ def test_rerun_skips_unchanged_and_rebuilds_changed(tmp_path, caplog):
     (["--precision", "fp8", "--checkpoint", "/nonexistent"], "is not a directory"),
     (["--precision", "fp16", "--model", "full", "--device", "cpu"], "--model full"),
     (["--precision", "int8", "--targets", "aoti"], "aoti compiles the fp32, bf16 or fp8 fast path"),
+    (["--precision", "fp16", "--quant-base", "bf16"], "use it with --precision fp8 or int8"),
     (["--precision", "fp8", "--targets", "aoti", "--device", "cpu"], "needs --device cuda and triton"),
 ])
 def test_bad_flag_combinations(argv, message):
@@ -156,3 +157,38 @@ def test_qdq_weight_quantization_roundtrip():
         assert scale.shape == (16,)
         err = np.linalg.norm(dequantize(q, scale, 0) - w, axis=1) / np.linalg.norm(w, axis=1)
         assert err.max() < bound, (fmt, err.max())
+
+
+def test_graph_dtype_per_piece():
+    from export.build import piece_dtype
+
+    assert piece_dtype("fp8", "llm_step", "full") == torch.bfloat16  # 67 GB as fp32
+    assert piece_dtype("int8", "llm_prefill", "full") == torch.bfloat16
+    assert piece_dtype("fp8", "flow_head", "full") == torch.float32  # verifiable on the CPU provider
+    assert piece_dtype("fp8", "llm_step", "tiny") == torch.float32
+    assert piece_dtype("fp8", "llm_step", "full", "fp32") == torch.float32
+    assert piece_dtype("int8", "encoder", "tiny", "bf16") == torch.bfloat16
+    assert piece_dtype("bf16", "encoder", "tiny") == torch.bfloat16 and piece_dtype("fp16", "llm_step", "full") == torch.float16
+
+
+def test_fp8_around_a_bf16_graph(tmp_path):
+    """--quant-base bf16 (the full LLM's form): FP8 weights and activations dequantized to bf16."""
+    from onnx import TensorProto
+
+    assert main(["--precision", "fp8", "--quant-base", "bf16", "--pieces", "llm_step", "--out", str(tmp_path),
+                 "--device", "cpu", "--calib-images", "1"]) == 0
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    entry = man["pieces"]["llm_step"]
+    assert entry["graph_dtype"] == "bfloat16" and entry["verification"]["passed"] is None  # no bf16 on the CPU provider
+    assert "text_to_image" not in man["verification"]
+    model = onnx.load(str(tmp_path / "llm_step.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.BFLOAT16
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and {inits[n.input[1]].data_type for n in dq} == {TensorProto.BFLOAT16}
+    fp8 = [i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT8E4M3FN and len(i.dims) == 2]
+    stacked = [r for r in entry["quantization"]["layers"] if "weight-only" in r.get("activation", "")]
+    assert len(fp8) >= 10 and len(stacked) == 3 * man["model"]["config"]["llm"]["num_layers"] - 3 * (
+        man["model"]["config"]["llm"]["first_k_dense_replace"])
+    # what stays high precision is bf16 and what the policy keeps (routers, lm_head), nothing fp32 and 2-D
+    assert not [i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) >= 2]

@@ -51,8 +51,11 @@ class TensorRTEngine:
         keep = []
         for name in self.input_names:
             t = feeds[name]
-            if t.dtype != self.dtypes[name]:
-                raise TypeError(f"{name}: engine wants {self.dtypes[name]}, got {t.dtype}")
+            want = self.dtypes[name]
+            if t.dtype != want:
+                if not (t.is_floating_point() and want.is_floating_point):
+                    raise TypeError(f"{name}: engine wants {want}, got {t.dtype}")
+                t = t.to(want)  # neighbours of another float type (an fp8 build's bf16 LLM next to fp32 pieces)
             t = t.to(self.device).contiguous()
             if t.numel() == 0:  # an empty past still needs a valid address
                 t = torch.empty(1, dtype=t.dtype, device=self.device)[:0].view(t.shape)
