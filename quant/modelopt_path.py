@@ -16,8 +16,10 @@ symbolics (torch's dynamo exporter has no translation for ModelOpt's fake-quant 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -78,7 +80,12 @@ def quantize_module(module: nn.Module, calib_calls: list[tuple], fmt: str, polic
             for call in calib_calls:
                 m(*(t.to(dtype) if t.is_floating_point() else t for t in call))
 
-    return mtq.quantize(q, cfg, forward_loop=forward_loop)
+    chatter = io.StringIO()  # ModelOpt prints its progress ("Inserted N quantizers"): keep the build's table clean
+    with contextlib.redirect_stdout(chatter):
+        q = mtq.quantize(q, cfg, forward_loop=forward_loop)
+    if chatter.getvalue().strip():
+        logger.debug("modelopt: %s", chatter.getvalue().strip())
+    return q
 
 
 def calibrated_amax(module: nn.Module, calib_calls: list[tuple], fmt: str, policy: LayerPolicy | None = None
