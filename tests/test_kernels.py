@@ -138,6 +138,25 @@ def test_guide_euler_matches_guide(rows, renorm):
     assert_close(f"kernels/guide_euler_r{rows}_renorm{int(renorm)}", x, ref, 1e-5)
 
 
+@torch.no_grad()
+def test_fp8_linear_streams_fp8_for_decode_rows_only():
+    """Decode rows (<= 64) take the FP8 copy; a prefill keeps the exact original layer."""
+    from kernels.skinny import MAX_ROWS
+    from runtime.fast.decode_weights import FP8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, device=DEV, dtype=torch.bfloat16)
+    fp8 = FP8Linear(lin)
+    prefill = torch.randn(2, MAX_ROWS, 256, device=DEV, dtype=torch.bfloat16)  # 128 rows
+    assert torch.equal(fp8(prefill), lin(prefill))
+    decode = torch.randn(2, 1, 256, device=DEV, dtype=torch.bfloat16)
+    w = dequantize_rows_fp8(fp8.weight_fp8, fp8.scale)  # what the kernel streams
+    ref = (decode.float() @ w.float().T + lin.bias.float()).to(torch.bfloat16)
+    got = fp8(decode)
+    assert got.shape == (2, 1, 96) and not torch.equal(got, lin(decode))
+    assert_close("kernels/fp8_linear_decode", got.float(), ref.float(), 0.05)
+
+
 @pytest.mark.parametrize("fmt", ["fp32", "fp8"])
 def test_fused_moe_equals_reference_moe(fmt):
     from models.llm import MoE

@@ -3,20 +3,21 @@
 `prepare_decode(model, weights)` changes the model in place for the GPU fast path:
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
     stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales;
-  * weights="fp8" also swaps the decode-time linears (LLM attention, shared experts, dense FFNs, the
-    semantic decoder's blocks) for FP8Linear. Kept high precision, as in quant/policy.py: embeddings,
+  * weights="fp8" also wraps the decode-time linears (LLM attention, shared experts, dense FFNs, the
+    semantic decoder's blocks) in FP8Linear. Kept high precision, as in quant/policy.py: embeddings,
     norms, the router, lm_head, vis_head, the connector and everything the prefill-only pieces use.
+    Prefills keep the exact weights (the MoE's stacked experts and each FP8Linear's `reference`): FP8
+    copies are added for the decode, nothing is replaced.
 The flow head has its own packed weights (runtime.fast.kernel_flow_head).
 """
 from __future__ import annotations
 
 import logging
 
-import torch.nn.functional as F
 from torch import nn
 
 from kernels import interpreting
-from kernels.fp8 import WEIGHT_FORMATS, dequantize_rows_fp8, quantize_rows_fp8
+from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
 from kernels.ops import moe_decode_op, skinny_linear_op
 from kernels.skinny import MAX_ROWS
 from models.llm import MoE
@@ -45,8 +46,9 @@ class FusedMoEDecode(nn.Module):
 
 
 class FP8Linear(nn.Module):
-    """nn.Linear with an E4M3 weight and per-output-channel scale: the skinny kernel for decode rows
-    (<= MAX_ROWS), a dequantized matmul for anything larger (a prefill)."""
+    """nn.Linear with an E4M3 copy of its weight (per-output-channel scale) for the decode rows
+    (<= MAX_ROWS, the skinny kernel); anything larger (a prefill, an understanding request) runs the
+    original layer, kept as `reference`, so only the per-token decode is FP8."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -54,6 +56,7 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_fp8", wq)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.reference = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = linear.weight.dtype
 
@@ -62,8 +65,7 @@ class FP8Linear(nn.Module):
         if rows <= MAX_ROWS and (x.is_cuda or interpreting()):
             y = skinny_linear_op(x.reshape(rows, self.in_features), self.weight_fp8, self.scale, self.bias, self.out_dtype)
             return y.view(*x.shape[:-1], self.out_features)
-        w = dequantize_rows_fp8(self.weight_fp8, self.scale).to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return self.reference(x)
 
 
 def _swap_linears(module: nn.Module, names: tuple[str, ...]) -> int:
