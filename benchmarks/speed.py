@@ -135,10 +135,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip-eager-e2e", action="store_true")
     p.add_argument("--skip-sdvae", action="store_true")
     p.add_argument("--compile-sdvae", action="store_true", help="also time torch.compile'd SD-VAE decode (minutes of compile)")
-    p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae,sdvae-ar,fp8 (default: all)")
+    p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae,sdvae-ar,fp8,engines "
+                                               "(default: all)")
     p.add_argument("--no-kernels", action="store_true", help="skip the Triton-kernel variants")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--hbm-tbps", type=float, help="peak HBM bandwidth for the floor (default: by GPU name)")
+    p.add_argument("--engines", type=Path, help="an export.build folder: also time its onnxruntime/TensorRT engines "
+                                               "(per piece and end to end) where they run here")
     a = p.parse_args(argv)
     only = {x for x in a.only.split(",") if x}
     want = lambda part: not only or part in only
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = build(cfg, seed=0, device=device, dtype=dtype)
     results = {"env": environment(device), "config": cfg.name, "dtype": str(dtype), "build_seconds": time.perf_counter() - t0,
-               "pieces": {}, "pipelines": {}, "breakdown": {}, "sdvae": {}}
+               "pieces": {}, "pipelines": {}, "breakdown": {}, "sdvae": {}, "engines": {}}
     print(f"model built in {results['build_seconds']:.1f}s on {device} ({dtype})", flush=True)
     gen = torch.Generator().manual_seed(0)
     rows, n = 2, cfg.num_image_tokens
@@ -333,6 +336,10 @@ def main(argv=None) -> int:
         print("image accuracy:", results["accuracy"], flush=True)
         print("single-step accuracy (relative L2 vs the eager reference):", step_accuracy, flush=True)
 
+    if a.engines is not None and want("engines"):  # last: the engines' own models are loaded next to ours
+        from benchmarks.engine_backends import time_engines
+
+        time_engines(results, rec, a.engines, device, runs, 1 if smoke else a.e2e_runs)
     save()
     plot(results, a.out / f"{name}.png")
     print(f"wrote {a.out / name}.json/.md")
@@ -443,10 +450,12 @@ def markdown(r: dict) -> str:
     lines = [f"# Speed ({r['config']} shapes, {r['dtype']}, {env.get('gpu', env['device'])})", "",
              f"torch {env['torch']}, CUDA {env.get('cuda')}, git {(env.get('git_sha') or 'unknown')[:10]}", "",
              "| group | what | median ms | p90 ms | peak GiB |", "| --- | --- | ---: | ---: | ---: |"]
-    for group in ("pieces", "pipelines", "breakdown", "sdvae"):
+    for group in ("pieces", "pipelines", "breakdown", "sdvae", "engines"):
         for name, v in r.get(group, {}).items():
             if isinstance(v, dict) and "median_ms" in v:
                 lines.append(f"| {group} | {name} | {v['median_ms']:.2f} | {v['p90_ms']:.2f} | {v.get('peak_mem_gib', 0):.1f} |")
+    for backend, why in r.get("engines_skipped", {}).items():
+        lines.append(f"| engines | {backend}: not run here ({why}) | - | - | - |")
     f = r.get("floor")
     if f:
         lines += ["", f"HBM floor: {f['bytes_per_token']['total'] / 1e9:.2f} GB streamed per image token -> "
@@ -480,7 +489,7 @@ def plot(r: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    items = [(f"{g}: {k}", v["median_ms"]) for g in ("pieces", "pipelines", "sdvae") for k, v in r.get(g, {}).items()
+    items = [(f"{g}: {k}", v["median_ms"]) for g in ("pieces", "pipelines", "sdvae", "engines") for k, v in r.get(g, {}).items()
              if isinstance(v, dict) and "median_ms" in v]
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(items) + 1))
     ax.barh([i[0] for i in items], [i[1] for i in items])

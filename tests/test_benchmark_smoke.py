@@ -23,6 +23,25 @@ def test_speed_smoke(tmp_path):
     assert "| pipelines |" in (tmp_path / "speed_smoke.md").read_text()
 
 
+def test_speed_times_the_exported_engines(tmp_path, tiny_engines):
+    """--engines: onnxruntime per piece and end to end; TensorRT listed with the reason it cannot run."""
+    folder = tiny_engines("fp32")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--smoke", "--out", str(tmp_path),
+                           "--only", "engines", "--engines", str(folder)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "speed_smoke.json").read_text())
+    eng = res["engines"]
+    for piece in ("llm_prefill", "llm_step", "flow_head", "semantic_decoder", "pixel_decoder"):
+        assert eng[f"{piece} (onnxruntime-cpu fp32)"]["median_ms"] > 0, piece
+    e2e = eng["text-to-image (onnxruntime-cpu fp32)"]
+    assert e2e["runs"] == 1 and e2e["median_ms"] > eng["llm_step (onnxruntime-cpu fp32)"]["median_ms"]
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert "TensorRT is not installed" in res["engines_skipped"]["tensorrt"]
+        assert "tensorrt: not run here" in (tmp_path / "speed_smoke.md").read_text()
+
+
 @torch.no_grad()
 def test_sdvae_latent_pipeline_on_tiny():
     """The SD-VAE comparison pipeline: 1 latent token per 2x2x4 SD-VAE patch, decoded by AutoencoderKL."""
