@@ -4,7 +4,7 @@ No cache objects, no data-dependent Python control flow, no host syncs: each `fo
 returns tensors in the order `models.contract.piece_specs` lists them. KV caches travel as flat
 tuples (layer 0 key, layer 0 value, layer 1 key, ...).
 
-Two extra classes serve the CUDA-graph path: `SemanticDecoderStatic` and `LLMStatic` write into
+Extra classes serve the CUDA-graph path: `SemanticDecoderStatic`, `LLMHiddenStatic` and `LLMStatic` write into
 preallocated (batch, heads, max_len, head_dim) buffers at `cache_position` instead of returning
 grown caches. They compute the same function as the concat forms (tested).
 """
@@ -112,25 +112,11 @@ class SemanticDecoderStatic(nn.Module):
         return feats, self.connector(feats)
 
 
-class LLMStatic(nn.Module):
-    """In-place cache form; attention_mask (B, S_max) spans every slot of the buffers."""
-
-    def __init__(self, model: MingUniVision, moe_mode: str = "gather"):
-        super().__init__()
-        self.lm = model.model
-        self.moe_mode = moe_mode
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, image_mask, cache_position, *caches):
-        hidden = self.lm.model.forward_static(inputs_embeds, attention_mask, position_ids, *_pairs(caches),
-                                              cache_position, image_mask=image_mask, moe_mode=self.moe_mode)
-        last = hidden[:, -1:]
-        return last, self.lm.logits(last)
-
-
 class LLMHiddenStatic(nn.Module):
-    """The image loop's LLM step: in-place caches, last hidden state only (no logits: the lm_head is
-    1.3 GB that an image token never needs). Caches are flat (k0, v0, k1, v1, ...), tensor-only
-    signature so that it exports (torch.export / AOTInductor) as it runs."""
+    """The image loop's LLM step: in-place caches written at `cache_position`, attention_mask (B, S_max)
+    spanning every slot of the buffers; last hidden state only (no logits: the lm_head is 1.3 GB that
+    an image token never needs). Caches are flat (k0, v0, k1, v1, ...), a tensor-only signature that
+    exports (torch.export / AOTInductor) as it runs."""
 
     def __init__(self, model: MingUniVision, moe_mode: str = "gather"):
         super().__init__()
@@ -141,6 +127,14 @@ class LLMHiddenStatic(nn.Module):
         hidden = self.lm.model.forward_static(inputs_embeds, attention_mask, position_ids, *_pairs(caches),
                                               cache_position, image_mask=image_mask, moe_mode=self.moe_mode)
         return hidden[:, -1:]  # (B*R, 1, H)
+
+
+class LLMStatic(LLMHiddenStatic):
+    """LLMHiddenStatic with the logits of the last position too (text steps)."""
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, image_mask, cache_position, *caches):
+        last = super().forward(inputs_embeds, attention_mask, position_ids, image_mask, cache_position, *caches)
+        return last, self.lm.logits(last)
 
 
 def build_pieces(model: MingUniVision) -> dict[str, nn.Module]:
