@@ -189,6 +189,7 @@ def verify_piece(backend_piece, judge_piece, spec, calls, dtype) -> dict:
 
 def run_build(bc: BuildConfig) -> dict:
     from runtime.backends.onnxruntime_backend import OrtPiece
+    from runtime.engines import ort_has_cuda
 
     t_start = time.time()
     out = Path(bc.out)
@@ -258,7 +259,7 @@ def run_build(bc: BuildConfig) -> dict:
         fresh = collect_piece_inputs(judge_model, seed=bc.calib_seed + 7919, num_images=1, limit=VERIFY_CALLS)
         logger.info("ran the reference model for calibration/verification inputs (%.1fs)", time.time() - t)
 
-    ort_device = "cuda" if bc.device == "cuda" and _ort_has_cuda() else "cpu"
+    ort_device = "cuda" if bc.device == "cuda" and ort_has_cuda() else "cpu"
     for piece, fp in tqdm(todo, desc="pieces", unit="piece", disable=not todo):
         spec = specs[piece]
         t0 = time.time()
@@ -323,14 +324,6 @@ def run_build(bc: BuildConfig) -> dict:
     mf.save(out, man)
     print_summary(man, bc, out)
     return man
-
-
-def _ort_has_cuda() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def _want_t2i(bc: BuildConfig, cfg) -> bool:

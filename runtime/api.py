@@ -69,11 +69,12 @@ def load(engine_dir: str | Path, backend: str = "auto", device: str | torch.devi
          decode_weights: str | None = None, compiled: str = "auto") -> Runtime:
     """Open an artifact folder made by `python -m export.build`.
 
-    backend: "auto" (TensorRT on a GPU when its plans exist, else the torch fast path when the folder
-    has compiled steps for this machine, else onnxruntime), "onnxruntime", "tensorrt" or "torch" (the
-    reference pieces: on a GPU, the compiled path with one CUDA graph and the Triton kernels per image
-    token). decode_weights: "bf16" or "fp8" (E4M3, per-channel scales) weight streaming in that path,
-    SM 8.9+ only for fp8; default: as the folder's compiled steps, else bf16. compiled: how the torch
+    backend: "auto" (TensorRT on a GPU when its plans exist; else the torch fast path when the folder
+    has compiled steps for this machine or onnxruntime has no CUDA provider on a GPU; else onnxruntime),
+    "onnxruntime", "tensorrt" or "torch" (the reference pieces: on a GPU, the compiled path with one CUDA
+    graph and the Triton kernels per image token). decode_weights: "bf16" or "fp8" (E4M3, per-channel
+    scales) weight streaming in that path, SM 8.9+ only for fp8; default: as the folder's compiled steps,
+    else fp8 for fp8 engines (when triton is there), else bf16. compiled: how the torch
     fast path gets its LLM and semantic-decoder steps: "auto" (the folder's AOTInductor packages when
     they match this machine, else torch.compile at the first request), "aot" (the packages or an
     EngineError), "jit" (torch.compile), "off" (eager, for debugging).
@@ -110,7 +111,12 @@ class Runtime:
         self._fast = None
         is_torch = getattr(backend, "name", "") == "torch"
         packages = self.manifest.get("compiled") if is_torch and compiled in ("auto", "aot") else None
-        weights = decode_weights or (packages or {}).get("weights", "bf16")
+        default = (packages or {}).get("weights")
+        if default is None and is_torch and backend.device.type == "cuda" and self.manifest.get("precision") == "fp8":
+            from kernels import available
+
+            default = "fp8" if available() else "bf16"  # FP8 engines: the torch fast path streams FP8 too
+        weights = decode_weights or default or "bf16"
         fast_path = is_torch and (backend.device.type == "cuda" or packages is not None)
         if weights != "bf16":
             if not (is_torch and backend.device.type == "cuda"):

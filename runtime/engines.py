@@ -100,6 +100,8 @@ def check_files(man: dict, folder: Path, target: str, pieces, verify_hashes: boo
 
 
 def choose_backend(requested: str, device: torch.device, man: dict) -> str:
+    """auto: TensorRT plans on a GPU with TensorRT; the torch fast path when the folder's compiled steps
+    suit this machine, or on a GPU that onnxruntime cannot use; else onnxruntime."""
     if requested != "auto":
         return requested
     first = next(iter(man["pieces"].values()), {})
@@ -115,7 +117,24 @@ def choose_backend(requested: str, device: torch.device, man: dict) -> str:
         return "torch"  # the compiled fast path, built for this machine
     if not man["pieces"] and packages:
         return "torch"  # a folder of compiled steps only (export.build --targets aoti)
+    if device.type == "cuda" and not ort_has_cuda() and _weights_reachable(man):
+        return "torch"  # no GPU engine can run here: the compiled torch path, not onnxruntime's CPU provider
     return "onnxruntime"
+
+
+def ort_has_cuda() -> bool:
+    """Whether the installed onnxruntime has its CUDA provider (onnxruntime-gpu)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _weights_reachable(man: dict) -> bool:
+    """The torch backend rebuilds the model: from the built-in seed, or the checkpoint folder named."""
+    src = man.get("model", {})
+    return "builtin" in src or bool(src.get("checkpoint")) and Path(src["checkpoint"]).is_dir()
 
 
 def open_backend(folder: Path, man: dict, backend: str, device: torch.device, verify_hashes: bool, threads=None):
@@ -126,6 +145,8 @@ def open_backend(folder: Path, man: dict, backend: str, device: torch.device, ve
         if entry is not None and [t["name"] for t in entry["io"]["inputs"]] != specs[name].input_names:
             raise EngineError(f"{folder}: {name} was built for another piece contract; {rebuild_hint(man, folder)}")
     dtype = FLOAT_DTYPE[man["precision"]]
+    if backend == "torch" and device.type == "cuda" and man["precision"] in ("fp8", "int8"):
+        dtype = torch.bfloat16  # the GPU fast path runs bf16 (and streams FP8 copies): not a 75 GB fp32 model
     packages = man.get("compiled")
     if backend == "torch" and packages and packages.get("device") == device.type:
         dtype = getattr(torch, packages["dtype"])  # the weights the compiled steps were built for

@@ -282,3 +282,22 @@ def test_fp8_decode_weights_need_the_gpu_torch_path(fp32_dir):
         runtime.load(fp32_dir, "onnxruntime", "cpu", decode_weights="fp8")
     with pytest.raises(ValueError, match="needs the torch backend on a CUDA GPU"):
         runtime.load(fp32_dir, "torch", "cpu", decode_weights="fp8")
+
+
+def test_auto_backend_choice(monkeypatch):
+    """auto: the torch fast path on a GPU that onnxruntime cannot use, or where compiled steps suit."""
+    from runtime import engines
+
+    man = {"pieces": {"llm_step": {"targets": {"onnx": {}}}}, "model": {"builtin": "tiny", "seed": 0}}
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(engines, "ort_has_cuda", lambda: False)
+    assert engines.choose_backend("auto", cuda, man) == "torch"
+    assert engines.choose_backend("auto", cpu, man) == "onnxruntime"
+    assert engines.choose_backend("onnxruntime", cuda, man) == "onnxruntime"
+    gone = {**man, "model": {"checkpoint": "/nonexistent/Ming-UniVision"}}
+    assert engines.choose_backend("auto", cuda, gone) == "onnxruntime"  # no weights for the torch path
+    monkeypatch.setattr(engines, "ort_has_cuda", lambda: True)
+    assert engines.choose_backend("auto", cuda, man) == "onnxruntime"
+    compiled = {**man, "compiled": {"device": "cpu", "torch": torch.__version__}}
+    assert engines.choose_backend("auto", cpu, compiled) == "torch"
+    assert engines.choose_backend("auto", cpu, {**compiled, "compiled": {"device": "cpu", "torch": "0.1"}}) == "onnxruntime"
