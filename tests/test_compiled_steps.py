@@ -56,11 +56,12 @@ def test_unchanged_build_is_skipped(aoti_folder, caplog):
 
 
 def test_runtime_runs_the_packages_and_matches_eager(aoti_folder):
-    rt = runtime.load(aoti_folder)  # auto: the torch backend, because the packages suit this machine
+    rt = runtime.load(aoti_folder, device="cpu")  # auto: the torch backend, because the packages suit this machine
     assert rt.backend.name == "torch" and rt._fast is not None and rt._fast.compiled == "aot"
-    got = rt.generate_image(["a red bicycle", "a blue car"], seed=[3, 4])
-    ref = runtime.load(aoti_folder, backend="torch", compiled="off").generate_image(["a red bicycle", "a blue car"],
-                                                                                   seed=[3, 4])
+    prompts = ["a red bicycle", "a blue car"]
+    got = rt.generate_image(prompts, seed=[3, 4])
+    eager = runtime.load(aoti_folder, backend="torch", device="cpu", compiled="off")
+    ref = eager.generate_image(prompts, seed=[3, 4])
     assert torch.allclose(got.latents, ref.latents, atol=1e-5, rtol=0)
     assert (got.pixels - ref.pixels).abs().max() < 1e-4
 
@@ -72,15 +73,15 @@ def test_mismatched_or_damaged_packages_fail_clearly(aoti_folder, tmp_path, capl
     man["compiled"]["torch"] = "0.0.0"
     (folder / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(EngineError, match="built for torch='0.0.0'"):
-        runtime.load(folder, backend="torch", compiled="aot")
+        runtime.load(folder, backend="torch", device="cpu", compiled="aot")
     with caplog.at_level(logging.WARNING):
-        rt = runtime.load(folder, backend="torch")  # auto: falls back to the plain loop, and says so
+        rt = runtime.load(folder, backend="torch", device="cpu")  # auto: falls back to the plain loop, and says so
     assert rt._fast is None and "compiled steps not used" in caplog.text
     shutil.copytree(aoti_folder, folder, dirs_exist_ok=True)  # good manifest back, then damage a package
     with open(folder / "compiled_llm_step.pt2", "ab") as f:
         f.write(b"x")
     with pytest.raises(EngineError, match="differs from the manifest"):
-        runtime.load(folder, backend="torch")
+        runtime.load(folder, backend="torch", device="cpu")
     with pytest.raises(ValueError, match="compiled must be one of"):
         runtime.load(folder, compiled="yes")
 
