@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +37,14 @@ EPILOG = """examples:
 
 class BuildError(RuntimeError):
     """A build that cannot go on; the message says what to change."""
+
+
+def layer_policy(bc: "BuildConfig"):
+    """The default policy (quant/policy.py) plus the user's --keep-high-precision patterns."""
+    from quant.policy import KEEP_HIGH_PRECISION, LayerPolicy
+
+    extra = {p: "kept by --keep-high-precision" for p in bc.keep_high_precision}
+    return LayerPolicy(keep={**KEEP_HIGH_PRECISION, **extra}).validate()
 
 
 def piece_dtype(precision: str, piece: str, model: str, quant_base: str = "auto") -> torch.dtype:
@@ -74,6 +83,7 @@ class BuildConfig:
     threads: int | None = None
     quantizer: str = "auto"
     quant_base: str = "auto"
+    keep_high_precision: list[str] = field(default_factory=list)  # extra regexes over linear paths
 
     def validate(self) -> BuildConfig:
         """Every flag combination is checked here, before any work starts."""
@@ -128,6 +138,13 @@ class BuildConfig:
         if self.model == "full" and self.device == "cpu" and self.checkpoint is None:
             raise BuildError("--model full has 18.8 B parameters (75 GB in fp32): build it with --device cuda on a "
                              "large-memory GPU machine, or use --model tiny")
+        for pattern in self.keep_high_precision:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise BuildError(f"--keep-high-precision {pattern!r} is not a regular expression: {exc}") from None
+        if self.keep_high_precision and self.precision not in ("fp8", "int8"):
+            raise BuildError("--keep-high-precision chooses linears to leave out of fp8/int8: use it with those precisions")
         if self.quant_base not in QUANT_BASES:
             raise BuildError(f"--quant-base must be one of {QUANT_BASES}")
         if self.quant_base != "auto" and self.precision not in ("fp8", "int8"):
@@ -182,6 +199,9 @@ def parse_args(argv=None) -> BuildConfig:
     g.add_argument("--calib-seed", type=int, default=1234)
     g.add_argument("--quantizer", choices=["auto", "ours", "modelopt"], default="auto",
                    help="Q/DQ from nvidia-modelopt (auto: when installed, for the pieces it can export) or ours")
+    g.add_argument("--keep-high-precision", action="append", default=[], metavar="REGEX",
+                   help="also keep the linears whose path matches REGEX high precision (repeatable), e.g. "
+                        "'encoder\\.blocks\\.[0-8]\\.' for the early blocks of a sensitive encoder")
     g.add_argument("--quant-base", choices=QUANT_BASES, default="auto",
                    help="float type around fp8/int8 Q/DQ (auto: bf16 for the full model's LLM pieces, else fp32)")
     g.add_argument("--calib-image-dir", type=Path, help="user images to add to the encoders' calibration set")
@@ -205,6 +225,7 @@ def parse_args(argv=None) -> BuildConfig:
         max_prompts=a.max_prompts, max_sequence=a.max_sequence, t2i_check=a.t2i_check,
         timing_cache=a.timing_cache, workspace_gib=a.workspace_gib, force=a.force, threads=a.threads,
         quantizer=a.quantizer, quant_base=a.quant_base,
+        keep_high_precision=a.keep_high_precision,
     ).validate()
 
 

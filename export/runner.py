@@ -16,7 +16,7 @@ from models.contract import piece_specs
 from models.pieces import build_pieces
 
 from . import manifest as mf
-from .build import FLOAT_DTYPE, BuildConfig, BuildError, piece_dtype
+from .build import FLOAT_DTYPE, BuildConfig, BuildError, layer_policy, piece_dtype
 from .shapes import ShapeLimits, trt_profiles
 from .verify import IMAGE_PSNR_FLOOR, REL_L2_BOUND, metrics, within_bound, worst
 
@@ -49,7 +49,8 @@ def fingerprint(bc: BuildConfig, piece: str, model_hash: str, src_hash: str, env
     return mf.sha256_json({
         "piece": piece, "precision": bc.precision, "targets": sorted(bc.targets), "opset": bc.opset,
         "weights": model_hash, "source": src_hash, "limits": vars(limits),
-        "calibration": [bc.calib_images, bc.calib_seed, str(bc.calib_image_dir), bc.quantizer, bc.quant_base]
+        "calibration": [bc.calib_images, bc.calib_seed, str(bc.calib_image_dir), bc.quantizer, bc.quant_base,
+                        bc.keep_high_precision]
         if bc.precision in ("fp8", "int8") else None,
         "versions": {k: env.get(k) for k in ("torch", "onnx", "tensorrt", "modelopt", "sm")},
     })
@@ -108,6 +109,7 @@ def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, c
     from quant.qdq import insert_qdq, quantize_stacked_experts
 
     use_modelopt = bc.quantizer == "modelopt" or (bc.quantizer == "auto" and modelopt_available())
+    policy = layer_policy(bc)
     # ModelOpt writes FP8 as TensorRT-only custom ops (trt::TRT_FP8QuantizeLinear), which no other runtime
     # (onnxruntime included) can run or verify: FP8 always takes our standard-ONNX Q/DQ.
     if use_modelopt and spec.name in MODELOPT_PIECES and bc.precision == "int8" and graph_dtype == torch.float32:
@@ -116,22 +118,22 @@ def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, c
         from .onnx_export import trace_sizes
         from .shapes import sample_inputs
 
-        q = mo.quantize_module(judge_piece, calib_calls, bc.precision)
+        q = mo.quantize_module(judge_piece, calib_calls, bc.precision, policy)
         sample = sample_inputs(spec, cfg, torch.float32, sizes=trace_sizes(spec, cfg, limits))
         files = mo.export_onnx(q, spec, cfg, path, sample, bc.opset)
-        return files, mo.layer_report(q), "nvidia-modelopt: per-channel weights, per-tensor static activations (max)"
+        return files, mo.layer_report(q, policy), "nvidia-modelopt: per-channel weights, per-tensor static activations (max)"
     if use_modelopt:  # ModelOpt cannot write this piece as standard ONNX: its calibration, our Q/DQ
         from quant.modelopt_path import calibrated_amax
 
         logger.info("%s: nvidia-modelopt calibrates, our pass writes the Q/DQ (%s)", spec.name, bc.precision)
-        amax = calibrated_amax(judge_piece, calib_calls, bc.precision)
+        amax = calibrated_amax(judge_piece, calib_calls, bc.precision, policy)
         method = "nvidia-modelopt calibration (max) + our Q/DQ: per-channel weights, per-tensor static activations"
     else:
         amax = linear_input_amax(judge_piece, calib_calls)
         method = "ours: per-channel weights, per-tensor static activations (max calibration)"
     model = onnx.load(str(path))
     scale_dtype = _numpy_dtype(graph_dtype)  # Q/DQ scales take the graph's float type (opset 19)
-    report = insert_qdq(model, amax, bc.precision, scale_dtype=scale_dtype)
+    report = insert_qdq(model, amax, bc.precision, policy, scale_dtype=scale_dtype)
     report += quantize_stacked_experts(model, bc.precision, scale_dtype=scale_dtype,
                                        names=_stacked_names(model, judge_piece))
     return save_onnx(model, path), report, method

@@ -126,6 +126,8 @@ def test_rerun_skips_unchanged_and_rebuilds_changed(tmp_path, caplog):
     (["--precision", "fp16", "--model", "full", "--device", "cpu"], "--model full"),
     (["--precision", "int8", "--targets", "aoti"], "aoti compiles the fp32, bf16 or fp8 fast path"),
     (["--precision", "fp16", "--quant-base", "bf16"], "use it with --precision fp8 or int8"),
+    (["--precision", "fp8", "--keep-high-precision", "blocks.[0-"], "is not a regular expression"),
+    (["--precision", "bf16", "--keep-high-precision", "blocks"], "use it with those precisions"),
     (["--precision", "fp8", "--targets", "aoti", "--device", "cpu"], "needs --device cuda and triton"),
 ])
 def test_bad_flag_combinations(argv, message):
@@ -192,3 +194,22 @@ def test_fp8_around_a_bf16_graph(tmp_path):
         man["model"]["config"]["llm"]["first_k_dense_replace"])
     # what stays high precision is bf16 and what the policy keeps (routers, lm_head), nothing fp32 and 2-D
     assert not [i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) >= 2]
+
+
+def test_keep_high_precision_extends_the_policy(tmp_path):
+    """--keep-high-precision: the matching linears stay unquantized, with the reason in the report."""
+    args = ["--precision", "fp8", "--pieces", "encoder", "--t2i-check", "off", "--device", "cpu", "--calib-images", "1",
+            "--quantizer", "ours"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b"), "--keep-high-precision", r"blocks\.0\."]) == 0
+    layers = {d: json.loads((tmp_path / d / "manifest.json").read_text())["pieces"]["encoder"]["quantization"]["layers"]
+              for d in "ab"}
+    kept = [r["layer"] for r in layers["b"] if r.get("reason") == "kept by --keep-high-precision"]
+    assert kept and all(".blocks.0." in k for k in kept)
+    assert sum(r["quantized"] for r in layers["b"]) == sum(r["quantized"] for r in layers["a"]) - len(kept)
+
+    def fp8_weights(d):  # one E4M3 2-D initializer per quantized linear
+        graph = onnx.load(str(tmp_path / d / "encoder.onnx")).graph
+        return sum(i.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(i.dims) == 2 for i in graph.initializer)
+
+    assert fp8_weights("b") == fp8_weights("a") - len(kept) > 0
