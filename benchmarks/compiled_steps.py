@@ -20,9 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from speed import environment, prompt, timed
+from benchmarks.speed import environment, prompt, timed  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -117,8 +116,8 @@ def main(argv=None) -> int:
 
         r["image_latents_aot_vs_jit"] = metrics(aot_latents, jit_latents)
         print(f"{fmt}: aot set-up {r['aot_setup_s']:.1f}s (load {r['aot_load_s']:.1f}s), step "
-              f"{r['aot_step']['median_ms']:.2f} ms; latents vs jit rel L2 {r['image_latents_aot_vs_jit']['rel_l2']:.3g}",
-              flush=True)
+              f"{r['aot_step']['median_ms']:.2f} ms; latents vs jit rel L2 "
+              f"{r['image_latents_aot_vs_jit']['rel_l2']:.3g}", flush=True)
         del g
         gc.collect()
         save()

@@ -21,19 +21,21 @@ from .verify import REL_L2_BOUND, metrics, within_bound, worst
 
 logger = logging.getLogger("export.build")
 
-AOTI_PRECISIONS = {"fp32": (torch.float32, "bf16"), "bf16": (torch.bfloat16, "bf16"), "fp8": (torch.bfloat16, "fp8")}
+AOTI_PRECISIONS = ("fp32", "bf16", "fp8")
 VERIFY_CALLS = 2
 
 
 def plan(precision: str, device: str) -> dict:
-    """(model dtype, decode weights, kernels) of the packages a build makes; raises ValueError if none."""
+    """(model dtype, decode weights, kernels) of the packages a build makes: the runtime's fast-path
+    layout for these engines (runtime.engines.fast_path_layout); raises ValueError if none."""
     from kernels import available
+    from runtime.engines import fast_path_layout
 
     if precision not in AOTI_PRECISIONS:
         raise ValueError(f"--targets aoti compiles the fp32, bf16 or fp8 fast path, not {precision}")
-    dtype, weights = AOTI_PRECISIONS[precision]
+    dtype, weights = fast_path_layout(precision, device)
     kernels = device == "cuda" and available()
-    if weights == "fp8" and not kernels:
+    if precision == "fp8" and not kernels:
         raise ValueError("--targets aoti at fp8 streams FP8 weights through the Triton kernels: it needs "
                          "--device cuda and triton (pip install 'mingrt[kernels]')")
     return {"dtype": dtype, "weights": weights, "kernels": kernels}
@@ -50,8 +52,8 @@ def up_to_date(folder: Path, old: dict | None, fp: str) -> bool:
     entry = (old or {}).get("compiled")
     if not entry or entry.get("fingerprint") != fp or not entry.get("verification", {}).get("passed"):
         return False
-    return all((Path(folder) / s["file"]).exists() and mf.sha256_file(Path(folder) / s["file"]) == s["sha256"]
-               for s in entry["steps"].values())
+    digests = {s["file"]: s["sha256"] for s in entry["steps"].values()}
+    return mf.files_intact(folder, {"targets": {"aoti": {"sha256": digests}}})
 
 
 def _fresh_inputs(gen, name: str, rows_per_prompt: int, prompts: int, s_max: int, seed: int) -> tuple:
@@ -60,24 +62,22 @@ def _fresh_inputs(gen, name: str, rows_per_prompt: int, prompts: int, s_max: int
 
     g = torch.Generator().manual_seed(seed)
     args = list(cs.sample_inputs(gen, rows_per_prompt, prompts, s_max)[name])
-    rnd = lambda t, scale: (torch.randn(t.shape, generator=g) * scale).to(t.device, t.dtype)
+    first_cache = len(args) - cs.num_caches(gen, name)
+    args = [(torch.randn(t.shape, generator=g)).to(t.device, t.dtype) if i == 0 or i >= first_cache else t
+            for i, t in enumerate(args)]  # random input and caches
     if name == "llm_step":
         filled = s_max // 2  # slots [0, filled] hold a prompt, the current token writes slot `filled`
-        args[0] = rnd(args[0], 1.0)
         args[1][:, :filled + 1] = 1
         args[2].fill_(filled)
         args[4].fill_(filled)
-        args[5:] = [rnd(c, 1.0) for c in args[5:]]
     else:
-        args[0] = rnd(args[0], 1.0)
         args[1].fill_(3)
-        args[2:] = [rnd(c, 1.0) for c in args[2:]]
     return tuple(args)
 
 
 def verify_steps(gen, steps: dict, dtype: torch.dtype) -> dict:
     """Each package against the eager module on fresh inputs (caches compared too: they are outputs)."""
-    from runtime.fast.compiled_steps import step_modules
+    from runtime.fast.compiled_steps import num_caches, step_modules
 
     modules = step_modules(gen)
     per_step = {}
@@ -90,7 +90,7 @@ def verify_steps(gen, steps: dict, dtype: torch.dtype) -> dict:
                 ref = modules[name](*ref_in)
                 got = step(*got_in)
             ref, got = (ref,) if torch.is_tensor(ref) else ref, (got,) if torch.is_tensor(got) else got
-            first_cache = 5 if name == "llm_step" else 2
+            first_cache = len(ref_in) - num_caches(gen, name)
             outs = {f"out{j}": (g, q) for j, (g, q) in enumerate(zip(got, ref))}
             outs["caches"] = (torch.cat([t.flatten() for t in got_in[first_cache:]]),
                               torch.cat([t.flatten() for t in ref_in[first_cache:]]))

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kernels.fp8 import WEIGHT_FORMATS
+from kernels import available as kernels_available
+from kernels.fp8 import WEIGHT_FORMATS, gpu_supports_fp8
 from models.flow_head import draw_noise
 from models.image_io import ImageInputError, edit_tensor, to_pil, understanding_tensor
 from models.prompting import cfg_masks
 
 from . import loop
-from .engines import check_device, choose_backend, open_backend, read_manifest
+from .engines import check_device, choose_backend, fast_path_layout, open_backend, read_manifest
 from .errors import EngineError, PrecisionUnsupportedError, PromptError, SessionFullError
 from .tokenizer import TINY_ASSET, ChatTokenizer
 
@@ -110,25 +111,25 @@ class Runtime:
         self.max_prompts = self.manifest.get("limits", {}).get("max_prompts", 8)
         self._fast = None
         is_torch = getattr(backend, "name", "") == "torch"
+        on_gpu = is_torch and backend.device.type == "cuda"
         packages = self.manifest.get("compiled") if is_torch and compiled in ("auto", "aot") else None
-        default = (packages or {}).get("weights")
-        if default is None and is_torch and backend.device.type == "cuda" and self.manifest.get("precision") == "fp8":
-            from kernels import available
-
-            default = "fp8" if available() else "bf16"  # FP8 engines: the torch fast path streams FP8 too
-        weights = decode_weights or default or "bf16"
-        fast_path = is_torch and (backend.device.type == "cuda" or packages is not None)
+        if decode_weights is not None:
+            weights = decode_weights
+        elif packages is not None:
+            weights = packages["weights"]
+        elif on_gpu and kernels_available():  # as the engines' precision: fp8 engines stream FP8
+            weights = fast_path_layout(self.manifest.get("precision", "fp32"), "cuda")[1]
+        else:
+            weights = "bf16"
+        fast_path = on_gpu or (is_torch and packages is not None)
         if weights != "bf16":
-            if not (is_torch and backend.device.type == "cuda"):
+            if not on_gpu:
                 raise ValueError(f"decode_weights={weights!r} needs the torch backend on a CUDA GPU "
                                  f"(got backend {getattr(backend, 'name', '?')!r} on {backend.device})")
-            from kernels import available
-            from kernels.fp8 import gpu_supports_fp8
-
             ok, why = gpu_supports_fp8(backend.device)
             if not ok:
                 raise PrecisionUnsupportedError(f"decode_weights='fp8': {why}")
-            if not available():
+            if not kernels_available():
                 raise ImportError("decode_weights='fp8' needs triton: install the 'kernels' extra")
         if compiled == "aot" and not (packages and fast_path):
             raise EngineError(f"compiled='aot', but {folder} has no compiled steps for the torch fast path; "

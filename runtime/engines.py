@@ -26,6 +26,15 @@ FLOAT_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 RUNTIME_PIECES = ("semantic_decoder", "pixel_decoder", "llm_prefill", "llm_step", "flow_head")
 
 
+def fast_path_layout(precision: str, device_type: str) -> tuple[torch.dtype, str]:
+    """(model dtype, decode weights) of the torch fast path for engines built at `precision`. On a GPU,
+    fp8/int8 engines run a bf16 model (not a 75 GB fp32 one) and fp8 engines stream FP8 copies of the
+    decode weights; `export.build --targets aoti` compiles this same layout."""
+    if device_type == "cuda" and precision in ("fp8", "int8"):
+        return torch.bfloat16, "fp8" if precision == "fp8" else "bf16"
+    return FLOAT_DTYPE[precision], "bf16"
+
+
 def rebuild_hint(man: dict | None, folder: Path) -> str:
     prec = (man or {}).get("precision", "fp8")
     model = (man or {}).get("model", {})
@@ -145,12 +154,12 @@ def open_backend(folder: Path, man: dict, backend: str, device: torch.device, ve
         if entry is not None and [t["name"] for t in entry["io"]["inputs"]] != specs[name].input_names:
             raise EngineError(f"{folder}: {name} was built for another piece contract; {rebuild_hint(man, folder)}")
     dtype = FLOAT_DTYPE[man["precision"]]
-    if backend == "torch" and device.type == "cuda" and man["precision"] in ("fp8", "int8"):
-        dtype = torch.bfloat16  # the GPU fast path runs bf16 (and streams FP8 copies): not a 75 GB fp32 model
-    packages = man.get("compiled")
-    if backend == "torch" and packages and packages.get("device") == device.type:
-        dtype = getattr(torch, packages["dtype"])  # the weights the compiled steps were built for
     if backend == "torch":
+        packages = man.get("compiled")
+        if packages and packages.get("device") == device.type:
+            dtype = getattr(torch, packages["dtype"])  # the weights the compiled steps were built for
+        else:
+            dtype = fast_path_layout(man["precision"], device.type)[0]
         from models import build, load_checkpoint
         from models.univision import MingUniVision
 

@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kernels.skinny import MAX_ROWS  # the decode kernels' row limit: up to 32 prompts x 2 CFG rows
+
 from ..errors import EngineError
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1
 STEP_FILES = {"llm_step": "compiled_llm_step.pt2", "semantic_step": "compiled_semantic_step.pt2"}
-MAX_ROWS = 64  # the decode kernels' row limit (kernels.skinny.MAX_ROWS); batches of up to 32 prompts x 2 rows
 
 
 def step_modules(gen) -> dict[str, nn.Module]:
@@ -50,17 +51,20 @@ def sample_inputs(gen, rows_per_prompt: int = 2, prompts: int = 2, s_max: int = 
             "semantic_step": (latent, k.sem_pos, *k.sem_caches)}
 
 
+def num_caches(gen, name: str) -> int:
+    """How many cache tensors end each step's inputs (a key and a value per layer)."""
+    return 2 * (gen.cfg.llm.num_layers if name == "llm_step" else gen.cfg.mingtok.semantic_depth)
+
+
 def dynamic_shapes(gen, max_sequence: int) -> dict[str, tuple]:
     from torch.export import Dim
 
     rows = Dim("rows", min=1, max=MAX_ROWS)
     s_max = Dim("s_max", min=2, max=max_sequence)
     batch = Dim("batch", min=1, max=MAX_ROWS)
-    n_llm = 2 * gen.cfg.llm.num_layers
-    n_sem = 2 * gen.cfg.mingtok.semantic_depth
     return {"llm_step": ({0: rows}, {0: rows, 1: s_max}, {0: rows}, {0: rows}, None,
-                         tuple({0: rows, 2: s_max} for _ in range(n_llm))),
-            "semantic_step": ({0: batch}, None, tuple({0: batch} for _ in range(n_sem)))}
+                         tuple({0: rows, 2: s_max} for _ in range(num_caches(gen, "llm_step")))),
+            "semantic_step": ({0: batch}, None, tuple({0: batch} for _ in range(num_caches(gen, "semantic_step"))))}
 
 
 def constants_of(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,6 +111,12 @@ _PROBE = ("import sys, torch\n"
           "torch._inductor.aoti_load_package(sys.argv[1], device_index=int(sys.argv[2]))\n")
 
 
+def _device_index(device: torch.device) -> int:
+    if device.type != "cuda":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def probe_load(path: Path, device: torch.device, timeout: float = 300.0) -> str | None:
     """Load a CUDA package in a child process first; None when it loads, else why not.
 
@@ -118,14 +128,14 @@ def probe_load(path: Path, device: torch.device, timeout: float = 300.0) -> str 
     path = Path(path)
     key = (str(path.resolve()), path.stat().st_mtime_ns, device.index)
     if key not in _PROBED:
-        index = device.index if device.index is not None else torch.cuda.current_device()
         try:
-            r = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(index), str(_ROOT)], capture_output=True,
-                               text=True, timeout=timeout)
+            r = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(_device_index(device)), str(_ROOT)],
+                               capture_output=True, text=True, timeout=timeout)
             if r.returncode == 0:
                 why = None
             elif r.returncode < 0:
-                why = f"AOTInductor's CUDA loader crashed a test process (signal {-r.returncode}) with torch {torch.__version__}"
+                why = (f"AOTInductor's CUDA loader crashed a test process (signal {-r.returncode}) "
+                       f"with torch {torch.__version__}")
             else:
                 why = f"AOTInductor's loader failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
         except subprocess.TimeoutExpired:
@@ -153,8 +163,7 @@ class CompiledStep:
             bad = [e[0] for e, h in zip(expected, have) if e != h][:3]
             raise EngineError(f"{path.name} was compiled for other weights ({bad} differ in name, dtype or shape); "
                               "rebuild with python -m export.build --targets aoti")
-        index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
-        self.runner = torch._inductor.aoti_load_package(str(path), device_index=index)
+        self.runner = torch._inductor.aoti_load_package(str(path), device_index=_device_index(device))
         names = self.runner.get_constant_fqns()
         consts = constants_of(module)
         missing = [n for n in names if n not in consts]
@@ -194,6 +203,7 @@ __all__ = [
     "dynamic_shapes",
     "load_compiled_steps",
     "mismatch",
+    "num_caches",
     "probe_load",
     "probe_packages",
     "sample_inputs",

@@ -60,7 +60,7 @@ class GraphImageGenerator:
     def __init__(self, model: MingUniVision, use_graph: bool | None = None, bucket: int = 64,
                  kernels: bool | None = None, weights: str = "bf16", compile: bool | None = None):
         """kernels: use the Triton decode kernels (default: when a GPU and triton are there);
-        weights: "bf16" or "fp8" weight streaming for them (fp8 converts decode linears in place);
+        weights: "bf16" or "fp8" weight streaming for them (fp8 adds FP8 copies of the decode linears);
         compile: torch.compile the LLM step and the semantic-decoder step (default: with the kernels on
         a GPU), which fuses the ~60 small launches per layer around the kernels (custom ops to it).
         use_compiled_steps() swaps in AOTInductor packages of those two steps instead."""
