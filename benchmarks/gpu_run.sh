@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# The GPU session behind benchmarks/results/: speed of the pieces and pipelines, then full-size exports.
-# Usage (on an H100 machine with torch/onnx/onnxruntime; wheels for diffusers carried in .whl/):
+# The GPU sessions behind benchmarks/results/: speed of the pieces and pipelines, the GPU tests, full-size exports.
+# Usage (on an H100/H200 machine with torch/onnx/onnxruntime; wheels for diffusers carried in .whl/):
 #   bash benchmarks/gpu_run.sh OUT_DIR
+# Knobs (environment):
+#   SKIP_SPEED=1        no benchmarks/speed.py;  SPEED_ARGS="..." its flags (default: 5 fast / 1 eager end-to-end runs)
+#   SPEED_TIMEOUT=s     its time limit (default 240)
+#   GPU_TESTS=1         also run the GPU-marked tests (pytest -m gpu), GPU_TESTS_TIMEOUT=s (default 240)
+#   SKIP_EXPORTS=1      no full-size exports; FP8_PIECES / BF16_PIECES / FP8_TIMEOUT / BF16_TIMEOUT choose them
 set -u
 OUT=${1:?output folder}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 mkdir -p "$OUT"
-[ "${SKIP_SPEED:-0}" = 1 ] || timeout 240 python3 benchmarks/speed.py --out "$OUT" --e2e-runs 5 --eager-e2e-runs 1 2>&1 | tee "$OUT/speed.log" | grep -v Warn
+if [ "${SKIP_SPEED:-0}" != 1 ]; then
+  timeout "${SPEED_TIMEOUT:-240}" python3 benchmarks/speed.py --out "$OUT" ${SPEED_ARGS:---e2e-runs 5 --eager-e2e-runs 1} 2>&1 \
+      | tee "$OUT/speed.log" | grep -v Warn
+fi
+if [ "${GPU_TESTS:-0}" = 1 ]; then
+  timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -q -m gpu -rs tests 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+fi
+[ "${SKIP_EXPORTS:-0}" = 1 ] && exit 0
 df -h /tmp | tail -1
 # Full-size exports (random weights, released shapes). The LLM goes last: it is 34 GB of bf16.
-# FP8_PIECES=llm_step builds the LLM alone (FP8 around a bf16 graph, --quant-base auto; not yet run at full size)
+# FP8_PIECES=llm_step builds the LLM alone (FP8 around a bf16 graph, --quant-base auto)
 for spec in "fp8 ${FP8_PIECES:-encoder,semantic_decoder,pixel_decoder,flow_head} ${FP8_TIMEOUT:-260}" "bf16 ${BF16_PIECES:-encoder,semantic_decoder,pixel_decoder,flow_head,llm_step} ${BF16_TIMEOUT:-320}"; do
   set -- $spec
+  [ "$2" = none ] && continue
   rm -rf /tmp/full-art
   /usr/bin/time -v timeout "$3" python3 -m export.build --model full --device cuda --precision "$1" --pieces "$2" \
       --out /tmp/full-art --t2i-check off --calib-images 1 --threads 16 > "$OUT/export_full_$1.log" 2>&1

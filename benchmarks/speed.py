@@ -82,6 +82,9 @@ def environment(device) -> dict:
             import triton
 
             env["triton"] = triton.__version__
+            from kernels import pdl_enabled
+
+            env["pdl"] = pdl_enabled(device)  # programmatic dependent launch of the decode kernels
         except ImportError:
             pass
     try:
@@ -278,11 +281,33 @@ def main(argv=None) -> int:
             g = GraphImageGenerator(model, kernels=True, weights=fmt)
             k = g.bucket_for(1, rows, p_len)  # captures (and compiles) here
             results[f"kernel_graph_setup_seconds_{fmt}"] = time.perf_counter() - t
-            g.generate(cache, **kw)
+            image = g.generate(cache, **kw).image
             res = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt})", step_of(g, k))
             step_accuracy[f"kernels_{fmt}"] = rel_errors(piece_outputs("fused", g.flow), reference_outputs)
             breakdown(g, k, fmt, rec)
+            if g.pdl:
+                pdl_ab(g, fmt, image)
             return g, res
+
+        def pdl_ab(g, fmt: str, image):
+            """The same token graph launched without PDL, with the GEMMs triggering the next launch early,
+            and with L2 prefetch; the image must not change (PDL moves launches in time, not arithmetic)."""
+            from kernels import set_pdl
+            from kernels._triton import PDL_PREFETCH_TILES, PDL_TRIGGER
+
+            ab = results.setdefault("pdl", {"default_prefetch_tiles": PDL_PREFETCH_TILES, "default_trigger": PDL_TRIGGER})
+            variants = [("without PDL", False, None, None), ("PDL, early trigger", True, None, "early"),
+                        ("PDL, prefetch 2 tiles", True, 2, None)]
+            for label, on, tiles, trigger in variants:
+                set_pdl(on, tiles, trigger)
+                g.reset_graphs()
+                kk = g.bucket_for(1, rows, p_len)
+                same = bool(torch.equal(g.generate(cache, **kw).image, image))
+                r = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt}), {label}", step_of(g, kk))
+                ab[f"{fmt}: {label}"] = {"median_ms": r["median_ms"], "same_image_as_default": same}
+            set_pdl(None)
+            g.reset_graphs()
+            g.bucket_for(1, rows, p_len)
 
         use_kernels = device.type == "cuda" and kernels_available() and not a.no_kernels
         if use_kernels:  # bf16 kernels: the MoE reads its stacked weights in place, the flow head packs a copy
@@ -467,6 +492,13 @@ def markdown(r: dict) -> str:
         if "kernel_fp8_fraction_of_fp8_floor" in f:
             lines.append(f"FP8 weight streaming: floor {f['fp8_token_floor_ms']:.2f} ms per token; the FP8 step reaches "
                          f"{f['kernel_fp8_fraction_of_fp8_floor']:.0%} of it.")
+    pdl = {k: v for k, v in (r.get("pdl") or {}).items() if isinstance(v, dict)}
+    if pdl:
+        lines += ["", f"Programmatic dependent launch (default: on, {r['pdl'].get('default_trigger', 'early')} trigger, "
+                      f"{r['pdl']['default_prefetch_tiles']} weight tiles prefetched into L2 per program before the wait), "
+                      "the same token graph recaptured: "
+                  + "; ".join(f"{k} {v['median_ms']:.2f} ms (image {'bit-identical' if v['same_image_as_default'] else 'differs'})"
+                              for k, v in pdl.items())]
     acc = r.get("single_step_accuracy") or {}
     if acc:
         lines += ["", "Single-step accuracy (relative L2 against the eager bf16 reference, same inputs, no feedback):", "",

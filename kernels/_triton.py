@@ -4,6 +4,14 @@ Triton's CPU interpreter (TRITON_INTERPRET=1, read when a kernel is decorated) r
 on CPU tensors, which is how CI checks them without a GPU. Its bf16/fp8 tensor-core dot is wrong in
 triton 3.9 (it treats the 16-bit payload as a number), so in that mode the kernels upcast both dot
 operands to fp32 (`UPCAST`); on a GPU they multiply in bf16 with fp32 accumulation.
+
+Programmatic dependent launch (PDL, Hopper and newer): a decode step is hundreds of kernels of 5-40 us
+each, and every launch costs a few microseconds of ramp-up (scheduling the grid, the first loads'
+latency) and tail (the last wave's idle SMs), about 4 us per kernel at the real shapes. With PDL the
+next kernel's programs are scheduled while the current one drains, prefetch the first tiles of their
+own weights into L2 (weights are constants: safe to read early), then wait (`griddepcontrol.wait`)
+for the previous kernel's results before reading activations or writing anything.
+`pdl_enabled(device)` decides; MINGRT_PDL=0 turns it off.
 """
 from __future__ import annotations
 
@@ -18,6 +26,13 @@ except ImportError as exc:  # pragma: no cover - exercised only where triton is 
     IMPORT_ERROR: ImportError | None = exc
 else:
     IMPORT_ERROR = None
+
+try:  # grid-dependency control (PDL) arrived in triton 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    _HAS_GDC = False
+else:
+    _HAS_GDC = True
 
 
 def interpreting() -> bool:
@@ -39,6 +54,106 @@ def require() -> None:
     if triton is None:
         raise ImportError("the custom kernels need triton: install the 'kernels' extra "
                           f"(pip install -e '.[kernels]'); import failed with: {IMPORT_ERROR}")
+
+
+PDL_ENV = "MINGRT_PDL"  # "0": never launch with programmatic dependent launch
+PDL_PREFETCH_TILES = 0  # default K tiles of its weights each program prefetches into L2 before waiting
+# when a GEMM lets the next kernel launch: "late" (after its main loop: the next one's programs start
+# during our epilogue and tail) or "early" (at its start: a whole chain of kernels can be resident and
+# waiting at once); the tiny LayerNorm / guidance kernels always trigger at their start
+PDL_TRIGGERS = {"early": 1, "late": 2}
+PDL_TRIGGER = "late"
+_PDL_STATE: dict = {"force": None, "checked": {}, "prefetch": PDL_PREFETCH_TILES, "trigger": PDL_TRIGGER}
+
+
+def gdc_available() -> bool:
+    """This triton has grid-dependency control (griddepcontrol.wait / launch_dependents)."""
+    return triton is not None and _HAS_GDC
+
+
+def set_pdl(enabled: bool | None, prefetch_tiles: int | None = None, trigger: str | None = None) -> None:
+    """Force PDL on/off for the launches that follow (benchmarks' A/B; None: the default), the weight
+    tiles prefetched before the wait (None: PDL_PREFETCH_TILES; 0, 1, 2, 4, 8) and when the GEMMs let
+    the next kernel launch (None: PDL_TRIGGER; "early" or "late").
+    Graphs already captured keep the launches they were captured with."""
+    tiles = PDL_PREFETCH_TILES if prefetch_tiles is None else int(prefetch_tiles)
+    if tiles not in (0, 1, 2, 4, 8):
+        raise ValueError(f"prefetch_tiles must be 0, 1, 2, 4 or 8, got {prefetch_tiles}")
+    trigger = PDL_TRIGGER if trigger is None else trigger
+    if trigger not in PDL_TRIGGERS:
+        raise ValueError(f"trigger must be one of {sorted(PDL_TRIGGERS)}, got {trigger!r}")
+    _PDL_STATE.update(force=enabled, prefetch=tiles, trigger=trigger)
+
+
+def pdl_prefetch_tiles() -> int:
+    return _PDL_STATE["prefetch"]
+
+
+def pdl_mode(device) -> int:
+    """The kernels' PDL constexpr for a launch on `device`: 0 none, 1 trigger early, 2 trigger late."""
+    return PDL_TRIGGERS[_PDL_STATE["trigger"]] if pdl_enabled(device) else 0
+
+
+def pdl_enabled(device=None) -> bool:
+    """Launch the decode kernels with PDL on `device`: SM 9.0+, a triton with grid-dependency control,
+    not the interpreter, not MINGRT_PDL=0, and a self-check (a chain of dependent launches inside a
+    CUDA graph must count correctly) passed once per device. Call it before capturing a graph."""
+    if triton is None or interpreting() or not _HAS_GDC or _PDL_STATE["force"] is False:
+        return False
+    if os.environ.get(PDL_ENV, "1") == "0" and _PDL_STATE["force"] is None:
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if dev.type != "cuda":
+        return False
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    checked = _PDL_STATE["checked"]
+    if index not in checked:
+        checked[index] = _pdl_self_check(index)
+    return checked[index]
+
+
+def _pdl_self_check(index: int) -> bool:
+    import logging
+
+    import torch
+
+    log = logging.getLogger(__name__)
+    if torch.cuda.get_device_capability(index) < (9, 0):
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        log.warning("PDL self-check skipped: called during a graph capture; launching without PDL")
+        return False
+    try:
+        n, chain, replays = 4096, 32, 3  # chain even: the count ends in x
+        dev = torch.device("cuda", index)
+        x = torch.zeros(n, dtype=torch.int32, device=dev)
+        y = torch.zeros(n, dtype=torch.int32, device=dev)
+        grid = (triton.cdiv(n, 128),)
+        stream = torch.cuda.Stream(dev)
+        with torch.cuda.device(dev), torch.cuda.stream(stream):
+            for src, dst in ((x, y), (y, x)):  # compiles outside the capture
+                _pdl_probe_kernel[grid](src, dst, n, BLOCK=128, launch_pdl=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                for j in range(chain):
+                    src, dst = (x, y) if j % 2 == 0 else (y, x)
+                    _pdl_probe_kernel[grid](src, dst, n, BLOCK=128, launch_pdl=True)
+            for _ in range(replays):
+                graph.replay()
+        stream.synchronize()
+        want = 2 + chain * replays
+        ok = bool((x == want).all())
+        if not ok:
+            log.warning("PDL self-check failed on cuda:%d (counts %s, want %d): launching without PDL", index,
+                        torch.unique(x).tolist()[:8], want)
+        return ok
+    except Exception as exc:  # an old driver or triton without the launch attribute: no PDL, not an error
+        log.warning("PDL unavailable on cuda:%d (%s: %s): launching without PDL", index, type(exc).__name__, exc)
+        return False
 
 
 def next_pow2(n: int) -> int:
@@ -77,3 +192,41 @@ if triton is not None:
         if ptr.dtype.element_ty == tl.float16:
             value = tl.minimum(tl.maximum(value, -F16_MAX), F16_MAX)
         tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+    if _HAS_GDC:
+
+        @triton.jit
+        def pdl_launch_next():
+            """Let the next kernel's programs be scheduled once all of ours have started."""
+            gdc_launch_dependents()
+
+        @triton.jit
+        def pdl_wait():
+            """Block until the previous kernel has finished and its writes are visible."""
+            gdc_wait()
+    else:
+
+        @triton.jit
+        def pdl_launch_next():
+            pass
+
+        @triton.jit
+        def pdl_wait():
+            pass
+
+    @triton.jit
+    def prefetch_l2(ptrs, mask):
+        """Hint each address's 32-byte sector into L2 (nothing is loaded into registers, nothing waits)."""
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                                  "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _pdl_probe_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+        """dst[i] = src[(i + BLOCK) % n] + 1: each program reads the block another program of the previous
+        launch wrote, so the counts come out right only if every launch waited for the one before."""
+        pdl_launch_next()
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = r < n
+        prefetch_l2(src_ptr + r, ok)
+        pdl_wait()
+        tl.store(dst_ptr + r, tl.load(src_ptr + (r + BLOCK) % n, mask=ok, other=0) + 1, mask=ok)

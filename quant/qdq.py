@@ -60,28 +60,58 @@ def linear_sites(model) -> list[LinearSite]:
     return sites
 
 
-def quantize_weight(w: np.ndarray, axis: int, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(w: np.ndarray, axis: int, fmt: str, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-channel quantization: returns (q, scale) with w ~= q * scale along `axis`."""
-    qmax = FORMATS[fmt]
-    other = tuple(i for i in range(w.ndim) if i != axis)
-    amax = np.abs(w).max(axis=other).astype(np.float32)
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    scaled = w / scale.reshape(shape)
-    if fmt == "int8":
-        q = np.clip(np.rint(scaled), -127, 127).astype(np.int8)
-    else:
-        import ml_dtypes
-
-        q = np.clip(scaled, -qmax, qmax).astype(ml_dtypes.float8_e4m3fn)
+    q, scale, _ = _quantize(w, axis, fmt, device)
     return q, scale
+
+
+def _quantize(w, axis: int, fmt: str, device=None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(q, fp32 scale, relative L2 error of q * scale) for a numpy array or torch tensor `w`.
+
+    Computed in torch (all CPU threads, or `device`): the full LLM's 16.8 B weights took minutes in
+    single-threaded numpy. The arithmetic is numpy's: fp32 scale amax / qmax (1 for all-zero channels),
+    fp32 division, round-half-even to int8 or to E4M3 after clipping to its range."""
+    import ml_dtypes
+    import torch
+
+    qmax = FORMATS[fmt]
+    t = w if isinstance(w, torch.Tensor) else torch.from_numpy(np.require(w, requirements=("C", "W")))
+    t = t.to(device or "cpu", torch.float32)
+    shape = [1] * t.ndim
+    shape[axis] = -1
+    amax = t.abs().amax(dim=[i for i in range(t.ndim) if i != axis])
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scaled = t / scale.view(shape)
+    if fmt == "int8":
+        q = scaled.round_().clamp_(-127, 127).to(torch.int8)
+    else:
+        q = scaled.clamp_(-qmax, qmax).to(torch.float8_e4m3fn)
+    del scaled
+    err = float((q.float().mul_(scale.view(shape)).sub_(t)).norm() / t.norm().clamp_min(1e-12))
+    q_np = q.cpu().numpy() if fmt == "int8" else q.view(torch.uint8).cpu().numpy().view(ml_dtypes.float8_e4m3fn)
+    return q_np, scale.cpu().numpy(), err
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     shape = [1] * q.ndim
     shape[axis] = -1
     return q.astype(np.float32) * scale.reshape(shape)
+
+
+def initializer_tensor(init):
+    """An ONNX float initializer as a torch tensor of its own dtype (bf16 straight from the raw bytes:
+    numpy's bf16 conversion is the slow part at full size); other types come back as fp32."""
+    import torch
+    from onnx import TensorProto, numpy_helper
+
+    if init.data_type == TensorProto.BFLOAT16 and init.raw_data:
+        bits = np.frombuffer(init.raw_data, dtype=np.uint16).reshape(tuple(init.dims))
+        return torch.from_numpy(bits.copy()).view(torch.bfloat16)
+    arr = numpy_helper.to_array(init)
+    if arr.dtype not in (np.float32, np.float16):
+        arr = arr.astype(np.float32)
+    return torch.from_numpy(np.require(arr, requirements=("C", "W")))  # read-only buffers are copied
 
 
 def _tensor(name, fmt, array):
@@ -95,13 +125,12 @@ def _tensor(name, fmt, array):
     return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, fp8.shape, fp8.view(np.uint8).tobytes(), raw=True)
 
 
-def _weight_dequantizer(model, base: str, w: np.ndarray, axis: int, fmt: str, scale_dtype):
-    """Store `w` quantized per channel along `axis` (+ scale, zero point) as initializers of `model`;
-    return (the DequantizeLinear node that rebuilds it, its output name, relative error, channels)."""
+def _weight_dequantizer(model, base: str, w, axis: int, fmt: str, scale_dtype, device=None):
+    """Store `w` (numpy or torch) quantized per channel along `axis` (+ scale, zero point) as initializers
+    of `model`; return (the DequantizeLinear node that rebuilds it, its output name, relative error, channels)."""
     from onnx import helper, numpy_helper
 
-    q, scale = quantize_weight(w, axis, fmt)
-    err = float(np.linalg.norm(dequantize(q, scale, axis) - w) / max(np.linalg.norm(w), 1e-12))
+    q, scale, err = _quantize(w, axis, fmt, device)
     wq, ws, wz, wd = base + "_q", base + "_scale", base + "_zp", base + "_dq"
     model.graph.initializer.extend([_tensor(wq, fmt, q), numpy_helper.from_array(scale.astype(scale_dtype), ws),
                                     _tensor(wz, fmt, np.zeros(scale.shape, dtype=np.float32))])
@@ -109,12 +138,13 @@ def _weight_dequantizer(model, base: str, w: np.ndarray, axis: int, fmt: str, sc
 
 
 def insert_qdq(model, act_amax: dict[str, float], fmt: str, policy: LayerPolicy | None = None,
-               scale_dtype=np.float32):
+               scale_dtype=np.float32, device=None):
     """Rewrite `model` in place; returns the per-layer report (kept layers included, with the reason).
 
     act_amax: calibrated max |input| per linear, keyed by module path (quant.calibrate). A module used
     several times (the flow head's net, unrolled over the Euler steps) shares one weight and one scale.
-    scale_dtype: the graph's float type around the linears (Q/DQ scales must match it: fp32 or fp16).
+    scale_dtype: the graph's float type around the linears (Q/DQ scales must match it: fp32, fp16, bf16).
+    device: where the weights are quantized (torch device; default the CPU's threads).
     """
     from onnx import helper, numpy_helper
 
@@ -140,8 +170,9 @@ def insert_qdq(model, act_amax: dict[str, float], fmt: str, policy: LayerPolicy 
         node = model.graph.node[s.node_index]
         # weight: quantized initializer + per-channel DequantizeLinear, once per weight
         if s.weight not in done_weights:
-            w = numpy_helper.to_array(inits[s.weight]).astype(np.float32)
-            dq, wd, err, channels = _weight_dequantizer(model, s.weight.replace("/", "_"), w, s.axis, fmt, scale_dtype)
+            w = initializer_tensor(inits[s.weight])
+            dq, wd, err, channels = _weight_dequantizer(model, s.weight.replace("/", "_"), w, s.axis, fmt, scale_dtype,
+                                                        device)
             new_nodes.setdefault(s.node_index, []).append(dq)
             done_weights[s.weight] = wd
             report.append({"layer": s.module, "quantized": True, "format": fmt, "weight_rel_error": err,
@@ -190,7 +221,8 @@ def _gathered_3d(model) -> set[str]:
             if len(i.dims) == 3 and i.data_type in floats and readers.get(i.name, {"?"}) <= {"Gather", "GatherND"}}
 
 
-def quantize_stacked_experts(model, fmt: str, scale_dtype=np.float32, names: dict[str, str] | None = None) -> list[dict]:
+def quantize_stacked_experts(model, fmt: str, scale_dtype=np.float32, names: dict[str, str] | None = None,
+                             device=None) -> list[dict]:
     """Weight-only Q/DQ for the MoE's stacked expert weights (rewrites `model` in place).
 
     They are gathered per token or contracted with an einsum, not nn.Linears, so they get no activation
@@ -209,11 +241,11 @@ def quantize_stacked_experts(model, fmt: str, scale_dtype=np.float32, names: dic
     for init in list(model.graph.initializer):
         if len(init.dims) != 3 or not (re.search(STACKED_EXPERTS, init.name) or init.name in gathered):
             continue
-        w = numpy_helper.to_array(init).astype(np.float32)
+        w = initializer_tensor(init)
         e, rows, cols = w.shape
         base, shp = init.name.replace("/", "_"), init.name.replace("/", "_") + "_shape"
         model.graph.initializer.remove(init)
-        dq, wd, err, channels = _weight_dequantizer(model, base, w.reshape(e * rows, cols), 0, fmt, scale_dtype)
+        dq, wd, err, channels = _weight_dequantizer(model, base, w.reshape(e * rows, cols), 0, fmt, scale_dtype, device)
         model.graph.initializer.append(numpy_helper.from_array(np.array([e, rows, cols], dtype=np.int64), shp))
         front += [dq, helper.make_node("Reshape", [wd, shp], [init.name], name=base + "_reshape")]
         report.append({"layer": names.get(init.name, init.name), "quantized": True, "format": fmt, "weight_rel_error": err,

@@ -66,3 +66,11 @@ def test_sdvae_latent_pipeline_on_tiny():
                        temperature=1.0)
     assert out.image.shape == (1, 3, 128, 128) and out.latents.shape == (1, n, 16)
     assert torch.isfinite(out.image).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("script", ["pdl_check.py", "determinism_check.py"])
+def test_gpu_only_benchmarks_refuse_a_cpu_machine(tmp_path, script):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]

@@ -161,6 +161,38 @@ def test_qdq_weight_quantization_roundtrip():
         assert err.max() < bound, (fmt, err.max())
 
 
+def test_qdq_torch_quantizer_equals_numpy_arithmetic():
+    """The torch quantizer (threads or GPU, for the full LLM) gives numpy/ml_dtypes' bits exactly,
+    ties and saturation included; bf16 initializers are read without numpy's bf16 path."""
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    from quant.qdq import _quantize, initializer_tensor
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(3, 40, 96)).astype(np.float32) * rng.uniform(1e-3, 10, size=(3, 40, 1)).astype(np.float32)
+    w[0, 1] = 0.0  # an all-zero channel: scale 1
+    w[1, 2, :8] = np.array([0.5, 1.5, 2.5, -2.5, 4.5, 127.0, 3.0, 1.0]) * (127.0 / 127)  # int8 ties
+    for fmt in ("int8", "fp8"):
+        for axis in (0, 1):
+            qmax = 127.0 if fmt == "int8" else 448.0
+            amax = np.abs(w).max(axis=tuple(i for i in range(3) if i != axis)).astype(np.float32)
+            scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+            shape = [1, 1, 1]
+            shape[axis] = -1
+            scaled = w / scale.reshape(shape)
+            ref = (np.clip(np.rint(scaled), -127, 127).astype(np.int8) if fmt == "int8"
+                   else np.clip(scaled, -qmax, qmax).astype(ml_dtypes.float8_e4m3fn))
+            q, s, err = _quantize(w, axis, fmt)
+            assert np.array_equal(s, scale), (fmt, axis)
+            assert np.array_equal(q.view(np.uint8), ref.view(np.uint8)), (fmt, axis)
+            deq = ref.astype(np.float32) * scale.reshape(shape)
+            assert err == pytest.approx(np.linalg.norm(deq - w) / np.linalg.norm(w), rel=1e-4) and err > 0
+    b = torch.randn(5, 7, dtype=torch.bfloat16)
+    init = numpy_helper.from_array(b.float().numpy().astype(ml_dtypes.bfloat16), "w")
+    assert torch.equal(initializer_tensor(init), b)
+
+
 def test_graph_dtype_per_piece():
     from export.build import piece_dtype
 
@@ -192,6 +224,10 @@ def test_fp8_around_a_bf16_graph(tmp_path):
     stacked = [r for r in entry["quantization"]["layers"] if "weight-only" in r.get("activation", "")]
     assert len(fp8) >= 10 and len(stacked) == 3 * man["model"]["config"]["llm"]["num_layers"] - 3 * (
         man["model"]["config"]["llm"]["first_k_dense_replace"])
+    # the exporter's renamed stacked initializers are matched back to their parameters by value (bf16 graph,
+    # fp32 reference: compared in the graph's dtype)
+    assert all(r["layer"].startswith("lm.model.layers.") and r["layer"].endswith(("w_gate", "w_up", "w_down"))
+               for r in stacked), [r["layer"] for r in stacked]
     # what stays high precision is bf16 and what the policy keeps (routers, lm_head), nothing fp32 and 2-D
     assert not [i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) >= 2]
 

@@ -274,3 +274,49 @@ def test_token_step_with_kernels_in_interpreter(fmt):
     out = gen.generate(cache, **kw)
     assert psnr(out.image.float(), ref.image) > IMAGE_PSNR_FLOOR[fmt]
     assert_close(f"kernels/interp_step_{fmt}_latents", out.latents, ref.latents, 0.5)
+
+
+def test_pdl_settings():
+    """PDL is never used by the interpreter or off a GPU; set_pdl validates the prefetch depth and restores."""
+    from kernels import pdl_enabled, set_pdl
+    from kernels._triton import PDL_PREFETCH_TILES, pdl_prefetch_tiles
+
+    if interpreting() or not torch.cuda.is_available():
+        assert pdl_enabled("cpu") is False
+        set_pdl(True, 8)  # forcing it on still cannot make the interpreter launch with PDL
+        try:
+            assert pdl_enabled() is False
+            assert pdl_prefetch_tiles() == 8
+        finally:
+            set_pdl(None)
+    assert pdl_prefetch_tiles() == PDL_PREFETCH_TILES
+    with pytest.raises(ValueError, match="prefetch_tiles"):
+        set_pdl(True, 3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@torch.no_grad()
+def test_pdl_changes_no_bit_on_gpu():
+    """PDL only moves launches in time: the token graph's image with and without it is bit-identical."""
+    from test_gpu_fast_path import _setup
+
+    from kernels import pdl_enabled, set_pdl
+    from kernels._triton import gdc_available
+    from runtime.fast.graph import GraphImageGenerator
+
+    if torch.cuda.get_device_capability() < (9, 0) or not gdc_available():
+        pytest.skip("PDL needs SM 9.0+ and a triton with grid-dependency control")
+    assert pdl_enabled(DEV), "the PDL self-check failed on this GPU (see the warning logged)"
+    model, backend, cfg, cache, kw = _setup("cuda")
+    gen = GraphImageGenerator(model, kernels=True, weights="fp8")
+    assert gen.pdl
+    on = gen.generate(cache, **kw).image
+    set_pdl(False)
+    try:
+        gen.reset_graphs()
+        assert not gen.pdl
+        off = gen.generate(cache, **kw).image
+    finally:
+        set_pdl(None)
+    assert torch.equal(on, off)

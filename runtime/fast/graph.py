@@ -76,6 +76,12 @@ class GraphImageGenerator:
             raise ValueError(f"weights={weights!r} needs the decode kernels (a GPU with triton, or kernels=True)")
         self.kernels, self.weights = use_kernels, weights
         self.moe_mode = "fused" if use_kernels else "gather"
+        self.pdl = False
+        if use_kernels and self.device.type == "cuda":
+            from kernels import pdl_enabled
+
+            self.pdl = pdl_enabled(self.device)  # its self-check must run before any capture
+            logger.info("decode kernels launch %s programmatic dependent launch", "with" if self.pdl else "without")
         if use_kernels:
             from .decode_weights import prepare_decode
             from .kernel_flow_head import KernelFlowHead
@@ -100,6 +106,15 @@ class GraphImageGenerator:
             raise RuntimeError("use_compiled_steps() after a graph was captured would leave it on the old steps")
         self._llm_step, self._sem_step = steps["llm_step"], steps["semantic_step"]
         self.compiled = "aot"
+
+    def reset_graphs(self) -> None:
+        """Drop the captured graphs (and their buffers): the next request captures again, e.g. after
+        kernels.set_pdl() changed how the kernels launch."""
+        self._buckets.clear()
+        if self.kernels and self.device.type == "cuda":
+            from kernels import pdl_enabled
+
+            self.pdl = pdl_enabled(self.device)
 
     # -- buffers ---------------------------------------------------------------------------------
     def _new_bucket(self, b: int, r: int, s_max: int) -> _Bucket:

@@ -1,0 +1,139 @@
+"""benchmarks/pdl_check.py: programmatic dependent launch (PDL) of the decode kernels, speed and bits.
+
+    python benchmarks/pdl_check.py --out OUT        # GPU (SM 9.0+), full-size shapes, random weights
+
+The full-size flow head (bf16 and FP8 weights, 2 CFG rows, 16 Euler steps) in one CUDA graph, then the
+whole FP8 image-token step (runtime.fast.graph), each captured again per launch variant: without PDL
+(twice: recapturing alone must not change a bit), PDL with the GEMMs letting the next kernel launch at
+their start ("early") or after their main loop ("late"), and "late" with L2 prefetch of the first
+weight tiles. Reports graph-replay medians and whether the outputs are bit-identical to the first
+variant's (they must be: PDL moves launches in time, never the arithmetic). Writes OUT/pdl_check.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.speed import capture, environment, prompt, timed
+from kernels import set_pdl
+from models import build, full_config
+from models.flow_head import draw_noise
+from models.prompting import cfg_masks
+from runtime import loop
+from runtime.backends.torch_eager import TorchBackend
+from runtime.fast.graph import GraphImageGenerator
+from runtime.fast.kernel_flow_head import KernelFlowHead
+
+VARIANTS = {  # name: (PDL on, prefetch tiles, trigger)
+    "without PDL": (False, 0, "late"),
+    "without PDL, captured again": (False, 0, "late"),
+    "PDL early trigger": (True, 0, "early"),
+    "PDL late trigger": (True, 0, "late"),
+    "PDL late trigger, prefetch 2 tiles": (True, 2, "late"),
+}
+
+
+def flow_head(model, fmt: str, runs: int, dev) -> dict:
+    cfg = model.cfg
+    kfh = KernelFlowHead(model, weights=fmt)
+    g = torch.Generator().manual_seed(1)
+    hid = torch.randn(1, 2, cfg.llm.hidden_size, generator=g).to(dev, torch.bfloat16)
+    noise = torch.randn(1, cfg.mingtok.latent_dim, generator=g).to(dev)
+    sc = [torch.tensor([v], device=dev) for v in (3.0, 1.1, 1.0)]
+    out = torch.empty(1, cfg.mingtok.latent_dim, device=dev)
+    res, first = {}, None
+    for name, (on, tiles, trigger) in VARIANTS.items():
+        set_pdl(on, tiles, trigger)
+        replay = capture(lambda: out.copy_(kfh(hid, noise, *sc)))
+        outs = []
+        for _ in range(3):
+            replay()
+            outs.append(out.clone())
+        first = outs[0] if first is None else first
+        t = timed(replay, dev, 3, runs)
+        res[name] = {"median_ms": t["median_ms"], "p90_ms": t["p90_ms"],
+                     "replays_identical": all(torch.equal(o, outs[0]) for o in outs),
+                     "identical_to_first_variant": bool(torch.equal(outs[0], first))}
+        print(f"flow head {fmt:4s} {name:36s} {t['median_ms']:7.3f} ms  {res[name]}", flush=True)
+    set_pdl(None)
+    return res
+
+
+def token_inputs(model, dev):
+    """A seeded prompt's prefill cache and the text-to-image arguments (2 CFG rows)."""
+    cfg = model.cfg
+    backend = TorchBackend(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = prompt(cfg, 24, gen)
+    cache = loop.prefill(backend, cfg, backend.embed(torch.tensor([ids], device=dev)))
+    un, tu = cfg_masks(ids, cfg.tokens.user_prefix, cfg.tokens.assistant_prefix,
+                       [cfg.tokens.image_start, cfg.tokens.image_patch, cfg.tokens.image_end])
+    kw = dict(noise=draw_noise(gen, 1, cfg.num_image_tokens, cfg.mingtok.latent_dim).to(dev), text_cfg=3.0,
+              image_cfg=1.1, temperature=1.0, uncond_mask=torch.tensor([un], device=dev),
+              text_uncond_mask=torch.tensor([tu], device=dev))
+    return cache, kw
+
+
+def token_step(model, fmt: str, runs: int, dev) -> dict:
+    cache, kw = token_inputs(model, dev)
+    t0 = time.perf_counter()
+    g = GraphImageGenerator(model, kernels=True, weights=fmt)
+    p_len = cache.kv[0].shape[2]
+    res, first = {"setup_seconds": None}, None
+    for name, (on, tiles, trigger) in VARIANTS.items():
+        set_pdl(on, tiles, trigger)
+        g.reset_graphs()
+        k = g.bucket_for(1, 2, p_len)
+        res["setup_seconds"] = res["setup_seconds"] or time.perf_counter() - t0
+        image = g.generate(cache, **kw).image
+        again = g.generate(cache, **kw).image
+        first = image if first is None else first
+
+        def step():
+            k.cache_pos.fill_(p_len + 8)
+            k.step.fill_(8)
+            k.sem_pos.fill_(8)
+            k.graph.replay()
+
+        t = timed(step, dev, 3, runs)
+        res[name] = {"median_ms": t["median_ms"], "p90_ms": t["p90_ms"], "replays_identical": bool(torch.equal(image, again)),
+                     "identical_to_first_variant": bool(torch.equal(image, first))}
+        print(f"token step {fmt:4s} {name:36s} {t['median_ms']:7.3f} ms  {res[name]}", flush=True)
+    set_pdl(None)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--token-step-formats", default="fp8", help="comma-separated: bf16,fp8 (each compiles ~1 min)")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("pdl_check needs a CUDA GPU")
+    dev = torch.device("cuda")
+    a.out.mkdir(parents=True, exist_ok=True)
+    model = build(full_config(), seed=0, device=dev, dtype=torch.bfloat16)
+    results = {"env": environment(dev), "variants": {k: list(v) for k, v in VARIANTS.items()}}
+    path = a.out / "pdl_check.json"
+    with torch.no_grad():
+        for fmt in ("bf16", "fp8"):
+            results[f"flow_head_{fmt}"] = flow_head(model, fmt, a.runs, dev)
+            path.write_text(json.dumps(results, indent=1))
+        for fmt in [f for f in a.token_step_formats.split(",") if f]:
+            results[f"token_step_{fmt}"] = token_step(model, fmt, a.runs, dev)
+            path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
