@@ -45,8 +45,10 @@ def _rename_dims(model, spec: PieceSpec) -> None:
 
 
 def export_piece(module: nn.Module, spec: PieceSpec, cfg: ModelConfig, path: Path, *, float_dtype=torch.float32,
-                 limits: ShapeLimits | None = None, opset: int = DEFAULT_OPSET) -> dict:
-    """Write `path` (plus `path.data` when the weights are large); return what the manifest records."""
+                 limits: ShapeLimits | None = None, opset: int = DEFAULT_OPSET, save: bool = True) -> dict:
+    """Write `path` (plus `path.data` when the weights are large); return what the manifest records.
+    save=False: write nothing and hand the ModelProto back as info["model"] (a Q/DQ pass rewrites it
+    before it is saved: at full size that spares writing and re-reading 33 GB)."""
     import onnx
 
     limits = limits or ShapeLimits()
@@ -71,6 +73,8 @@ def export_piece(module: nn.Module, spec: PieceSpec, cfg: ModelConfig, path: Pat
     external = weight_bytes > EXTERNAL_DATA_BYTES
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
+    if not save:
+        return {"files": [], "opset": opset, "external_data": external, "weight_bytes": weight_bytes, "model": model}
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)

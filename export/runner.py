@@ -100,8 +100,9 @@ MODELOPT_PIECES = ("pixel_decoder",)
 
 
 def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, calib_calls,
-                  graph_dtype=torch.float32) -> tuple[list[str], list[dict], str]:
-    """Q/DQ for one piece around its `graph_dtype` graph: (files, per-layer report, method)."""
+                  graph_dtype=torch.float32, model=None) -> tuple[list[str], list[dict], str]:
+    """Q/DQ for one piece around its `graph_dtype` graph (the exported ModelProto `model`, else the file
+    at `path`): (files, per-layer report, method)."""
     import onnx
 
     from quant.calibrate import linear_input_amax
@@ -131,7 +132,7 @@ def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, c
     else:
         amax = linear_input_amax(judge_piece, calib_calls)
         method = "ours: per-channel weights, per-tensor static activations (max calibration)"
-    model = onnx.load(str(path))
+    model = onnx.load(str(path)) if model is None else model
     scale_dtype = _numpy_dtype(graph_dtype)  # Q/DQ scales take the graph's float type (opset 19)
     report = insert_qdq(model, amax, bc.precision, policy, scale_dtype=scale_dtype, device=bc.device)
     report += quantize_stacked_experts(model, bc.precision, scale_dtype=scale_dtype,
@@ -278,11 +279,14 @@ def run_build(bc: BuildConfig) -> dict:
         pdtype = graph_dtypes[piece]
         entry["graph_dtype"] = str(pdtype).removeprefix("torch.")
         work, judge = modules_for(piece, pdtype)
-        info = export_piece(work, spec, cfg, onnx_path, float_dtype=pdtype, limits=limits, opset=bc.opset)
+        quantizing = bc.precision in ("fp8", "int8")
+        info = export_piece(work, spec, cfg, onnx_path, float_dtype=pdtype, limits=limits, opset=bc.opset,
+                            save=not quantizing)
         files = info["files"]
-        if bc.precision in ("fp8", "int8"):
+        if quantizing:
             calls = [cast_call(c, spec, next(judge.parameters()).dtype) for c in calib.get(piece, [])]
-            files, qreport, method = quantize_onnx(bc, onnx_path, judge, spec, cfg, limits, calls, pdtype)
+            files, qreport, method = quantize_onnx(bc, onnx_path, judge, spec, cfg, limits, calls, pdtype,
+                                                   model=info.pop("model"))
             n_q = sum(r["quantized"] for r in qreport)
             entry["quantization"] = {"format": bc.precision, "method": method, "layers": qreport, "quantized_layers": n_q}
             logger.info("%s: %d linear layer(s) quantized to %s, %d kept high precision", piece, n_q, bc.precision,
