@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,13 +83,21 @@ def token_inputs(model, dev):
     return cache, kw
 
 
-def token_step(model, fmt: str, runs: int, dev) -> dict:
+def token_step(model, fmt: str, runs: int, dev, inductor_pdl: bool = False) -> dict:
+    """inductor_pdl: compile the LLM/semantic steps with Inductor's PDL switch (MINGRT_INDUCTOR_PDL=1) and
+    time only the PDL variants."""
     cache, kw = token_inputs(model, dev)
     t0 = time.perf_counter()
-    g = GraphImageGenerator(model, kernels=True, weights=fmt)
+    if inductor_pdl:
+        os.environ["MINGRT_INDUCTOR_PDL"] = "1"
+    try:
+        g = GraphImageGenerator(model, kernels=True, weights=fmt)
+    finally:
+        os.environ.pop("MINGRT_INDUCTOR_PDL", None)
     p_len = cache.kv[0].shape[2]
     res, first = {"setup_seconds": None}, None
-    for name, (on, tiles, trigger) in VARIANTS.items():
+    variants = {k: v for k, v in VARIANTS.items() if v[0] or not inductor_pdl}
+    for name, (on, tiles, trigger) in variants.items():
         set_pdl(on, tiles, trigger)
         g.reset_graphs()
         k = g.bucket_for(1, 2, p_len)
@@ -106,7 +115,7 @@ def token_step(model, fmt: str, runs: int, dev) -> dict:
         t = timed(step, dev, 3, runs)
         res[name] = {"median_ms": t["median_ms"], "p90_ms": t["p90_ms"], "replays_identical": bool(torch.equal(image, again)),
                      "identical_to_first_variant": bool(torch.equal(image, first))}
-        print(f"token step {fmt:4s} {name:36s} {t['median_ms']:7.3f} ms  {res[name]}", flush=True)
+        print(f"token step {fmt:4s}{' +inductor PDL' if inductor_pdl else ''} {name:36s} {t['median_ms']:7.3f} ms  {res[name]}", flush=True)
     set_pdl(None)
     return res
 
@@ -116,6 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--token-step-formats", default="fp8", help="comma-separated: bf16,fp8 (each compiles ~1 min)")
+    p.add_argument("--inductor-pdl", action="store_true",
+                   help="also the token steps compiled with Inductor's own PDL (one more compile per format)")
+    p.add_argument("--skip-flow-head", action="store_true")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("pdl_check needs a CUDA GPU")
@@ -125,12 +137,15 @@ def main(argv=None) -> int:
     results = {"env": environment(dev), "variants": {k: list(v) for k, v in VARIANTS.items()}}
     path = a.out / "pdl_check.json"
     with torch.no_grad():
-        for fmt in ("bf16", "fp8"):
+        for fmt in () if a.skip_flow_head else ("bf16", "fp8"):
             results[f"flow_head_{fmt}"] = flow_head(model, fmt, a.runs, dev)
             path.write_text(json.dumps(results, indent=1))
         for fmt in [f for f in a.token_step_formats.split(",") if f]:
             results[f"token_step_{fmt}"] = token_step(model, fmt, a.runs, dev)
             path.write_text(json.dumps(results, indent=1))
+            if a.inductor_pdl:
+                results[f"token_step_{fmt}_inductor_pdl"] = token_step(model, fmt, a.runs, dev, inductor_pdl=True)
+                path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")
     return 0
 

@@ -13,6 +13,7 @@ against the reference pipeline without a GPU.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -95,9 +96,22 @@ class GraphImageGenerator:
         self.compiled = (use_kernels and self.device.type == "cuda") if compile is None else compile
         self._llm_step, self._sem_step = self.llm, self.sem
         if self.compiled:  # shapes are static per bucket: one compile per bucket, during the warm-up
-            self._llm_step = torch.compile(self.llm, dynamic=False)
-            self._sem_step = torch.compile(self.sem, dynamic=False)
+            options = self._inductor_options()
+            self._llm_step = torch.compile(self.llm, dynamic=False, options=options)
+            self._sem_step = torch.compile(self.sem, dynamic=False, options=options)
         self._buckets: dict[tuple, _Bucket] = {}
+
+    def _inductor_options(self) -> dict | None:
+        """MINGRT_INDUCTOR_PDL=1 (opt-in, not yet measured): Inductor's own kernels around ours launch with
+        PDL too, where this torch has the switch and our kernels use PDL."""
+        if os.environ.get("MINGRT_INDUCTOR_PDL") != "1" or not self.pdl:
+            return None
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config.triton, "enable_pdl"):
+            logger.warning("MINGRT_INDUCTOR_PDL=1, but torch %s's Inductor has no PDL switch: ignored", torch.__version__)
+            return None
+        return {"triton.enable_pdl": True}
 
     def use_compiled_steps(self, steps: dict) -> None:
         """Run `steps` ({"llm_step": f, "semantic_step": g}, same signatures as self.llm / self.sem:
