@@ -7,7 +7,11 @@ whole FP8 image-token step (runtime.fast.graph), each captured again per launch 
 (twice: recapturing alone must not change a bit), PDL with the GEMMs letting the next kernel launch at
 their start ("early") or after their main loop ("late"), and "late" with L2 prefetch of the first
 weight tiles. Reports graph-replay medians and whether the outputs are bit-identical to the first
-variant's (they must be: PDL moves launches in time, never the arithmetic). Writes OUT/pdl_check.json.
+variant's (they must be: PDL moves launches in time, never the arithmetic). For the token step the
+comparison is of whole images after 256 fed-back tokens, which at full size differ even between two runs
+without PDL (pdl_h200.md): there `replays_identical` is the whole loop's repeatability, and the bits
+PDL must not change are checked by the flow head here and by the pieces in determinism_check.py.
+Writes OUT/pdl_check.json.
 """
 from __future__ import annotations
 

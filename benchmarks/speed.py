@@ -281,17 +281,18 @@ def main(argv=None) -> int:
             g = GraphImageGenerator(model, kernels=True, weights=fmt)
             k = g.bucket_for(1, rows, p_len)  # captures (and compiles) here
             results[f"kernel_graph_setup_seconds_{fmt}"] = time.perf_counter() - t
-            image = g.generate(cache, **kw).image
+            g.generate(cache, **kw)
             res = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt})", step_of(g, k))
             step_accuracy[f"kernels_{fmt}"] = rel_errors(piece_outputs("fused", g.flow), reference_outputs)
             breakdown(g, k, fmt, rec)
             if g.pdl:
-                pdl_ab(g, fmt, image)
+                pdl_ab(g, fmt)
             return g, res
 
-        def pdl_ab(g, fmt: str, image):
+        def pdl_ab(g, fmt: str):
             """The same token graph launched without PDL, with the GEMMs triggering the next launch early,
-            and with L2 prefetch; the image must not change (PDL moves launches in time, not arithmetic)."""
+            and with L2 prefetch. (That PDL changes no bit is checked on fixed inputs by
+            benchmarks/pdl_check.py and the GPU tests: whole images are not repeatable at full size yet.)"""
             from kernels import set_pdl
             from kernels._triton import PDL_PREFETCH_TILES, PDL_TRIGGER
 
@@ -302,9 +303,9 @@ def main(argv=None) -> int:
                 set_pdl(on, tiles, trigger)
                 g.reset_graphs()
                 kk = g.bucket_for(1, rows, p_len)
-                same = bool(torch.equal(g.generate(cache, **kw).image, image))
+                g.generate(cache, **kw)
                 r = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt}), {label}", step_of(g, kk))
-                ab[f"{fmt}: {label}"] = {"median_ms": r["median_ms"], "same_image_as_default": same}
+                ab[f"{fmt}: {label}"] = {"median_ms": r["median_ms"]}
             set_pdl(None)
             g.reset_graphs()
             g.bucket_for(1, rows, p_len)
@@ -494,11 +495,10 @@ def markdown(r: dict) -> str:
                          f"{f['kernel_fp8_fraction_of_fp8_floor']:.0%} of it.")
     pdl = {k: v for k, v in (r.get("pdl") or {}).items() if isinstance(v, dict)}
     if pdl:
-        lines += ["", f"Programmatic dependent launch (default: on, {r['pdl'].get('default_trigger', 'early')} trigger, "
+        trigger = r["pdl"].get("default_trigger", "early")  # runs before the trigger was recorded used "early"
+        lines += ["", f"Programmatic dependent launch (default: on, {trigger} trigger, "
                       f"{r['pdl']['default_prefetch_tiles']} weight tiles prefetched into L2 per program before the wait), "
-                      "the same token graph recaptured: "
-                  + "; ".join(f"{k} {v['median_ms']:.2f} ms (image {'bit-identical' if v['same_image_as_default'] else 'differs'})"
-                              for k, v in pdl.items())]
+                      "the same token graph recaptured: " + "; ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in pdl.items())]
     acc = r.get("single_step_accuracy") or {}
     if acc:
         lines += ["", "Single-step accuracy (relative L2 against the eager bf16 reference, same inputs, no feedback):", "",

@@ -7,10 +7,12 @@ operands to fp32 (`UPCAST`); on a GPU they multiply in bf16 with fp32 accumulati
 
 Programmatic dependent launch (PDL, Hopper and newer): a decode step is hundreds of kernels of 5-40 us
 each, and every launch costs a few microseconds of ramp-up (scheduling the grid, the first loads'
-latency) and tail (the last wave's idle SMs), about 4 us per kernel at the real shapes. With PDL the
-next kernel's programs are scheduled while the current one drains, prefetch the first tiles of their
-own weights into L2 (weights are constants: safe to read early), then wait (`griddepcontrol.wait`)
-for the previous kernel's results before reading activations or writing anything.
+latency) and tail (the last wave's idle SMs): the H100 kernel times in benchmarks/results/kernels_h100.md
+fit a fixed cost of roughly 4 us per launch (an inference from them, not a measurement). With PDL the
+next kernel's programs are scheduled while the current one drains (the GEMMs allow it after their main
+loop), can prefetch the first tiles of their own weights into L2 (constants: safe to read early; off by
+default, it did not pay on the H200), then wait (`griddepcontrol.wait`) for the previous kernel's results
+before reading activations or writing anything.
 `pdl_enabled(device)` decides; MINGRT_PDL=0 turns it off.
 """
 from __future__ import annotations
@@ -112,6 +114,8 @@ def pdl_enabled(device=None) -> bool:
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     checked = _PDL_STATE["checked"]
     if index not in checked:
+        if torch.cuda.is_current_stream_capturing():  # cannot check inside a capture: no PDL, decide later
+            return False
         checked[index] = _pdl_self_check(index)
     return checked[index]
 
@@ -124,9 +128,6 @@ def _pdl_self_check(index: int) -> bool:
     log = logging.getLogger(__name__)
     if torch.cuda.get_device_capability(index) < (9, 0):
         return False
-    if torch.cuda.is_current_stream_capturing():
-        log.warning("PDL self-check skipped: called during a graph capture; launching without PDL")
-        return False
     try:
         n, chain, replays = 4096, 32, 3  # chain even: the count ends in x
         dev = torch.device("cuda", index)
@@ -134,6 +135,7 @@ def _pdl_self_check(index: int) -> bool:
         y = torch.zeros(n, dtype=torch.int32, device=dev)
         grid = (triton.cdiv(n, 128),)
         stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))  # the zero fills above
         with torch.cuda.device(dev), torch.cuda.stream(stream):
             for src, dst in ((x, y), (y, x)):  # compiles outside the capture
                 _pdl_probe_kernel[grid](src, dst, n, BLOCK=128, launch_pdl=True)

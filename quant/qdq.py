@@ -80,17 +80,19 @@ def _quantize(w, axis: int, fmt: str, device=None) -> tuple[np.ndarray, np.ndarr
     t = t.to(device or "cpu", torch.float32)
     shape = [1] * t.ndim
     shape[axis] = -1
-    amax = t.abs().amax(dim=[i for i in range(t.ndim) if i != axis])
+    # the per-channel scales on the CPU: CUDA divides a tensor by a Python number as a multiplication by
+    # its reciprocal, 1 ulp off numpy's division for most channels
+    amax = t.abs().amax(dim=[i for i in range(t.ndim) if i != axis]).cpu()
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    scaled = t / scale.view(shape)
+    scaled = t / scale.to(t.device).view(shape)  # tensor / tensor: IEEE division on either device
     if fmt == "int8":
         q = scaled.round_().clamp_(-127, 127).to(torch.int8)
     else:
         q = scaled.clamp_(-qmax, qmax).to(torch.float8_e4m3fn)
     del scaled
-    err = float((q.float().mul_(scale.view(shape)).sub_(t)).norm() / t.norm().clamp_min(1e-12))
+    err = float((q.float().mul_(scale.to(t.device).view(shape)).sub_(t)).norm() / t.norm().clamp_min(1e-12))
     q_np = q.cpu().numpy() if fmt == "int8" else q.view(torch.uint8).cpu().numpy().view(ml_dtypes.float8_e4m3fn)
-    return q_np, scale.cpu().numpy(), err
+    return q_np, scale.numpy(), err
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:

@@ -183,11 +183,12 @@ def test_qdq_torch_quantizer_equals_numpy_arithmetic():
             scaled = w / scale.reshape(shape)
             ref = (np.clip(np.rint(scaled), -127, 127).astype(np.int8) if fmt == "int8"
                    else np.clip(scaled, -qmax, qmax).astype(ml_dtypes.float8_e4m3fn))
-            q, s, err = _quantize(w, axis, fmt)
-            assert np.array_equal(s, scale), (fmt, axis)
-            assert np.array_equal(q.view(np.uint8), ref.view(np.uint8)), (fmt, axis)
             deq = ref.astype(np.float32) * scale.reshape(shape)
-            assert err == pytest.approx(np.linalg.norm(deq - w) / np.linalg.norm(w), rel=1e-4) and err > 0
+            for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):  # GPU builds quantize on it
+                q, s, err = _quantize(w, axis, fmt, device)
+                assert np.array_equal(s, scale), (fmt, axis, device)
+                assert np.array_equal(q.view(np.uint8), ref.view(np.uint8)), (fmt, axis, device)
+                assert err == pytest.approx(np.linalg.norm(deq - w) / np.linalg.norm(w), rel=1e-4) and err > 0
     b = torch.randn(5, 7, dtype=torch.bfloat16)
     init = numpy_helper.from_array(b.float().numpy().astype(ml_dtypes.bfloat16), "w")
     assert torch.equal(initializer_tensor(init), b)
