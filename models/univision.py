@@ -84,7 +84,8 @@ def build(cfg: ModelConfig, *, seed: int | None = 0, device=None, dtype=torch.fl
     if fast_init is None:
         fast_init = device.type == "cuda" and cfg.name == "full"
     if fast_init and seed is not None:
-        model = build_meta(cfg).to_empty(device=device).to(dtype)  # the models hold no derived buffers
+        # cast on the meta device, then allocate: the full model never exists in fp32 (70 GB) on the GPU
+        model = build_meta(cfg).to(dtype).to_empty(device=device)  # the models hold no derived buffers
         seeded_init_(model, seed, device)
         return model.eval()
     model = MingUniVision(cfg)

@@ -149,3 +149,15 @@ def test_pixel_decoder_piece(tiny_model, pieces):
     img = pieces["pixel_decoder"](feats)
     assert img.shape == (1, 3, 128, 128) and img.min() >= -1 and img.max() <= 1
     assert_close("pieces/pixel_decoder", img, tiny_model.vision.decode_pixels(feats), ATOL)
+
+
+def test_fast_init_allocates_in_the_target_dtype_with_the_same_weights():
+    """build(fast_init=True) (the full model on a GPU) casts on the meta device before allocating, so the
+    full model never exists in fp32; the weights equal the plain path's bit for bit."""
+    from models import build, tiny_config
+
+    fast = build(tiny_config(), seed=3, dtype=torch.bfloat16, fast_init=True)
+    plain = build(tiny_config(), seed=3, dtype=torch.bfloat16, fast_init=False)
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+    for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
