@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .moe import moe_decode
-from .skinny import skinny_gemm
+from .skinny import SWIGLU, skinny_gemm
 
 
 @torch.library.custom_op("mingrt::moe_decode", mutates_args=())
@@ -40,4 +40,17 @@ def _skinny_linear_fake(x, weight, scale, bias, out_dtype):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)
 
 
-__all__ = ["moe_decode_op", "skinny_linear_op"]
+@torch.library.custom_op("mingrt::skinny_swiglu", mutates_args=())
+def skinny_swiglu_op(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """silu(y[:, :N]) * y[:, N:] for y = x @ (weight * scale[:, None])^T + bias, weight (2N, K) = [gate; up]."""
+    out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=out_dtype, device=x.device)
+    return skinny_gemm(x.contiguous(), weight, out, w_scale=scale, bias=bias, epilogue=SWIGLU)
+
+
+@skinny_swiglu_op.register_fake
+def _skinny_swiglu_fake(x, weight, scale, bias, out_dtype):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2, dtype=out_dtype)
+
+
+__all__ = ["moe_decode_op", "skinny_linear_op", "skinny_swiglu_op"]

@@ -157,6 +157,34 @@ def test_fp8_linear_streams_fp8_for_decode_rows_only():
     assert_close("kernels/fp8_linear_decode", got.float(), ref.float(), 0.05)
 
 
+@pytest.mark.parametrize("kind", ["expert_mlp", "swiglu_ffn"])
+@torch.no_grad()
+def test_fused_swiglu_decode_equals_its_fp8_reference(kind):
+    """One SwiGLU-epilogue launch over [gate; up] + the FP8 down projection = the MLP on the FP8 weights;
+    a prefill runs the original module exactly."""
+    from kernels.skinny import MAX_ROWS
+    from models.llm import ExpertMLP
+    from models.vit_layers import SwiGLUFFN
+    from runtime.fast.decode_weights import FP8Linear, FusedSwiGLUDecode
+
+    torch.manual_seed(0)
+    mlp = (ExpertMLP(256, 96) if kind == "expert_mlp" else SwiGLUFFN(256, 1.0)).to(DEV, torch.bfloat16)
+    fused = FusedSwiGLUDecode(mlp)
+    assert isinstance(fused.down, FP8Linear) and fused.reference is mlp
+    prefill = torch.randn(2, MAX_ROWS, 256, device=DEV, dtype=torch.bfloat16)
+    assert torch.equal(fused(prefill), mlp(prefill))
+    x = torch.randn(3, 1, 256, device=DEV, dtype=torch.bfloat16)
+    w12 = dequantize_rows_fp8(fused.w12_fp8, fused.scale12)
+    y = _act(x, "fp8") @ w12.T + (0 if fused.bias12 is None else fused.bias12)
+    gate, up = y.chunk(2, dim=-1)
+    act = (F.silu(gate) * up).to(torch.float16).float()  # the epilogue stores fp16 for the FP8 down GEMM
+    down = fused.down
+    ref = act @ dequantize_rows_fp8(down.weight_fp8, down.scale).T + (0 if down.bias is None else down.bias)
+    got = fused(x)
+    assert got.shape == (3, 1, 256) and got.dtype == torch.bfloat16
+    assert_close(f"kernels/fused_swiglu_{kind}", got.float(), ref.float(), 0.02)
+
+
 @pytest.mark.parametrize("fmt", ["fp32", "fp8"])
 def test_fused_moe_equals_reference_moe(fmt):
     from models.llm import MoE

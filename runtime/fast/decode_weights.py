@@ -4,7 +4,9 @@
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
     stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales;
   * weights="fp8" also wraps the decode-time linears (LLM attention, shared experts, dense FFNs, the
-    semantic decoder's blocks) in FP8Linear. Kept high precision, as in quant/policy.py: embeddings,
+    semantic decoder's blocks) in FP8Linear, and the SwiGLU MLPs (shared experts, dense FFNs, the
+    semantic decoder's w12/w3) in FusedSwiGLUDecode: gate and up in one launch with the SiLU-product
+    epilogue, then the down projection. Kept high precision, as in quant/policy.py: embeddings,
     norms, the router, lm_head, vis_head, the connector and everything the prefill-only pieces use.
     Prefills keep the exact weights (the MoE's stacked experts and each FP8Linear's `reference`): FP8
     copies are added for the decode, nothing is replaced.
@@ -14,14 +16,16 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from kernels import interpreting
 from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
-from kernels.ops import moe_decode_op, skinny_linear_op
+from kernels.ops import moe_decode_op, skinny_linear_op, skinny_swiglu_op
 from kernels.skinny import MAX_ROWS
-from models.llm import MoE
+from models.llm import ExpertMLP, MoE
 from models.univision import MingUniVision
+from models.vit_layers import SwiGLUFFN
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +72,58 @@ class FP8Linear(nn.Module):
         return self.reference(x)
 
 
+class FusedSwiGLUDecode(nn.Module):
+    """A SwiGLU MLP (the LLM's ExpertMLP: gate_proj/up_proj/down_proj; the ViT's SwiGLUFFN: w12/w3) for
+    the decode rows (<= MAX_ROWS): silu(gate) * up from ONE skinny launch over the stacked [gate; up] E4M3
+    weight (the SwiGLU epilogue; fp16 out, what the FP8 down GEMM multiplies anyway), then the down
+    projection as an FP8Linear: two launches where the FP8Linear pair took three (two GEMMs and the
+    elementwise product). Larger inputs (prefills) run the original module, kept as `reference`."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        if isinstance(mlp, ExpertMLP):
+            w12 = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+            b12, down = None, mlp.down_proj
+        elif isinstance(mlp, SwiGLUFFN):  # w12's first half is the gate, as the epilogue expects
+            w12, down = mlp.w12.weight.detach(), mlp.w3
+            b12 = None if mlp.w12.bias is None else mlp.w12.bias.detach().float()
+        else:
+            raise TypeError(f"FusedSwiGLUDecode takes an ExpertMLP or a SwiGLUFFN, not {type(mlp).__name__}")
+        wq, scale = quantize_rows_fp8(w12)
+        self.register_buffer("w12_fp8", wq)
+        self.register_buffer("scale12", scale)
+        self.register_buffer("bias12", b12)
+        self.down = FP8Linear(down)
+        self.reference = mlp
+        self.in_features = w12.shape[1]
+        self.params = w12.numel() + down.weight.numel()
+
+    def forward(self, x):
+        rows = x.numel() // self.in_features
+        if rows <= MAX_ROWS and (x.is_cuda or interpreting()):
+            act = skinny_swiglu_op(x.reshape(rows, self.in_features), self.w12_fp8, self.scale12, self.bias12,
+                                   torch.float16)  # (rows, I)
+            return self.down(act).view(*x.shape[:-1], -1)
+        return self.reference(x)
+
+
+def _fuse_swiglu(module: nn.Module) -> int:
+    """Replace every ExpertMLP / SwiGLUFFN under `module` by FusedSwiGLUDecode; returns the parameters covered."""
+    fused = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, (ExpertMLP, SwiGLUFFN)):
+            setattr(module, name, FusedSwiGLUDecode(child))
+            fused += getattr(module, name).params
+        elif not isinstance(child, (FusedSwiGLUDecode, FP8Linear)):
+            fused += _fuse_swiglu(child)
+    return fused
+
+
 def _swap_linears(module: nn.Module, names: tuple[str, ...]) -> int:
     swapped = 0
     for name, child in list(module.named_children()):
+        if isinstance(child, (FusedSwiGLUDecode, FP8Linear)):  # already converted: their references stay exact
+            continue
         if isinstance(child, nn.Linear) and name in names:
             setattr(module, name, FP8Linear(child))
             swapped += child.weight.numel()
@@ -91,14 +144,14 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
     for m in moes:
         m.fused_decode = FusedMoEDecode(m, weights)
-    report = {"moe_layers": len(moes), "fp8_linear_params": 0}
+    report = {"moe_layers": len(moes), "fp8_linear_params": 0, "fp8_fused_swiglu_params": 0}
     if weights == "fp8":
-        for layer in model.model.model.layers:
-            report["fp8_linear_params"] += _swap_linears(layer, FP8_LINEAR_NAMES)
-        for blk in model.vision.semantic_decoder.blocks:
-            report["fp8_linear_params"] += _swap_linears(blk, FP8_LINEAR_NAMES)
+        for stack in (model.model.model.layers, model.vision.semantic_decoder.blocks):
+            for layer in stack:
+                report["fp8_fused_swiglu_params"] += _fuse_swiglu(layer)
+                report["fp8_linear_params"] += _swap_linears(layer, FP8_LINEAR_NAMES)
     logger.info("decode weights %s: %s", weights, report)
     return report
 
 
-__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "prepare_decode"]
+__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "prepare_decode"]
