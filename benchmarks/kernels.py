@@ -41,6 +41,7 @@ from kernels.skinny import (
     skinny_gemm,
 )
 from models import full_config
+from models.config import swiglu_hidden
 
 L2_BYTES = 50 * 2**20
 LAUNCHES = 20
@@ -58,6 +59,8 @@ def shapes(cfg):
     s = f.num_steps
     qkv = (llm.num_heads + 2 * llm.num_kv_heads) * llm.head_dim
     shared = llm.moe_intermediate_size * llm.num_shared_experts
+    mt = cfg.mingtok
+    sem_hidden = swiglu_hidden(mt.semantic_dim, mt.mlp_ratio)
     # name, rows, N (outputs), K, epilogue; swiglu: N is the hidden width, W has 2N rows
     return [
         ("flow w12 + SwiGLU", 2, hid, w, SWIGLU),
@@ -66,7 +69,10 @@ def shapes(cfg):
         ("llm query_key_value", 2, qkv, llm.hidden_size, STORE),
         ("llm dense", 2, llm.hidden_size, llm.num_heads * llm.head_dim, STORE),
         ("llm shared gate/up", 2, shared, llm.hidden_size, STORE),
+        ("llm shared gate+up + SwiGLU (fp8 path)", 2, shared, llm.hidden_size, SWIGLU),
         ("llm shared down", 2, llm.hidden_size, shared, STORE),
+        ("semantic w12 + SwiGLU (fp8 path)", 1, sem_hidden, mt.semantic_dim, SWIGLU),
+        ("semantic w3", 1, mt.semantic_dim, sem_hidden, STORE),
     ]
 
 
@@ -190,10 +196,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="time only the default configs")
     p.add_argument("--sweep-shapes", type=int, default=99, help="sweep configs for the first N GEMM shapes (heaviest first)")
     p.add_argument("--peak-tbps", type=float, default=None, help="HBM peak (default: by GPU name, speed.HBM_TBPS)")
+    p.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (the "
+                   "20-launch graphs then pay every launch's ramp-up and tail, as before session 4)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    if a.no_pdl:
+        from kernels import set_pdl
+
+        set_pdl(False)
     cfg = full_config()
     table = {"skinny": {}, "moe": {}}
     res = {"env": environment(torch.device("cuda")), "peak_tbps": hbm_tbps(torch.device("cuda"), a.peak_tbps),
@@ -202,7 +214,8 @@ def main(argv=None) -> int:
     for idx, (name, m, n, k, epi) in enumerate(shapes(cfg)):
         for fmt in ("bf16", "fp8"):
             # the LLM's and semantic decoder's linears use the kernel only with FP8 weights (cuBLAS for bf16)
-            sweep = a.sweep and idx < a.sweep_shapes and (epi != STORE or m > 2 or fmt == "fp8")
+            # (the fused SwiGLU of the LLM / semantic MLPs exists only with FP8 weights)
+            sweep = a.sweep and idx < a.sweep_shapes and (fmt == "fp8" or (m > 2 or epi != STORE) and "fp8 path" not in name)
             res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, sweep, table))
             (a.out / "kernels.json").write_text(json.dumps(res, indent=1))
             if a.sweep:  # after every shape: a run cut short keeps what it found
