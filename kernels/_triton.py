@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where triton is 
 else:
     IMPORT_ERROR = None
 
-try:  # grid-dependency control (PDL) arrived in triton 3.3
+try:  # grid-dependency control (PDL); older triton has none
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
     _HAS_GDC = False
@@ -62,7 +62,8 @@ PDL_ENV = "MINGRT_PDL"  # "0": never launch with programmatic dependent launch
 PDL_PREFETCH_TILES = 0  # default K tiles of its weights each program prefetches into L2 before waiting
 # when a GEMM lets the next kernel launch: "late" (after its main loop: the next one's programs start
 # during our epilogue and tail) or "early" (at its start: a whole chain of kernels can be resident and
-# waiting at once); the tiny LayerNorm / guidance kernels always trigger at their start
+# waiting at once; it made the FP8 token step 20% slower on the H200, benchmarks/results/pdl_h200.md);
+# the tiny LayerNorm / guidance kernels always trigger at their start
 PDL_TRIGGERS = {"early": 1, "late": 2}
 PDL_TRIGGER = "late"
 _PDL_STATE: dict = {"force": None, "checked": {}, "prefetch": PDL_PREFETCH_TILES, "trigger": PDL_TRIGGER}
