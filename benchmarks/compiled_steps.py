@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import environment, prompt, timed  # noqa: E402
+from benchmarks.speed import environment, prompt, t2i_kwargs, timed  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,8 +34,6 @@ def main(argv=None) -> int:
 
     from export.compiled_steps import compile_steps, verify_steps
     from models import build, get_config
-    from models.flow_head import draw_noise
-    from models.prompting import cfg_masks
     from runtime import loop
     from runtime.backends.torch_eager import TorchBackend
     from runtime.fast.compiled_steps import MAX_ROWS, load_compiled_steps
@@ -57,11 +55,7 @@ def main(argv=None) -> int:
     ids = prompt(cfg, 24, gen_t)
     backend = TorchBackend(model)
     cache = loop.prefill(backend, cfg, backend.embed(torch.tensor([ids], device=dev)))
-    un, tu = cfg_masks(ids, cfg.tokens.user_prefix, cfg.tokens.assistant_prefix,
-                       [cfg.tokens.image_start, cfg.tokens.image_patch, cfg.tokens.image_end])
-    kw = dict(noise=draw_noise(gen_t, 1, cfg.num_image_tokens, cfg.mingtok.latent_dim).to(dev), text_cfg=3.0,
-              image_cfg=1.1, temperature=1.0, uncond_mask=torch.tensor([un], device=dev),
-              text_uncond_mask=torch.tensor([tu], device=dev))
+    kw = t2i_kwargs(cfg, [ids], gen_t, dev)
     p_len = cache.kv[0].shape[2]
 
     def setup_and_step(g) -> tuple[float, dict, torch.Tensor]:

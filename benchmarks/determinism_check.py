@@ -21,10 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.pdl_check import token_inputs
+from benchmarks.pdl_check import full_model_on_gpu, token_inputs
 from benchmarks.speed import capture, environment
 from kernels import set_pdl
-from models import build, full_config
 from runtime.fast.graph import GraphImageGenerator
 
 
@@ -82,11 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--cases", default="", help="comma-separated case numbers to run (default: all)")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("determinism_check needs a CUDA GPU")
-    dev = torch.device("cuda")
-    a.out.mkdir(parents=True, exist_ok=True)
-    model = build(full_config(), seed=0, device=dev, dtype=torch.bfloat16)
+    dev, model = full_model_on_gpu("determinism_check", a.out)
     cache, kw = token_inputs(model, dev)
     results = {"env": environment(dev)}
     path = a.out / "determinism_check.json"

@@ -27,11 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import capture, environment, prompt, timed
+from benchmarks.speed import capture, environment, prompt, t2i_kwargs, timed
 from kernels import set_pdl
 from models import build, full_config
-from models.flow_head import draw_noise
-from models.prompting import cfg_masks
 from runtime import loop
 from runtime.backends.torch_eager import TorchBackend
 from runtime.fast.graph import GraphImageGenerator
@@ -44,6 +42,15 @@ VARIANTS = {  # name: (PDL on, prefetch tiles, trigger)
     "PDL late trigger": (True, 0, "late"),
     "PDL late trigger, prefetch 2 tiles": (True, 2, "late"),
 }
+
+
+def full_model_on_gpu(script: str, out: Path):
+    """(device, the full-size model with seeded random weights in bf16) for the GPU-only checks."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU")
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda")
+    return dev, build(full_config(), seed=0, device=dev, dtype=torch.bfloat16)
 
 
 def flow_head(model, fmt: str, runs: int, dev) -> dict:
@@ -79,12 +86,7 @@ def token_inputs(model, dev):
     gen = torch.Generator().manual_seed(0)
     ids = prompt(cfg, 24, gen)
     cache = loop.prefill(backend, cfg, backend.embed(torch.tensor([ids], device=dev)))
-    un, tu = cfg_masks(ids, cfg.tokens.user_prefix, cfg.tokens.assistant_prefix,
-                       [cfg.tokens.image_start, cfg.tokens.image_patch, cfg.tokens.image_end])
-    kw = dict(noise=draw_noise(gen, 1, cfg.num_image_tokens, cfg.mingtok.latent_dim).to(dev), text_cfg=3.0,
-              image_cfg=1.1, temperature=1.0, uncond_mask=torch.tensor([un], device=dev),
-              text_uncond_mask=torch.tensor([tu], device=dev))
-    return cache, kw
+    return cache, t2i_kwargs(cfg, [ids], gen, dev)
 
 
 def token_step(model, fmt: str, runs: int, dev, inductor_pdl: bool = False) -> dict:
@@ -133,11 +135,7 @@ def main(argv=None) -> int:
                    help="also the token steps compiled with Inductor's own PDL (one more compile per format)")
     p.add_argument("--skip-flow-head", action="store_true")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("pdl_check needs a CUDA GPU")
-    dev = torch.device("cuda")
-    a.out.mkdir(parents=True, exist_ok=True)
-    model = build(full_config(), seed=0, device=dev, dtype=torch.bfloat16)
+    dev, model = full_model_on_gpu("pdl_check", a.out)
     results = {"env": environment(dev), "variants": {k: list(v) for k, v in VARIANTS.items()}}
     path = a.out / "pdl_check.json"
     with torch.no_grad():

@@ -120,6 +120,17 @@ def token_bytes(model, rows: int, el: int | None = None) -> dict:
     return out
 
 
+def t2i_kwargs(cfg, prompts: list[list[int]], gen: torch.Generator, device) -> dict:
+    """generate() arguments for a batch of prompts: their CFG masks, seeded noise, the guidance scales used
+    throughout the benchmarks (the same for every script)."""
+    t = cfg.tokens
+    masks = [cfg_masks(q, t.user_prefix, t.assistant_prefix, [t.image_start, t.image_patch, t.image_end]) for q in prompts]
+    return dict(noise=draw_noise(gen, len(prompts), cfg.num_image_tokens, cfg.mingtok.latent_dim).to(device),
+                text_cfg=3.0, image_cfg=1.1, temperature=1.0,
+                uncond_mask=torch.tensor([m[0] for m in masks], device=device),
+                text_uncond_mask=torch.tensor([m[1] for m in masks], device=device))
+
+
 def prompt(cfg, n_text: int, gen: torch.Generator):
     t = cfg.tokens
     special = {t.image_start, t.image_patch, t.image_end, t.eos, t.pad, *t.user_prefix, *t.assistant_prefix}
@@ -234,11 +245,7 @@ def main(argv=None) -> int:
 
 
         # --- token step and text-to-image ---------------------------------------------------------
-        un, tu = cfg_masks(ids, cfg.tokens.user_prefix, cfg.tokens.assistant_prefix,
-                           [cfg.tokens.image_start, cfg.tokens.image_patch, cfg.tokens.image_end])
-        masks = dict(uncond_mask=torch.tensor([un], device=device), text_uncond_mask=torch.tensor([tu], device=device))
-        noise = draw_noise(gen, 1, n, lat).to(device)
-        kw = dict(noise=noise, text_cfg=3.0, image_cfg=1.1, temperature=1.0, **masks)
+        kw = t2i_kwargs(cfg, [ids], gen, device)
         eager_gen = GraphImageGenerator(model, use_graph=False, kernels=False)
         graph_gen = GraphImageGenerator(model, kernels=False)
         t = time.perf_counter()
@@ -328,11 +335,7 @@ def main(argv=None) -> int:
             bsz = min(a.batch, 2) if smoke else a.batch
             pids = [prompt(cfg, 24, gen) for _ in range(bsz)]
             bcache = loop.prefill(backend, cfg, backend.embed(torch.tensor(pids, device=device)))
-            bmasks = [cfg_masks(q, cfg.tokens.user_prefix, cfg.tokens.assistant_prefix,
-                                [cfg.tokens.image_start, cfg.tokens.image_patch, cfg.tokens.image_end]) for q in pids]
-            bkw = dict(noise=draw_noise(gen, bsz, n, lat).to(device), text_cfg=3.0, image_cfg=1.1, temperature=1.0,
-                       uncond_mask=torch.tensor([m[0] for m in bmasks], device=device),
-                       text_uncond_mask=torch.tensor([m[1] for m in bmasks], device=device))
+            bkw = t2i_kwargs(cfg, pids, gen, device)
             fast_gen.generate(bcache, **bkw)
             label = "CUDA graph + kernels bf16" if use_kernels else "CUDA graph per token"
             rec("pipelines", f"text-to-image, {label} (batch {bsz})", lambda: fast_gen.generate(bcache, **bkw),

@@ -92,9 +92,13 @@ def pdl_prefetch_tiles() -> int:
     return _PDL_STATE["prefetch"]
 
 
-def pdl_mode(device) -> int:
-    """The kernels' PDL constexpr for a launch on `device`: 0 none, 1 trigger early, 2 trigger late."""
-    return PDL_TRIGGERS[_PDL_STATE["trigger"]] if pdl_enabled(device) else 0
+def pdl_launch(device, *, trigger_at_start: bool = False) -> dict:
+    """Launch arguments of a decode kernel on `device`: its PDL constexpr (0 none, 1 let the next kernel
+    launch at our start, 2 after our main loop: kernels/_triton.pdl_enter / pdl_main_loop_done) and, with
+    PDL, triton's launch attribute. trigger_at_start: kernels too small for a main loop (LayerNorm, guidance)."""
+    if not pdl_enabled(device):
+        return {"PDL": 0}
+    return {"PDL": 1 if trigger_at_start else PDL_TRIGGERS[_PDL_STATE["trigger"]], "launch_pdl": True}
 
 
 def pdl_enabled(device=None) -> bool:
@@ -216,6 +220,21 @@ if triton is not None:
         @triton.jit
         def pdl_wait():
             pass
+
+    @triton.jit
+    def pdl_enter(PDL: tl.constexpr):
+        """First thing in a decode kernel (after prefetching constants): PDL == 1 lets the next kernel
+        launch now; any PDL waits for the previous kernel before we read an activation or write."""
+        if PDL == 1:
+            pdl_launch_next()
+        if PDL > 0:
+            pdl_wait()
+
+    @triton.jit
+    def pdl_main_loop_done(PDL: tl.constexpr):
+        """After a GEMM's main loop (our weights are read): PDL == 2 lets the next kernel launch."""
+        if PDL == 2:
+            pdl_launch_next()
 
     @triton.jit
     def prefetch_l2(ptrs, mask):

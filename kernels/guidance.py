@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import next_pow2, pdl_enabled, require, tl, triton
+from ._triton import next_pow2, pdl_launch, require, tl, triton
 
 if triton is not None:
-    from ._triton import pdl_launch_next, pdl_wait
+    from ._triton import pdl_enter
 
 
     @triton.jit
     def _guide_euler_kernel(v_ptr, x_ptr, dts_ptr, step, text_cfg_ptr, image_cfg_ptr, C,
                             R: tl.constexpr, U_ROW: tl.constexpr, TU_ROW: tl.constexpr, RENORM: tl.constexpr, BLOCK_C: tl.constexpr,
                             PDL: tl.constexpr):
-        if PDL:
-            pdl_launch_next()
-            pdl_wait()
+        pdl_enter(PDL)
         b = tl.program_id(0)
         rc = tl.arange(0, BLOCK_C)
         ok = rc < C
@@ -47,9 +45,8 @@ def guide_euler_(x: torch.Tensor, v: torch.Tensor, dts: torch.Tensor, step: int,
     r = v.shape[0] // b
     if not 1 <= r <= 3 or r * b != v.shape[0] or x.dtype != torch.float32 or not (x.is_contiguous() and v.is_contiguous()):
         raise ValueError(f"guide_euler_: x {tuple(x.shape)} {x.dtype}, v {tuple(v.shape)}: need (B, C) fp32 and (B*R, C), R in 1..3")
-    pdl = pdl_enabled(x.device)
     _guide_euler_kernel[(b,)](v, x, dts, step, text_cfg, image_cfg, c, R=r, U_ROW=min(1, r - 1), TU_ROW=min(2, r - 1), RENORM=bool(renorm),
-                              BLOCK_C=max(16, next_pow2(c)), PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+                              BLOCK_C=max(16, next_pow2(c)), **pdl_launch(x.device, trigger_at_start=True))
     return x
 
 

@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import next_pow2, pdl_enabled, require, tl, triton
+from ._triton import next_pow2, pdl_launch, require, tl, triton
 
 if triton is not None:
-    from ._triton import pdl_launch_next, pdl_wait, store_cast
+    from ._triton import pdl_enter, store_cast
 
 if triton is not None:
 
     @triton.jit
     def _ln_modulate_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, K, stride_x, stride_mod, stride_out,
                             eps, AFFINE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            pdl_launch_next()
-            pdl_wait()
+        pdl_enter(PDL)
         m = tl.program_id(0)
         rk = tl.arange(0, BLOCK)
         ok = rk < K
@@ -44,10 +42,9 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: 
     if (weight is None) != (bias is None):
         raise ValueError("ln_modulate: give both LayerNorm weight and bias, or neither")
     affine = weight is not None
-    pdl = pdl_enabled(x.device)
     _ln_modulate_kernel[(m,)](x, weight if affine else x, bias if affine else x, shift, scale, out, k, x.stride(0),
-                              shift.stride(0), out.stride(0), eps, AFFINE=affine, BLOCK=next_pow2(k), PDL=pdl,
-                              num_warps=8, **({"launch_pdl": True} if pdl else {}))
+                              shift.stride(0), out.stride(0), eps, AFFINE=affine, BLOCK=next_pow2(k), num_warps=8,
+                              **pdl_launch(x.device, trigger_at_start=True))
     return out
 
 

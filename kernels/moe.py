@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpreting, pdl_mode, require, tl, triton
+from ._triton import interpreting, pdl_launch, require, tl, triton
 
 if triton is not None:
-    from ._triton import mma, pdl_launch_next, pdl_wait, store_cast
+    from ._triton import mma, pdl_enter, pdl_main_loop_done, store_cast
 
     @triton.jit
     def _gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, H, I, stride_x,
                         TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         UPCAST: tl.constexpr, PDL: tl.constexpr):
-        if PDL > 0:  # the routing (which experts) comes from the previous kernel: nothing to prefetch before it
-            if PDL == 1:
-                pdl_launch_next()
-            pdl_wait()
+        pdl_enter(PDL)  # the routing (which experts) comes from the previous kernel: nothing to prefetch
         s = tl.program_id(0)
         t = s // TOPK
         e = tl.load(ids_ptr + s).to(tl.int64)
@@ -49,8 +46,7 @@ if triton is not None:
             ok = n_ok[:, None] & k_ok[None, :]
             acc_g += mma(tl.load(wg_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST)
             acc_u += mma(tl.load(wu_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST)
-        if PDL == 2:
-            pdl_launch_next()
+        pdl_main_loop_done(PDL)
         g = tl.sum(acc_g, axis=1)
         u = tl.sum(acc_u, axis=1)
         if HAS_SCALE:
@@ -62,10 +58,7 @@ if triton is not None:
     def _down_kernel(act_ptr, ids_ptr, topw_ptr, wd_ptr, sd_ptr, y_ptr, H, I, stride_y,
                      TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      UPCAST: tl.constexpr, PDL: tl.constexpr):
-        if PDL > 0:
-            if PDL == 1:
-                pdl_launch_next()
-            pdl_wait()
+        pdl_enter(PDL)
         t = tl.program_id(0)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -88,8 +81,7 @@ if triton is not None:
             if HAS_SCALE:
                 part = part * tl.load(sd_ptr + e * H + rn, mask=n_ok, other=0.0)
             y += tl.load(topw_ptr + s).to(tl.float32) * part
-        if PDL == 2:
-            pdl_launch_next()
+        pdl_main_loop_done(PDL)
         tl.store(y_ptr + t * stride_y + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -131,8 +123,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     sg, su, sd = scales if has_scale else (act, act, act)
     if config is None:
         config = pick_config(h, i, fp8)
-    pdl = pdl_mode(x.device)
-    launch = dict(UPCAST=interpreting(), PDL=pdl, **config, **({"launch_pdl": True} if pdl else {}))
+    launch = dict(UPCAST=interpreting(), **pdl_launch(x.device), **config)
     _gate_up_kernel[(t * k, triton.cdiv(i, config["BLOCK_N"]))](
         x, ids, w_gate, w_up, sg, su, act, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **launch)
     _down_kernel[(t, triton.cdiv(h, config["BLOCK_N"]))](

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpreting, next_pow2, pdl_mode, pdl_prefetch_tiles, require, tl, triton
+from ._triton import interpreting, next_pow2, pdl_launch, pdl_prefetch_tiles, require, tl, triton
 
 if triton is not None:
-    from ._triton import mma, pdl_launch_next, pdl_wait, prefetch_l2, store_cast
+    from ._triton import mma, pdl_enter, pdl_main_loop_done, prefetch_l2, store_cast
 
 # epilogues
 STORE, SWIGLU, GATED_RESIDUAL = 0, 1, 2
@@ -57,16 +57,13 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)  # acc[n, m] = y[m, n]
         acc2 = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)  # SwiGLU's value half
         w_rows = w_ptr + rn.to(tl.int64) * K
-        if PDL > 0:  # scheduled while the previous kernel drains: warm L2 with our first weight tiles, then wait
-            if PDL == 1:
-                pdl_launch_next()
-            if PF_TILES > 0:
-                sector = k_lo + tl.arange(0, PF_TILES * BLOCK_K * W_BYTES // 32) * (32 // W_BYTES)
-                pf_ok = n_ok[:, None] & (sector[None, :] < k_hi)
-                prefetch_l2(w_rows[:, None] + sector[None, :], pf_ok)
-                if EPILOGUE == 1:
-                    prefetch_l2(w_rows[:, None] + N * K + sector[None, :], pf_ok)
-            pdl_wait()  # nothing above reads an activation or writes anything
+        if PF_TILES > 0:  # (with PDL only) scheduled while the previous kernel drains: warm L2 with our first weight tiles
+            sector = k_lo + tl.arange(0, PF_TILES * BLOCK_K * W_BYTES // 32) * (32 // W_BYTES)
+            pf_ok = n_ok[:, None] & (sector[None, :] < k_hi)
+            prefetch_l2(w_rows[:, None] + sector[None, :], pf_ok)
+            if EPILOGUE == 1:
+                prefetch_l2(w_rows[:, None] + N * K + sector[None, :], pf_ok)
+        pdl_enter(PDL)  # nothing above reads an activation or writes anything
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < k_hi
@@ -77,8 +74,7 @@ if triton is not None:
                 wt2 = tl.load(w_rows[:, None] + N * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 acc2 += mma(wt2, xt, UPCAST)
 
-        if PDL == 2:  # our weights are read: the next kernel's programs may start during the epilogue
-            pdl_launch_next()
+        pdl_main_loop_done(PDL)  # the next kernel's programs may start during our epilogue
         out_ok = n_ok[:, None] & m_ok[None, :]
         if SPLIT_K > 1:
             # partials: (SPLIT_K, 2, N_blocks * BLOCK_N, BLOCK_M) fp32
@@ -251,14 +247,15 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
             gate if gate is not None else dummy, workspace.partials, workspace.tickets,
             m, n, k, row_div, x.stride(0), out.stride(0), gate.stride(0) if gate is not None else 0)
     block_m = max(16, next_pow2(m))
-    pdl = pdl_mode(out.device)
+    pdl = pdl_launch(out.device)
     flags = dict(HAS_WSCALE=w_scale is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=block_m,
-                 UPCAST=interpreting(), PDL=pdl, PF_TILES=pdl_prefetch_tiles() if pdl else 0, W_BYTES=w.element_size())
+                 UPCAST=interpreting(), PF_TILES=pdl_prefetch_tiles() if pdl["PDL"] else 0, W_BYTES=w.element_size(),
+                 **pdl)
     if config is None:
         config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, epilogue, out.device)
     config = fit_stages(config, w.element_size(), epilogue == SWIGLU, block_m, x.element_size())
     grid = (triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
-    _skinny_kernel[grid](*args, **flags, **config, **({"launch_pdl": True} if pdl else {}))
+    _skinny_kernel[grid](*args, **flags, **config)
     return out
 
 

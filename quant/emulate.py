@@ -15,27 +15,26 @@ import torch
 from torch import nn
 
 from .policy import LayerPolicy
-from .qdq import FORMATS
+from .qdq import FORMATS, quantize_channels
 
 
-def _round(x: torch.Tensor, fmt: str, act: bool) -> torch.Tensor:
+def _round_activation(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """QuantizeLinear's rounding of a scaled activation (int8 saturates to -128, weights to -127)."""
     qmax = FORMATS[fmt]
     if fmt == "fp8":
         return x.clamp(-qmax, qmax).to(torch.float8_e4m3fn).float()
-    return torch.round(x).clamp(-128 if act else -qmax, qmax)  # int8: activations saturate to -128, weights to -127
+    return torch.round(x).clamp(-128, qmax)
 
 
 def fake_quant_weight(w: torch.Tensor, fmt: str = "fp8") -> torch.Tensor:
     """Per-output-channel (row) quantize-dequantize of a (out, in) weight, as quant.qdq.quantize_weight."""
-    w32 = w.detach().float()
-    amax = w32.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FORMATS[fmt], torch.ones_like(amax))
-    return (_round(w32 / scale, fmt, act=False) * scale).to(w.dtype)
+    q, scale = quantize_channels(w.detach().float(), 0, fmt)
+    return (q.float() * scale.to(q.device)[:, None]).to(w.dtype)
 
 
 def fake_quant_activation(x: torch.Tensor, amax: float, fmt: str = "fp8") -> torch.Tensor:
     scale = torch.tensor(max(float(amax), 1e-8) / FORMATS[fmt], dtype=torch.float32)
-    return (_round(x.float() / scale, fmt, act=True) * scale).to(x.dtype)
+    return (_round_activation(x.float() / scale, fmt) * scale).to(x.dtype)
 
 
 @contextmanager

@@ -75,9 +75,23 @@ def _quantize(w, axis: int, fmt: str, device=None) -> tuple[np.ndarray, np.ndarr
     import ml_dtypes
     import torch
 
-    qmax = FORMATS[fmt]
     t = w if isinstance(w, torch.Tensor) else torch.from_numpy(np.require(w, requirements=("C", "W")))
     t = t.to(device or "cpu", torch.float32)
+    q, scale = quantize_channels(t, axis, fmt)
+    shape = [1] * t.ndim
+    shape[axis] = -1
+    err = float((q.float().mul_(scale.to(t.device).view(shape)).sub_(t)).norm() / t.norm().clamp_min(1e-12))
+    q_np = q.cpu().numpy() if fmt == "int8" else q.view(torch.uint8).cpu().numpy().view(ml_dtypes.float8_e4m3fn)
+    return q_np, scale.numpy(), err
+
+
+def quantize_channels(t, axis: int, fmt: str):
+    """Symmetric per-channel quantization of an fp32 torch tensor along `axis`: (q int8 or float8_e4m3fn
+    on t's device, fp32 scale on the CPU) with t ~= q * scale. The one rounding of the export and of its
+    emulation (quant/emulate.py)."""
+    import torch
+
+    qmax = FORMATS[fmt]
     shape = [1] * t.ndim
     shape[axis] = -1
     # the per-channel scales on the CPU: CUDA divides a tensor by a Python number as a multiplication by
@@ -86,13 +100,8 @@ def _quantize(w, axis: int, fmt: str, device=None) -> tuple[np.ndarray, np.ndarr
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     scaled = t / scale.to(t.device).view(shape)  # tensor / tensor: IEEE division on either device
     if fmt == "int8":
-        q = scaled.round_().clamp_(-127, 127).to(torch.int8)
-    else:
-        q = scaled.clamp_(-qmax, qmax).to(torch.float8_e4m3fn)
-    del scaled
-    err = float((q.float().mul_(scale.to(t.device).view(shape)).sub_(t)).norm() / t.norm().clamp_min(1e-12))
-    q_np = q.cpu().numpy() if fmt == "int8" else q.view(torch.uint8).cpu().numpy().view(ml_dtypes.float8_e4m3fn)
-    return q_np, scale.numpy(), err
+        return scaled.round_().clamp_(-127, 127).to(torch.int8), scale
+    return scaled.clamp_(-qmax, qmax).to(torch.float8_e4m3fn), scale
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:

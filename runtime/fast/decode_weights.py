@@ -3,13 +3,12 @@
 `prepare_decode(model, weights)` changes the model in place for the GPU fast path:
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
     stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales;
-  * weights="fp8" also wraps the decode-time linears (LLM attention, shared experts, dense FFNs, the
-    semantic decoder's blocks) in FP8Linear, and the SwiGLU MLPs (shared experts, dense FFNs, the
-    semantic decoder's w12/w3) in FusedSwiGLUDecode: gate and up in one launch with the SiLU-product
-    epilogue, then the down projection. Kept high precision, as in quant/policy.py: embeddings,
-    norms, the router, lm_head, vis_head, the connector and everything the prefill-only pieces use.
-    Prefills keep the exact weights (the MoE's stacked experts and each FP8Linear's `reference`): FP8
-    copies are added for the decode, nothing is replaced.
+  * weights="fp8" also wraps the SwiGLU MLPs (shared experts, dense FFNs, the semantic decoder's
+    w12/w3) in FusedSwiGLUDecode (gate and up in one launch with the SiLU-product epilogue, then the
+    down projection) and the other decode-time linears (attention, GELU MLPs) in FP8Linear. Kept high
+    precision, as in quant/policy.py: embeddings, norms, the router, lm_head, vis_head, the connector and
+    everything the prefill-only pieces use. Prefills keep the exact weights (the MoE's stacked experts,
+    each wrapper's `reference`): FP8 copies are added for the decode, nothing is replaced.
 The flow head has its own packed weights (runtime.fast.kernel_flow_head).
 """
 from __future__ import annotations
@@ -49,6 +48,13 @@ class FusedMoEDecode(nn.Module):
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
 
 
+def _decode_rows(x, in_features: int) -> int:
+    """The rows of `x` when the skinny kernel takes them (a decode: <= MAX_ROWS, on a GPU or in Triton's
+    interpreter), else 0: the caller runs its original module (a prefill keeps the exact weights)."""
+    rows = x.numel() // in_features
+    return rows if rows <= MAX_ROWS and (x.is_cuda or interpreting()) else 0
+
+
 class FP8Linear(nn.Module):
     """nn.Linear with an E4M3 copy of its weight (per-output-channel scale) for the decode rows
     (<= MAX_ROWS, the skinny kernel); anything larger (a prefill, an understanding request) runs the
@@ -65,8 +71,8 @@ class FP8Linear(nn.Module):
         self.out_dtype = linear.weight.dtype
 
     def forward(self, x):
-        rows = x.numel() // self.in_features
-        if rows <= MAX_ROWS and (x.is_cuda or interpreting()):
+        rows = _decode_rows(x, self.in_features)
+        if rows:
             y = skinny_linear_op(x.reshape(rows, self.in_features), self.weight_fp8, self.scale, self.bias, self.out_dtype)
             return y.view(*x.shape[:-1], self.out_features)
         return self.reference(x)
@@ -99,8 +105,8 @@ class FusedSwiGLUDecode(nn.Module):
         self.params = w12.numel() + down.weight.numel()
 
     def forward(self, x):
-        rows = x.numel() // self.in_features
-        if rows <= MAX_ROWS and (x.is_cuda or interpreting()):
+        rows = _decode_rows(x, self.in_features)
+        if rows:
             act = skinny_swiglu_op(x.reshape(rows, self.in_features), self.w12_fp8, self.scale12, self.bias12,
                                    torch.float16)  # (rows, I)
             return self.down(act).view(*x.shape[:-1], -1)
@@ -132,9 +138,9 @@ def _swap_linears(module: nn.Module, names: tuple[str, ...]) -> int:
     return swapped
 
 
-# decode-time linears by attribute name (LLM attention/MLP, ViT blocks of the semantic decoder)
-FP8_LINEAR_NAMES = ("query_key_value", "dense", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "w12", "w3",
-                    "fc1", "fc2")
+# decode-time linears by attribute name (LLM attention, ViT attention, GELU MLPs); the SwiGLU MLPs'
+# gate_proj/up_proj/down_proj and w12/w3 are converted whole first (FusedSwiGLUDecode)
+FP8_LINEAR_NAMES = ("query_key_value", "dense", "qkv", "proj", "fc1", "fc2")
 
 
 def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:

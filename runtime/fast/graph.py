@@ -77,12 +77,8 @@ class GraphImageGenerator:
             raise ValueError(f"weights={weights!r} needs the decode kernels (a GPU with triton, or kernels=True)")
         self.kernels, self.weights = use_kernels, weights
         self.moe_mode = "fused" if use_kernels else "gather"
-        self.pdl = False
-        if use_kernels and self.device.type == "cuda":
-            from kernels import pdl_enabled
-
-            self.pdl = pdl_enabled(self.device)  # its self-check must run before any capture
-            logger.info("decode kernels launch %s programmatic dependent launch", "with" if self.pdl else "without")
+        self._check_pdl()  # its self-check must run before any capture
+        logger.info("decode kernels launch %s programmatic dependent launch", "with" if self.pdl else "without")
         if use_kernels:
             from .decode_weights import prepare_decode
             from .kernel_flow_head import KernelFlowHead
@@ -125,10 +121,13 @@ class GraphImageGenerator:
         """Drop the captured graphs (and their buffers): the next request captures again, e.g. after
         kernels.set_pdl() changed how the kernels launch."""
         self._buckets.clear()
-        if self.kernels and self.device.type == "cuda":
-            from kernels import pdl_enabled
+        self._check_pdl()
 
-            self.pdl = pdl_enabled(self.device)
+    def _check_pdl(self) -> None:
+        """self.pdl: whether graphs captured from now on launch the kernels with PDL."""
+        from kernels import pdl_enabled
+
+        self.pdl = self.kernels and self.device.type == "cuda" and pdl_enabled(self.device)
 
     # -- buffers ---------------------------------------------------------------------------------
     def _new_bucket(self, b: int, r: int, s_max: int) -> _Bucket:
