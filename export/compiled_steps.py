@@ -124,16 +124,14 @@ def compile_steps(gen, out: Path, max_sequence: int) -> tuple[dict, dict]:
             ep, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False})
         del ep
         entries[name] = {"file": path.name, "sha256": mf.sha256_file(path), "bytes": path.stat().st_size,
-                         "seconds": round(time.time() - t, 1)}
+                         "seconds": round(time.time() - t, 1),
+                         "constants": cs.constants_signature(module, ep_constants)}
         why = cs.probe_load(path, gen.device)
         if why:  # the package is written, but this process must not load it (see probe_load)
             logger.warning("aoti: %s cannot be loaded on this machine: %s", name, why)
-            entries[name]["constants"] = cs.constants_signature(module, ep_constants)
             entries[name]["load_error"] = why
             continue
-        names = torch._inductor.aoti_load_package(str(path)).get_constant_fqns()
-        entries[name]["constants"] = cs.constants_signature(module, names)
-        steps[name] = cs.CompiledStep(path, module, entries[name]["constants"], gen.device)
+        steps[name] = cs.CompiledStep(path, module, entries[name]["constants"], gen.device)  # loads it once
     return entries, steps
 
 

@@ -99,12 +99,10 @@ def save_onnx(model, path: Path) -> list[str]:
 MODELOPT_PIECES = ("pixel_decoder",)
 
 
-def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, calib_calls,
-                  graph_dtype=torch.float32, model=None) -> tuple[list[str], list[dict], str]:
-    """Q/DQ for one piece around its `graph_dtype` graph (the exported ModelProto `model`, else the file
-    at `path`): (files, per-layer report, method)."""
-    import onnx
-
+def quantize_onnx(bc: BuildConfig, path: Path, model, judge_piece, spec, cfg, limits, calib_calls,
+                  graph_dtype=torch.float32) -> tuple[list[str], list[dict], str]:
+    """Q/DQ for one piece around its exported `graph_dtype` ModelProto `model`, written to `path`:
+    (files, per-layer report, method)."""
     from quant.calibrate import linear_input_amax
     from quant.modelopt_path import modelopt_available
     from quant.qdq import insert_qdq, quantize_stacked_experts
@@ -132,7 +130,6 @@ def quantize_onnx(bc: BuildConfig, path: Path, judge_piece, spec, cfg, limits, c
     else:
         amax = linear_input_amax(judge_piece, calib_calls)
         method = "ours: per-channel weights, per-tensor static activations (max calibration)"
-    model = onnx.load(str(path)) if model is None else model
     scale_dtype = _numpy_dtype(graph_dtype)  # Q/DQ scales take the graph's float type (opset 19)
     report = insert_qdq(model, amax, bc.precision, policy, scale_dtype=scale_dtype, device=bc.device)
     report += quantize_stacked_experts(model, bc.precision, scale_dtype=scale_dtype,
@@ -285,8 +282,8 @@ def run_build(bc: BuildConfig) -> dict:
         files = info["files"]
         if quantizing:
             calls = [cast_call(c, spec, next(judge.parameters()).dtype) for c in calib.get(piece, [])]
-            files, qreport, method = quantize_onnx(bc, onnx_path, judge, spec, cfg, limits, calls, pdtype,
-                                                   model=info.pop("model"))
+            files, qreport, method = quantize_onnx(bc, onnx_path, info.pop("model"), judge, spec, cfg, limits, calls,
+                                                   pdtype)
             n_q = sum(r["quantized"] for r in qreport)
             entry["quantization"] = {"format": bc.precision, "method": method, "layers": qreport, "quantized_layers": n_q}
             logger.info("%s: %d linear layer(s) quantized to %s, %d kept high precision", piece, n_q, bc.precision,
