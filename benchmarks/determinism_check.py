@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,9 +70,16 @@ def loop_repeats(g, model, cache, kw) -> dict:
     """Two whole text-to-image loops: where do they part (latents (B, N, C), features (B, N, D))?"""
     a, b = g.generate(cache, **kw), g.generate(cache, **kw)
     d1, d2 = model.vision.decode_pixels(a.features), model.vision.decode_pixels(a.features)
+    prompt_len = cache.kv[0].shape[2]
+    # the LLM caches (cond rows) after the image: the first LLM step whose K/V differs (step i writes slot
+    # prompt_len + i, from token i-1's features; step 0 from <image_start>), and which tensor
+    kv = [(first_difference(x, y, 2), i) for i, (x, y) in enumerate(zip(a.cache.kv, b.cache.kv))]
+    kv = min((q, i) for q, i in kv if q is not None) if any(q is not None for q, _ in kv) else None
     return {"images_identical": bool(torch.equal(a.image, b.image)),
             "first_token_latent_differs": first_difference(a.latents, b.latents, 1),
             "first_token_features_differ": first_difference(a.features, b.features, 1),
+            "first_llm_step_kv_differs": None if kv is None else kv[0] - prompt_len,
+            "first_kv_tensor_differing": None if kv is None else kv[1],  # 2 * layer (+1: values)
             "pixel_decoder_repeats": bool(torch.equal(d1, d2))}
 
 
@@ -80,16 +88,24 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--cases", default="", help="comma-separated case numbers to run (default: all)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True): deterministic kernels where torch has a choice, and "
+                        "fresh allocations filled with NaN (uninitialised reads show); run with CUBLAS_WORKSPACE_CONFIG=:4096:8")
     a = p.parse_args(argv)
+    if a.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dev, model = full_model_on_gpu("determinism_check", a.out)
     cache, kw = token_inputs(model, dev)
-    results = {"env": environment(dev)}
+    results = {"env": environment(dev), "deterministic_algorithms": a.deterministic,
+               "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
     path = a.out / "determinism_check.json"
     cases = {"bf16, no kernels, no compile (cuBLAS, gathered MoE)": dict(kernels=False, compile=False),
              "fp8 kernels, no compile, no PDL": dict(kernels=True, weights="fp8", compile=False, pdl=False),
              "fp8 kernels, no compile, PDL": dict(kernels=True, weights="fp8", compile=False, pdl=True),
              "fp8 kernels, torch.compile, PDL": dict(kernels=True, weights="fp8", compile=True, pdl=True),
-             "fp8 kernels, torch.compile, no PDL": dict(kernels=True, weights="fp8", compile=True, pdl=False)}
+             "fp8 kernels, torch.compile, no PDL": dict(kernels=True, weights="fp8", compile=True, pdl=False),
+             # no CUDA graph: every step's ops launched one by one (tells graph replay from the ops themselves)
+             "bf16, no kernels, no compile, no graph": dict(kernels=False, compile=False, use_graph=False)}
     with torch.no_grad():
         pick = {int(c) for c in a.cases.split(",") if c}
         for i, (name, kwargs) in enumerate(cases.items()):

@@ -80,12 +80,20 @@ def copy_tokenizer(bc: BuildConfig, cfg, out: Path) -> None:
         logger.warning("no tokenizer.json to copy; the runtime will need tokenizer=<path>")
 
 
+def _serialized_over(model, limit: int) -> bool:
+    """Whether the proto is larger than `limit` bytes. Asked first of the weights alone: protobuf cannot
+    even size a message past 2 GB (ByteSize() raises EncodeError), and the full LLM piece holds 17-34 GB."""
+    if sum(len(t.raw_data) for t in model.graph.initializer) > limit:
+        return True
+    return model.ByteSize() > limit
+
+
 def save_onnx(model, path: Path) -> list[str]:
     import onnx
 
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
-    if model.ByteSize() > (1 << 30):
+    if _serialized_over(model, 1 << 30):
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
         return [path.name, data.name]
