@@ -130,7 +130,16 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor):
         """x (T, H) -> expert ids (T, k), fp32 weights (T, k), logits (T, E)."""
         logits = F.linear(x, self.weight)
-        weights, idx = torch.topk(logits.softmax(dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+        # Ties are common (bf16 logits of 64 experts: ~16% of rows tie within their top 7 with random
+        # weights), and torch.topk leaves open which tied expert it returns and in what order (its docs: they
+        # may vary between calls), which moves the expert sum's rounding. A stable sort takes the lower
+        # expert id first, every time. ONNX's TopK is specified that way, and the exporter has no stable sort.
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        if torch.onnx.is_in_onnx_export():
+            weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        else:
+            weights, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+            weights, idx = weights[..., :self.top_k], idx[..., :self.top_k]
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return idx, weights, logits

@@ -161,3 +161,25 @@ def test_fast_init_allocates_in_the_target_dtype_with_the_same_weights():
     assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
     for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_router_takes_the_lower_expert_id_among_ties():
+    """Tied router scores (frequent with bf16 logits) pick and order experts by id, the same on every call
+    and in ONNX (TopK's rule); untied scores route as torch.topk does."""
+    from models.config import tiny_config
+    from models.llm import Router
+
+    cfg = tiny_config().llm  # 8 experts, top 2
+    r = Router(cfg)
+    with torch.no_grad():
+        r.weight.zero_()
+        r.weight[:, 0] = torch.tensor([1.0, 3.0, 2.0, 3.0, 0.0, 3.0, -1.0, 2.0])
+    idx, w, _ = r(torch.eye(cfg.hidden_size)[:1])  # logits = weight[:, 0]
+    assert idx.tolist() == [[1, 3]]  # three experts tie at 3.0: ids 1 and 3, in that order
+    assert torch.equal(w, torch.full((1, 2), 0.5))  # renormalised over the two
+    torch.manual_seed(0)
+    torch.nn.init.normal_(r.weight)
+    x = torch.randn(64, cfg.hidden_size)
+    idx, w, logits = r(x)
+    ref_w, ref_idx = torch.topk(logits.softmax(-1, dtype=torch.float32), 2, dim=-1)
+    assert torch.equal(idx, ref_idx) and torch.allclose(w, ref_w / ref_w.sum(-1, keepdim=True))
