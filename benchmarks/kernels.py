@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.speed import capture, environment, hbm_tbps, timed
 from kernels.fp8 import quantize_rows_fp8
 from kernels.moe import candidate_configs as moe_candidates
+from kernels.moe import down_candidates as moe_down_candidates
 from kernels.moe import moe_decode
 from kernels.moe import pick_config as moe_pick
 from kernels.skinny import (
@@ -153,11 +154,12 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
            "weight_mb": nbytes / 1e6, "default_config": default, "us": run(default)}
     if sweep:
         best = (row["us"], default)
-        for c in moe_candidates():
-            try:
-                best = min(best, (run(c), c), key=lambda p: p[0])
-            except Exception as exc:
-                print(f"  skip {c}: {type(exc).__name__}", flush=True)
+        for stage in (moe_candidates, lambda: moe_down_candidates(best[1])):  # shared tile, then the down kernel's own
+            for c in stage():
+                try:
+                    best = min(best, (run(c), c), key=lambda p: p[0])
+                except Exception as exc:
+                    print(f"  skip {c}: {type(exc).__name__}", flush=True)
         row["best_us"], row["best_config"] = best
         table["moe"][f"h{h}_i{i}_{fmt}"] = best[1]
     t_us = min(row["us"], row.get("best_us", row["us"]))

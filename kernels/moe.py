@@ -90,6 +90,12 @@ def candidate_configs() -> list[dict]:
             for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 16384]
 
 
+def down_candidates(best: dict) -> list[dict]:
+    """`best` with each other tile for the down kernel alone (benchmarks/kernels.py times these second)."""
+    return [dict(best, DOWN_BLOCK_N=c["BLOCK_N"], DOWN_BLOCK_K=c["BLOCK_K"]) for c in candidate_configs()
+            if (c["BLOCK_N"], c["BLOCK_K"]) != (best["BLOCK_N"], best["BLOCK_K"])]
+
+
 def pick_config(h: int, i: int, fp8: bool) -> dict:
     if interpreting():
         return {"BLOCK_N": 32, "BLOCK_K": 64}  # few, wide programs: the interpreter runs them one by one
@@ -123,12 +129,22 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     sg, su, sd = scales if has_scale else (act, act, act)
     if config is None:
         config = pick_config(h, i, fp8)
-    launch = dict(UPCAST=interpreting(), **pdl_launch(x.device), **config)
-    _gate_up_kernel[(t * k, triton.cdiv(i, config["BLOCK_N"]))](
-        x, ids, w_gate, w_up, sg, su, act, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **launch)
-    _down_kernel[(t, triton.cdiv(h, config["BLOCK_N"]))](
-        act, ids, weights, w_down, sd, out, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale, **launch)
+    up, down = split_config(config)
+    common = dict(UPCAST=interpreting(), **pdl_launch(x.device))
+    _gate_up_kernel[(t * k, triton.cdiv(i, up["BLOCK_N"]))](
+        x, ids, w_gate, w_up, sg, su, act, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **common, **up)
+    _down_kernel[(t, triton.cdiv(h, down["BLOCK_N"]))](
+        act, ids, weights, w_down, sd, out, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale, **common, **down)
     return out
 
 
-__all__ = ["moe_decode", "candidate_configs", "pick_config"]
+def split_config(config: dict) -> tuple[dict, dict]:
+    """(gate_up, down) launch configs. The down kernel has only T x H/BLOCK_N programs (64 for 2 rows at
+    BLOCK_N 64, half an H100), so it may take its own tile: DOWN_BLOCK_N / DOWN_BLOCK_K (default: the
+    gate_up kernel's)."""
+    up = {key: v for key, v in config.items() if not key.startswith("DOWN_")}
+    down = dict(up, BLOCK_N=config.get("DOWN_BLOCK_N", up["BLOCK_N"]), BLOCK_K=config.get("DOWN_BLOCK_K", up["BLOCK_K"]))
+    return up, down
+
+
+__all__ = ["moe_decode", "candidate_configs", "down_candidates", "pick_config", "split_config"]

@@ -209,6 +209,29 @@ def test_fused_moe_equals_reference_moe(fmt):
     assert_close(f"kernels/moe_fused_{fmt}", got, ref, rel * max(1.0, ref.abs().max().item()))
 
 
+def test_moe_down_kernel_takes_its_own_tile():
+    """DOWN_BLOCK_N / DOWN_BLOCK_K retile only the down kernel: same sums as one shared tile, and the
+    gate_up kernel's launch is untouched."""
+    from kernels.moe import down_candidates, moe_decode, split_config
+
+    g = torch.Generator().manual_seed(0)
+    e, i, h, t, k = 6, 48, 40, 2, 3
+    wg, wu = (torch.randn(e, i, h, generator=g).to(DEV) * 0.1 for _ in range(2))
+    wd = torch.randn(e, h, i, generator=g).to(DEV) * 0.1
+    x = torch.randn(t, h, generator=g).to(DEV)
+    ids = torch.tensor([[4, 0, 2], [1, 4, 5]], device=DEV)
+    w = torch.rand(t, k, generator=g).to(DEV)
+    shared = {"BLOCK_N": 32, "BLOCK_K": 32}
+    own = dict(shared, DOWN_BLOCK_N=16, DOWN_BLOCK_K=64)
+    assert split_config(own) == (shared, {"BLOCK_N": 16, "BLOCK_K": 64})
+    assert all("DOWN_BLOCK_N" in c for c in down_candidates({"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}))
+    a, b = moe_decode(x, ids, w, wg, wu, wd, config=shared), moe_decode(x, ids, w, wg, wu, wd, config=own)
+    ref = torch.stack([sum(w[r, j] * F.linear(F.silu(F.linear(x[r], wg[ids[r, j]])) * F.linear(x[r], wu[ids[r, j]]),
+                                              wd[ids[r, j]]) for j in range(k)) for r in range(t)])
+    _check("kernels/moe_down_own_tile", b, ref)
+    _check("kernels/moe_down_own_tile_vs_shared", b, a)
+
+
 def test_fused_moe_mode_without_kernel_is_a_clear_error():
     from models.llm import MoE
 
