@@ -148,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="prompts in the batched text-to-image run")
     p.add_argument("--skip-eager-e2e", action="store_true")
     p.add_argument("--skip-sdvae", action="store_true")
+    p.add_argument("--compile-tokenizer", action="store_true",
+                   help="also time MingTok's encoder and pixel decoder torch.compile'd inside their CUDA graphs")
     p.add_argument("--compile-sdvae", action="store_true", help="also time torch.compile'd SD-VAE decode (minutes of compile)")
     p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae,sdvae-ar,fp8,engines "
                                                "(default: all)")
@@ -242,6 +244,19 @@ def main(argv=None) -> int:
             rec("pieces", f"pixel_decoder {mt.image_size}px", lambda: model.vision.decode_pixels(feats))
             img = torch.rand(1, 3, mt.image_size, mt.image_size, device=device, dtype=dtype) * 2 - 1
             rec("pieces", f"encoder {mt.image_size}px", lambda: model.vision.encode(img))
+            if device.type == "cuda":  # as the runtime runs them on a GPU (runtime/fast/graphed.py)
+                from runtime.fast.graphed import GraphedCall
+
+                for compiled in (False, True) if a.compile_tokenizer else (False,):
+                    how = "CUDA graph" + (" + torch.compile" if compiled else "")
+                    gdec = GraphedCall(model.vision.decode_pixels, name="pixel_decoder", compile=compiled)
+                    genc = GraphedCall(model.vision.encode, name="encoder", compile=compiled)
+                    t = time.perf_counter()
+                    gdec(feats), genc(img)  # capture (and compile)
+                    results[f"tokenizer_capture_seconds_{'compiled' if compiled else 'graph'}"] = time.perf_counter() - t
+                    rec("pieces", f"pixel_decoder {mt.image_size}px, {how}", lambda: gdec(feats))
+                    rec("pieces", f"encoder {mt.image_size}px, {how}", lambda: genc(img))
+                    del gdec, genc
 
 
         # --- token step and text-to-image ---------------------------------------------------------

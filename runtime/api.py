@@ -143,6 +143,10 @@ class Runtime:
                 self._attach_packages(packages, folder, compiled, verify_hashes)
             elif backend.device.type != "cuda":
                 self._fast = None  # on a CPU without packages the plain loop is the same thing, simpler
+        if on_gpu and compiled != "off":  # the encoders and the pixel decoder replay from CUDA graphs too
+            from .fast.graphed import GraphedBackend
+
+            self.backend = GraphedBackend(backend)
         self._fast_lock = threading.Lock()  # one generator's static buffers serve one request at a time
 
     def _attach_packages(self, packages: dict, folder: Path | None, compiled: str, verify_hashes: bool) -> None:

@@ -25,6 +25,7 @@ from models.univision import MingUniVision
 
 from ..loop import LLMCache, LoopImage, drive
 from .flow_head import FastFlowHead
+from .graphed import GraphedCall
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class GraphImageGenerator:
             self._llm_step = torch.compile(self.llm, dynamic=False, options=options)
             self._sem_step = torch.compile(self.sem, dynamic=False, options=options)
         self._buckets: dict[tuple, _Bucket] = {}
+        # the pixel decoder runs once per image, outside the token graph: its own graph per batch size
+        self._pixels = GraphedCall(model.vision.decode_pixels, name="pixel_decoder") if self.use_graph else model.vision.decode_pixels
 
     def _inductor_options(self) -> dict | None:
         """MINGRT_INDUCTOR_PDL=1 (opt-in, not yet measured): Inductor's own kernels around ours launch with
@@ -194,7 +197,7 @@ class GraphImageGenerator:
         return self._buckets[key]
 
     def _decode(self, k: _Bucket) -> torch.Tensor:
-        return self.model.vision.decode_pixels(k.feats)
+        return self._pixels(k.feats)  # (B, 3, S, S)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, cache: LLMCache, *, on_token=None, **kwargs) -> LoopImage:
