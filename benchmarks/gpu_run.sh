@@ -5,8 +5,13 @@
 # Knobs (environment):
 #   SKIP_SPEED=1        no benchmarks/speed.py;  SPEED_ARGS="..." its flags (default: 5 fast / 1 eager end-to-end runs)
 #   SPEED_TIMEOUT=s     its time limit (default 240)
-#   GPU_TESTS=1         also run the GPU-marked tests (pytest -m gpu), GPU_TESTS_TIMEOUT=s (default 240)
+#   GPU_TESTS=1         also run the GPU-marked tests (pytest -m gpu), GPU_TESTS_TIMEOUT=s (default 240);
+#                       GPU_TESTS_FILES="tests/..." limits them (the AOTInductor test alone can take minutes);
+#                       the fixtures must travel: copy ../shared/fixtures into .fixtures/ and set MINGRT_FIXTURES
+#   DETERMINISM_ARGS="--replays 3 --cases 0,1,5"   also run benchmarks/determinism_check.py with these flags
+#   KERNELS_ARGS="..."  also run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep)
 #   SKIP_EXPORTS=1      no full-size exports; FP8_PIECES / BF16_PIECES / FP8_TIMEOUT / BF16_TIMEOUT choose them
+#   TAR=1               at the end, pack OUT_DIR into OUT_DIR.tgz (the device tool returns at most 8 files)
 set -u
 OUT=${1:?output folder}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
@@ -16,9 +21,19 @@ if [ "${SKIP_SPEED:-0}" != 1 ]; then
       | tee "$OUT/speed.log" | grep -v Warn
 fi
 if [ "${GPU_TESTS:-0}" = 1 ]; then
-  timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -q -m gpu -rs tests 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+  timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -v -m gpu -rs --durations=0 ${GPU_TESTS_FILES:-tests} > "$OUT/gpu_tests.log" 2>&1
+  grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
 fi
-[ "${SKIP_EXPORTS:-0}" = 1 ] && exit 0
+if [ -n "${DETERMINISM_ARGS:-}" ]; then
+  timeout "${DETERMINISM_TIMEOUT:-240}" python3 benchmarks/determinism_check.py --out "$OUT" $DETERMINISM_ARGS > "$OUT/determinism.log" 2>&1
+  tail -4 "$OUT/determinism.log"
+fi
+if [ -n "${KERNELS_ARGS:-}" ]; then
+  timeout "${KERNELS_TIMEOUT:-240}" python3 benchmarks/kernels.py --out "$OUT" $KERNELS_ARGS > "$OUT/kernels.log" 2>&1
+  tail -3 "$OUT/kernels.log"
+fi
+pack() { [ "${TAR:-0}" = 1 ] && tar czf "${OUT%/}.tgz" -C "$OUT" . && echo "packed ${OUT%/}.tgz"; return 0; }
+if [ "${SKIP_EXPORTS:-0}" = 1 ]; then pack; exit 0; fi
 df -h /tmp | tail -1
 # Full-size exports (random weights, released shapes). The LLM goes last: it is 34 GB of bf16.
 # FP8_PIECES=llm_step builds the LLM alone (FP8 around a bf16 graph, --quant-base auto)
@@ -32,3 +47,4 @@ for spec in "fp8 ${FP8_PIECES:-encoder,semantic_decoder,pixel_decoder,flow_head}
   cp /tmp/full-art/manifest.json "$OUT/export_full_$1_manifest.json" 2>/dev/null
   ls -la /tmp/full-art > "$OUT/export_full_$1_files.txt" 2>/dev/null
 done
+pack
