@@ -1,0 +1,112 @@
+"""benchmarks/kernel_ir_check.py: how Triton compiles the decode kernels' main loops for Hopper.
+
+    python benchmarks/kernel_ir_check.py                 # this GPU's target
+    python benchmarks/kernel_ir_check.py --sm 90         # any machine: compile only, no GPU needed
+
+For each kernel at its H100/H200 launch configs: whether the K loop is software-pipelined (asynchronous
+global-to-shared copies, several shared buffers), which MMA it uses (wgmma or mma.sync), how many FP8
+converts it issues, and its shared memory. A streaming kernel whose loop is not pipelined issues one
+tile's loads, waits for them, multiplies, and only then loads the next: the loads in flight per SM are
+then what the occupancy gives, which FP8 (half the bytes per tile) feels first.
+
+Found on the CPU (triton 3.9, sm 90): no loop is pipelined, not even a textbook matmul, so the answer
+must come from the GPU machine's triton. Writes OUT/kernel_ir_check.json when --out is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cases():
+    """(name, jit function, signature, constexprs, options) at the configs the released shapes use."""
+    from kernels import moe, skinny
+
+    sk = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", wscale_ptr="*fp32", bias_ptr="*fp32", y_ptr="*bf16", gate_ptr="*fp32",
+              part_ptr="*fp32", ticket_ptr="*i32", M="i32", N="i32", K="i32", row_div="i32", stride_xm="i32",
+              stride_ym="i32", stride_gate="i32")
+    out = []
+    for fmt, wty, bn, bk, stages in (("bf16", "*bf16", 64, 128, 4), ("fp8", "*fp8e4nv", 32, 256, 4)):
+        for epi, split in ((skinny.STORE, 1), (skinny.SWIGLU, 1), (skinny.GATED_RESIDUAL, 4)):
+            c = dict(HAS_WSCALE=fmt == "fp8", HAS_BIAS=False, EPILOGUE=epi, SPLIT_K=split, BLOCK_M=16, BLOCK_N=bn,
+                     BLOCK_K=bk, UPCAST=False, PDL=0, PF_TILES=0, W_BYTES=1 if fmt == "fp8" else 2)
+            out.append((f"skinny {fmt} epilogue {epi} split {split}", skinny._skinny_kernel, dict(sk, w_ptr=wty), c,
+                        dict(num_warps=4, num_stages=stages)))
+    for fmt, wty, act, bn, bk in (("bf16", "*bf16", "*bf16", 32, 256), ("fp8", "*fp8e4nv", "*fp16", 64, 128)):
+        c = dict(TOPK=6, HAS_SCALE=fmt == "fp8", BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PDL=0)
+        gu = dict(x_ptr="*bf16", ids_ptr="*i32", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,
+                  H="i32", I="i32", stride_x="i32")
+        dn = dict(act_ptr=act, ids_ptr="*i32", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32", H="i32",
+                  I="i32", stride_y="i32")
+        out.append((f"moe gate_up {fmt}", moe._gate_up_kernel, gu, c, dict(num_warps=4, num_stages=3)))
+        out.append((f"moe down {fmt}", moe._down_kernel, dn, c, dict(num_warps=4, num_stages=3)))
+    return out
+
+
+def textbook_matmul():
+    """A plain 64x16 bf16 tile loop: the control for 'does this triton pipeline anything here'."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def mm(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        rm, rn, rk = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, K, BK):
+            acc += tl.dot(tl.load(a_ptr + rm[:, None] * K + (k0 + rk)[None, :]),
+                          tl.load(b_ptr + (k0 + rk)[:, None] * BN + rn[None, :]))
+        tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
+
+    sig = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*fp32", K="i32", BM="constexpr", BN="constexpr", BK="constexpr")
+    return ("textbook matmul (control)", mm, sig, dict(BM=64, BN=16, BK=128), dict(num_warps=4, num_stages=3))
+
+
+def inspect(fn, sig, consts, opts, target) -> dict:
+    import triton
+    from triton.compiler import ASTSource
+
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts)
+    ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+    return {"pipelined": "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir or "cp.async" in ptx,
+            "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"), "tma": ptx.count("cp.async.bulk.tensor"),
+            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"), "fp8_cvt": ptx.count("e4m3x2"),
+            "shared_bytes": k.metadata.shared, "num_stages": opts.get("num_stages")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sm", type=int, default=None, help="compile for this SM (default: this GPU's)")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    if a.sm is None:
+        if not torch.cuda.is_available():
+            raise SystemExit("no GPU here: pass --sm 90 to compile for Hopper")
+        major, minor = torch.cuda.get_device_capability()
+        a.sm = major * 10 + minor
+    target = GPUTarget("cuda", a.sm, 32)
+    res = {"triton": triton.__version__, "sm": a.sm, "kernels": {}}
+    for name, fn, sig, consts, opts in [textbook_matmul(), *cases()]:
+        try:
+            r = inspect(fn, sig, consts, opts, target)
+        except Exception as exc:  # report, don't hide
+            r = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        res["kernels"][name] = r
+        print(f"{name:38s} {r}", flush=True)
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "kernel_ir_check.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
