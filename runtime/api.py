@@ -143,7 +143,7 @@ class Runtime:
                 self._attach_packages(packages, folder, compiled, verify_hashes)
             elif backend.device.type != "cuda":
                 self._fast = None  # on a CPU without packages the plain loop is the same thing, simpler
-        if on_gpu and compiled != "off":  # the encoders and the pixel decoder replay from CUDA graphs too
+        if on_gpu:  # the encoders and the pixel decoder replay from CUDA graphs too (as the token step does)
             from .fast.graphed import GraphedBackend
 
             self.backend = GraphedBackend(backend)

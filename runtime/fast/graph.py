@@ -25,7 +25,7 @@ from models.univision import MingUniVision
 
 from ..loop import LLMCache, LoopImage, drive
 from .flow_head import FastFlowHead
-from .graphed import GraphedCall
+from .graphed import GraphedCall, capture_graph
 
 logger = logging.getLogger(__name__)
 
@@ -173,16 +173,9 @@ class GraphImageGenerator:
 
     def _capture(self, k: _Bucket) -> None:
         t0 = time.perf_counter()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up on the capture stream (state is reloaded before each use)
-                self._step(k)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(k)
-        torch.cuda.synchronize()
+        # the warm-up runs advance the bucket's state: it is reloaded before each use
+        graph, _ = capture_graph(lambda: self._step(k), self.device)
+        torch.cuda.synchronize(self.device)
         k.graph, k.capture_seconds = graph, time.perf_counter() - t0
         logger.info("captured the image-token graph for %s in %.2fs", (k.b, k.r, k.s_max), k.capture_seconds)
 
