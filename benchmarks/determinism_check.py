@@ -68,12 +68,15 @@ def first_difference(a: torch.Tensor, b: torch.Tensor, dim: int):
 
 def loop_repeats(g, model, cache, kw) -> dict:
     """Two whole text-to-image loops: where do they part (latents (B, N, C), features (B, N, D))?"""
-    a, b = g.generate(cache, **kw), g.generate(cache, **kw)
+    k = next(iter(g._buckets.values()))  # check() made the one bucket these prompts use
+    a = g.generate(cache, **kw)
+    kv_a = [t.clone() for t in k.llm_caches]  # every CFG row (LoopImage.cache keeps the cond rows only)
+    b = g.generate(cache, **kw)
     d1, d2 = model.vision.decode_pixels(a.features), model.vision.decode_pixels(a.features)
     prompt_len = cache.kv[0].shape[2]
-    # the LLM caches (cond rows) after the image: the first LLM step whose K/V differs (step i writes slot
+    # the LLM caches after the image: the first LLM step whose K/V differs in any row (step i writes slot
     # prompt_len + i, from token i-1's features; step 0 from <image_start>), and which tensor
-    kv = [(first_difference(x, y, 2), i) for i, (x, y) in enumerate(zip(a.cache.kv, b.cache.kv))]
+    kv = [(first_difference(x, y, 2), i) for i, (x, y) in enumerate(zip(kv_a, k.llm_caches))]
     kv = min((q, i) for q, i in kv if q is not None) if any(q is not None for q, _ in kv) else None
     return {"images_identical": bool(torch.equal(a.image, b.image)),
             "first_token_latent_differs": first_difference(a.latents, b.latents, 1),

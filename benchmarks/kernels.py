@@ -142,7 +142,7 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
     nbytes = used * 3 * i * h * (1 if fmt == "fp8" else 2)
     # the routed experts of one layer are 18 MB (bf16): rotate 12 layers' worth of expert ids to leave L2
     id_sets = [torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)]).to(dev) for _ in range(12)]
-    act = torch.empty(rows * k, i, device=dev)
+    act = torch.empty(rows * k, i, device=dev, dtype=torch.float16 if fmt == "fp8" else torch.bfloat16)  # as moe_decode
     out = torch.empty(rows, h, device=dev)
 
     def run(config):
@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     for fmt in ("bf16", "fp8"):  # first: few candidates, and the LLM step's largest kernel
         res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table))
+        if a.sweep:
+            (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
     for idx, (name, m, n, k, epi) in enumerate(shapes(cfg)):
         for fmt in ("bf16", "fp8"):
             # the LLM's and semantic decoder's linears use the kernel only with FP8 weights (cuBLAS for bf16)

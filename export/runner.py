@@ -81,11 +81,11 @@ def copy_tokenizer(bc: BuildConfig, cfg, out: Path) -> None:
 
 
 def _serialized_over(model, limit: int) -> bool:
-    """Whether the proto is larger than `limit` bytes. Asked first of the weights alone: protobuf cannot
-    even size a message past 2 GB (ByteSize() raises EncodeError), and the full LLM piece holds 17-34 GB."""
-    if sum(len(t.raw_data) for t in model.graph.initializer) > limit:
-        return True
-    return model.ByteSize() > limit
+    """Whether the proto is larger than `limit` bytes. Asked first of its weights and nodes one by one:
+    protobuf cannot size a message past 2 GB (ByteSize() raises EncodeError), and the full LLM piece
+    holds 17-34 GB."""
+    parts = sum(t.ByteSize() for t in model.graph.initializer) + sum(n.ByteSize() for n in model.graph.node)
+    return parts > limit or model.ByteSize() > limit
 
 
 def save_onnx(model, path: Path) -> list[str]:

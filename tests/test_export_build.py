@@ -250,3 +250,20 @@ def test_keep_high_precision_extends_the_policy(tmp_path):
         return sum(i.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(i.dims) == 2 for i in graph.initializer)
 
     assert fp8_weights("b") == fp8_weights("a") - len(kept) > 0
+
+
+def test_large_graphs_are_sized_without_serialising_them():
+    """save_onnx picks external data from the weights' and nodes' sizes: protobuf cannot size (or write)
+    one message past 2 GB, which the full LLM piece is many times over."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.runner import _serialized_over
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")  # 16 KB
+    c = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((32, 64), np.float32)))  # 8 KB
+    g = helper.make_graph([c, helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    m = helper.make_model(g)
+    assert _serialized_over(m, 20_000) and not _serialized_over(m, 30_000)  # 16 KB + 8 KB (+ a few bytes)
+    assert not _serialized_over(m, 1 << 30)

@@ -209,9 +209,10 @@ def test_fused_moe_equals_reference_moe(fmt):
     assert_close(f"kernels/moe_fused_{fmt}", got, ref, rel * max(1.0, ref.abs().max().item()))
 
 
-def test_moe_down_kernel_takes_its_own_tile():
+def test_moe_down_kernel_takes_its_own_tile(monkeypatch):
     """DOWN_BLOCK_N / DOWN_BLOCK_K retile only the down kernel: same sums as one shared tile, and the
     gate_up kernel's launch is untouched."""
+    from kernels import moe as moe_module
     from kernels.moe import down_candidates, moe_decode, split_config
 
     g = torch.Generator().manual_seed(0)
@@ -225,7 +226,21 @@ def test_moe_down_kernel_takes_its_own_tile():
     own = dict(shared, DOWN_BLOCK_N=16, DOWN_BLOCK_K=64)
     assert split_config(own) == (shared, {"BLOCK_N": 16, "BLOCK_K": 64})
     assert all("DOWN_BLOCK_N" in c for c in down_candidates({"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}))
+    launches = []
+
+    class Recorder:  # what the down kernel is launched with
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                launches.append((grid, kw["BLOCK_N"], kw["BLOCK_K"]))
+                return self.kernel[grid](*a, **kw)
+            return run
+
+    monkeypatch.setattr(moe_module, "_down_kernel", Recorder(moe_module._down_kernel))
     a, b = moe_decode(x, ids, w, wg, wu, wd, config=shared), moe_decode(x, ids, w, wg, wu, wd, config=own)
+    assert launches == [((t, 2), 32, 32), ((t, 3), 16, 64)]  # H=40: 2 blocks of 32, 3 of 16
     ref = torch.stack([sum(w[r, j] * F.linear(F.silu(F.linear(x[r], wg[ids[r, j]])) * F.linear(x[r], wu[ids[r, j]]),
                                               wd[ids[r, j]]) for j in range(k)) for r in range(t)])
     _check("kernels/moe_down_own_tile", b, ref)
