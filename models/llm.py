@@ -130,8 +130,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor):
         """x (T, H) -> expert ids (T, k), fp32 weights (T, k), logits (T, E)."""
         logits = F.linear(x, self.weight)
-        # Ties are common (bf16 logits of 64 experts: ~16% of rows tie within their top 7 with random
-        # weights), and torch.topk leaves open which tied expert it returns and in what order (its docs: they
+        # Ties are common (bf16 logits of 64 experts: ~15% of rows tie within their top 7 with random
+        # weights, benchmarks/router_ties.py), and torch.topk leaves open which tied expert it returns and in what order (its docs: they
         # may vary between calls), which moves the expert sum's rounding. A stable sort takes the lower
         # expert id first, every time. ONNX's TopK is specified that way, and the exporter has no stable sort.
         probs = logits.softmax(dim=-1, dtype=torch.float32)
