@@ -10,6 +10,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.contract import PieceSpec
+from models.llm import ONNX_ROUTING
 
 from .shapes import ShapeLimits, axis_ranges, sample_inputs, torch_dynamic_shapes
 
@@ -59,11 +60,15 @@ def export_piece(module: nn.Module, spec: PieceSpec, cfg: ModelConfig, path: Pat
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module.eval(), tuple(sample), dynamo=True, input_names=spec.input_names,
-            output_names=spec.output_names, opset_version=opset,
-            dynamic_shapes=torch_dynamic_shapes(spec, cfg, limits), verbose=False, optimize=True,
-        )
+        ONNX_ROUTING["active"] = True  # the MoE router's expert choice as ONNX TopK (same tie rule)
+        try:
+            program = torch.onnx.export(
+                module.eval(), tuple(sample), dynamo=True, input_names=spec.input_names,
+                output_names=spec.output_names, opset_version=opset,
+                dynamic_shapes=torch_dynamic_shapes(spec, cfg, limits), verbose=False, optimize=True,
+            )
+        finally:
+            ONNX_ROUTING["active"] = False
     model = program.model_proto
     _rename_dims(model, spec)
     got_in = [i.name for i in model.graph.input]

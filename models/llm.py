@@ -21,6 +21,10 @@ from torch import nn
 from .config import FlowHeadConfig, LLMConfig
 from .flow_head import FlowHead, VisHead
 
+# Set by export.onnx_export around torch.onnx.export (ONNX has no stable sort: the router takes TopK there).
+# torch.onnx.is_in_onnx_export() says the same only in torch versions whose dynamo exporter sets it.
+ONNX_ROUTING = {"active": False}
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -135,7 +139,7 @@ class Router(nn.Module):
         # may vary between calls), which moves the expert sum's rounding. A stable sort takes the lower
         # expert id first, every time. ONNX's TopK is specified that way, and the exporter has no stable sort.
         probs = logits.softmax(dim=-1, dtype=torch.float32)
-        if torch.onnx.is_in_onnx_export():
+        if ONNX_ROUTING["active"] or torch.onnx.is_in_onnx_export():
             weights, idx = torch.topk(probs, self.top_k, dim=-1)
         else:
             weights, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
