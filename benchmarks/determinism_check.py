@@ -76,8 +76,8 @@ def loop_repeats(g, model, cache, kw) -> dict:
     prompt_len = cache.kv[0].shape[2]
     # the LLM caches after the image: the first LLM step whose K/V differs in any row (step i writes slot
     # prompt_len + i, from token i-1's features; step 0 from <image_start>), and which tensor
-    kv = [(first_difference(x, y, 2), i) for i, (x, y) in enumerate(zip(kv_a, k.llm_caches))]
-    kv = min((q, i) for q, i in kv if q is not None) if any(q is not None for q, _ in kv) else None
+    differing = [(q, i) for i, (x, y) in enumerate(zip(kv_a, k.llm_caches)) if (q := first_difference(x, y, 2)) is not None]
+    kv = min(differing, default=None)
     return {"images_identical": bool(torch.equal(a.image, b.image)),
             "first_token_latent_differs": first_difference(a.latents, b.latents, 1),
             "first_token_features_differ": first_difference(a.features, b.features, 1),

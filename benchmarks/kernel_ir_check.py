@@ -94,7 +94,10 @@ def main(argv=None) -> int:
         major, minor = torch.cuda.get_device_capability()
         a.sm = major * 10 + minor
     target = GPUTarget("cuda", a.sm, 32)
-    res = {"triton": triton.__version__, "sm": a.sm, "kernels": {}}
+    from benchmarks.speed import environment
+
+    here = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    res = {"env": environment(here), "triton": triton.__version__, "sm": a.sm, "kernels": {}}
     for name, fn, sig, consts, opts in [textbook_matmul(), *cases()]:
         try:
             r = inspect(fn, sig, consts, opts, target)

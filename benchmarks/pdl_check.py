@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import capture, environment, prompt, t2i_kwargs, timed
+from benchmarks.speed import capture, environment, prompt, step_of, t2i_kwargs, timed
 from kernels import set_pdl
 from models import build, full_config
 from runtime import loop
@@ -111,14 +111,7 @@ def token_step(model, fmt: str, runs: int, dev, inductor_pdl: bool = False) -> d
         image = g.generate(cache, **kw).image
         again = g.generate(cache, **kw).image
         first = image if first is None else first
-
-        def step():
-            k.cache_pos.fill_(p_len + 8)
-            k.step.fill_(8)
-            k.sem_pos.fill_(8)
-            k.graph.replay()
-
-        t = timed(step, dev, 3, runs)
+        t = timed(step_of(g, k, p_len), dev, 3, runs)
         res[name] = {"median_ms": t["median_ms"], "p90_ms": t["p90_ms"], "replays_identical": bool(torch.equal(image, again)),
                      "identical_to_first_variant": bool(torch.equal(image, first))}
         print(f"token step {fmt:4s}{' +inductor PDL' if inductor_pdl else ''} {name:36s} {t['median_ms']:7.3f} ms  {res[name]}", flush=True)

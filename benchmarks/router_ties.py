@@ -38,10 +38,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--rows", type=int, default=8192)
     a = p.parse_args(argv)
+    from benchmarks.speed import environment
     from models import full_config
 
     llm = full_config().llm
-    res = {"hidden": llm.hidden_size, "experts": llm.num_experts, "top_k": llm.num_experts_per_tok,
+    res = {"env": environment(torch.device("cpu")), "hidden": llm.hidden_size, "experts": llm.num_experts, "top_k": llm.num_experts_per_tok,
            "per_seed": [tie_rates(llm.hidden_size, llm.num_experts, llm.num_experts_per_tok, a.rows, s) for s in range(3)]}
     print(json.dumps(res, indent=1))
     if a.out is not None:

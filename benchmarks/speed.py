@@ -131,6 +131,20 @@ def t2i_kwargs(cfg, prompts: list[list[int]], gen: torch.Generator, device) -> d
                 text_uncond_mask=torch.tensor([m[1] for m in masks], device=device))
 
 
+def step_of(g, k, p_len: int):
+    """One image-token step of generator `g` on bucket `k` (its graph, or its ops eagerly), at a fixed
+    position 8 tokens into the image (`p_len`: the prompt's length), so repeated calls are idempotent."""
+    def step():
+        k.cache_pos.fill_(p_len + 8)
+        k.step.fill_(8)
+        k.sem_pos.fill_(8)
+        if k.graph is not None:
+            k.graph.replay()
+        else:
+            g._step(k)
+    return step
+
+
 def prompt(cfg, n_text: int, gen: torch.Generator):
     t = cfg.tokens
     special = {t.image_start, t.image_patch, t.image_end, t.eos, t.pad, *t.user_prefix, *t.assistant_prefix}
@@ -271,19 +285,8 @@ def main(argv=None) -> int:
         graph_gen.generate(cache, **kw)  # loads the buffers; then time replays of the token graph alone
         eager_gen.generate(cache, **kw)
 
-        def step_of(g, k):
-            def step():
-                k.cache_pos.fill_(p_len + 8)
-                k.step.fill_(8)
-                k.sem_pos.fill_(8)
-                if k.graph is not None:
-                    k.graph.replay()
-                else:
-                    g._step(k)
-            return step
-
-        rec("pipelines", "image-token step: static caches, eager", step_of(eager_gen, eb))
-        step = rec("pipelines", "image-token step: one CUDA graph", step_of(graph_gen, bucket))  # always: the floor needs it
+        rec("pipelines", "image-token step: static caches, eager", step_of(eager_gen, eb, p_len))
+        step = rec("pipelines", "image-token step: one CUDA graph", step_of(graph_gen, bucket, p_len))  # always: the floor needs it
         # --- the HBM floor (weights one token must stream) --------------------------------------------------------------------------
         tb = token_bytes(model, rows)
         peak = hbm_tbps(device, a.hbm_tbps)
@@ -304,7 +307,7 @@ def main(argv=None) -> int:
             k = g.bucket_for(1, rows, p_len)  # captures (and compiles) here
             results[f"kernel_graph_setup_seconds_{fmt}"] = time.perf_counter() - t
             g.generate(cache, **kw)
-            res = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt})", step_of(g, k))
+            res = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt})", step_of(g, k, p_len))
             step_accuracy[f"kernels_{fmt}"] = rel_errors(piece_outputs("fused", g.flow), reference_outputs)
             breakdown(g, k, fmt, rec)
             if g.pdl:
@@ -326,7 +329,7 @@ def main(argv=None) -> int:
                 g.reset_graphs()
                 kk = g.bucket_for(1, rows, p_len)
                 g.generate(cache, **kw)
-                r = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt}), {label}", step_of(g, kk))
+                r = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt}), {label}", step_of(g, kk, p_len))
                 ab[f"{fmt}: {label}"] = {"median_ms": r["median_ms"]}
             set_pdl(None)
             g.reset_graphs()

@@ -10,7 +10,6 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.contract import PieceSpec
-from models.llm import ONNX_ROUTING
 
 from .shapes import ShapeLimits, axis_ranges, sample_inputs, torch_dynamic_shapes
 
@@ -45,6 +44,15 @@ def _rename_dims(model, spec: PieceSpec) -> None:
                 d.dim_value = want
 
 
+def _stable_sort_as_topk(self, stable=None, dim: int = -1, descending: bool = False):
+    """aten.sort.stable (the MoE router's tie-stable expert order), which the exporter cannot translate, as
+    ONNX TopK over the whole axis: TopK is specified to put the lower index first among equal values."""
+    from onnxscript import opset19 as op
+
+    n = op.Shape(self, start=dim) if dim == -1 else op.Shape(self, start=dim, end=dim + 1)
+    return op.TopK(self, n, axis=dim, largest=int(descending), sorted=1)
+
+
 def export_piece(module: nn.Module, spec: PieceSpec, cfg: ModelConfig, path: Path, *, float_dtype=torch.float32,
                  limits: ShapeLimits | None = None, opset: int = DEFAULT_OPSET, save: bool = True) -> dict:
     """Write `path` (plus `path.data` when the weights are large); return what the manifest records.
@@ -60,15 +68,12 @@ def export_piece(module: nn.Module, spec: PieceSpec, cfg: ModelConfig, path: Pat
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        ONNX_ROUTING["active"] = True  # the MoE router's expert choice as ONNX TopK (same tie rule)
-        try:
-            program = torch.onnx.export(
-                module.eval(), tuple(sample), dynamo=True, input_names=spec.input_names,
-                output_names=spec.output_names, opset_version=opset,
-                dynamic_shapes=torch_dynamic_shapes(spec, cfg, limits), verbose=False, optimize=True,
-            )
-        finally:
-            ONNX_ROUTING["active"] = False
+        program = torch.onnx.export(
+            module.eval(), tuple(sample), dynamo=True, input_names=spec.input_names,
+            output_names=spec.output_names, opset_version=opset,
+            dynamic_shapes=torch_dynamic_shapes(spec, cfg, limits), verbose=False, optimize=True,
+            custom_translation_table={torch.ops.aten.sort.stable: _stable_sort_as_topk},
+        )
     model = program.model_proto
     _rename_dims(model, spec)
     got_in = [i.name for i in model.graph.input]

@@ -12,12 +12,30 @@ FP8_MIN_CAPABILITY = (8, 9)  # E4M3 hardware: Ada, Hopper, Blackwell (one consta
 WEIGHT_FORMATS = ("bf16", "fp8")  # what the decode kernels stream (runtime decode_weights, CLI --decode-weights)
 
 
+QMAX = {"fp8": E4M3_MAX, "int8": 127.0}  # largest magnitude each format stores
+
+
+def quantize_channels(t: torch.Tensor, axis: int, fmt: str = "fp8") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-channel quantization of an fp32 tensor along `axis`: (q int8 or float8_e4m3fn on t's
+    device, fp32 scale on the CPU) with t ~= q * scale. The one rounding of the decode weights, the ONNX
+    Q/DQ export (quant/qdq.py) and its emulation (quant/emulate.py)."""
+    qmax = QMAX[fmt]
+    shape = [1] * t.ndim
+    shape[axis] = -1
+    # the per-channel scales on the CPU: CUDA divides a tensor by a Python number as a multiplication by
+    # its reciprocal, 1 ulp off numpy's division (the ONNX export's reference) for most channels
+    amax = t.abs().amax(dim=[i for i in range(t.ndim) if i != axis]).cpu()
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scaled = t / scale.to(t.device).view(shape)  # tensor / tensor: IEEE division on either device
+    if fmt == "int8":
+        return scaled.round_().clamp_(-127, 127).to(torch.int8), scale
+    return scaled.clamp_(-qmax, qmax).to(torch.float8_e4m3fn), scale
+
+
 def quantize_rows_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (..., K) -> (wq (..., K) float8_e4m3fn, scale (...) fp32)."""
-    amax = w.detach().abs().amax(dim=-1).float()
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    wq = (w.detach().float() / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return wq.contiguous(), scale.contiguous()
+    """w (..., K) -> (wq (..., K) float8_e4m3fn, scale (...) fp32), both on w's device."""
+    q, scale = quantize_channels(w.detach().float().reshape(-1, w.shape[-1]), 0, "fp8")
+    return q.view(w.shape), scale.to(w.device).view(w.shape[:-1])
 
 
 def dequantize_rows_fp8(wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -35,4 +53,5 @@ def gpu_supports_fp8(device=None) -> tuple[bool, str]:
     return True, name
 
 
-__all__ = ["E4M3_MAX", "FP8_MIN_CAPABILITY", "WEIGHT_FORMATS", "dequantize_rows_fp8", "gpu_supports_fp8", "quantize_rows_fp8"]
+__all__ = ["E4M3_MAX", "FP8_MIN_CAPABILITY", "QMAX", "WEIGHT_FORMATS", "dequantize_rows_fp8", "gpu_supports_fp8",
+           "quantize_channels", "quantize_rows_fp8"]

@@ -21,10 +21,6 @@ from torch import nn
 from .config import FlowHeadConfig, LLMConfig
 from .flow_head import FlowHead, VisHead
 
-# Set by export.onnx_export around torch.onnx.export (ONNX has no stable sort: the router takes TopK there).
-# torch.onnx.is_in_onnx_export() says the same only in torch versions whose dynamo exporter sets it.
-ONNX_ROUTING = {"active": False}
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -137,13 +133,9 @@ class Router(nn.Module):
         # Ties are common (bf16 logits of 64 experts: ~15% of rows tie within their top 7 with random
         # weights, benchmarks/router_ties.py), and torch.topk leaves open which tied expert it returns and in what order (its docs: they
         # may vary between calls), which moves the expert sum's rounding. A stable sort takes the lower
-        # expert id first, every time. ONNX's TopK is specified that way, and the exporter has no stable sort.
-        probs = logits.softmax(dim=-1, dtype=torch.float32)
-        if ONNX_ROUTING["active"] or torch.onnx.is_in_onnx_export():
-            weights, idx = torch.topk(probs, self.top_k, dim=-1)
-        else:
-            weights, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-            weights, idx = weights[..., :self.top_k], idx[..., :self.top_k]
+        # expert id first, every time (export.onnx_export writes it as ONNX TopK, specified the same way).
+        weights, idx = torch.sort(logits.softmax(dim=-1, dtype=torch.float32), dim=-1, descending=True, stable=True)
+        weights, idx = weights[..., :self.top_k], idx[..., :self.top_k]
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return idx, weights, logits

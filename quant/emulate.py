@@ -14,8 +14,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kernels.fp8 import quantize_channels
+
 from .policy import LayerPolicy
-from .qdq import FORMATS, quantize_channels
+from .qdq import FORMATS
 
 
 def _round_activation(x: torch.Tensor, fmt: str) -> torch.Tensor:

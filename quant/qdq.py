@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.fp8 import QMAX, quantize_channels
+
 from .policy import LayerPolicy
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {"fp8": 448.0, "int8": 127.0}  # largest representable magnitude (E4M3FN max is 448)
+FORMATS = QMAX  # largest representable magnitude per format (E4M3FN max is 448)
 
 
 @dataclass
@@ -83,25 +85,6 @@ def _quantize(w, axis: int, fmt: str, device=None) -> tuple[np.ndarray, np.ndarr
     err = float((q.float().mul_(scale.to(t.device).view(shape)).sub_(t)).norm() / t.norm().clamp_min(1e-12))
     q_np = q.cpu().numpy() if fmt == "int8" else q.view(torch.uint8).cpu().numpy().view(ml_dtypes.float8_e4m3fn)
     return q_np, scale.numpy(), err
-
-
-def quantize_channels(t, axis: int, fmt: str):
-    """Symmetric per-channel quantization of an fp32 torch tensor along `axis`: (q int8 or float8_e4m3fn
-    on t's device, fp32 scale on the CPU) with t ~= q * scale. The one rounding of the export and of its
-    emulation (quant/emulate.py)."""
-    import torch
-
-    qmax = FORMATS[fmt]
-    shape = [1] * t.ndim
-    shape[axis] = -1
-    # the per-channel scales on the CPU: CUDA divides a tensor by a Python number as a multiplication by
-    # its reciprocal, 1 ulp off numpy's division for most channels
-    amax = t.abs().amax(dim=[i for i in range(t.ndim) if i != axis]).cpu()
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    scaled = t / scale.to(t.device).view(shape)  # tensor / tensor: IEEE division on either device
-    if fmt == "int8":
-        return scaled.round_().clamp_(-127, 127).to(torch.int8), scale
-    return scaled.clamp_(-qmax, qmax).to(torch.float8_e4m3fn), scale
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:

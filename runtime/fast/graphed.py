@@ -60,7 +60,6 @@ class GraphedCall:
         self.fn = torch.compile(fn, dynamic=False) if compile else fn
         self.name = name or getattr(fn, "__name__", "fn")
         self.max_graphs = max_graphs
-        self.capture_seconds: dict[tuple, float] = {}
         self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self._lock = threading.Lock()
         self._done: torch.cuda.Event | None = None  # recorded after the last call's output copies
@@ -76,7 +75,7 @@ class GraphedCall:
             if key not in self._graphs:
                 self._graphs[key] = self._capture(key, args)
                 while len(self._graphs) > self.max_graphs:
-                    self.capture_seconds.pop(self._graphs.popitem(last=False)[0], None)
+                    self._graphs.popitem(last=False)
             self._graphs.move_to_end(key)
             graph, static_in, static_out = self._graphs[key]
             for dst, src in zip(static_in, args):
@@ -91,9 +90,8 @@ class GraphedCall:
         t0 = time.perf_counter()
         static_in = tuple(a.detach().clone() for a in args)
         graph, static_out = capture_graph(lambda: self.fn(*static_in), args[0].device)
-        self.capture_seconds[key] = time.perf_counter() - t0
         logger.info("%s: captured a CUDA graph for inputs %s in %.2fs", self.name, [k[0] for k in key],
-                    self.capture_seconds[key])
+                    time.perf_counter() - t0)
         return graph, static_in, static_out
 
 
