@@ -9,8 +9,11 @@ converts it issues, and its shared memory. A streaming kernel whose loop is not 
 tile's loads, waits for them, multiplies, and only then loads the next: the loads in flight per SM are
 then what the occupancy gives, which FP8 (half the bytes per tile) feels first.
 
-Found on the CPU (triton 3.9, sm 90): no loop is pipelined, not even a textbook matmul, so the answer
-must come from the GPU machine's triton. Writes OUT/kernel_ir_check.json when --out is given.
+The compile gets the alignment facts Triton's JIT specializes on at launch (`jit_attrs`); without them no
+load can become a 16-byte cp.async and nothing is pipelined, not even a textbook matmul, which is what
+the first version of this check reported (session 5 on the CPU, session 6 on the H200's triton 3.6).
+With them, on the CPU (triton 3.9, sm 90): every decode kernel's K loop is pipelined
+(benchmarks/results/kernel_ir_check_cpu_sm90.json). Writes OUT/kernel_ir_check.json when --out is given.
 """
 from __future__ import annotations
 
@@ -66,12 +69,22 @@ def textbook_matmul():
     return ("textbook matmul (control)", mm, sig, dict(BM=64, BN=16, BK=128), dict(num_warps=4, num_stages=3))
 
 
-def inspect(fn, sig, consts, opts, target) -> dict:
+def jit_attrs(sig: dict, consts: dict, odd: tuple[str, ...]) -> dict:
+    """The alignment facts Triton's JIT specializes on at launch: every pointer here is 16-byte aligned and
+    every integer argument a multiple of 16 at the released shapes, except those named in `odd` (the row
+    count). Without them no load can be a 16-byte cp.async and the pipeliner leaves the loop alone, which is
+    why a bare ASTSource compile (what this check did first) reports nothing pipelined, even for a matmul."""
+    names = [n for n in sig if n not in consts]
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in odd and not sig[n] == "constexpr"}
+
+
+def inspect(fn, sig, consts, opts, target, odd=("M", "row_div")) -> dict:
     import triton
     from triton.compiler import ASTSource
 
+    attrs = jit_attrs(sig, consts, odd)
     sig = dict(sig, **{k: "constexpr" for k in consts})
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts)
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target, options=opts)
     ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
     return {"pipelined": "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir or "cp.async" in ptx,
             "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"), "tma": ptx.count("cp.async.bulk.tensor"),

@@ -1,5 +1,6 @@
 """benchmarks/speed.py in its CPU smoke mode: runs end to end and writes JSON with an environment block."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,20 @@ def test_gpu_only_benchmarks_refuse_a_cpu_machine(tmp_path, script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_kernel_ir_check_compiles_with_the_jit_alignment_facts():
+    """Compiled for Hopper without a GPU, the control matmul's K loop is software-pipelined (cp.async into
+    several shared buffers) only when the compile gets the 16-byte alignment facts the JIT specializes on:
+    a bare compile reports nothing pipelined, which is what misled the first version of the check."""
+    pytest.importorskip("triton")
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); sys.path.insert(0, '.');"
+            "import json, kernel_ir_check as c; from triton.backends.compiler import GPUTarget;"
+            "name, fn, sig, consts, opts = c.textbook_matmul(); t = GPUTarget('cuda', 90, 32);"
+            "print(json.dumps([c.inspect(fn, sig, consts, opts, t), c.inspect(fn, sig, consts, opts, t, odd=tuple(sig))]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    aligned, bare = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert aligned["pipelined"] and aligned["cp_async"] > 0 and aligned["shared_bytes"] > bare["shared_bytes"]
+    assert not bare["pipelined"] and bare["cp_async"] == 0
