@@ -77,7 +77,7 @@ def shapes(cfg):
     ]
 
 
-def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table):
+def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False):
     dev = "cuda"
     w_rows = 2 * n if epi == SWIGLU else n
     wb = torch.randn(w_rows, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -104,7 +104,7 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table):
            "default_config": default, "us": run(default)}
     if sweep:
         best = (row["us"], default)
-        for c in candidate_configs(n, k, fmt == "fp8"):
+        for c in candidate_configs(n, k, fmt == "fp8", wide):
             try:
                 t = run(c)
             except Exception as exc:  # out of shared memory and the like: not a candidate here
@@ -197,6 +197,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="time only the default configs")
     p.add_argument("--sweep-shapes", type=int, default=99, help="sweep configs for the first N GEMM shapes (heaviest first)")
+    p.add_argument("--formats", default="bf16,fp8", help="weight formats to time (comma-separated)")
+    p.add_argument("--skip-moe", action="store_true", help="no fused-MoE rows (its table entries are kept)")
+    p.add_argument("--wide", action="store_true", help="FP8: also sweep 128-wide K tiles and 6 pipeline stages")
     p.add_argument("--peak-tbps", type=float, default=None, help="HBM peak (default: by GPU name, speed.HBM_TBPS)")
     p.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (the "
                    "20-launch graphs then pay every launch's ramp-up and tail, as before session 4)")
@@ -209,20 +212,23 @@ def main(argv=None) -> int:
 
         set_pdl(False)
     cfg = full_config()
-    table = {"skinny": {}, "moe": {}}
+    # a sweep updates this GPU's table: entries it does not measure stay as they are
+    known = Path(__file__).resolve().parents[1] / "kernels" / "configs" / f"{gpu_slug()}.json"
+    table = json.loads(known.read_text()) if known.exists() else {"skinny": {}, "moe": {}}
+    formats = a.formats.split(",")
     res = {"env": environment(torch.device("cuda")), "peak_tbps": hbm_tbps(torch.device("cuda"), a.peak_tbps),
            "rows": []}
     a.out.mkdir(parents=True, exist_ok=True)
-    for fmt in ("bf16", "fp8"):  # first: few candidates, and the LLM step's largest kernel
+    for fmt in () if a.skip_moe else formats:  # first: few candidates, and the LLM step's largest kernel
         res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table))
         if a.sweep:
             (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
     for idx, (name, m, n, k, epi) in enumerate(shapes(cfg)):
-        for fmt in ("bf16", "fp8"):
+        for fmt in formats:
             # the LLM's and semantic decoder's linears use the kernel only with FP8 weights (cuBLAS for bf16)
             # (the fused SwiGLU of the LLM / semantic MLPs exists only with FP8 weights)
             sweep = a.sweep and idx < a.sweep_shapes and (fmt == "fp8" or (m > 2 or epi != STORE) and "fp8 path" not in name)
-            res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, sweep, table))
+            res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, sweep, table, a.wide))
             (a.out / "kernels.json").write_text(json.dumps(res, indent=1))
             if a.sweep:  # after every shape: a run cut short keeps what it found
                 (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))

@@ -117,9 +117,11 @@ if triton is not None:
 SM_COUNT_DEFAULT = 132  # H100 SXM
 
 
-def candidate_configs(n: int, k: int, fp8: bool = False) -> list[dict]:
+def candidate_configs(n: int, k: int, fp8: bool = False, wide: bool = False) -> list[dict]:
     """The launch configs worth timing for an (N, K) weight (benchmarks/kernels.py sweeps these):
-    K tiles of 256-1024 bytes per weight row, 16-64 rows per program, splits of K up to 8."""
+    K tiles of 256-1024 bytes per weight row, 16-64 rows per program, splits of K up to 8.
+    wide (FP8): also 128-wide K tiles (the padded 16-row activation tile is then a smaller share of each
+    stage) and 6 pipeline stages (more weight bytes in flight per program), at splits up to 4."""
     out = []
     for bn in (16, 32, 64):
         for bk in ((256, 512) if fp8 else (128, 256)):
@@ -128,6 +130,14 @@ def candidate_configs(n: int, k: int, fp8: bool = False) -> list[dict]:
                     continue
                 out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4,
                             "num_stages": 4 if bk < 512 else 3})
+    if wide and fp8:
+        for bn in (16, 32, 64):
+            for bk in (128, 256):
+                for split in (1, 2, 4):
+                    for stages in (4, 6):
+                        c = {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": stages}
+                        if bn <= max(16, next_pow2(n)) and split * bk <= k and c not in out:
+                            out.append(c)
     return out
 
 
