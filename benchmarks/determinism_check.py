@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -71,7 +72,11 @@ def loop_repeats(g, model, cache, kw) -> dict:
     k = next(iter(g._buckets.values()))  # check() made the one bucket these prompts use
     a = g.generate(cache, **kw)
     kv_a = [t.clone() for t in k.llm_caches]  # every CFG row (LoopImage.cache keeps the cond rows only)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     b = g.generate(cache, **kw)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
     d1, d2 = model.vision.decode_pixels(a.features), model.vision.decode_pixels(a.features)
     prompt_len = cache.kv[0].shape[2]
     # the LLM caches after the image: the first LLM step whose K/V differs in any row (step i writes slot
@@ -83,7 +88,127 @@ def loop_repeats(g, model, cache, kw) -> dict:
             "first_token_features_differ": first_difference(a.features, b.features, 1),
             "first_llm_step_kv_differs": None if kv is None else kv[0] - prompt_len,
             "first_kv_tensor_differing": None if kv is None else kv[1],  # 2 * layer (+1: values)
-            "pixel_decoder_repeats": bool(torch.equal(d1, d2))}
+            "pixel_decoder_repeats": bool(torch.equal(d1, d2)),
+            "second_loop_seconds": round(seconds, 3)}  # one image, wall clock (a rough figure; speed.py times)
+
+
+def first_divergence(model, cache, kw) -> dict:
+    """Two eager loops (no graph) with every Linear, norm, router and MoE call recorded: the first call whose
+    output differs between them, and whether its inputs were the same. Inputs equal and output different
+    names the op that does not repeat; inputs already different means the difference came from before."""
+    from torch import nn
+
+    from models.llm import MoE, RMSNorm, Router
+
+    kinds = (nn.Linear, nn.LayerNorm, RMSNorm, Router, MoE)
+    calls: list = []
+
+    def tensors(v):
+        v = v if isinstance(v, (tuple, list)) else (v,)
+        return [t.detach().clone() for t in v if isinstance(t, torch.Tensor)]
+
+    hooks = [mod.register_forward_hook(lambda m, i, o, name=name: calls.append((name, tensors(i), tensors(o))))
+             for name, mod in model.named_modules() if isinstance(mod, kinds)]
+    try:
+        g = GraphImageGenerator(model, kernels=False, compile=False, use_graph=False)
+        g.generate(cache, **kw)
+        a, calls[:] = list(calls), []
+        g.generate(cache, **kw)
+        b = list(calls)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def same(x, y):
+        return len(x) == len(y) and all(torch.equal(p, q) for p, q in zip(x, y))
+
+    # pair the k-th call of each module in the two runs (the first run also makes per-image caches, e.g.
+    # the timestep embeddings of the schedule, so the two sequences need not line up call for call)
+    by_name: dict = {}
+    for name, i, o in b:
+        by_name.setdefault(name, []).append((i, o))
+    seen: dict = {}
+    res = {"calls": [len(a), len(b)], "first_output_differs": None}
+    for j, (name, ia, oa) in enumerate(a):
+        k = seen[name] = seen.get(name, -1) + 1
+        if k >= len(by_name.get(name, ())):
+            continue
+        ib, ob = by_name[name][k]
+        if not same(oa, ob):
+            res["first_output_differs"] = {
+                "call": j, "module": name, "call_of_this_module": k, "inputs_identical": same(ia, ib),
+                "max_abs_diff": [float((p.float() - q.float()).abs().max()) if p.dtype.is_floating_point
+                                 else int((p != q).sum()) for p, q in zip(oa, ob)]}
+            break
+    return res
+
+
+def attention_repeats(model, cache, kw, replays: int = 200) -> dict:
+    """Every scaled_dot_product_attention call of two eager loops recorded: the first whose output differs
+    between the runs, whether its inputs were identical, and then that call replayed `replays` times on
+    its recorded inputs under each SDPA backend and two explicit forms (how many replays differ from the
+    recorded output of the first run)."""
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+    calls: list = []
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        out = real(q, k, v, attn_mask=attn_mask, **kwargs)
+        if attn_mask is not None:  # the LLM's calls (MingTok's attention takes no mask)
+            calls.append(([t.clone() for t in (q, k, v, attn_mask)], kwargs, out.clone()))
+        return out
+
+    F.scaled_dot_product_attention = recording
+    try:
+        g = GraphImageGenerator(model, kernels=False, compile=False, use_graph=False)
+        g.generate(cache, **kw)
+        a, calls[:] = list(calls), []
+        g.generate(cache, **kw)
+        b = list(calls)
+    finally:
+        F.scaled_dot_product_attention = real
+    return compare_attention_calls(a, b, real, model.cfg.llm.num_layers, replays)
+
+
+def compare_attention_calls(a: list, b: list, real, n_layers: int, replays: int) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    res = {"calls": [len(a), len(b)], "first_output_differs": None}
+    for j, ((ia, kwa, oa), (ib, _, ob)) in enumerate(zip(a, b)):
+        if torch.equal(oa, ob):
+            continue
+        res["first_output_differs"] = {"call": j, "step": j // n_layers, "layer": j % n_layers,
+                                       "inputs_identical": all(torch.equal(x, y) for x, y in zip(ia, ib)),
+                                       "max_abs_diff": float((oa.float() - ob.float()).abs().max())}
+        (q, k, v, mask), kwargs = ia, kwa
+
+        def explicit_fp32():
+            rep = q.shape[1] // k.shape[1]
+            kk, vv = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+            s = (q.float() @ kk.transpose(-1, -2)) * kwargs["scale"]
+            return (s.masked_fill(~mask, float("-inf")).softmax(-1) @ vv).to(q.dtype)
+
+        forms = {"default": lambda: real(q, k, v, attn_mask=mask, **kwargs), "explicit fp32": explicit_fp32}
+        for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            def forced(backend=backend):
+                with sdpa_kernel(backend):
+                    return real(q, k, v, attn_mask=mask, **kwargs)
+            forms[backend.name] = forced
+        res["replays"] = {}
+        for name, fn in forms.items():
+            try:
+                outs = [fn() for _ in range(replays)]
+            except Exception as exc:  # a backend that does not take these inputs
+                res["replays"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                continue
+            res["replays"][name] = {"equal_to_run_a": torch.equal(outs[0], oa), "equal_to_run_b": torch.equal(outs[0], ob),
+                                    "replays_differing_from_first": sum(not torch.equal(o, outs[0]) for o in outs)}
+        break
+    # how often a recorded call does not repeat when simply run again (default backend)
+    again = sum(not torch.equal(real(q, k, v, attn_mask=m, **kw_), out) for (q, k, v, m), kw_, out in a)
+    res["calls_of_run_a_not_repeating"] = again
+    return res
 
 
 def main(argv=None) -> int:
@@ -91,6 +216,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--cases", default="", help="comma-separated case numbers to run (default: all)")
+    p.add_argument("--first-divergence", action="store_true",
+                   help="only: two eager loops with every Linear/norm/router/MoE call recorded; the first that differs")
+    p.add_argument("--attention", action="store_true",
+                   help="only: record every attention call of two eager loops, replay the first that differs per backend")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): deterministic kernels where torch has a choice, and "
                         "fresh allocations filled with NaN (uninitialised reads show); run with CUBLAS_WORKSPACE_CONFIG=:4096:8")
@@ -109,6 +238,16 @@ def main(argv=None) -> int:
              "fp8 kernels, torch.compile, no PDL": dict(kernels=True, weights="fp8", compile=True, pdl=False),
              # no CUDA graph: every step's ops launched one by one (tells graph replay from the ops themselves)
              "bf16, no kernels, no compile, no graph": dict(kernels=False, compile=False, use_graph=False)}
+    if a.first_divergence or a.attention:
+        with torch.no_grad():
+            if a.first_divergence:
+                results["first_divergence"] = first_divergence(model, cache, kw)
+                print(results["first_divergence"], flush=True)
+            if a.attention:
+                results["attention"] = attention_repeats(model, cache, kw)
+                print(results["attention"], flush=True)
+        path.write_text(json.dumps(results, indent=1))
+        return 0
     with torch.no_grad():
         pick = {int(c) for c in a.cases.split(",") if c}
         for i, (name, kwargs) in enumerate(cases.items()):

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import FlowHeadConfig, LLMConfig
 from .flow_head import FlowHead, VisHead
+from .sdpa import attention
 
 
 class RMSNorm(nn.Module):
@@ -92,8 +93,8 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, mask):
         b, h, n, d = q.shape
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                             scale=d ** -0.5, enable_gqa=self.num_heads != self.num_kv_heads)
+        out = attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=d ** -0.5,
+                        enable_gqa=self.num_heads != self.num_kv_heads)
         return self.dense(out.transpose(1, 2).reshape(b, n, h * d))
 
     def forward(self, x, cos, sin, mask, past_k, past_v):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import swiglu_hidden
+from .sdpa import attention
 
 
 class SwiGLUFFN(nn.Module):
@@ -71,7 +72,7 @@ class SelfAttention(nn.Module):
 
     def _attend(self, q, k, v, mask=None, is_causal=False) -> torch.Tensor:
         b, h, n, d = q.shape
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=d ** -0.5)
+        out = attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=d ** -0.5)
         return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:

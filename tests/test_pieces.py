@@ -183,3 +183,32 @@ def test_router_takes_the_lower_expert_id_among_ties():
     idx, w, logits = r(x)
     ref_w, ref_idx = torch.topk(logits.softmax(-1, dtype=torch.float32), 2, dim=-1)
     assert torch.equal(idx, ref_idx) and torch.allclose(w, ref_w / ref_w.sum(-1, keepdim=True))
+
+
+def test_attention_leaves_out_the_cudnn_backend(monkeypatch):
+    """The LLM's and MingTok's attention run with torch's cuDNN backend switched off (it did not repeat
+    bit for bit on an H200), and switch it back on afterwards."""
+    import torch.nn.functional as F
+
+    from models import build, tiny_config
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    from models.vit_layers import SelfAttention
+
+    m = build(tiny_config(), seed=0)
+    llm = m.cfg.llm
+    past = [torch.zeros(1, llm.num_kv_heads, 0, llm.head_dim)] * llm.num_layers
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with torch.no_grad():
+        m.model.model(torch.randn(1, 5, llm.hidden_size), torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None],
+                      past, past)
+        SelfAttention(128, 64)(torch.randn(1, 4, 128), causal=True)
+    assert len(seen) == llm.num_layers + 1 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
