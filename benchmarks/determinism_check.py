@@ -168,17 +168,26 @@ def attention_repeats(model, cache, kw, replays: int = 200) -> dict:
         b = list(calls)
     finally:
         F.scaled_dot_product_attention = real
-    return compare_attention_calls(a, b, real, model.cfg.llm.num_layers, replays)
+    return compare_attention_calls(a, b, real, model.cfg, replays)
 
 
-def compare_attention_calls(a: list, b: list, real, n_layers: int, replays: int) -> dict:
+def call_label(calls: list, j: int, cfg) -> dict:
+    """Which piece, step and layer made attention call j: the LLM's calls have its head size, the rest are
+    the semantic decoder's (one call per layer and step in both)."""
+    llm = calls[j][0][0].shape[-1] == cfg.llm.head_dim
+    same = sum(1 for c in calls[:j] if (c[0][0].shape[-1] == cfg.llm.head_dim) == llm)
+    depth = cfg.llm.num_layers if llm else cfg.mingtok.semantic_depth
+    return {"piece": "llm" if llm else "semantic decoder", "step": same // depth, "layer": same % depth}
+
+
+def compare_attention_calls(a: list, b: list, real, cfg, replays: int) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     res = {"calls": [len(a), len(b)], "first_output_differs": None}
     for j, ((ia, kwa, oa), (ib, _, ob)) in enumerate(zip(a, b)):
         if torch.equal(oa, ob):
             continue
-        res["first_output_differs"] = {"call": j, "step": j // n_layers, "layer": j % n_layers,
+        res["first_output_differs"] = {"call": j, **call_label(a, j, cfg),
                                        "inputs_identical": all(torch.equal(x, y) for x, y in zip(ia, ib)),
                                        "max_abs_diff": float((oa.float() - ob.float()).abs().max())}
         (q, k, v, mask), kwargs = ia, kwa

@@ -9,6 +9,7 @@
 #                       GPU_TESTS_FILES="tests/..." limits them (the AOTInductor test alone can take minutes);
 #                       the fixtures must travel: copy ../shared/fixtures into .fixtures/ and set MINGRT_FIXTURES
 #   DETERMINISM_ARGS="--replays 3 --cases 0,1,5"   also run benchmarks/determinism_check.py with these flags
+#   ATTENTION_CHECK=1   also run benchmarks/attention_check.py (decode attention: repeatability and time per call)
 #   KERNELS_ARGS="..."  also run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep)
 #   SKIP_EXPORTS=1      no full-size exports; FP8_PIECES / BF16_PIECES / FP8_TIMEOUT / BF16_TIMEOUT choose them
 #   TAR=1               at the end, pack OUT_DIR into OUT_DIR.tgz (the device tool returns at most 8 files)
@@ -27,6 +28,10 @@ fi
 if [ -n "${DETERMINISM_ARGS:-}" ]; then
   timeout "${DETERMINISM_TIMEOUT:-240}" python3 benchmarks/determinism_check.py --out "$OUT" $DETERMINISM_ARGS > "$OUT/determinism.log" 2>&1
   tail -4 "$OUT/determinism.log"
+fi
+if [ "${ATTENTION_CHECK:-0}" = 1 ]; then
+  timeout 90 python3 benchmarks/attention_check.py --out "$OUT" > "$OUT/attention_check.log" 2>&1
+  tail -3 "$OUT/attention_check.log"
 fi
 if [ -n "${KERNELS_ARGS:-}" ]; then
   timeout "${KERNELS_TIMEOUT:-240}" python3 benchmarks/kernels.py --out "$OUT" $KERNELS_ARGS > "$OUT/kernels.log" 2>&1
