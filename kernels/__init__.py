@@ -4,6 +4,7 @@
                SwiGLU / gated-residual epilogues (the flow head's blocks)
   layernorm.py LayerNorm + adaLN modulation of a few rows (the flow head's block input)
   moe.py       fused MoE decode reading only the routed experts from the stacked weights
+  attention.py one-query decode attention over the static KV cache (grouped heads, key mask, fixed order)
   guidance.py  CFG combination + Euler update in one launch
   fp8.py       per-output-channel E4M3 weight quantization
   _triton.py   the interpreter switch, the MMA helper, programmatic dependent launch (PDL)

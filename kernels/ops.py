@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .attention import decode_attention
 from .moe import moe_decode
 from .skinny import SWIGLU, skinny_gemm
 
@@ -53,4 +54,15 @@ def _skinny_swiglu_fake(x, weight, scale, bias, out_dtype):
     return x.new_empty(x.shape[0], weight.shape[0] // 2, dtype=out_dtype)
 
 
-__all__ = ["moe_decode_op", "skinny_linear_op", "skinny_swiglu_op"]
+@torch.library.custom_op("mingrt::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row over a static cache: q (B, H, 1, D), k/v (B, Hkv, S, D), mask (B, 1, 1, S) bool."""
+    return decode_attention(q, k.contiguous(), v.contiguous(), mask.contiguous(), scale)
+
+
+@decode_attention_op.register_fake
+def _decode_attention_fake(q, k, v, mask, scale):
+    return q.new_empty(q.shape)
+
+
+__all__ = ["decode_attention_op", "moe_decode_op", "skinny_linear_op", "skinny_swiglu_op"]

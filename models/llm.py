@@ -93,8 +93,12 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, mask):
         b, h, n, d = q.shape
-        out = attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=d ** -0.5,
-                        enable_gqa=self.num_heads != self.num_kv_heads)
+        fused = getattr(self, "fused_decode_attention", None)  # a kernel the GPU fast path may install
+        if fused is not None and n == 1:
+            out = fused(q, k.to(q.dtype), v.to(q.dtype), mask, d ** -0.5)
+        else:
+            out = attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=d ** -0.5,
+                            enable_gqa=self.num_heads != self.num_kv_heads)
         return self.dense(out.transpose(1, 2).reshape(b, n, h * d))
 
     def forward(self, x, cos, sin, mask, past_k, past_v):

@@ -157,11 +157,14 @@ def test_graphed_pieces_replay_the_eager_kernels_on_gpu():
 
 @pytest.mark.gpu
 @needs_gpu
-def test_llm_decode_attention_repeats_bit_for_bit_on_gpu():
+@pytest.mark.parametrize("form", ["models.sdpa", "kernel"])
+def test_llm_decode_attention_repeats_bit_for_bit_on_gpu(form):
     """The LLM's decode attention at the released shapes (GQA 16/4 heads of 128, key mask, 320 slots),
     replayed 100 times from a CUDA graph on fixed inputs: every output equals the first (torch's cuDNN
-    backend, which models.sdpa leaves out, differed in 47 of 200 such replays on an H200)."""
+    backend, which models.sdpa leaves out, differed in 47 of 200 such replays on an H200), and both forms
+    are close to an fp32 reference."""
     from benchmarks.speed import capture
+    from kernels.attention import decode_attention
     from models.sdpa import attention
 
     dev = torch.device("cuda")
@@ -172,7 +175,11 @@ def test_llm_decode_attention_repeats_bit_for_bit_on_gpu():
     mask[:, :, :, 280:] = False
     mask[1, :, :, 5:20] = False
     out = torch.empty_like(q)
-    replay = capture(lambda: out.copy_(attention(q, k, v, attn_mask=mask, scale=128 ** -0.5, enable_gqa=True)))
+    if form == "kernel":
+        fn = lambda: decode_attention(q, k, v, mask, 128 ** -0.5)  # noqa: E731
+    else:
+        fn = lambda: attention(q, k, v, attn_mask=mask, scale=128 ** -0.5, enable_gqa=True)  # noqa: E731
+    replay = capture(lambda: out.copy_(fn()))
     replay()
     first = out.clone()
     differing = 0

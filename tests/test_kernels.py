@@ -342,6 +342,90 @@ def test_token_step_with_kernels_in_interpreter(fmt):
     assert_close(f"kernels/interp_step_{fmt}_latents", out.latents, ref.latents, 0.5)
 
 
+def _attention_inputs(dtype, b=2, h=8, hkv=2, s=100, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, 1, h, d, generator=g).to(DEV, dtype).transpose(1, 2)  # (B, H, 1, D), strided as the model's
+    k, v = (torch.randn(b, hkv, s, d, generator=g).to(DEV, dtype) for _ in range(2))
+    mask = torch.ones(b, 1, 1, s, dtype=torch.bool, device=DEV)
+    mask[..., s - 10:] = False  # slots not written yet
+    mask[1, ..., 5:20] = False  # a CFG row hides the user turn
+    mask[0, ..., :70] = False  # row 0 sees nothing in the first split(s): their sums must stay empty
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)])
+def test_decode_attention_matches_sdpa(splits, dtype, heads):
+    from kernels.attention import decode_attention
+
+    h, hkv = heads
+    q, k, v, mask = _attention_inputs(dtype, h=h, hkv=hkv)
+    got = decode_attention(q, k, v, mask, 32 ** -0.5, splits=splits)
+    rep = h // hkv
+    ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1),
+                                         attn_mask=mask, scale=32 ** -0.5)
+    assert got.shape == q.shape and got.dtype == dtype
+    # fp32: exact products (interpreter); bf16: the probabilities are rounded to bf16 for P @ V
+    assert_close(f"kernels/decode_attention_{dtype}_{h}x{hkv}_s{splits}", got.float(), ref,
+                 2e-5 if dtype == torch.float32 and interpreting() else 2e-2)
+
+
+def test_decode_attention_splits_agree_and_refuse_bad_inputs():
+    from kernels.attention import decode_attention, decode_splits
+
+    q, k, v, mask = _attention_inputs(torch.float32)
+    one, three = (decode_attention(q, k, v, mask, 0.2, splits=n) for n in (1, 3))
+    assert_close("kernels/decode_attention_split_1_vs_3", three, one, 2e-5 if interpreting() else 1e-4)
+    assert [decode_splits(n) for n in (1, 512, 513, 4096, 10 ** 6)] == [1, 1, 2, 8, 16]
+    with pytest.raises(ValueError, match="one query"):
+        decode_attention(q.expand(2, 8, 2, 32), k, v, mask, 0.2)
+    with pytest.raises(ValueError, match="KV heads"):
+        decode_attention(q[:, :7], k, v, mask, 0.2)
+    with pytest.raises(ValueError, match="bool"):
+        decode_attention(q, k, v, mask.float(), 0.2)
+
+
+@torch.no_grad()
+def test_llm_decode_uses_the_attention_kernel_once_installed():
+    """prepare_decode installs the kernel on every LLM attention; a one-token static step then runs
+    through it (and matches the model without it), a longer step keeps torch's attention."""
+    import kernels.ops as ops
+    from models.llm import Attention
+    from runtime.fast.decode_weights import prepare_decode
+
+    model = build(tiny_config(), seed=0, device=DEV)
+    llm = model.model.model
+    cfg = model.cfg.llm
+    s_max = 24
+    k_c, v_c = llm.empty_cache(2, s_max, device=DEV)
+    for t in (*k_c, *v_c):
+        t.normal_()
+    mask = torch.zeros(2, s_max, dtype=torch.long, device=DEV)
+    mask[:, :11] = 1
+    mask[1, 2:5] = 0
+    x = torch.randn(2, 1, cfg.hidden_size, device=DEV)
+    pos = torch.full((2, 1), 10, device=DEV)
+    at = torch.tensor([10], device=DEV)
+    ref = llm.forward_static(x, mask, pos, [t.clone() for t in k_c], [t.clone() for t in v_c], at)
+    report = prepare_decode(model)
+    assert report["decode_attention_layers"] == cfg.num_layers
+    assert all(hasattr(m, "fused_decode_attention") for m in llm.modules() if isinstance(m, Attention))
+    calls = []
+    real = ops.decode_attention_op
+    try:
+        import runtime.fast.decode_weights as dw
+
+        dw.decode_attention_op = lambda *a: calls.append(a[0].shape) or real(*a)
+        got = llm.forward_static(x, mask, pos, k_c, v_c, at)
+        llm.forward_static(x.expand(2, 3, -1), mask, pos.expand(2, 3) + torch.arange(3, device=DEV), k_c, v_c,
+                           at + torch.arange(3, device=DEV))
+    finally:
+        dw.decode_attention_op = real
+    assert len(calls) == cfg.num_layers  # the one-token step only
+    assert_close("kernels/llm_step_with_decode_attention", got, ref, 1e-4 if interpreting() else 3e-2)
+
+
 def test_pdl_settings():
     """PDL is never used by the interpreter or off a GPU; set_pdl validates the prefetch depth and restores."""
     from kernels import pdl_enabled, set_pdl

@@ -1,6 +1,8 @@
 """Decode-time weights for the custom kernels: the fused MoE everywhere, FP8 linears when asked.
 
 `prepare_decode(model, weights)` changes the model in place for the GPU fast path:
+  * every LLM attention gets `fused_decode_attention` (kernels.attention): one launch per layer for the
+    one-query decode over the static cache, in a fixed order (torch's math fallback takes ~8);
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
     stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales;
   * weights="fp8" also wraps the SwiGLU MLPs (shared experts, dense FFNs, the semantic decoder's
@@ -20,9 +22,10 @@ from torch import nn
 
 from kernels import interpreting
 from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
-from kernels.ops import moe_decode_op, skinny_linear_op, skinny_swiglu_op
+from kernels.ops import decode_attention_op, moe_decode_op, skinny_linear_op, skinny_swiglu_op
 from kernels.skinny import MAX_ROWS
-from models.llm import ExpertMLP, MoE
+from models.llm import Attention, ExpertMLP, MoE
+from models.sdpa import attention
 from models.univision import MingUniVision
 from models.vit_layers import SwiGLUFFN
 
@@ -46,6 +49,16 @@ class FusedMoEDecode(nn.Module):
 
     def forward(self, x, ids, w):
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
+
+
+class DecodeAttention:
+    """Installed as Attention.fused_decode_attention: (q (B, H, 1, D), k, v (B, Hkv, S, D), mask, scale) ->
+    (B, H, 1, D) through the decode-attention kernel on a GPU or in Triton's interpreter, else torch's."""
+
+    def __call__(self, q, k, v, mask, scale):
+        if q.is_cuda or interpreting():
+            return decode_attention_op(q, k, v, mask, scale)
+        return attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _decode_rows(x, in_features: int) -> int:
@@ -150,7 +163,10 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
     for m in moes:
         m.fused_decode = FusedMoEDecode(m, weights)
-    report = {"moe_layers": len(moes), "fp8_linear_params": 0, "fp8_fused_swiglu_params": 0}
+    attns = [m for m in model.model.model.modules() if isinstance(m, Attention)]
+    for m in attns:
+        m.fused_decode_attention = DecodeAttention()
+    report = {"moe_layers": len(moes), "decode_attention_layers": len(attns), "fp8_linear_params": 0, "fp8_fused_swiglu_params": 0}
     if weights == "fp8":
         for stack in (model.model.model.layers, model.vision.semantic_decoder.blocks):
             for layer in stack:
@@ -160,4 +176,4 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     return report
 
 
-__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "prepare_decode"]
+__all__ = ["FP8_LINEAR_NAMES", "DecodeAttention", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "prepare_decode"]

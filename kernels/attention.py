@@ -1,0 +1,151 @@
+"""Decode attention over a static KV cache: one query per row, grouped heads, a key mask, fixed order.
+
+The LLM's decode step attends one new token per CFG row over a preallocated cache of S slots, 16
+query heads sharing 4 KV heads (GQA). torch's fused backends take no mask with grouped heads, so
+models.sdpa falls back to the math composite there (the cuDNN backend, which would take it, did not
+repeat bit for bit on an H200). This kernel does it in one launch, reading each KV head once for
+its whole group of query heads:
+
+  pass 1, grid (B, kv heads, splits): online softmax over the split's slots in slot order; with one
+          split it normalises and writes the output, else it writes (max, sum, unnormalised output);
+  pass 2, grid (B, kv heads): merges the splits in split order (long caches only).
+
+Every sum runs in a fixed order: deterministic. Scores and the output accumulate in fp32; the
+probabilities are rounded to the cache's dtype for the P @ V product, as torch's math backend and
+FlashAttention do.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import interpreting, next_pow2, pdl_launch, require, tl, triton
+
+SLOTS_PER_SPLIT = 512  # caches longer than this spread over more programs (the grid is B x kv heads)
+MAX_SPLITS = 16
+
+if triton is not None:
+    from ._triton import pdl_enter
+
+    @triton.jit
+    def _dot(a, b, UPCAST: tl.constexpr):
+        if UPCAST:  # Triton's interpreter multiplies 16-bit floats wrongly: fp32 IEEE products there
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, part_ptr, S, scale,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb,
+        stride_ob, stride_oh,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+        UPCAST: tl.constexpr, PDL: tl.constexpr,
+    ):
+        pdl_enter(PDL)
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        sp = tl.program_id(2)
+        rg = tl.arange(0, BLOCK_G)  # the query heads of this KV head (GROUP of them, padded for the MMA)
+        rd = tl.arange(0, D)
+        g_ok = rg < GROUP
+        heads = hk * GROUP + rg
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + rd[None, :], mask=g_ok[:, None], other=0.0)
+        span = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
+        lo = sp * span
+        hi = tl.minimum(lo + span, S)
+        m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, D), tl.float32)
+        k_base = k_ptr + b * stride_kb + hk * stride_kh
+        v_base = v_ptr + b * stride_vb + hk * stride_vh
+        for s0 in range(lo, hi, BLOCK_S):
+            rs = s0 + tl.arange(0, BLOCK_S)
+            s_ok = rs < hi
+            visible = (tl.load(mask_ptr + b * stride_mb + rs, mask=s_ok, other=0) != 0) & s_ok
+            k = tl.load(k_base + rs[:, None] * stride_ks + rd[None, :], mask=s_ok[:, None], other=0.0)  # (BS, D)
+            scores = _dot(q, tl.trans(k), UPCAST) * scale  # (BG, BS) fp32
+            scores = tl.where(visible[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all hidden so far: keep the sums at zero
+            alpha = tl.exp(m_i - m_ref)
+            p = tl.exp(scores - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + rs[:, None] * stride_vs + rd[None, :], mask=s_ok[:, None], other=0.0)  # (BS, D)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+            m_i = m_new
+        if SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + rd[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+        else:
+            # partials (B, kv heads, SPLITS, BLOCK_G, D + 2) fp32: the output, then max and sum
+            row = ((b * tl.num_programs(1) + hk) * SPLITS + sp) * BLOCK_G + rg
+            tl.store(part_ptr + row[:, None] * (D + 2) + rd[None, :], acc)
+            tl.store(part_ptr + row * (D + 2) + D, m_i)
+            tl.store(part_ptr + row * (D + 2) + D + 1, l_i)
+
+    @triton.jit
+    def _merge_splits_kernel(part_ptr, o_ptr, stride_ob, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                             D: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        pdl_enter(PDL)
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        rg = tl.arange(0, BLOCK_G)
+        rd = tl.arange(0, D)
+        first = (b * tl.num_programs(1) + hk) * SPLITS * BLOCK_G
+        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        for sp in range(SPLITS):
+            m = tl.maximum(m, tl.load(part_ptr + (first + sp * BLOCK_G + rg) * (D + 2) + D))
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        l_sum = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, D), tl.float32)
+        for sp in range(SPLITS):  # split order: deterministic
+            row = first + sp * BLOCK_G + rg
+            w = tl.exp(tl.load(part_ptr + row * (D + 2) + D) - m_ref)
+            l_sum += w * tl.load(part_ptr + row * (D + 2) + D + 1)
+            acc += w[:, None] * tl.load(part_ptr + row[:, None] * (D + 2) + rd[None, :])
+        heads = hk * GROUP + rg
+        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + rd[None, :],
+                 (acc / l_sum[:, None]).to(o_ptr.dtype.element_ty), mask=(rg < GROUP)[:, None])
+
+
+def decode_splits(slots: int) -> int:
+    return max(1, min(MAX_SPLITS, -(-slots // SLOTS_PER_SPLIT)))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                     splits: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, hidden keys excluded) v for one query per row.
+
+    q (B, H, 1, D); k, v (B, Hkv, S, D) with H a multiple of Hkv and contiguous D; mask (B, 1, 1, S) or
+    (B, S) bool, True = visible (every row must see at least one key). Returns (B, H, 1, D) in q's dtype.
+    splits: programs per KV head (default: one per SLOTS_PER_SPLIT slots)."""
+    require()
+    b, h, n, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if n != 1 or k.shape != (b, hkv, s, d) or v.shape != k.shape or h % hkv:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need one "
+                         "query per row and H a multiple of the KV heads")
+    if d != next_pow2(d) or d < 16 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"decode_attention: head size {d} must be a power of two >= 16 with contiguous elements")
+    mask = mask.reshape(b, -1)
+    if mask.shape[1] != s or mask.dtype != torch.bool:
+        raise ValueError(f"decode_attention: mask {tuple(mask.shape)} {mask.dtype}: need (B, 1, 1, {s}) bool")
+    mask = mask.view(torch.uint8)
+    group = h // hkv
+    block_g = max(16, next_pow2(group))
+    splits = decode_splits(s) if splits is None else int(splits)
+    out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
+    part = torch.empty(b * hkv * splits * block_g * (d + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    pdl = pdl_launch(q.device, trigger_at_start=True)
+    _decode_attention_kernel[(b, hkv, splits)](
+        q, k, v, mask, out, part, s, float(scale),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        mask.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=block_g, BLOCK_S=64, D=d, SPLITS=splits, UPCAST=interpreting(), **pdl)
+    if splits > 1:
+        _merge_splits_kernel[(b, hkv)](part, out, out.stride(0), out.stride(1), GROUP=group, BLOCK_G=block_g, D=d,
+                                       SPLITS=splits, **pdl)
+    return out
+
+
+__all__ = ["decode_attention", "decode_splits"]
