@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 def cases():
     """(name, jit function, signature, constexprs, options) at the configs the released shapes use."""
-    from kernels import moe, skinny
+    from kernels import attention, moe, skinny
 
     sk = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", wscale_ptr="*fp32", bias_ptr="*fp32", y_ptr="*bf16", gate_ptr="*fp32",
               part_ptr="*fp32", ticket_ptr="*i32", M="i32", N="i32", K="i32", row_div="i32", stride_xm="i32",
@@ -44,10 +44,18 @@ def cases():
         c = dict(TOPK=6, HAS_SCALE=fmt == "fp8", BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PDL=0)
         gu = dict(x_ptr="*bf16", ids_ptr="*i32", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,
                   H="i32", I="i32", stride_x="i32")
-        dn = dict(act_ptr=act, ids_ptr="*i32", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32", H="i32",
-                  I="i32", stride_y="i32")
+        dn = dict(act_ptr=act, ids_ptr="*i32", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32",
+                  part_ptr="*fp32", ticket_ptr="*i32", H="i32", I="i32", stride_y="i32")
         out.append((f"moe gate_up {fmt}", moe._gate_up_kernel, gu, c, dict(num_warps=4, num_stages=3)))
-        out.append((f"moe down {fmt}", moe._down_kernel, dn, c, dict(num_warps=4, num_stages=3)))
+        for split in (1, 6):
+            out.append((f"moe down {fmt} expert split {split}", moe._down_kernel, dn, dict(c, SPLIT_E=split),
+                        dict(num_warps=4, num_stages=3)))
+    att = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", mask_ptr="*u8", o_ptr="*bf16", part_ptr="*fp32", S="i32",
+               scale="fp32", **{f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kh", "ks", "vb", "vh", "vs", "mb", "ob", "oh")})
+    for splits in (1, 4):
+        out.append((f"decode attention splits {splits}", attention._decode_attention_kernel, att,
+                    dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, D=128, SPLITS=splits, UPCAST=False, PDL=0),
+                    dict(num_warps=4, num_stages=3)))
     return out
 
 
@@ -75,10 +83,11 @@ def jit_attrs(sig: dict, consts: dict, odd: tuple[str, ...]) -> dict:
     count). Without them no load can be a 16-byte cp.async and the pipeliner leaves the loop alone, which is
     why a bare ASTSource compile (what this check did first) reports nothing pipelined, even for a matmul."""
     names = [n for n in sig if n not in consts]
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in odd and not sig[n] == "constexpr"}
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+            if n not in odd and sig[n] != "constexpr" and not sig[n].startswith("fp")}
 
 
-def inspect(fn, sig, consts, opts, target, odd=("M", "row_div")) -> dict:
+def inspect(fn, sig, consts, opts, target, odd=("M", "row_div", "scale")) -> dict:
     import triton
     from triton.compiler import ASTSource
 

@@ -6,9 +6,11 @@ syncs to find which experts are used); gathering the routed weights first copies
 routing, so each routed expert's bytes cross HBM once per row and nothing is synchronised:
 
   gate_up: grid (T*k slots, I blocks)   act[s] = silu(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)
-  down:    grid (T, H blocks)           y[t]   = sum_j w[t, j] * (act[t*k + j] @ Wd[e_j]^T)
+  down:    grid (T, H blocks[, splits])  y[t]   = sum_j w[t, j] * (act[t*k + j] @ Wd[e_j]^T)
 
-The k-sum runs inside one program in a fixed order: deterministic, no atomics. Each slot is one row,
+The k-sum runs in a fixed order: inside one program, or (DOWN_SPLIT > 1) over programs that each sum a
+share of the experts, the last of them adding the shares in order (a ticket, as the skinny GEMM's
+split-K): deterministic either way. Each slot is one row,
 put in column 0 of a 16-wide tile so the tensor cores do the products (CUDA-core FMAs after
 widening FP8 to fp32 made the FP8 kernel compute-bound at 1.9 TB/s); FP8 weights carry a
 per-(expert, output channel) fp32 scale applied after the reduction.
@@ -55,18 +57,20 @@ if triton is not None:
         store_cast(act_ptr + s * I + rn, g / (1.0 + tl.exp(-g)) * u, n_ok)
 
     @triton.jit
-    def _down_kernel(act_ptr, ids_ptr, topw_ptr, wd_ptr, sd_ptr, y_ptr, H, I, stride_y,
+    def _down_kernel(act_ptr, ids_ptr, topw_ptr, wd_ptr, sd_ptr, y_ptr, part_ptr, ticket_ptr, H, I, stride_y,
                      TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     UPCAST: tl.constexpr, PDL: tl.constexpr):
+                     SPLIT_E: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
         pdl_enter(PDL)
         t = tl.program_id(0)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_n = tl.program_id(1)
+        pid_e = tl.program_id(2)  # SPLIT_E > 1: this program's share of the row's experts
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         col = tl.arange(0, 16)
         n_ok = rn < H
         y = tl.zeros((BLOCK_N,), tl.float32)
-        for j in range(TOPK):  # this row's experts in routing order: a fixed summation order
-            s = t * TOPK + j
+        for jj in range(TOPK // SPLIT_E):  # this row's experts in routing order: a fixed summation order
+            s = t * TOPK + pid_e * (TOPK // SPLIT_E) + jj
             e = tl.load(ids_ptr + s).to(tl.int64)
             rows = (e * H + rn).to(tl.int64) * I
             acc = tl.zeros((BLOCK_N, 16), tl.float32)
@@ -82,7 +86,20 @@ if triton is not None:
                 part = part * tl.load(sd_ptr + e * H + rn, mask=n_ok, other=0.0)
             y += tl.load(topw_ptr + s).to(tl.float32) * part
         pdl_main_loop_done(PDL)
-        tl.store(y_ptr + t * stride_y + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+        out_ok = n_ok
+        if SPLIT_E > 1:
+            # each share writes its partial (T, SPLIT_E, H); the last to arrive (a ticket per output block)
+            # sums them in share order: deterministic, as the skinny GEMM's split-K
+            tl.store(part_ptr + (t * SPLIT_E + pid_e) * H + rn, y, mask=n_ok)
+            tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+            slot = ticket_ptr + t * tl.num_programs(1) + pid_n
+            ticket = tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
+            out_ok = n_ok & ((tl.zeros((BLOCK_N,), tl.int32) + ticket) == SPLIT_E - 1)
+            y = tl.zeros((BLOCK_N,), tl.float32)
+            for sp in range(SPLIT_E):
+                y += tl.load(part_ptr + (t * SPLIT_E + sp) * H + rn, mask=out_ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(slot, 0, mask=ticket == SPLIT_E - 1, sem="relaxed", scope="gpu")  # re-arm
+        tl.store(y_ptr + t * stride_y + rn, y.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 def candidate_configs() -> list[dict]:
@@ -90,10 +107,27 @@ def candidate_configs() -> list[dict]:
             for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 16384]
 
 
-def down_candidates(best: dict) -> list[dict]:
-    """`best` with each other tile for the down kernel alone (benchmarks/kernels.py times these second)."""
-    return [dict(best, DOWN_BLOCK_N=c["BLOCK_N"], DOWN_BLOCK_K=c["BLOCK_K"]) for c in candidate_configs()
-            if (c["BLOCK_N"], c["BLOCK_K"]) != (best["BLOCK_N"], best["BLOCK_K"])]
+def down_candidates(best: dict, topk: int = 6) -> list[dict]:
+    """`best` with each other tile for the down kernel alone, and each split of the row's experts over
+    programs (DOWN_SPLIT, a divisor of top-k) (benchmarks/kernels.py times these second)."""
+    out = []
+    for c in candidate_configs():
+        for split in (1, 2, 3, 6):
+            if topk % split == 0 and ((c["BLOCK_N"], c["BLOCK_K"]) != (best["BLOCK_N"], best["BLOCK_K"]) or split > 1):
+                out.append(dict(best, DOWN_BLOCK_N=c["BLOCK_N"], DOWN_BLOCK_K=c["BLOCK_K"], DOWN_SPLIT=split))
+    return out
+
+
+_TICKETS: dict[tuple, torch.Tensor] = {}
+
+
+def _tickets(device, n: int) -> torch.Tensor:
+    """Zeroed tickets for the down kernel's expert split, one set per (device, size): made at the first
+    call (a warm-up, before any graph capture) and re-armed by the kernel."""
+    key = (str(device), n)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _TICKETS[key]
 
 
 def pick_config(h: int, i: int, fp8: bool) -> dict:
@@ -133,17 +167,26 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     common = dict(UPCAST=interpreting(), **pdl_launch(x.device))
     _gate_up_kernel[(t * k, triton.cdiv(i, up["BLOCK_N"]))](
         x, ids, w_gate, w_up, sg, su, act, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **common, **up)
-    _down_kernel[(t, triton.cdiv(h, down["BLOCK_N"]))](
-        act, ids, weights, w_down, sd, out, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale, **common, **down)
+    split = down.pop("SPLIT_E")
+    if k % split:
+        raise ValueError(f"DOWN_SPLIT={split} must divide top-k={k}")
+    n_blocks = triton.cdiv(h, down["BLOCK_N"])
+    part = torch.empty(t * split * h if split > 1 else 1, dtype=torch.float32, device=x.device)
+    tickets = _tickets(x.device, t * n_blocks) if split > 1 else part
+    _down_kernel[(t, n_blocks, split)](
+        act, ids, weights, w_down, sd, out, part, tickets, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale,
+        SPLIT_E=split, **common, **down)
     return out
 
 
 def split_config(config: dict) -> tuple[dict, dict]:
     """(gate_up, down) launch configs. The down kernel has only T x H/BLOCK_N programs (64 for 2 rows at
-    BLOCK_N 64, half an H100), so it may take its own tile: DOWN_BLOCK_N / DOWN_BLOCK_K (default: the
-    gate_up kernel's)."""
+    BLOCK_N 64, half an H100), so it may take its own tile, DOWN_BLOCK_N / DOWN_BLOCK_K (default: the
+    gate_up kernel's), and split each row's experts over DOWN_SPLIT programs (default 1; the down
+    kernel's SPLIT_E)."""
     up = {key: v for key, v in config.items() if not key.startswith("DOWN_")}
-    down = dict(up, BLOCK_N=config.get("DOWN_BLOCK_N", up["BLOCK_N"]), BLOCK_K=config.get("DOWN_BLOCK_K", up["BLOCK_K"]))
+    down = dict(up, BLOCK_N=config.get("DOWN_BLOCK_N", up["BLOCK_N"]), BLOCK_K=config.get("DOWN_BLOCK_K", up["BLOCK_K"]),
+                SPLIT_E=config.get("DOWN_SPLIT", 1))
     return up, down
 
 

@@ -209,9 +209,10 @@ def test_fused_moe_equals_reference_moe(fmt):
     assert_close(f"kernels/moe_fused_{fmt}", got, ref, rel * max(1.0, ref.abs().max().item()))
 
 
-def test_moe_down_kernel_takes_its_own_tile(monkeypatch):
-    """DOWN_BLOCK_N / DOWN_BLOCK_K retile only the down kernel: same sums as one shared tile, and the
-    gate_up kernel's launch is untouched."""
+def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):
+    """DOWN_BLOCK_N / DOWN_BLOCK_K retile only the down kernel and DOWN_SPLIT spreads each row's experts
+    over programs: the same sums as one shared tile, the gate_up kernel's launch untouched, and the
+    split's tickets re-armed (a second call gives the same bits)."""
     from kernels import moe as moe_module
     from kernels.moe import down_candidates, moe_decode, split_config
 
@@ -224,8 +225,12 @@ def test_moe_down_kernel_takes_its_own_tile(monkeypatch):
     w = torch.rand(t, k, generator=g).to(DEV)
     shared = {"BLOCK_N": 32, "BLOCK_K": 32}
     own = dict(shared, DOWN_BLOCK_N=16, DOWN_BLOCK_K=64)
-    assert split_config(own) == (shared, {"BLOCK_N": 16, "BLOCK_K": 64})
-    assert all("DOWN_BLOCK_N" in c for c in down_candidates({"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}))
+    split = dict(own, DOWN_SPLIT=3)
+    assert split_config(own) == (shared, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_E": 1})
+    assert split_config(split)[1]["SPLIT_E"] == 3
+    cands = down_candidates({"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4})
+    assert all("DOWN_BLOCK_N" in c and 6 % c["DOWN_SPLIT"] == 0 for c in cands)
+    assert {c["DOWN_SPLIT"] for c in cands} == {1, 2, 3, 6}
     launches = []
 
     class Recorder:  # what the down kernel is launched with
@@ -234,17 +239,23 @@ def test_moe_down_kernel_takes_its_own_tile(monkeypatch):
 
         def __getitem__(self, grid):
             def run(*a, **kw):
-                launches.append((grid, kw["BLOCK_N"], kw["BLOCK_K"]))
+                launches.append((grid, kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_E"]))
                 return self.kernel[grid](*a, **kw)
             return run
 
     monkeypatch.setattr(moe_module, "_down_kernel", Recorder(moe_module._down_kernel))
     a, b = moe_decode(x, ids, w, wg, wu, wd, config=shared), moe_decode(x, ids, w, wg, wu, wd, config=own)
-    assert launches == [((t, 2), 32, 32), ((t, 3), 16, 64)]  # H=40: 2 blocks of 32, 3 of 16
+    c1, c2 = (moe_decode(x, ids, w, wg, wu, wd, config=split) for _ in range(2))
+    # H=40: 2 blocks of 32, 3 of 16; the split: 3 programs per block
+    assert launches == [((t, 2, 1), 32, 32, 1), ((t, 3, 1), 16, 64, 1), ((t, 3, 3), 16, 64, 3), ((t, 3, 3), 16, 64, 3)]
     ref = torch.stack([sum(w[r, j] * F.linear(F.silu(F.linear(x[r], wg[ids[r, j]])) * F.linear(x[r], wu[ids[r, j]]),
                                               wd[ids[r, j]]) for j in range(k)) for r in range(t)])
     _check("kernels/moe_down_own_tile", b, ref)
     _check("kernels/moe_down_own_tile_vs_shared", b, a)
+    _check("kernels/moe_down_expert_split", c1, ref)
+    assert torch.equal(c1, c2)
+    with pytest.raises(ValueError, match="divide"):
+        moe_decode(x, ids, w, wg, wu, wd, config=dict(own, DOWN_SPLIT=2))
 
 
 def test_fused_moe_mode_without_kernel_is_a_clear_error():
