@@ -9,14 +9,26 @@
 #                       GPU_TESTS_FILES="tests/..." limits them (the AOTInductor test alone can take minutes);
 #                       the fixtures must travel: copy ../shared/fixtures into .fixtures/ and set MINGRT_FIXTURES
 #   DETERMINISM_ARGS="--replays 3 --cases 0,1,5"   also run benchmarks/determinism_check.py with these flags
-#   ATTENTION_CHECK=1   also run benchmarks/attention_check.py (decode attention: repeatability and time per call)
-#   KERNELS_ARGS="..."  also run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep)
+#   ATTENTION_CHECK=1   first run benchmarks/attention_check.py (decode attention: repeatability and time per call)
+#   KERNELS_ARGS="..."  first run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep);
+#                       KERNELS_INSTALL=1 then copies the swept table into kernels/configs/ for the runs below
 #   SKIP_EXPORTS=1      no full-size exports; FP8_PIECES / BF16_PIECES / FP8_TIMEOUT / BF16_TIMEOUT choose them
 #   TAR=1               at the end, pack OUT_DIR into OUT_DIR.tgz (the device tool returns at most 8 files)
 set -u
 OUT=${1:?output folder}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 mkdir -p "$OUT"
+if [ -n "${KERNELS_ARGS:-}" ]; then
+  timeout "${KERNELS_TIMEOUT:-240}" python3 benchmarks/kernels.py --out "$OUT" $KERNELS_ARGS > "$OUT/kernels.log" 2>&1
+  tail -3 "$OUT/kernels.log"
+  if [ "${KERNELS_INSTALL:-0}" = 1 ]; then  # the runs below use the table just swept
+    for f in "$OUT"/NVIDIA_*.json; do [ -e "$f" ] && cp "$f" kernels/configs/ && echo "installed $f"; done
+  fi
+fi
+if [ "${ATTENTION_CHECK:-0}" = 1 ]; then
+  timeout 90 python3 benchmarks/attention_check.py --out "$OUT" > "$OUT/attention_check.log" 2>&1
+  tail -3 "$OUT/attention_check.log"
+fi
 if [ "${SKIP_SPEED:-0}" != 1 ]; then
   timeout "${SPEED_TIMEOUT:-240}" python3 benchmarks/speed.py --out "$OUT" ${SPEED_ARGS:---e2e-runs 5 --eager-e2e-runs 1} 2>&1 \
       | tee "$OUT/speed.log" | grep -v Warn
@@ -28,14 +40,6 @@ fi
 if [ -n "${DETERMINISM_ARGS:-}" ]; then
   timeout "${DETERMINISM_TIMEOUT:-240}" python3 benchmarks/determinism_check.py --out "$OUT" $DETERMINISM_ARGS > "$OUT/determinism.log" 2>&1
   tail -4 "$OUT/determinism.log"
-fi
-if [ "${ATTENTION_CHECK:-0}" = 1 ]; then
-  timeout 90 python3 benchmarks/attention_check.py --out "$OUT" > "$OUT/attention_check.log" 2>&1
-  tail -3 "$OUT/attention_check.log"
-fi
-if [ -n "${KERNELS_ARGS:-}" ]; then
-  timeout "${KERNELS_TIMEOUT:-240}" python3 benchmarks/kernels.py --out "$OUT" $KERNELS_ARGS > "$OUT/kernels.log" 2>&1
-  tail -3 "$OUT/kernels.log"
 fi
 pack() { [ "${TAR:-0}" = 1 ] && tar czf "${OUT%/}.tgz" -C "$OUT" . && echo "packed ${OUT%/}.tgz"; return 0; }
 if [ "${SKIP_EXPORTS:-0}" = 1 ]; then pack; exit 0; fi

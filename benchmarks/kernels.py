@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-shapes", type=int, default=99, help="sweep configs for the first N GEMM shapes (heaviest first)")
     p.add_argument("--formats", default="bf16,fp8", help="weight formats to time (comma-separated)")
     p.add_argument("--skip-moe", action="store_true", help="no fused-MoE rows (its table entries are kept)")
+    p.add_argument("--only-moe", action="store_true", help="only the fused-MoE rows (the GEMMs' table entries are kept)")
     p.add_argument("--wide", action="store_true", help="FP8: also sweep 128-wide K tiles and 6 pipeline stages")
     p.add_argument("--peak-tbps", type=float, default=None, help="HBM peak (default: by GPU name, speed.HBM_TBPS)")
     p.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (the "
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
         res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table))
         if a.sweep:
             (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
-    for idx, (name, m, n, k, epi) in enumerate(shapes(cfg)):
+    for idx, (name, m, n, k, epi) in enumerate(() if a.only_moe else shapes(cfg)):
         for fmt in formats:
             # the LLM's and semantic decoder's linears use the kernel only with FP8 weights (cuBLAS for bf16)
             # (the fused SwiGLU of the LLM / semantic MLPs exists only with FP8 weights)

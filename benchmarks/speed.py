@@ -168,6 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae,sdvae-ar,fp8,engines "
                                                "(default: all)")
     p.add_argument("--no-kernels", action="store_true", help="skip the Triton-kernel variants")
+    p.add_argument("--no-pdl-ab", action="store_true", help="skip re-timing the kernel token graphs without PDL and "
+                                                            "with its other settings (four recaptures per format)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--hbm-tbps", type=float, help="peak HBM bandwidth for the floor (default: by GPU name)")
     p.add_argument("--engines", type=Path, help="an export.build folder: also time its onnxruntime/TensorRT engines "
@@ -310,7 +312,7 @@ def main(argv=None) -> int:
             res = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt})", step_of(g, k, p_len))
             step_accuracy[f"kernels_{fmt}"] = rel_errors(piece_outputs("fused", g.flow), reference_outputs)
             breakdown(g, k, fmt, rec)
-            if g.pdl:
+            if g.pdl and not a.no_pdl_ab:
                 pdl_ab(g, fmt)
             return g, res
 
