@@ -155,7 +155,7 @@ def attention_repeats(model, cache, kw, replays: int = 200) -> dict:
 
     def recording(q, k, v, attn_mask=None, **kwargs):
         out = real(q, k, v, attn_mask=attn_mask, **kwargs)
-        if attn_mask is not None:  # the LLM's calls (MingTok's attention takes no mask)
+        if attn_mask is not None:  # the LLM's and the semantic decoder's static steps (the rest take no mask)
             calls.append(([t.clone() for t in (q, k, v, attn_mask)], kwargs, out.clone()))
         return out
 
@@ -181,7 +181,11 @@ def call_label(calls: list, j: int, cfg) -> dict:
 
 
 def compare_attention_calls(a: list, b: list, real, cfg, replays: int) -> dict:
+    """The first call of `a` whose output differs in `b`, and its inputs replayed per form: as the models
+    ran it (models.sdpa's backends), torch's default dispatch, each backend forced, an explicit fp32 form."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from models.sdpa import REPEATABLE_BACKENDS
 
     res = {"calls": [len(a), len(b)], "first_output_differs": None}
     for j, ((ia, kwa, oa), (ib, _, ob)) in enumerate(zip(a, b)):
@@ -198,7 +202,12 @@ def compare_attention_calls(a: list, b: list, real, cfg, replays: int) -> dict:
             s = (q.float() @ kk.transpose(-1, -2)) * kwargs["scale"]
             return (s.masked_fill(~mask, float("-inf")).softmax(-1) @ vv).to(q.dtype)
 
-        forms = {"default": lambda: real(q, k, v, attn_mask=mask, **kwargs), "explicit fp32": explicit_fp32}
+        def as_recorded():  # what the models ran: models.sdpa's backends
+            with sdpa_kernel(REPEATABLE_BACKENDS):
+                return real(q, k, v, attn_mask=mask, **kwargs)
+
+        forms = {"as recorded (models.sdpa)": as_recorded, "torch default (cuDNN allowed)": lambda: real(q, k, v, attn_mask=mask, **kwargs),
+                 "explicit fp32": explicit_fp32}
         for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
             def forced(backend=backend):
                 with sdpa_kernel(backend):
@@ -214,8 +223,9 @@ def compare_attention_calls(a: list, b: list, real, cfg, replays: int) -> dict:
             res["replays"][name] = {"equal_to_run_a": torch.equal(outs[0], oa), "equal_to_run_b": torch.equal(outs[0], ob),
                                     "replays_differing_from_first": sum(not torch.equal(o, outs[0]) for o in outs)}
         break
-    # how often a recorded call does not repeat when simply run again (default backend)
-    again = sum(not torch.equal(real(q, k, v, attn_mask=m, **kw_), out) for (q, k, v, m), kw_, out in a)
+    # how often a recorded call does not repeat when run again as the models ran it
+    with sdpa_kernel(REPEATABLE_BACKENDS):
+        again = sum(not torch.equal(real(q, k, v, attn_mask=m, **kw_), out) for (q, k, v, m), kw_, out in a)
     res["calls_of_run_a_not_repeating"] = again
     return res
 

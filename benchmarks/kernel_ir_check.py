@@ -77,21 +77,21 @@ def textbook_matmul():
     return ("textbook matmul (control)", mm, sig, dict(BM=64, BN=16, BK=128), dict(num_warps=4, num_stages=3))
 
 
-def jit_attrs(sig: dict, consts: dict, odd: tuple[str, ...]) -> dict:
+def jit_attrs(fn, sig: dict, odd: tuple[str, ...]) -> dict:
     """The alignment facts Triton's JIT specializes on at launch: every pointer here is 16-byte aligned and
     every integer argument a multiple of 16 at the released shapes, except those named in `odd` (the row
     count). Without them no load can be a 16-byte cp.async and the pipeliner leaves the loop alone, which is
     why a bare ASTSource compile (what this check did first) reports nothing pipelined, even for a matmul."""
-    names = [n for n in sig if n not in consts]
-    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-            if n not in odd and sig[n] != "constexpr" and not sig[n].startswith("fp")}
+    names = list(fn.arg_names)
+    return {(names.index(n),): [["tt.divisibility", 16]] for n, ty in sig.items()
+            if n not in odd and ty != "constexpr" and not ty.startswith("fp")}
 
 
 def inspect(fn, sig, consts, opts, target, odd=("M", "row_div", "scale")) -> dict:
     import triton
     from triton.compiler import ASTSource
 
-    attrs = jit_attrs(sig, consts, odd)
+    attrs = jit_attrs(fn, {n: t for n, t in sig.items() if n not in consts}, odd)
     sig = dict(sig, **{k: "constexpr" for k in consts})
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target, options=opts)
     ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]

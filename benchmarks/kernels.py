@@ -154,7 +154,7 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
            "weight_mb": nbytes / 1e6, "default_config": default, "us": run(default)}
     if sweep:
         best = (row["us"], default)
-        for stage in (moe_candidates, lambda: moe_down_candidates(best[1])):  # shared tile, then the down kernel's own
+        for stage in (moe_candidates, lambda: moe_down_candidates(best[1], k)):  # shared tile, then the down kernel's own
             for c in stage():
                 try:
                     best = min(best, (run(c), c), key=lambda p: p[0])

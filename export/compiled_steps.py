@@ -106,6 +106,9 @@ def verify_steps(gen, steps: dict, dtype: torch.dtype) -> dict:
 
 def compile_steps(gen, out: Path, max_sequence: int) -> tuple[dict, dict]:
     """Export and AOT-compile the generator's two steps into `out`: (manifest entries, loaded steps)."""
+    from torch.nn.attention import sdpa_kernel
+
+    from models.sdpa import REPEATABLE_BACKENDS
     from runtime.fast import compiled_steps as cs
 
     samples, shapes = cs.sample_inputs(gen), cs.dynamic_shapes(gen, max_sequence)
@@ -114,14 +117,18 @@ def compile_steps(gen, out: Path, max_sequence: int) -> tuple[dict, dict]:
         t = time.time()
         path = Path(out) / cs.STEP_FILES[name]
         logger.info("aoti: exporting %s", name)
-        with torch.no_grad():
+        # models.sdpa keeps the cuDNN attention backend out at run time, but an exported program records
+        # only aten.scaled_dot_product_attention: the backend is chosen again when AOTInductor lowers it,
+        # so export and compile under the same restriction
+        with torch.no_grad(), sdpa_kernel(REPEATABLE_BACKENDS):
             ep = torch.export.export(module, samples[name], dynamic_shapes=shapes[name])
         sig = ep.graph_signature  # the tensors the program reads from the module (what a package will ask for)
         ep_constants = [*sig.inputs_to_parameters.values(), *sig.inputs_to_buffers.values()]
         logger.info("aoti: compiling %s with AOTInductor (minutes for the full model)", name)
         path.unlink(missing_ok=True)
-        torch._inductor.aoti_compile_and_package(
-            ep, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False})
+        with sdpa_kernel(REPEATABLE_BACKENDS):
+            torch._inductor.aoti_compile_and_package(
+                ep, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False})
         del ep
         entries[name] = {"file": path.name, "sha256": mf.sha256_file(path), "bytes": path.stat().st_size,
                          "seconds": round(time.time() - t, 1),

@@ -30,6 +30,8 @@ if triton is not None:
     def _dot(a, b, UPCAST: tl.constexpr):
         if UPCAST:  # Triton's interpreter multiplies 16-bit floats wrongly: fp32 IEEE products there
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        if a.dtype == tl.float32:  # fp32 models: exact products (tl.dot's default for fp32 is TF32)
+            return tl.dot(a, b.to(tl.float32), input_precision="ieee")
         return tl.dot(a, b)
 
     @triton.jit
@@ -73,7 +75,7 @@ if triton is not None:
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
             m_i = m_new
         if SPLITS == 1:
-            out = acc / l_i[:, None]
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that sees no key gets zeros, not NaN
             tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + rd[None, :],
                      out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
         else:
@@ -105,7 +107,7 @@ if triton is not None:
             acc += w[:, None] * tl.load(part_ptr + row[:, None] * (D + 2) + rd[None, :])
         heads = hk * GROUP + rg
         tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + rd[None, :],
-                 (acc / l_sum[:, None]).to(o_ptr.dtype.element_ty), mask=(rg < GROUP)[:, None])
+                 (acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]).to(o_ptr.dtype.element_ty), mask=(rg < GROUP)[:, None])
 
 
 def decode_splits(slots: int) -> int:
@@ -116,8 +118,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      splits: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, hidden keys excluded) v for one query per row.
 
-    q (B, H, 1, D); k, v (B, Hkv, S, D) with H a multiple of Hkv and contiguous D; mask (B, 1, 1, S) or
-    (B, S) bool, True = visible (every row must see at least one key). Returns (B, H, 1, D) in q's dtype.
+    q (B, H, 1, D); k, v (B, Hkv, S, D) of q's dtype, H a multiple of Hkv, contiguous D; mask (B or 1, 1, 1, S)
+    bool, True = visible (a row that sees no key gets zeros). Returns (B, H, 1, D) in q's dtype.
     splits: programs per KV head (default: one per SLOTS_PER_SPLIT slots)."""
     require()
     b, h, n, d = q.shape
@@ -127,9 +129,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                          "query per row and H a multiple of the KV heads")
     if d != next_pow2(d) or d < 16 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError(f"decode_attention: head size {d} must be a power of two >= 16 with contiguous elements")
-    mask = mask.reshape(b, -1)
-    if mask.shape[1] != s or mask.dtype != torch.bool:
-        raise ValueError(f"decode_attention: mask {tuple(mask.shape)} {mask.dtype}: need (B, 1, 1, {s}) bool")
+    if mask is None or mask.dtype != torch.bool or mask.shape[-1] != s or mask.numel() not in (s, b * s):
+        raise ValueError(f"decode_attention: mask {None if mask is None else (tuple(mask.shape), mask.dtype)}: need "
+                         f"(B or 1, 1, 1, {s}) bool")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"decode_attention: q {q.dtype}, k {k.dtype}, v {v.dtype}: one dtype")
+    mask = mask.reshape(-1, s)
+    mask = (mask if mask.stride(-1) == 1 else mask.contiguous()).expand(b, s)
     mask = mask.view(torch.uint8)
     group = h // hkv
     block_g = max(16, next_pow2(group))

@@ -118,16 +118,23 @@ def down_candidates(best: dict, topk: int = 6) -> list[dict]:
     return out
 
 
-_TICKETS: dict[tuple, torch.Tensor] = {}
+_TICKETS: dict[str, torch.Tensor] = {}
+MAX_TICKET_ROWS = 64  # rows one decode call may bring (kernels.skinny.MAX_ROWS)
 
 
-def _tickets(device, n: int) -> torch.Tensor:
-    """Zeroed tickets for the down kernel's expert split, one set per (device, size): made at the first
-    call (a warm-up, before any graph capture) and re-armed by the kernel."""
-    key = (str(device), n)
-    if key not in _TICKETS:
-        _TICKETS[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return _TICKETS[key]
+def reserve_tickets(device, h: int, rows: int = MAX_TICKET_ROWS) -> torch.Tensor:
+    """Zeroed tickets for the down kernel's expert split, one buffer per device, enough for `rows` rows at
+    the smallest output block (16): made before any graph capture (FusedMoEDecode does it) and re-armed by
+    the kernel after every use. Launches on one stream are ordered, so the MoE layers share it; two
+    streams must not run MoE decodes of the same device at once (as the skinny GEMM's workspaces)."""
+    key, n = str(device), rows * -(-h // 16)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("moe_decode's split tickets must be reserved before a CUDA graph capture "
+                               "(kernels.moe.reserve_tickets, done by FusedMoEDecode)")
+        buf = _TICKETS[key] = torch.zeros(max(n, 0 if buf is None else buf.numel()), dtype=torch.int32, device=device)
+    return buf
 
 
 def pick_config(h: int, i: int, fp8: bool) -> dict:
@@ -172,7 +179,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
         raise ValueError(f"DOWN_SPLIT={split} must divide top-k={k}")
     n_blocks = triton.cdiv(h, down["BLOCK_N"])
     part = torch.empty(t * split * h if split > 1 else 1, dtype=torch.float32, device=x.device)
-    tickets = _tickets(x.device, t * n_blocks) if split > 1 else part
+    tickets = reserve_tickets(x.device, h, t) if split > 1 else part
     _down_kernel[(t, n_blocks, split)](
         act, ids, weights, w_down, sd, out, part, tickets, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale,
         SPLIT_E=split, **common, **down)
@@ -190,4 +197,4 @@ def split_config(config: dict) -> tuple[dict, dict]:
     return up, down
 
 
-__all__ = ["moe_decode", "candidate_configs", "down_candidates", "pick_config", "split_config"]
+__all__ = ["moe_decode", "candidate_configs", "down_candidates", "pick_config", "reserve_tickets", "split_config"]

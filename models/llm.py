@@ -91,11 +91,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q, k, v, mask):
+    def attend(self, q, k, v, mask, fused: bool = False):
         b, h, n, d = q.shape
-        fused = getattr(self, "fused_decode_attention", None)  # a kernel the GPU fast path may install
-        if fused is not None and n == 1:
-            out = fused(q, k.to(q.dtype), v.to(q.dtype), mask, d ** -0.5)
+        kernel = getattr(self, "fused_decode_attention", None) if fused else None  # installed by prepare_decode
+        if kernel is not None and n == 1:
+            out = kernel(q, k.to(q.dtype), v.to(q.dtype), mask, d ** -0.5)
         else:
             out = attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=d ** -0.5,
                             enable_gqa=self.num_heads != self.num_kv_heads)
@@ -107,11 +107,12 @@ class Attention(nn.Module):
         v = torch.cat([past_v, v.to(past_v.dtype)], dim=2)
         return self.attend(q, k, v, mask), k, v
 
-    def forward_static(self, x, cos, sin, mask, k_cache, v_cache, cache_position):
+    def forward_static(self, x, cos, sin, mask, k_cache, v_cache, cache_position, fused: bool = False):
+        """fused: a one-token step may use the decode-attention kernel prepare_decode installed."""
         q, k, v = self.project(x, cos, sin)
         k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
         v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
-        return self.attend(q, k_cache, v_cache, mask)
+        return self.attend(q, k_cache, v_cache, mask, fused)
 
 
 class ExpertMLP(nn.Module):
@@ -306,12 +307,14 @@ class BailingMoeModel(nn.Module):
 
     def forward_static(self, inputs_embeds, attention_mask, position_ids, k_caches, v_caches, cache_position,
                        image_mask=None, moe_mode: str = "gather"):
-        """Static-cache form: attention_mask (B, S_max) covers every slot of the preallocated buffers."""
+        """Static-cache form: attention_mask (B, S_max) covers every slot of the preallocated buffers.
+        moe_mode "fused" (the GPU fast path) also runs one-token attention on the installed kernel."""
         mask = attention_mask_4d(attention_mask, cache_position)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
         x = inputs_embeds
         for layer, kc, vc in zip(self.layers, k_caches, v_caches):
-            x = x + layer.attention.forward_static(layer.input_layernorm(x), cos, sin, mask, kc, vc, cache_position)
+            x = x + layer.attention.forward_static(layer.input_layernorm(x), cos, sin, mask, kc, vc, cache_position,
+                                                   fused=moe_mode == "fused")
             x = layer.ffn(x, image_mask, moe_mode, None)
         return self.norm(x)
 

@@ -4,9 +4,11 @@ On an H200 (torch 2.11, CUDA 13) the LLM's decode attention (GQA with a key mask
 cuDNN backend, whose output for identical inputs differed in 47 of 200 replays, and two text-to-image
 loops on one seed parted after 40-80 image tokens because of it (benchmarks/results/
 determinism_attention_h200.json). FlashAttention, the memory-efficient kernel and the math composite
-compute each output in a fixed order; excluding cuDNN leaves torch's choice among those (for the LLM's
-masked GQA: math; the GPU fast path installs kernels/attention.py for the one-token decode instead).
-On the CPU nothing changes (its backends are flash and math).
+compute each output in a fixed order; excluding cuDNN leaves torch's choice among those. None of the
+fused two takes grouped heads with a mask, so on a GPU those calls (the LLM's) get their KV heads
+repeated first and go to the memory-efficient kernel, not to the math composite with its (L, S) fp32
+score matrix; the GPU fast path's one-token decode uses kernels/attention.py instead. On the CPU nothing
+changes (its backends are flash and math).
 """
 from __future__ import annotations
 
@@ -19,5 +21,9 @@ REPEATABLE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """F.scaled_dot_product_attention(q, k, v, **kwargs) without the cuDNN backend."""
+    if q.is_cuda and kwargs.get("enable_gqa") and kwargs.get("attn_mask") is not None and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]  # (B, Hkv, S, D) -> (B, H, S, D), head h reading KV head h // rep
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        kwargs = dict(kwargs, enable_gqa=False)
     with sdpa_kernel(REPEATABLE_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)

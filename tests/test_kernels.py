@@ -389,19 +389,31 @@ def test_decode_attention_splits_agree_and_refuse_bad_inputs():
     one, three = (decode_attention(q, k, v, mask, 0.2, splits=n) for n in (1, 3))
     assert_close("kernels/decode_attention_split_1_vs_3", three, one, 2e-5 if interpreting() else 1e-4)
     assert [decode_splits(n) for n in (1, 512, 513, 4096, 10 ** 6)] == [1, 1, 2, 8, 16]
+    hidden = mask.clone()
+    hidden[1] = False  # a row that sees no key: zeros (as torch's math attention), not NaN
+    for n in (1, 3):
+        out = decode_attention(q, k, v, hidden, 0.2, splits=n)
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(out[0], one[0])
+    shared = decode_attention(q, k, v, mask[:1], 0.2)  # one mask row for every batch row
+    assert torch.equal(shared[0], one[0])
     with pytest.raises(ValueError, match="one query"):
         decode_attention(q.expand(2, 8, 2, 32), k, v, mask, 0.2)
     with pytest.raises(ValueError, match="KV heads"):
         decode_attention(q[:, :7], k, v, mask, 0.2)
     with pytest.raises(ValueError, match="bool"):
         decode_attention(q, k, v, mask.float(), 0.2)
+    with pytest.raises(ValueError, match="bool"):
+        decode_attention(q, k, v, None, 0.2)
+    with pytest.raises(ValueError, match="one dtype"):
+        decode_attention(q, k.double(), v, mask, 0.2)
 
 
 @torch.no_grad()
 def test_llm_decode_uses_the_attention_kernel_once_installed():
-    """prepare_decode installs the kernel on every LLM attention; a one-token static step then runs
-    through it (and matches the model without it), a longer step keeps torch's attention."""
-    import kernels.ops as ops
+    """prepare_decode installs the kernel on every LLM attention; a one-token static step in moe_mode
+    "fused" then runs through it (and matches the model without it); a longer step, or a step in another
+    mode (a generator without kernels on the same model), keeps torch's attention."""
+    import runtime.fast.decode_weights as dw
     from models.llm import Attention
     from runtime.fast.decode_weights import prepare_decode
 
@@ -423,17 +435,17 @@ def test_llm_decode_uses_the_attention_kernel_once_installed():
     assert report["decode_attention_layers"] == cfg.num_layers
     assert all(hasattr(m, "fused_decode_attention") for m in llm.modules() if isinstance(m, Attention))
     calls = []
-    real = ops.decode_attention_op
+    real = dw.decode_attention_op
     try:
-        import runtime.fast.decode_weights as dw
-
         dw.decode_attention_op = lambda *a: calls.append(a[0].shape) or real(*a)
-        got = llm.forward_static(x, mask, pos, k_c, v_c, at)
+        got = llm.forward_static(x, mask, pos, k_c, v_c, at, moe_mode="fused")
+        assert len(calls) == cfg.num_layers
+        llm.forward_static(x, mask, pos, k_c, v_c, at, moe_mode="gather")
         llm.forward_static(x.expand(2, 3, -1), mask, pos.expand(2, 3) + torch.arange(3, device=DEV), k_c, v_c,
-                           at + torch.arange(3, device=DEV))
+                           at + torch.arange(3, device=DEV), moe_mode="fused")
     finally:
         dw.decode_attention_op = real
-    assert len(calls) == cfg.num_layers  # the one-token step only
+    assert len(calls) == cfg.num_layers  # the one-token fused step only
     assert_close("kernels/llm_step_with_decode_attention", got, ref, 1e-4 if interpreting() else 3e-2)
 
 

@@ -2,7 +2,7 @@
 
 `prepare_decode(model, weights)` changes the model in place for the GPU fast path:
   * every LLM attention gets `fused_decode_attention` (kernels.attention): one launch per layer for the
-    one-query decode over the static cache, in a fixed order (torch's math fallback takes ~8);
+    one-query decode over the static cache, in a fixed order, used by static steps in moe_mode "fused";
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
     stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales;
   * weights="fp8" also wraps the SwiGLU MLPs (shared experts, dense FFNs, the semantic decoder's
@@ -22,6 +22,7 @@ from torch import nn
 
 from kernels import interpreting
 from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
+from kernels.moe import reserve_tickets
 from kernels.ops import decode_attention_op, moe_decode_op, skinny_linear_op, skinny_swiglu_op
 from kernels.skinny import MAX_ROWS
 from models.llm import Attention, ExpertMLP, MoE
@@ -46,6 +47,8 @@ class FusedMoEDecode(nn.Module):
             (wg, wu, wd), (sg, su, sd) = (p.detach().contiguous() for p in (moe.w_gate, moe.w_up, moe.w_down)), (None,) * 3
         for name, t in dict(wg=wg, wu=wu, wd=wd, sg=sg, su=su, sd=sd).items():
             self.register_buffer(name, t, persistent=False)
+        if moe.w_down.is_cuda:  # the down kernel's expert-split tickets, before any capture
+            reserve_tickets(moe.w_down.device, moe.w_down.shape[1], MAX_ROWS)
 
     def forward(self, x, ids, w):
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
