@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--replays", type=int, default=200)
     p.add_argument("--slots", type=int, default=320, help="static cache length S (prompt + 256 image tokens, bucketed)")
     a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("attention_check.py needs a CUDA GPU")
     dev = torch.device("cuda")
     llm = full_config().llm
     g = torch.Generator(device=dev).manual_seed(0)

@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=2)
     p.add_argument("--variants", default="stream,tiles,dot,fma,dot-prmt")
     a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("fp8_gemv_variants.py needs a CUDA GPU")
     dev = torch.device("cuda")
     variants = a.variants.split(",")
     res = {"env": environment(dev), "rows": a.rows, "shapes": []}

@@ -70,7 +70,7 @@ def test_sdvae_latent_pipeline_on_tiny():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-@pytest.mark.parametrize("script", ["pdl_check.py", "determinism_check.py"])
+@pytest.mark.parametrize("script", ["pdl_check.py", "determinism_check.py", "attention_check.py", "fp8_gemv_variants.py"])
 def test_gpu_only_benchmarks_refuse_a_cpu_machine(tmp_path, script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
