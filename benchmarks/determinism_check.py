@@ -206,6 +206,8 @@ def compare_attention_calls(a: list, b: list, real, cfg, replays: int) -> dict:
             with sdpa_kernel(REPEATABLE_BACKENDS):
                 return real(q, k, v, attn_mask=mask, **kwargs)
 
+        # (since models.sdpa repeats the KV heads of masked GQA on a GPU, the recorded call is no longer
+        # the GQA call that session 6 found cuDNN to miss on: these replays are of the call as recorded)
         forms = {"as recorded (models.sdpa)": as_recorded, "torch default (cuDNN allowed)": lambda: real(q, k, v, attn_mask=mask, **kwargs),
                  "explicit fp32": explicit_fp32}
         for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):

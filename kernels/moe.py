@@ -119,6 +119,7 @@ def down_candidates(best: dict, topk: int = 6) -> list[dict]:
 
 
 _TICKETS: dict[str, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown ticket buffers, kept alive for the graphs that hold them
 MAX_TICKET_ROWS = 64  # rows one decode call may bring (kernels.skinny.MAX_ROWS)
 
 
@@ -133,6 +134,8 @@ def reserve_tickets(device, h: int, rows: int = MAX_TICKET_ROWS) -> torch.Tensor
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("moe_decode's split tickets must be reserved before a CUDA graph capture "
                                "(kernels.moe.reserve_tickets, done by FusedMoEDecode)")
+        if buf is not None:  # graphs captured earlier still use the old buffer: it must stay allocated
+            _RETIRED.append(buf)
         buf = _TICKETS[key] = torch.zeros(max(n, 0 if buf is None else buf.numel()), dtype=torch.int32, device=device)
     return buf
 

@@ -21,7 +21,8 @@ REPEATABLE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """F.scaled_dot_product_attention(q, k, v, **kwargs) without the cuDNN backend."""
-    if q.is_cuda and kwargs.get("enable_gqa") and kwargs.get("attn_mask") is not None and k.shape[1] != q.shape[1]:
+    if (q.is_cuda and kwargs.get("enable_gqa") and kwargs.get("attn_mask") is not None and q.dim() == k.dim() == 4
+            and k.shape[1] != q.shape[1] and q.shape[1] % k.shape[1] == 0):
         rep = q.shape[1] // k.shape[1]  # (B, Hkv, S, D) -> (B, H, S, D), head h reading KV head h // rep
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         kwargs = dict(kwargs, enable_gqa=False)
