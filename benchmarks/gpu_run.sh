@@ -10,6 +10,7 @@
 #                       the fixtures must travel: copy ../shared/fixtures into .fixtures/ and set MINGRT_FIXTURES
 #   DETERMINISM_ARGS="--replays 3 --cases 0,1,5"   also run benchmarks/determinism_check.py with these flags
 #   ATTENTION_CHECK=1   first run benchmarks/attention_check.py (decode attention: repeatability and time per call)
+#   PROFILE=1           also run benchmarks/profile_step.py (every kernel of the FP8 token step, by part)
 #   KERNELS_ARGS="..."  first run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep);
 #                       KERNELS_INSTALL=1 then copies the swept table into kernels/configs/ for the runs below
 #   SKIP_EXPORTS=1      no full-size exports; FP8_PIECES / BF16_PIECES / FP8_TIMEOUT / BF16_TIMEOUT choose them
@@ -40,6 +41,10 @@ fi
 if [ -n "${DETERMINISM_ARGS:-}" ]; then
   timeout "${DETERMINISM_TIMEOUT:-240}" python3 benchmarks/determinism_check.py --out "$OUT" $DETERMINISM_ARGS > "$OUT/determinism.log" 2>&1
   tail -4 "$OUT/determinism.log"
+fi
+if [ "${PROFILE:-0}" = 1 ]; then
+  timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_step.py --out "$OUT" > "$OUT/profile_step.log" 2>&1
+  tail -3 "$OUT/profile_step.log"
 fi
 pack() { [ "${TAR:-0}" = 1 ] && tar czf "${OUT%/}.tgz" -C "$OUT" . && echo "packed ${OUT%/}.tgz"; return 0; }
 if [ "${SKIP_EXPORTS:-0}" = 1 ]; then pack; exit 0; fi

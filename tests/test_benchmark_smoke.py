@@ -92,3 +92,20 @@ def test_kernel_ir_check_compiles_with_the_jit_alignment_facts():
     aligned, bare = json.loads(proc.stdout.strip().splitlines()[-1])
     assert aligned["pipelined"] and aligned["cp_async"] > 0 and aligned["shared_bytes"] > bare["shared_bytes"]
     assert not bare["pipelined"] and bare["cp_async"] == 0
+
+
+def test_profile_step_smoke(tmp_path):
+    """profile_step.py on the tiny model (CPU ops): each part of the token step with its ops, counted per
+    step, busy time within the part's span."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--smoke", "--out", str(tmp_path),
+                           "--replays", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "profile_step.json").read_text())
+    assert set(res["parts"]) == {"LLM step", "flow head", "semantic decoder step + connector"}
+    for part in res["parts"].values():
+        assert part["kernels_per_replay"] > 10 and 0 < part["busy_us"] <= part["span_us"]
+        assert abs(sum(r["count"] for r in part["rows"]) - part["kernels_per_replay"]) < 1e-6
+    from models import tiny_config
+
+    llm = {r["kernel"]: r["count"] for r in res["parts"]["LLM step"]["rows"]}
+    assert llm["aten::scaled_dot_product_attention"] == tiny_config().llm.num_layers  # one attention per layer
