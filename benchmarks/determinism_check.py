@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pdl_check import full_model_on_gpu, token_inputs
-from benchmarks.speed import capture, environment
+from benchmarks.speed import capture, environment, pin_step
 from kernels import set_pdl
 from runtime.fast.graph import GraphImageGenerator
 
@@ -46,8 +46,7 @@ def check(model, cache, kw, replays: int, **gen_kwargs) -> dict:
     p_len = cache.kv[0].shape[2]
     k = g.bucket_for(1, 2, p_len)
     g.generate(cache, **kw)  # loads the buffers with a real prompt and 256 tokens of state
-    k.cache_pos.fill_(p_len + 8)
-    k.sem_pos.fill_(8)
+    pin_step(k, p_len)
     cfg = model.cfg
     dev = k.embeds.device
     hidden = torch.empty(2, 1, cfg.llm.hidden_size, device=dev, dtype=g.dtype)
@@ -92,6 +91,16 @@ def loop_repeats(g, model, cache, kw) -> dict:
             "second_loop_seconds": round(seconds, 3)}  # one image, wall clock (a rough figure; speed.py times)
 
 
+def two_eager_loops(model, cache, kw, calls: list) -> tuple[list, list]:
+    """Two text-to-image loops on one seed, ops launched one by one (no graph, no kernels), with a recorder
+    appending to `calls`: what it recorded in the first loop and in the second."""
+    g = GraphImageGenerator(model, kernels=False, compile=False, use_graph=False)
+    g.generate(cache, **kw)
+    a, calls[:] = list(calls), []
+    g.generate(cache, **kw)
+    return a, list(calls)
+
+
 def first_divergence(model, cache, kw) -> dict:
     """Two eager loops (no graph) with every Linear, norm, router and MoE call recorded: the first call whose
     output differs between them, and whether its inputs were the same. Inputs equal and output different
@@ -110,11 +119,7 @@ def first_divergence(model, cache, kw) -> dict:
     hooks = [mod.register_forward_hook(lambda m, i, o, name=name: calls.append((name, tensors(i), tensors(o))))
              for name, mod in model.named_modules() if isinstance(mod, kinds)]
     try:
-        g = GraphImageGenerator(model, kernels=False, compile=False, use_graph=False)
-        g.generate(cache, **kw)
-        a, calls[:] = list(calls), []
-        g.generate(cache, **kw)
-        b = list(calls)
+        a, b = two_eager_loops(model, cache, kw, calls)
     finally:
         for h in hooks:
             h.remove()
@@ -161,11 +166,7 @@ def attention_repeats(model, cache, kw, replays: int = 200) -> dict:
 
     F.scaled_dot_product_attention = recording
     try:
-        g = GraphImageGenerator(model, kernels=False, compile=False, use_graph=False)
-        g.generate(cache, **kw)
-        a, calls[:] = list(calls), []
-        g.generate(cache, **kw)
-        b = list(calls)
+        a, b = two_eager_loops(model, cache, kw, calls)
     finally:
         F.scaled_dot_product_attention = real
     return compare_attention_calls(a, b, real, model.cfg, replays)
@@ -202,19 +203,18 @@ def compare_attention_calls(a: list, b: list, real, cfg, replays: int) -> dict:
             s = (q.float() @ kk.transpose(-1, -2)) * kwargs["scale"]
             return (s.masked_fill(~mask, float("-inf")).softmax(-1) @ vv).to(q.dtype)
 
-        def as_recorded():  # what the models ran: models.sdpa's backends
-            with sdpa_kernel(REPEATABLE_BACKENDS):
-                return real(q, k, v, attn_mask=mask, **kwargs)
+        def under(backends):
+            def run():
+                with sdpa_kernel(backends):
+                    return real(q, k, v, attn_mask=mask, **kwargs)
+            return run
 
         # (since models.sdpa repeats the KV heads of masked GQA on a GPU, the recorded call is no longer
         # the GQA call that session 6 found cuDNN to miss on: these replays are of the call as recorded)
-        forms = {"as recorded (models.sdpa)": as_recorded, "torch default (cuDNN allowed)": lambda: real(q, k, v, attn_mask=mask, **kwargs),
-                 "explicit fp32": explicit_fp32}
-        for backend in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-            def forced(backend=backend):
-                with sdpa_kernel(backend):
-                    return real(q, k, v, attn_mask=mask, **kwargs)
-            forms[backend.name] = forced
+        forms = {"as recorded (models.sdpa)": under(REPEATABLE_BACKENDS),
+                 "torch default (cuDNN allowed)": lambda: real(q, k, v, attn_mask=mask, **kwargs),
+                 "explicit fp32": explicit_fp32,
+                 **{b.name: under(b) for b in (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)}}
         res["replays"] = {}
         for name, fn in forms.items():
             try:

@@ -133,7 +133,7 @@ def shapes():
             ("llm dense", llm.hidden_size, llm.num_heads * llm.head_dim)]
 
 
-def configs(name: str) -> list[dict]:
+def configs() -> list[dict]:
     out = []
     for bn in (8, 16, 32, 64):
         for bk in (128, 256, 512):
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
             y = torch.zeros(m, n, device=dev)
             src = [w.view(torch.uint8) for w in ws] if label == "dot-prmt" else ws
             block_m = 16 if label == "dot-prmt" else triton.next_power_of_2(m)
-            for c in configs(name):
+            for c in configs():
                 if k % (c["BLOCK_K"] * c["SPLIT_K"]) or (label == "fma" and c["BLOCK_N"] * c["BLOCK_K"] * block_m > 32768):
                     continue
                 kw = dict(BLOCK_M=block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SPLIT_K=c["SPLIT_K"],

@@ -3,8 +3,8 @@
     python benchmarks/profile_step.py --out OUT [--weights fp8]     # a GPU: full shapes, random weights
     python benchmarks/profile_step.py --out OUT --smoke             # the tiny model on the CPU (ops, no graph)
 
-The step's three parts (LLM step, flow head, semantic-decoder step + connector) are each captured in a
-CUDA graph on the fast path's buffers, as speed.py's breakdown does, and replayed --replays times under
+The step's three parts (speed.token_parts: LLM step, flow head, semantic-decoder step + connector) are each
+captured in a CUDA graph on the fast path's buffers, as speed.py's breakdown does, and replayed --replays times under
 torch.profiler. For each part: the kernels of one replay grouped by name (count, total and mean time,
 share of the part), the kernel count, and the gaps (the part's span minus its kernels' busy time: launch
 latency and dependency stalls). This is where a part's time beyond its weights' HBM floor goes, and
@@ -25,18 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pdl_check import token_inputs  # noqa: E402
-from benchmarks.speed import capture, environment  # noqa: E402
+from benchmarks.speed import capture, environment, pin_step, token_parts  # noqa: E402
 from models import build, full_config, tiny_config  # noqa: E402
 from runtime.fast.graph import GraphImageGenerator  # noqa: E402
-
-
-def parts_of(gen, k) -> dict:
-    """The token step's three parts as callables on the bucket's static buffers (speed.breakdown's split)."""
-    hidden = torch.zeros(k.b * k.r, 1, gen.cfg.llm.hidden_size, device=k.embeds.device, dtype=gen.dtype)
-    latent = torch.zeros(k.b, 1, gen.cfg.mingtok.latent_dim, device=k.embeds.device, dtype=gen.dtype)
-    return {"LLM step": lambda: hidden.copy_(gen._llm_hidden(k)),
-            "flow head": lambda: gen.flow(hidden.view(k.b, k.r, -1), k.noise[0], *k.scalars),
-            "semantic decoder step + connector": lambda: gen._sem_step(latent, k.sem_pos, *k.sem_caches)}
 
 
 def kernel_table(events, replays: int, cuda: bool) -> dict:
@@ -108,14 +99,11 @@ def main(argv=None) -> int:
     with torch.no_grad():
         gen = GraphImageGenerator(model, use_graph=not smoke, kernels=not smoke, weights="bf16" if smoke else a.weights)
         k = gen.bucket_for(1, 2, cache.kv[0].shape[2])  # captures the token graph on a GPU
-        gen.generate(cache, **kw)  # real state in the buffers; then a fixed position 8 tokens into the image
-        p_len = cache.kv[0].shape[2]
-        k.cache_pos.fill_(p_len + 8)
-        k.step.fill_(8)
-        k.sem_pos.fill_(8)
+        gen.generate(cache, **kw)  # real state in the buffers
+        pin_step(k, cache.kv[0].shape[2])
         res = {"env": environment(dev), "weights": a.weights if not smoke else "fp32 (smoke)", "replays": a.replays,
                "parts": {}}
-        for name, fn in parts_of(gen, k).items():
+        for name, fn in token_parts(gen, k).items():
             res["parts"][name] = profile(fn if smoke else capture(fn), a.replays, cuda=not smoke)
             t = res["parts"][name]
             print(f"{name:36s} {t['kernels_per_replay']:6.0f} kernels  busy {t['busy_us']:8.1f} us  "

@@ -131,13 +131,28 @@ def t2i_kwargs(cfg, prompts: list[list[int]], gen: torch.Generator, device) -> d
                 text_uncond_mask=torch.tensor([m[1] for m in masks], device=device))
 
 
+def pin_step(k, p_len: int, token: int = 8) -> None:
+    """Put bucket `k` at a fixed image token (`p_len`: the prompt's length): steps replayed from there write
+    the same cache slots every time, so timing or repeating them is idempotent."""
+    k.cache_pos.fill_(p_len + token)
+    k.step.fill_(token)
+    k.sem_pos.fill_(token)
+
+
+def token_parts(gen, k) -> dict:
+    """The image-token step's three parts as callables on bucket `k`'s static buffers."""
+    hidden = torch.zeros(k.b * k.r, 1, gen.cfg.llm.hidden_size, device=k.embeds.device, dtype=gen.dtype)
+    latent = torch.zeros(k.b, 1, gen.cfg.mingtok.latent_dim, device=k.embeds.device, dtype=gen.dtype)
+    return {"LLM step": lambda: hidden.copy_(gen._llm_hidden(k)),
+            "flow head": lambda: gen.flow(hidden.view(k.b, k.r, -1), k.noise[0], *k.scalars),
+            "semantic decoder step + connector": lambda: gen._sem_step(latent, k.sem_pos, *k.sem_caches)}
+
+
 def step_of(g, k, p_len: int):
     """One image-token step of generator `g` on bucket `k` (its graph, or its ops eagerly), at a fixed
-    position 8 tokens into the image (`p_len`: the prompt's length), so repeated calls are idempotent."""
+    position 8 tokens into the image, so repeated calls are idempotent."""
     def step():
-        k.cache_pos.fill_(p_len + 8)
-        k.step.fill_(8)
-        k.sem_pos.fill_(8)
+        pin_step(k, p_len)
         if k.graph is not None:
             k.graph.replay()
         else:
@@ -419,28 +434,16 @@ def rel_errors(got: dict, ref: dict) -> dict:
 
 
 def capture(fn):
-    """fn captured in a CUDA graph (after a warm-up on a side stream); returns the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    """fn captured in a CUDA graph (after warm-ups on a side stream, runtime.fast.graphed.capture_graph);
+    returns the replay."""
+    from runtime.fast.graphed import capture_graph
+
+    return capture_graph(fn, torch.device("cuda", torch.cuda.current_device()))[0].replay
 
 
 def breakdown(gen, k, fmt: str, rec):
     """The token step's three parts, each in its own CUDA graph, on the generator's static buffers."""
-    hidden = torch.zeros(k.b * k.r, 1, gen.cfg.llm.hidden_size, device=k.embeds.device, dtype=gen.dtype)
-    latent = torch.zeros(k.b, 1, gen.cfg.mingtok.latent_dim, device=k.embeds.device, dtype=gen.dtype)
-    noise = k.noise[0]
-
-    parts = {"LLM step": lambda: hidden.copy_(gen._llm_hidden(k)),
-             "flow head": lambda: gen.flow(hidden.view(k.b, k.r, -1), noise, *k.scalars),
-             "semantic decoder step + connector": lambda: gen._sem_step(latent, k.sem_pos, *k.sem_caches)}
-    for name, fn in parts.items():
+    for name, fn in token_parts(gen, k).items():
         rec("breakdown", f"{name}, CUDA graph + kernels ({fmt})", capture(fn))
 
 

@@ -1,10 +1,10 @@
 """Decode attention over a static KV cache: one query per row, grouped heads, a key mask, fixed order.
 
 The LLM's decode step attends one new token per CFG row over a preallocated cache of S slots, 16
-query heads sharing 4 KV heads (GQA). torch's fused backends take no mask with grouped heads, so
-models.sdpa falls back to the math composite there (the cuDNN backend, which would take it, did not
-repeat bit for bit on an H200). This kernel does it in one launch, reading each KV head once for
-its whole group of query heads:
+query heads sharing 4 KV heads (GQA). torch's fused backends take no mask with grouped heads: the
+cuDNN backend, which would, did not repeat bit for bit on an H200, and models.sdpa's way around it
+(KV heads repeated, then the memory-efficient kernel) copies the cache per layer. This kernel does it
+in one launch, reading each KV head once for its whole group of query heads:
 
   pass 1, grid (B, kv heads, splits): online softmax over the split's slots in slot order; with one
           split it normalises and writes the output, else it writes (max, sum, unnormalised output);
@@ -141,7 +141,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     block_g = max(16, next_pow2(group))
     splits = decode_splits(s) if splits is None else int(splits)
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
-    part = torch.empty(b * hkv * splits * block_g * (d + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    # the splits' partials (one split: unused, the output stands in for the pointer)
+    part = torch.empty(b * hkv * splits * block_g * (d + 2), dtype=torch.float32, device=q.device) if splits > 1 else out
     pdl = pdl_launch(q.device, trigger_at_start=True)
     _decode_attention_kernel[(b, hkv, splits)](
         q, k, v, mask, out, part, s, float(scale),

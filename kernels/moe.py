@@ -181,8 +181,10 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     if k % split:
         raise ValueError(f"DOWN_SPLIT={split} must divide top-k={k}")
     n_blocks = triton.cdiv(h, down["BLOCK_N"])
-    part = torch.empty(t * split * h if split > 1 else 1, dtype=torch.float32, device=x.device)
-    tickets = reserve_tickets(x.device, h, t) if split > 1 else part
+    if split > 1:  # the shares' partials and the arrival tickets
+        part, tickets = torch.empty(t * split * h, dtype=torch.float32, device=x.device), reserve_tickets(x.device, h, t)
+    else:  # unused: the output stands in for the pointers
+        part = tickets = out
     _down_kernel[(t, n_blocks, split)](
         act, ids, weights, w_down, sd, out, part, tickets, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale,
         SPLIT_E=split, **common, **down)

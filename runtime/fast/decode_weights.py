@@ -26,7 +26,6 @@ from kernels.moe import reserve_tickets
 from kernels.ops import decode_attention_op, moe_decode_op, skinny_linear_op, skinny_swiglu_op
 from kernels.skinny import MAX_ROWS
 from models.llm import Attention, ExpertMLP, MoE
-from models.sdpa import attention
 from models.univision import MingUniVision
 from models.vit_layers import SwiGLUFFN
 
@@ -52,16 +51,6 @@ class FusedMoEDecode(nn.Module):
 
     def forward(self, x, ids, w):
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
-
-
-class DecodeAttention:
-    """Installed as Attention.fused_decode_attention: (q (B, H, 1, D), k, v (B, Hkv, S, D), mask, scale) ->
-    (B, H, 1, D) through the decode-attention kernel on a GPU or in Triton's interpreter, else torch's."""
-
-    def __call__(self, q, k, v, mask, scale):
-        if q.is_cuda or interpreting():
-            return decode_attention_op(q, k, v, mask, scale)
-        return attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _decode_rows(x, in_features: int) -> int:
@@ -168,7 +157,7 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
         m.fused_decode = FusedMoEDecode(m, weights)
     attns = [m for m in model.model.model.modules() if isinstance(m, Attention)]
     for m in attns:
-        m.fused_decode_attention = DecodeAttention()
+        m.fused_decode_attention = decode_attention_op  # (q, k, v, mask, scale): one-token steps in moe_mode "fused"
     report = {"moe_layers": len(moes), "decode_attention_layers": len(attns), "fp8_linear_params": 0, "fp8_fused_swiglu_params": 0}
     if weights == "fp8":
         for stack in (model.model.model.layers, model.vision.semantic_decoder.blocks):
@@ -179,4 +168,4 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     return report
 
 
-__all__ = ["FP8_LINEAR_NAMES", "DecodeAttention", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "prepare_decode"]
+__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "prepare_decode"]
