@@ -4,7 +4,8 @@
 
 At the released shapes (2 CFG rows, 16 query heads on 4 KV heads of 128, a static cache of S slots with
 a key mask, one query): for torch's default dispatch, models.sdpa.attention (cuDNN excluded) and
-kernels.attention.decode_attention (what the GPU fast path installs),
+kernels.attention.decode_attention (what the GPU fast path installs: split over the slots, and given
+the query's slot so that it skips the later ones; also timed with one split and without the slot),
 how many of --replays graph replays on fixed inputs differ from the first, the time of one call (a
 graph of one call per LLM layer, median), and the largest difference to torch's default. The 28 calls
 of one image token cost 28x the per-call time.
@@ -47,13 +48,16 @@ def main(argv=None) -> int:
     mask[:, :, :, : s - 40] = True
     mask[1, :, :, 5:20] = False  # the unconditional row hides the user turn
     kw = dict(attn_mask=mask, scale=d ** -0.5, enable_gqa=True)
+    last = torch.tensor([s - 41], device=dev)  # the query's own slot: the newest visible one
     out = torch.empty_like(q)
     res = {"env": environment(dev), "shape": {"rows": rows, "heads": llm.num_heads, "kv_heads": llm.num_kv_heads,
                                               "head_dim": d, "slots": s}, "forms": {}}
     firsts = {}
     forms = (("torch default", lambda: F.scaled_dot_product_attention(q, k, v, **kw)),
              ("models.sdpa.attention", lambda: attention(q, k, v, **kw)),
-             ("kernels.attention.decode_attention", lambda: decode_attention(q, k, v, mask, kw["scale"])))
+             ("kernels.attention.decode_attention", lambda: decode_attention(q, k, v, mask, kw["scale"])),
+             ("kernels.attention.decode_attention, last slot given", lambda: decode_attention(q, k, v, mask, kw["scale"], last=last)),
+             ("kernels.attention.decode_attention, one split", lambda: decode_attention(q, k, v, mask, kw["scale"], splits=1)))
     for name, fn in forms:
         one = capture(lambda fn=fn: out.copy_(fn()))
         one()

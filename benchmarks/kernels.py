@@ -34,6 +34,7 @@ from kernels.skinny import (
     GATED_RESIDUAL,
     STORE,
     SWIGLU,
+    LayerNormNext,
     Workspace,
     candidate_configs,
     config_key,
@@ -65,7 +66,7 @@ def shapes(cfg):
     # name, rows, N (outputs), K, epilogue; swiglu: N is the hidden width, W has 2N rows
     return [
         ("flow w12 + SwiGLU", 2, hid, w, SWIGLU),
-        ("flow w3 gated residual", 2, w, hid, GATED_RESIDUAL),
+        ("flow w3 gated residual + LayerNorm next", 2, w, hid, GATED_RESIDUAL),
         ("flow adaLN (16 steps x 2 rows)", 2 * s, 3 * w, w, STORE),
         ("llm query_key_value", 2, qkv, llm.hidden_size, STORE),
         ("llm dense", 2, llm.hidden_size, llm.num_heads * llm.head_dim, STORE),
@@ -77,7 +78,7 @@ def shapes(cfg):
     ]
 
 
-def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False):
+def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=(4,)):
     dev = "cuda"
     w_rows = 2 * n if epi == SWIGLU else n
     wb = torch.randn(w_rows, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -93,8 +94,10 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False):
     mods = torch.randn(m, 3 * n, device=dev) * 0.1
     work = Workspace(n, m, dev)
     kw = dict(w_scale=sc, epilogue=epi, workspace=work)
-    if epi == GATED_RESIDUAL:
-        kw.update(gate=mods[:, 2 * n:])
+    if epi == GATED_RESIDUAL:  # as the flow head runs it: then the next block's LayerNorm + modulation
+        xn = torch.empty(m, n, device=dev, dtype=x.dtype)
+        kw.update(gate=mods[:, 2 * n:], ln_next=LayerNormNext(xn, mods[:, :n], mods[:, n:2 * n],
+                                                              torch.ones(n, device=dev), torch.zeros(n, device=dev)))
 
     def run(config):
         return graph_time_us(lambda i: skinny_gemm(x, ws[i], out, config=config, **kw), copies, reps)
@@ -104,7 +107,7 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False):
            "default_config": default, "us": run(default)}
     if sweep:
         best = (row["us"], default)
-        for c in candidate_configs(n, k, fmt == "fp8", wide):
+        for c in candidate_configs(n, k, fmt == "fp8", wide, warps):
             try:
                 t = run(c)
             except Exception as exc:  # out of shared memory and the like: not a candidate here
@@ -201,6 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-moe", action="store_true", help="no fused-MoE rows (its table entries are kept)")
     p.add_argument("--only-moe", action="store_true", help="only the fused-MoE rows (the GEMMs' table entries are kept)")
     p.add_argument("--wide", action="store_true", help="FP8: also sweep 128-wide K tiles and 6 pipeline stages")
+    p.add_argument("--warps", default="4", help="warp counts to sweep each GEMM config with (comma-separated, e.g. 4,8)")
     p.add_argument("--peak-tbps", type=float, default=None, help="HBM peak (default: by GPU name, speed.HBM_TBPS)")
     p.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (the "
                    "20-launch graphs then pay every launch's ramp-up and tail, as before session 4)")
@@ -229,7 +233,8 @@ def main(argv=None) -> int:
             # the LLM's and semantic decoder's linears use the kernel only with FP8 weights (cuBLAS for bf16)
             # (the fused SwiGLU of the LLM / semantic MLPs exists only with FP8 weights)
             sweep = a.sweep and idx < a.sweep_shapes and (fmt == "fp8" or (m > 2 or epi != STORE) and "fp8 path" not in name)
-            res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, sweep, table, a.wide))
+            res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, sweep, table, a.wide,
+                                            tuple(int(w) for w in a.warps.split(","))))
             (a.out / "kernels.json").write_text(json.dumps(res, indent=1))
             if a.sweep:  # after every shape: a run cut short keeps what it found
                 (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))

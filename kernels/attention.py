@@ -1,15 +1,19 @@
 """Decode attention over a static KV cache: one query per row, grouped heads, a key mask, fixed order.
 
 The LLM's decode step attends one new token per CFG row over a preallocated cache of S slots, 16
-query heads sharing 4 KV heads (GQA). torch's fused backends take no mask with grouped heads: the
-cuDNN backend, which would, did not repeat bit for bit on an H200, and models.sdpa's way around it
-(KV heads repeated, then the memory-efficient kernel) copies the cache per layer. This kernel does it
-in one launch, reading each KV head once for its whole group of query heads:
+query heads sharing 4 KV heads (GQA); the semantic decoder's, 16 heads over its own cache. torch's
+fused backends take no mask with grouped heads: the cuDNN backend, which would, did not repeat bit for
+bit on an H200, and models.sdpa's way around it (KV heads repeated, then the memory-efficient kernel)
+copies the cache per layer and pads the one query into a general kernel (~17 us a layer). This kernel
+does it in one launch, reading each KV head once for its whole group of query heads:
 
-  pass 1, grid (B, kv heads, splits): online softmax over the split's slots in slot order; with one
-          split it normalises and writes the output, else it writes (max, sum, unnormalised output);
-  pass 2, grid (B, kv heads): merges the splits in split order (long caches only).
+  grid (B, kv heads, splits): each program runs an online softmax over its split's slots in slot
+  order; with one split it normalises and writes the output, else it writes (max, sum, unnormalised
+  output), and the last of the row's splits to arrive (an atomic ticket) merges them in split order.
 
+A decode is latency-bound (a 2-row LLM step reads ~2 MB of cache per layer), so the cache is cut into
+splits of SLOTS_PER_SPLIT slots for parallelism, and `last` (the query's own slot) stops every split
+at the newest written slot: the causal mask hides the rest anyway, so the bits do not change.
 Every sum runs in a fixed order: deterministic. Scores and the output accumulate in fp32; the
 probabilities are rounded to the cache's dtype for the P @ V product, as torch's math backend and
 FlashAttention do.
@@ -20,8 +24,24 @@ import torch
 
 from ._triton import interpreting, next_pow2, pdl_launch, require, tl, triton
 
-SLOTS_PER_SPLIT = 512  # caches longer than this spread over more programs (the grid is B x kv heads)
+SLOTS_PER_SPLIT = 64  # one BLOCK_S tile per program up to MAX_SPLITS tiles: a decode is latency-bound
 MAX_SPLITS = 16
+MAX_TICKETS = 64 * 64  # (row, KV head) pairs one call may bring: kernels.skinny.MAX_ROWS rows x 64 KV heads
+
+_TICKETS: dict[str, torch.Tensor] = {}
+
+
+def reserve_tickets(device) -> torch.Tensor:
+    """Zeroed arrival tickets for the split merge, one buffer per device: made before any graph capture
+    (prepare_decode does it) and re-armed by the kernel after every use. Launches on one stream are
+    ordered, so every layer shares it; two streams must not run decode attention on one device at once."""
+    key = str(device)
+    if key not in _TICKETS:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode_attention's tickets must be reserved before a CUDA graph capture "
+                               "(kernels.attention.reserve_tickets, done by prepare_decode)")
+        _TICKETS[key] = torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
+    return _TICKETS[key]
 
 if triton is not None:
     from ._triton import pdl_enter
@@ -36,11 +56,11 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, part_ptr, S, scale,
+        q_ptr, k_ptr, v_ptr, mask_ptr, last_ptr, o_ptr, part_ptr, ticket_ptr, S, scale,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb,
         stride_ob, stride_oh,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-        UPCAST: tl.constexpr, PDL: tl.constexpr,
+        HAS_LAST: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):
         pdl_enter(PDL)
         b = tl.program_id(0)
@@ -51,9 +71,11 @@ if triton is not None:
         g_ok = rg < GROUP
         heads = hk * GROUP + rg
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + rd[None, :], mask=g_ok[:, None], other=0.0)
-        span = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
+        span = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S  # split bounds from S alone: a fixed order
         lo = sp * span
         hi = tl.minimum(lo + span, S)
+        if HAS_LAST:  # slots after the query's own are hidden: skip them
+            hi = tl.minimum(hi, tl.load(last_ptr).to(tl.int32) + 1)
         m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_G,), tl.float32)
         acc = tl.zeros((BLOCK_G, D), tl.float32)
@@ -74,40 +96,38 @@ if triton is not None:
             v = tl.load(v_base + rs[:, None] * stride_vs + rd[None, :], mask=s_ok[:, None], other=0.0)  # (BS, D)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
             m_i = m_new
+        o_ptrs = o_ptr + b * stride_ob + heads[:, None] * stride_oh + rd[None, :]
         if SPLITS == 1:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that sees no key gets zeros, not NaN
-            tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + rd[None, :],
-                     out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
         else:
             # partials (B, kv heads, SPLITS, BLOCK_G, D + 2) fp32: the output, then max and sum
-            row = ((b * tl.num_programs(1) + hk) * SPLITS + sp) * BLOCK_G + rg
-            tl.store(part_ptr + row[:, None] * (D + 2) + rd[None, :], acc)
-            tl.store(part_ptr + row * (D + 2) + D, m_i)
-            tl.store(part_ptr + row * (D + 2) + D + 1, l_i)
-
-    @triton.jit
-    def _merge_splits_kernel(part_ptr, o_ptr, stride_ob, stride_oh, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-                             D: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
-        pdl_enter(PDL)
-        b = tl.program_id(0)
-        hk = tl.program_id(1)
-        rg = tl.arange(0, BLOCK_G)
-        rd = tl.arange(0, D)
-        first = (b * tl.num_programs(1) + hk) * SPLITS * BLOCK_G
-        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-        for sp in range(SPLITS):
-            m = tl.maximum(m, tl.load(part_ptr + (first + sp * BLOCK_G + rg) * (D + 2) + D))
-        m_ref = tl.where(m == float("-inf"), 0.0, m)
-        l_sum = tl.zeros((BLOCK_G,), tl.float32)
-        acc = tl.zeros((BLOCK_G, D), tl.float32)
-        for sp in range(SPLITS):  # split order: deterministic
+            first = (b * tl.num_programs(1) + hk) * SPLITS * BLOCK_G
             row = first + sp * BLOCK_G + rg
-            w = tl.exp(tl.load(part_ptr + row * (D + 2) + D) - m_ref)
-            l_sum += w * tl.load(part_ptr + row * (D + 2) + D + 1)
-            acc += w[:, None] * tl.load(part_ptr + row[:, None] * (D + 2) + rd[None, :])
-        heads = hk * GROUP + rg
-        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + rd[None, :],
-                 (acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]).to(o_ptr.dtype.element_ty), mask=(rg < GROUP)[:, None])
+            tl.store(part_ptr + row[:, None] * (D + 2) + rd[None, :], acc, mask=g_ok[:, None])
+            tl.store(part_ptr + row * (D + 2) + D, m_i, mask=g_ok)
+            tl.store(part_ptr + row * (D + 2) + D + 1, l_i, mask=g_ok)
+            tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+            slot = ticket_ptr + b * tl.num_programs(1) + hk
+            ticket = tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLITS - 1:  # the last split of this (row, KV head) merges all, in split order
+                m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+                for j in range(SPLITS):
+                    m = tl.maximum(m, tl.load(part_ptr + (first + j * BLOCK_G + rg) * (D + 2) + D, mask=g_ok,
+                                              other=float("-inf"), cache_modifier=".cg"))
+                m_ref = tl.where(m == float("-inf"), 0.0, m)
+                l_sum = tl.zeros((BLOCK_G,), tl.float32)
+                out = tl.zeros((BLOCK_G, D), tl.float32)
+                for j in range(SPLITS):
+                    r = first + j * BLOCK_G + rg
+                    w = tl.exp(tl.load(part_ptr + r * (D + 2) + D, mask=g_ok, other=float("-inf"),
+                                       cache_modifier=".cg") - m_ref)
+                    l_sum += w * tl.load(part_ptr + r * (D + 2) + D + 1, mask=g_ok, other=0.0, cache_modifier=".cg")
+                    out += w[:, None] * tl.load(part_ptr + r[:, None] * (D + 2) + rd[None, :], mask=g_ok[:, None],
+                                                other=0.0, cache_modifier=".cg")
+                tl.store(o_ptrs, (out / tl.where(l_sum > 0, l_sum, 1.0)[:, None]).to(o_ptr.dtype.element_ty),
+                         mask=g_ok[:, None])
+                tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")  # re-arm
 
 
 def decode_splits(slots: int) -> int:
@@ -115,12 +135,13 @@ def decode_splits(slots: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, hidden keys excluded) v for one query per row.
 
     q (B, H, 1, D); k, v (B, Hkv, S, D) of q's dtype, H a multiple of Hkv, contiguous D; mask (B or 1, 1, 1, S)
     bool, True = visible (a row that sees no key gets zeros). Returns (B, H, 1, D) in q's dtype.
-    splits: programs per KV head (default: one per SLOTS_PER_SPLIT slots)."""
+    splits: programs per KV head (default: one per SLOTS_PER_SPLIT slots, at most MAX_SPLITS);
+    last: (1,) int tensor, the query's own cache slot: slots after it are skipped (the mask must hide them)."""
     require()
     b, h, n, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -134,6 +155,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                          f"(B or 1, 1, 1, {s}) bool")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"decode_attention: q {q.dtype}, k {k.dtype}, v {v.dtype}: one dtype")
+    if last is not None and (last.numel() != 1 or last.dtype.is_floating_point or last.device != q.device):
+        raise ValueError(f"decode_attention: last must be one integer slot on {q.device}, got {tuple(last.shape)} "
+                         f"{last.dtype} on {last.device}")
     mask = mask.reshape(-1, s)
     mask = (mask if mask.stride(-1) == 1 else mask.contiguous()).expand(b, s)
     mask = mask.view(torch.uint8)
@@ -141,18 +165,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     block_g = max(16, next_pow2(group))
     splits = decode_splits(s) if splits is None else int(splits)
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
-    # the splits' partials (one split: unused, the output stands in for the pointer)
-    part = torch.empty(b * hkv * splits * block_g * (d + 2), dtype=torch.float32, device=q.device) if splits > 1 else out
-    pdl = pdl_launch(q.device, trigger_at_start=True)
+    if splits > 1:  # the splits' partials, and the arrival tickets of the merge
+        if b * hkv > MAX_TICKETS:
+            raise ValueError(f"decode_attention: {b} rows x {hkv} KV heads > {MAX_TICKETS} with {splits} splits")
+        part = torch.empty(b * hkv * splits * block_g * (d + 2), dtype=torch.float32, device=q.device)
+        tickets = reserve_tickets(q.device)
+    else:  # unused: the output stands in for the pointers
+        part = tickets = out
     _decode_attention_kernel[(b, hkv, splits)](
-        q, k, v, mask, out, part, s, float(scale),
+        q, k, v, mask, last if last is not None else out, out, part, tickets, s, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=block_g, BLOCK_S=64, D=d, SPLITS=splits, UPCAST=interpreting(), **pdl)
-    if splits > 1:
-        _merge_splits_kernel[(b, hkv)](part, out, out.stride(0), out.stride(1), GROUP=group, BLOCK_G=block_g, D=d,
-                                       SPLITS=splits, **pdl)
+        GROUP=group, BLOCK_G=block_g, BLOCK_S=64, D=d, SPLITS=splits, HAS_LAST=last is not None,
+        UPCAST=interpreting(), **pdl_launch(q.device, trigger_at_start=True))
     return out
 
 
-__all__ = ["decode_attention", "decode_splits"]
+__all__ = ["decode_attention", "decode_splits", "reserve_tickets"]

@@ -91,11 +91,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, d)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q, k, v, mask, fused: bool = False):
+    def attend(self, q, k, v, mask, fused: bool = False, cache_position=None):
         b, h, n, d = q.shape
         kernel = getattr(self, "fused_decode_attention", None) if fused else None  # installed by prepare_decode
         if kernel is not None and n == 1:
-            out = kernel(q, k.to(q.dtype), v.to(q.dtype), mask, d ** -0.5)
+            out = kernel(q, k.to(q.dtype), v.to(q.dtype), mask, d ** -0.5, cache_position)
         else:
             out = attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=d ** -0.5,
                             enable_gqa=self.num_heads != self.num_kv_heads)
@@ -112,7 +112,7 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
         v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
-        return self.attend(q, k_cache, v_cache, mask, fused)
+        return self.attend(q, k_cache, v_cache, mask, fused, cache_position)
 
 
 class ExpertMLP(nn.Module):
@@ -136,6 +136,10 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor):
         """x (T, H) -> expert ids (T, k), fp32 weights (T, k), logits (T, E)."""
         logits = F.linear(x, self.weight)
+        return (*self.select(logits), logits)
+
+    def select(self, logits: torch.Tensor):
+        """logits (..., E) -> expert ids (..., k), fp32 weights (..., k)."""
         # Ties are common (bf16 logits of 64 experts: ~15% of rows tie within their top 7 with random
         # weights, benchmarks/router_ties.py), and torch.topk leaves open which tied expert it returns and in what order (its docs: they
         # may vary between calls), which moves the expert sum's rounding. A stable sort takes the lower
@@ -144,7 +148,7 @@ class Router(nn.Module):
         weights, idx = weights[..., :self.top_k], idx[..., :self.top_k]
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return idx, weights, logits
+        return idx, weights
 
 
 class MoE(nn.Module):
@@ -197,7 +201,15 @@ class MoE(nn.Module):
             if all(k in state for k in keys):
                 state[prefix + ours] = torch.stack([state.pop(k) for k in keys])
 
-    def route(self, x, image_mask):
+    def route(self, x, image_mask, fused: bool = False):
+        both = getattr(self, "fused_router", None) if fused else None  # (2E, H): [gate; image_gate], prepare_decode's
+        if both is not None and image_mask is not None:
+            # one GEMM and one softmax-sort for both routers (the decode step is launch-bound)
+            logits2 = F.linear(x, both).view(x.shape[0], 2, -1)  # (T, 2, E)
+            idx2, w2 = self.gate.select(logits2)
+            m = image_mask.reshape(-1, 1).bool()
+            return (torch.where(m, idx2[:, 1], idx2[:, 0]), torch.where(m, w2[:, 1], w2[:, 0]),
+                    torch.where(m, logits2[:, 1], logits2[:, 0]))
         idx, w, logits = self.gate(x)
         if image_mask is not None and hasattr(self, "image_gate"):
             i_idx, i_w, i_logits = self.image_gate(x)
@@ -233,7 +245,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, image_mask=None, mode: str = "loop", record: dict | None = None):
         b, n, h = x.shape
         flat = x.reshape(-1, h)
-        idx, w, logits = self.route(flat, image_mask)
+        idx, w, logits = self.route(flat, image_mask, fused=mode == "fused")
         if record is not None:
             record.setdefault("router_logits", []).append(logits.view(b, n, -1))
             record.setdefault("topk_idx", []).append(idx.view(b, n, -1))

@@ -113,11 +113,12 @@ class SemanticDecoder(nn.Module):
             values.append(v)
         return self.norm(x), keys, values
 
-    def forward_static(self, raw, k_caches, v_caches, cache_position):
-        """Like forward_cached, but writes into preallocated (B, H, S_max, d) buffers in place."""
+    def forward_static(self, raw, k_caches, v_caches, cache_position, fused: bool = False):
+        """Like forward_cached, but writes into preallocated (B, H, S_max, d) buffers in place.
+        fused: one-token steps use the decode-attention kernel prepare_decode installed."""
         x = self.embed(raw)
         for blk, kc, vc in zip(self.blocks, k_caches, v_caches):
-            x = blk.forward_static(x, kc, vc, cache_position)
+            x = blk.forward_static(x, kc, vc, cache_position, fused)
         return self.norm(x)
 
     def empty_cache(self, batch: int, dtype=torch.float32, device=None, length: int = 0):

@@ -99,16 +99,18 @@ class FlowHeadPiece(nn.Module):
 
 
 class SemanticDecoderStatic(nn.Module):
-    """In-place cache form: caches (B, H, S_max, d) are written at `cache_position` (L,)."""
+    """In-place cache form: caches (B, H, S_max, d) are written at `cache_position` (L,).
+    fused: one-token steps use the decode-attention kernel (runtime.fast.decode_weights.prepare_decode)."""
 
-    def __init__(self, model: MingUniVision):
+    def __init__(self, model: MingUniVision, fused: bool = False):
         super().__init__()
         self.vision = model.vision
         self.connector = model.linear_proj
+        self.fused = fused
 
     def forward(self, latents, cache_position, *caches):
         raw = self.vision.denormalize(latents)
-        feats = self.vision.semantic_decoder.forward_static(raw, *_pairs(caches), cache_position)
+        feats = self.vision.semantic_decoder.forward_static(raw, *_pairs(caches), cache_position, fused=self.fused)
         return feats, self.connector(feats)
 
 

@@ -52,8 +52,9 @@ class SelfAttention(nn.Module):
       * `forward(x, causal=True)`: full causal pass (semantic decoder, understanding);
       * `forward_cached(x, past_k, past_v)`: causal attention over a cache, ONNX style: returns the
         concatenated (present) keys and values;
-      * `forward_static(x, k_cache, v_cache, cache_position)`: writes into preallocated buffers in place
-        (CUDA-graph style) and attends over every slot up to each query's own.
+      * `forward_static(x, k_cache, v_cache, cache_position, fused)`: writes into preallocated buffers in
+        place (CUDA-graph style) and attends over every slot up to each query's own; with fused=True a
+        one-token step goes through the decode-attention kernel prepare_decode installed, if any.
     Keys are cached unscaled, as upstream does.
     """
 
@@ -89,11 +90,17 @@ class SelfAttention(nn.Module):
         mask = causal_mask(slots, past + n, x.device)
         return self._attend(q, k, v, mask=mask), k, v
 
-    def forward_static(self, x, k_cache, v_cache, cache_position):
+    def forward_static(self, x, k_cache, v_cache, cache_position, fused: bool = False):
         q, k, v = self._split(x)
         k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
         v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
-        mask = causal_mask(cache_position, k_cache.shape[2], x.device)
+        mask = causal_mask(cache_position, k_cache.shape[2], x.device)  # (L, S)
+        kernel = getattr(self, "fused_decode_attention", None) if fused else None
+        if kernel is not None and q.shape[2] == 1:
+            # torch's fused backends would pad this one-query call into a general kernel (~17 us per layer on an H200)
+            b, h, n, d = q.shape
+            out = kernel(q, k_cache.to(q.dtype), v_cache.to(q.dtype), mask.view(1, 1, 1, -1), d ** -0.5, cache_position)
+            return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
         return self._attend(q, k_cache.to(q.dtype), v_cache.to(q.dtype), mask=mask)
 
 
@@ -116,6 +123,6 @@ class Block(nn.Module):
         x = x + h
         return x + self.mlp(self.norm2(x)), k, v
 
-    def forward_static(self, x, k_cache, v_cache, cache_position):
-        x = x + self.attn.forward_static(self.norm1(x), k_cache, v_cache, cache_position)
+    def forward_static(self, x, k_cache, v_cache, cache_position, fused: bool = False):
+        x = x + self.attn.forward_static(self.norm1(x), k_cache, v_cache, cache_position, fused)
         return x + self.mlp(self.norm2(x))

@@ -18,7 +18,7 @@ from kernels import interpreting
 from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8
 from kernels.guidance import guide_euler_
 from kernels.layernorm import ln_modulate
-from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, skinny_gemm
+from kernels.skinny import GATED_RESIDUAL, STORE, SWIGLU, LayerNormNext, Workspace, skinny_gemm
 from models import build, tiny_config
 from models.flow_head import guide
 from models.pieces import FlowHeadPiece
@@ -109,6 +109,40 @@ def test_skinny_gated_residual_in_place(split):
     ref = h + mods[:, 2 * n:] * (act.float() @ dequantize_rows_fp8(wq, s).T + b)
     skinny_gemm(act, wq, h, w_scale=s, bias=b, gate=mods[:, 2 * n:], epilogue=GATED_RESIDUAL, config=_cfg(split))
     _check(f"kernels/skinny_gated_residual_split{split}", h, ref)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("epilogue,affine", [(GATED_RESIDUAL, True), (STORE, False)])
+def test_skinny_ln_next(split, epilogue, affine):
+    """The grid's last program writes modulate(LN(out)) for the next GEMM; twice in a row on one
+    workspace (the grid ticket re-arms), each matching the GEMM then ln_modulate's formula."""
+    g = torch.Generator().manual_seed(7)
+    m, n, k = 3, 200, 96
+    ws = Workspace(n, m, DEV)
+    wq, s = quantize_rows_fp8(torch.randn(n, k, generator=g))
+    wq, s = wq.to(DEV), s.to(DEV)
+    b = torch.randn(n, generator=g).to(DEV)
+    h = torch.randn(m, n, generator=g).to(DEV)
+    lnw, lnb = (torch.randn(n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV)) if affine else (None, None)
+    for rep in range(2):
+        act = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV)
+        mods = torch.randn(m, 3 * n, generator=g).to(DEV) * 0.5
+        gate = mods[:, 2 * n:] if epilogue == GATED_RESIDUAL else None
+        y = act.float() @ dequantize_rows_fp8(wq, s).T + b
+        ref = h + gate * y if epilogue == GATED_RESIDUAL else y
+        ref_ln = F.layer_norm(ref, (n,), lnw, lnb, 1e-6) * (1 + mods[:, n:2 * n]) + mods[:, :n]
+        xn = torch.full((m, n), float("nan"), device=DEV)
+        skinny_gemm(act, wq, h, w_scale=s, bias=b, gate=gate, epilogue=epilogue, workspace=ws, config=_cfg(split),
+                    ln_next=LayerNormNext(xn, mods[:, :n], mods[:, n:2 * n], lnw, lnb, 1e-6))
+        _check(f"kernels/skinny_ln_next_out_e{epilogue}_split{split}_{rep}", h, ref)
+        _check(f"kernels/skinny_ln_next_xn_e{epilogue}_split{split}_{rep}", xn, ref_ln)
+        assert int(ws.tickets.abs().sum()) == 0  # every ticket re-armed
+    with pytest.raises(ValueError, match="fp32"):
+        skinny_gemm(act, wq, h.bfloat16(), ln_next=LayerNormNext(xn, mods[:, :n], mods[:, n:2 * n]))
+    with pytest.raises(ValueError, match="shape"):
+        skinny_gemm(act, wq, h, ln_next=LayerNormNext(xn[:2], mods[:2, :n], mods[:2, n:2 * n]))
+    with pytest.raises(ValueError, match="both"):
+        skinny_gemm(act, wq, h, ln_next=LayerNormNext(xn, mods[:, :n], mods[:, n:2 * n], weight=b))
 
 
 def test_skinny_rejects_bad_operands():
@@ -267,13 +301,13 @@ def test_fused_moe_mode_without_kernel_is_a_clear_error():
         moe(torch.randn(1, 2, model.cfg.llm.hidden_size), mode="fused")
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt,fuse_ln", [("bf16", True), ("fp8", True), ("fp8", False)])
 @torch.no_grad()
-def test_kernel_flow_head_close_to_reference(fmt):
+def test_kernel_flow_head_close_to_reference(fmt, fuse_ln):
     from runtime.fast.kernel_flow_head import KernelFlowHead
 
     model = build(tiny_config(), seed=0, device=DEV)
-    head = KernelFlowHead(model, weights=fmt)
+    head = KernelFlowHead(model, weights=fmt, fuse_ln=fuse_ln)
     # the reference computes in fp32 with the weights the kernels stream (rounded to bf16 / FP8)
     net = model.model.diffloss.net
     packed = [net.input_proj, net.final_layer.linear, net.final_layer.adaLN_modulation[1]]
@@ -290,7 +324,7 @@ def test_kernel_flow_head_close_to_reference(fmt):
     rel = ((got - ref).norm() / ref.norm()).item()
     # the SwiGLU activations are stored in bf16 (and, on a GPU, every GEMM operand is bf16)
     bound = 5e-3 if interpreting() else 3e-2
-    assert rel < bound, f"kernel flow head ({fmt}) rel L2 {rel:.2e} >= {bound}"
+    assert rel < bound, f"kernel flow head ({fmt}, fuse_ln={fuse_ln}) rel L2 {rel:.2e} >= {bound}"
     assert head.nbytes_per_step() > 0
 
 
@@ -388,7 +422,7 @@ def test_decode_attention_splits_agree_and_refuse_bad_inputs():
     q, k, v, mask = _attention_inputs(torch.float32)
     one, three = (decode_attention(q, k, v, mask, 0.2, splits=n) for n in (1, 3))
     assert_close("kernels/decode_attention_split_1_vs_3", three, one, 2e-5 if interpreting() else 1e-4)
-    assert [decode_splits(n) for n in (1, 512, 513, 4096, 10 ** 6)] == [1, 1, 2, 8, 16]
+    assert [decode_splits(n) for n in (1, 64, 65, 512, 4096, 10 ** 6)] == [1, 1, 2, 8, 16, 16]
     hidden = mask.clone()
     hidden[1] = False  # a row that sees no key: zeros (as torch's math attention), not NaN
     for n in (1, 3):
@@ -406,6 +440,27 @@ def test_decode_attention_splits_agree_and_refuse_bad_inputs():
         decode_attention(q, k, v, None, 0.2)
     with pytest.raises(ValueError, match="one dtype"):
         decode_attention(q, k.double(), v, mask, 0.2)
+    with pytest.raises(ValueError, match="last"):
+        decode_attention(q, k, v, mask, 0.2, last=torch.tensor([1.0], device=DEV))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention_stops_at_the_last_slot(splits):
+    """`last` (the query's own slot) skips the later slots the mask hides anyway: the same bits, and the
+    same as torch's attention over the cache cut at `last`, whichever split `last` falls in."""
+    from kernels.attention import decode_attention
+
+    q, k, v, mask = _attention_inputs(torch.float32)
+    full = decode_attention(q, k, v, mask, 0.2, splits=splits)
+    assert torch.equal(decode_attention(q, k, v, mask, 0.2, splits=splits, last=torch.tensor([89], device=DEV)), full)
+    for last in (75, 40, 3):
+        cut = mask.clone()
+        cut[..., last + 1:] = False
+        got = decode_attention(q, k, v, cut, 0.2, splits=splits, last=torch.tensor([last], device=DEV))
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                             attn_mask=cut, scale=0.2)
+        ref[0] = 0 if last < 70 else ref[0]  # row 0 sees no key before slot 70: zeros
+        assert_close(f"kernels/decode_attention_last{last}_s{splits}", got, ref, 2e-5 if interpreting() else 1e-4)
 
 
 @torch.no_grad()
@@ -432,7 +487,7 @@ def test_llm_decode_uses_the_attention_kernel_once_installed():
     at = torch.tensor([10], device=DEV)
     ref = llm.forward_static(x, mask, pos, [t.clone() for t in k_c], [t.clone() for t in v_c], at)
     report = prepare_decode(model)
-    assert report["decode_attention_layers"] == cfg.num_layers
+    assert report["decode_attention_layers"] == cfg.num_layers + model.cfg.mingtok.semantic_depth
     attns = [m for m in llm.modules() if isinstance(m, Attention)]
     assert all(m.fused_decode_attention is dw.decode_attention_op for m in attns)
     calls = []
@@ -445,6 +500,59 @@ def test_llm_decode_uses_the_attention_kernel_once_installed():
                        at + torch.arange(3, device=DEV), moe_mode="fused")
     assert len(calls) == cfg.num_layers  # the one-token fused step only
     assert_close("kernels/llm_step_with_decode_attention", got, ref, 1e-4 if interpreting() else 3e-2)
+
+
+@torch.no_grad()
+def test_fused_router_routes_as_the_two_routers():
+    """prepare_decode stacks the text and image routers: a fused step routes every row as the router its
+    image mask picks would (same experts, same weights), in one GEMM."""
+    from models.llm import MoE
+    from runtime.fast.decode_weights import prepare_decode
+
+    model = build(tiny_config(), seed=0, device=DEV)
+    prepare_decode(model)
+    moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
+    assert moes and all(m.fused_router.shape == (2 * m.num_experts, model.cfg.llm.hidden_size) for m in moes)
+    x = torch.randn(5, model.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(8)).to(DEV)
+    image = torch.tensor([[True], [False], [True], [False], [False]], device=DEV)
+    for m in moes:
+        got = m.route(x, image, fused=True)
+        ref = m.route(x, image)
+        assert torch.equal(got[0], ref[0])
+        assert_close("kernels/fused_router_weights", got[1], ref[1], 1e-6)
+        assert_close("kernels/fused_router_logits", got[2].float(), ref[2].float(), 1e-5)
+        text = m.gate(x)  # the image rows really took the image router's choice
+        assert not torch.equal(text[0][image[:, 0]], got[0][image[:, 0]])
+
+
+@torch.no_grad()
+def test_semantic_decoder_step_uses_the_attention_kernel_when_fused():
+    """SemanticDecoderStatic(fused=True) runs one-token steps through the installed kernel (once per block)
+    and matches the torch attention step by step over a cache it fills itself; fused=False, or a
+    several-token step, keeps torch's attention."""
+    from models.pieces import SemanticDecoderStatic
+    from models.vit_layers import SelfAttention
+    from runtime.fast.decode_weights import decode_attention_op, prepare_decode
+
+    model = build(tiny_config(), seed=0, device=DEV)
+    mt = model.cfg.mingtok
+    depth, heads = mt.semantic_depth, mt.semantic_dim // mt.head_dim
+    prepare_decode(model)
+    calls = []
+    attns = [m for m in model.vision.semantic_decoder.modules() if isinstance(m, SelfAttention)]
+    assert len(attns) == depth and all(m.fused_decode_attention is decode_attention_op for m in attns)
+    for m in attns:
+        m.fused_decode_attention = lambda *a: calls.append(a[0].shape) or decode_attention_op(*a)
+    z = torch.randn(2, 6, mt.latent_dim, generator=torch.Generator().manual_seed(3)).to(DEV)
+    caches = {f: tuple(torch.zeros(2, heads, 9, mt.head_dim, device=DEV) for _ in range(2 * depth)) for f in (0, 1)}
+    outs = {f: [SemanticDecoderStatic(model, fused=bool(f))(z[:, i:i + 1], torch.tensor([i], device=DEV), *caches[f])
+                for i in range(6)] for f in (0, 1)}
+    assert len(calls) == 6 * depth  # the fused steps only
+    for i in range(6):
+        assert_close(f"kernels/semantic_step_{i}", outs[1][i][0], outs[0][i][0], 1e-4 if interpreting() else 3e-2)
+        assert_close(f"kernels/semantic_step_{i}_connector", outs[1][i][1], outs[0][i][1], 1e-4 if interpreting() else 3e-2)
+    SemanticDecoderStatic(model, fused=True)(z[:, :2], torch.tensor([0, 1], device=DEV), *caches[1])
+    assert len(calls) == 6 * depth
 
 
 def test_pdl_settings():

@@ -1,10 +1,12 @@
 """Decode-time weights for the custom kernels: the fused MoE everywhere, FP8 linears when asked.
 
 `prepare_decode(model, weights)` changes the model in place for the GPU fast path:
-  * every LLM attention gets `fused_decode_attention` (kernels.attention): one launch per layer for the
-    one-query decode over the static cache, in a fixed order, used by static steps in moe_mode "fused";
+  * every LLM and semantic-decoder attention gets `fused_decode_attention` (kernels.attention): one
+    launch per layer for the one-query decode over the static cache, in a fixed order, used by static
+    steps in moe_mode "fused" (the LLM) or built with fused=True (SemanticDecoderStatic);
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
-    stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales;
+    stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales; and its two
+    routers (text and image) one stacked weight, `fused_router`, so a decode step routes in one GEMM;
   * weights="fp8" also wraps the SwiGLU MLPs (shared experts, dense FFNs, the semantic decoder's
     w12/w3) in FusedSwiGLUDecode (gate and up in one launch with the SiLU-product epilogue, then the
     down projection) and the other decode-time linears (attention, GELU MLPs) in FP8Linear. Kept high
@@ -22,12 +24,13 @@ from torch import nn
 
 from kernels import interpreting
 from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
+from kernels.attention import reserve_tickets as reserve_attention_tickets
 from kernels.moe import reserve_tickets
 from kernels.ops import decode_attention_op, moe_decode_op, skinny_linear_op, skinny_swiglu_op
 from kernels.skinny import MAX_ROWS
 from models.llm import Attention, ExpertMLP, MoE
 from models.univision import MingUniVision
-from models.vit_layers import SwiGLUFFN
+from models.vit_layers import SelfAttention, SwiGLUFFN
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +158,15 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
     for m in moes:
         m.fused_decode = FusedMoEDecode(m, weights)
+        if hasattr(m, "image_gate"):  # both routers in one GEMM (MoE.route); a buffer, so exports see a constant
+            m.register_buffer("fused_router", torch.cat([m.gate.weight, m.image_gate.weight]).detach(), persistent=False)
     attns = [m for m in model.model.model.modules() if isinstance(m, Attention)]
+    attns += [m for m in model.vision.semantic_decoder.modules() if isinstance(m, SelfAttention)]
     for m in attns:
-        m.fused_decode_attention = decode_attention_op  # (q, k, v, mask, scale): one-token steps in moe_mode "fused"
+        m.fused_decode_attention = decode_attention_op  # (q, k, v, mask, scale, last): fused one-token steps
+    dev = next(model.parameters()).device
+    if attns and dev.type == "cuda":  # the split merge's tickets, before any capture
+        reserve_attention_tickets(dev)
     report = {"moe_layers": len(moes), "decode_attention_layers": len(attns), "fp8_linear_params": 0, "fp8_fused_swiglu_params": 0}
     if weights == "fp8":
         for stack in (model.model.model.layers, model.vision.semantic_decoder.blocks):

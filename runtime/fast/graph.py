@@ -89,7 +89,7 @@ class GraphImageGenerator:
         else:
             self.flow = FastFlowHead(model)
         self.llm = LLMHiddenStatic(model, moe_mode=self.moe_mode)
-        self.sem = SemanticDecoderStatic(model)
+        self.sem = SemanticDecoderStatic(model, fused=use_kernels)
         self.compiled = (use_kernels and self.device.type == "cuda") if compile is None else compile
         self._llm_step, self._sem_step = self.llm, self.sem
         if self.compiled:  # shapes are static per bucket: one compile per bucket, during the warm-up
