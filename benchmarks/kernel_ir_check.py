@@ -32,17 +32,14 @@ def cases():
 
     sk = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", wscale_ptr="*fp32", bias_ptr="*fp32", y_ptr="*bf16", gate_ptr="*fp32",
               part_ptr="*fp32", ticket_ptr="*i32", M="i32", N="i32", K="i32", row_div="i32", stride_xm="i32",
-              stride_ym="i32", stride_gate="i32", ln_out_ptr="*fp16", ln_w_ptr="*fp32", ln_b_ptr="*fp32",
-              ln_shift_ptr="*fp32", ln_scale_ptr="*fp32", stride_ln_out="i32", stride_ln_mod="i32", ln_eps="fp32")
+              stride_ym="i32", stride_gate="i32")
     out = []
     for fmt, wty, bn, bk, stages in (("bf16", "*bf16", 64, 128, 4), ("fp8", "*fp8e4nv", 32, 256, 4)):
-        for epi, split, ln in ((skinny.STORE, 1, 0), (skinny.SWIGLU, 1, 0), (skinny.GATED_RESIDUAL, 4, 0),
-                               (skinny.GATED_RESIDUAL, 4, 1)):
+        for epi, split in ((skinny.STORE, 1), (skinny.SWIGLU, 1), (skinny.GATED_RESIDUAL, 4)):
             c = dict(HAS_WSCALE=fmt == "fp8", HAS_BIAS=False, EPILOGUE=epi, SPLIT_K=split, BLOCK_M=16, BLOCK_N=bn,
-                     BLOCK_K=bk, UPCAST=False, PDL=0, PF_TILES=0, W_BYTES=1 if fmt == "fp8" else 2,
-                     LN_NEXT=bool(ln), LN_AFFINE=bool(ln), LN_BLOCK=4096, LN_ROWS=2)
-            out.append((f"skinny {fmt} epilogue {epi} split {split}{' + LN next' if ln else ''}", skinny._skinny_kernel,
-                        dict(sk, w_ptr=wty, y_ptr="*fp32" if ln else "*bf16"), c, dict(num_warps=4, num_stages=stages)))
+                     BLOCK_K=bk, UPCAST=False, PDL=0, PF_TILES=0, W_BYTES=1 if fmt == "fp8" else 2)
+            out.append((f"skinny {fmt} epilogue {epi} split {split}", skinny._skinny_kernel, dict(sk, w_ptr=wty), c,
+                        dict(num_warps=4, num_stages=stages)))
     for fmt, wty, act, bn, bk in (("bf16", "*bf16", "*bf16", 32, 256), ("fp8", "*fp8e4nv", "*fp16", 64, 128)):
         c = dict(TOPK=6, HAS_SCALE=fmt == "fp8", BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PDL=0)
         gu = dict(x_ptr="*bf16", ids_ptr="*i32", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,

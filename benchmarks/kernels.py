@@ -34,7 +34,6 @@ from kernels.skinny import (
     GATED_RESIDUAL,
     STORE,
     SWIGLU,
-    LayerNormNext,
     Workspace,
     candidate_configs,
     config_key,
@@ -66,7 +65,7 @@ def shapes(cfg):
     # name, rows, N (outputs), K, epilogue; swiglu: N is the hidden width, W has 2N rows
     return [
         ("flow w12 + SwiGLU", 2, hid, w, SWIGLU),
-        ("flow w3 gated residual + LayerNorm next", 2, w, hid, GATED_RESIDUAL),
+        ("flow w3 gated residual", 2, w, hid, GATED_RESIDUAL),
         ("flow adaLN (16 steps x 2 rows)", 2 * s, 3 * w, w, STORE),
         ("llm query_key_value", 2, qkv, llm.hidden_size, STORE),
         ("llm dense", 2, llm.hidden_size, llm.num_heads * llm.head_dim, STORE),
@@ -94,10 +93,8 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=
     mods = torch.randn(m, 3 * n, device=dev) * 0.1
     work = Workspace(n, m, dev)
     kw = dict(w_scale=sc, epilogue=epi, workspace=work)
-    if epi == GATED_RESIDUAL:  # as the flow head runs it: then the next block's LayerNorm + modulation
-        xn = torch.empty(m, n, device=dev, dtype=x.dtype)
-        kw.update(gate=mods[:, 2 * n:], ln_next=LayerNormNext(xn, mods[:, :n], mods[:, n:2 * n],
-                                                              torch.ones(n, device=dev), torch.zeros(n, device=dev)))
+    if epi == GATED_RESIDUAL:
+        kw.update(gate=mods[:, 2 * n:])
 
     def run(config):
         return graph_time_us(lambda i: skinny_gemm(x, ws[i], out, config=config, **kw), copies, reps)

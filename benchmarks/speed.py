@@ -329,22 +329,7 @@ def main(argv=None) -> int:
             breakdown(g, k, fmt, rec)
             if g.pdl and not a.no_pdl_ab:
                 pdl_ab(g, fmt)
-            if device.type == "cuda":
-                ln_ab(g, fmt)
             return g, res
-
-        def ln_ab(g, fmt: str):
-            """The same token graph with the flow head's LayerNorms as launches of their own (before
-            session 7) instead of in the GEMM epilogues."""
-            g.flow.fuse_ln = False
-            g.reset_graphs()
-            kk = g.bucket_for(1, rows, p_len)
-            g.generate(cache, **kw)
-            r = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt}), LayerNorm launches", step_of(g, kk, p_len))
-            results.setdefault("flow_ln_ab", {})[f"{fmt}: LayerNorm launches"] = {"median_ms": r["median_ms"]}
-            g.flow.fuse_ln = True
-            g.reset_graphs()
-            g.bucket_for(1, rows, p_len)
 
         def pdl_ab(g, fmt: str):
             """The same token graph launched without PDL, with the GEMMs triggering the next launch early,

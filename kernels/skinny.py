@@ -13,16 +13,11 @@ bf16; padded `torch._scaled_mm` ~2.1. This kernel is built for that regime:
   split writes its partial, the last to arrive (an atomic ticket) sums them in split order, so the
   result does not depend on scheduling and a seed gives the same image bit for bit;
 * fused epilogues for the flow head's residual block: SwiGLU (both halves of w12 in one program)
-  and `h += gate * y` (in place, fp32 residual);
-* the LayerNorm + adaLN modulation that the next GEMM needs (LayerNormNext): the last program to
-  finish (a grid-wide ticket) normalises the rows the whole grid just wrote, so the next GEMM reads
-  its rows ready and the flow head needs no separate normalisation launch between its GEMMs. (Done
-  in the next GEMM's prologue instead, every program recomputed the row statistics before its first
-  weight load, which cost ~30% at the real shapes.)
+  and `h += gate * y` (in place, fp32 residual). The LayerNorm + adaLN modulation before w12 is a
+  separate one-program-per-row kernel (kernels/layernorm.py): fused into this one, every program
+  recomputed the row statistics before its first weight load, which cost ~30% at the real shapes.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
@@ -42,11 +37,9 @@ if triton is not None:
         x_ptr, w_ptr, wscale_ptr, bias_ptr, y_ptr,
         gate_ptr, part_ptr, ticket_ptr,
         M, N, K, row_div, stride_xm, stride_ym, stride_gate,
-        ln_out_ptr, ln_w_ptr, ln_b_ptr, ln_shift_ptr, ln_scale_ptr, stride_ln_out, stride_ln_mod, ln_eps,
         HAS_WSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, PDL: tl.constexpr, PF_TILES: tl.constexpr, W_BYTES: tl.constexpr,
-        LN_NEXT: tl.constexpr, LN_AFFINE: tl.constexpr, LN_BLOCK: tl.constexpr, LN_ROWS: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -119,51 +112,6 @@ if triton is not None:
             g = tl.load(gate_ptr + rm[None, :] * stride_gate + rn[:, None], mask=out_ok, other=0.0).to(tl.float32)
             acc = tl.load(y_ptr + y_off, mask=out_ok, other=0.0).to(tl.float32) + g * acc
         store_cast(y_ptr + y_off, acc, out_ok)
-
-        if LN_NEXT:
-            # the last column block to be written normalises every row of y for the next GEMM:
-            # out[m] = (LN(y[m]) [* w + b]) * (1 + scale[m]) + shift[m], statistics in fp32 (kernels/layernorm.py)
-            tl.debug_barrier()  # every thread's output is written before the ticket is taken
-            done_ptr = ticket_ptr + tl.cdiv(N, 16)  # the workspace's slot past the split-K tickets
-            # only the program that wrote a column block's output takes a ticket (with split-K, its last split)
-            if SPLIT_K > 1:
-                done = tl.atomic_add(done_ptr, 1, mask=last, sem="acq_rel", scope="gpu")
-                finisher = last
-            else:
-                done = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
-                finisher = True
-            if finisher and done == tl.num_programs(0) - 1:
-                # LN_ROWS rows at a time in one tile: one latency chain (load, two reductions, store) per group
-                rc = tl.arange(0, LN_BLOCK)
-                c_ok = rc < N
-                for m0 in range(0, M, LN_ROWS):
-                    rr = m0 + tl.arange(0, LN_ROWS)
-                    ok = (rr < M)[:, None] & c_ok[None, :]
-                    v = tl.load(y_ptr + rr[:, None] * stride_ym + rc[None, :], mask=ok, other=0.0,
-                                cache_modifier=".cg").to(tl.float32)  # (LN_ROWS, LN_BLOCK)
-                    mean = tl.sum(v, axis=1) / N
-                    d = tl.where(ok, v - mean[:, None], 0.0)
-                    v = d / tl.sqrt(tl.sum(d * d, axis=1) / N + ln_eps)[:, None]
-                    if LN_AFFINE:
-                        v = v * tl.load(ln_w_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :] \
-                            + tl.load(ln_b_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-                    mods = rr[:, None] * stride_ln_mod + rc[None, :]
-                    sh = tl.load(ln_shift_ptr + mods, mask=ok, other=0.0).to(tl.float32)
-                    sc = tl.load(ln_scale_ptr + mods, mask=ok, other=0.0).to(tl.float32)
-                    store_cast(ln_out_ptr + rr[:, None] * stride_ln_out + rc[None, :], v * (1.0 + sc) + sh, ok)
-                tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")  # re-arm
-
-
-class LayerNormNext(NamedTuple):
-    """What skinny_gemm's LN_NEXT epilogue writes after the GEMM: out (M, N) =
-    (LN(y) [* weight + bias]) * (1 + scale) + shift, for the next GEMM's rows. shift/scale (M, N) views
-    sharing a row stride (the flow head's adaLN modulations); weight/bias (N,) or both None."""
-    out: torch.Tensor
-    shift: torch.Tensor
-    scale: torch.Tensor
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    eps: float = 1e-6
 
 
 SM_COUNT_DEFAULT = 132  # H100 SXM
@@ -245,8 +193,7 @@ def pick_config(m: int, n: int, k: int, fp8: bool, epilogue: int, device=None) -
 
 class Workspace:
     """Split-K partials and tickets for one call site (tickets must start at zero and are re-armed
-    by the kernel; one workspace must not be used by two streams at once). The last ticket slot is
-    the grid-wide one of the LN_NEXT epilogue."""
+    by the kernel; one workspace must not be used by two streams at once)."""
 
     def __init__(self, n: int, rows: int, device, max_split: int = 8):
         block_m = max(16, next_pow2(rows))
@@ -281,7 +228,7 @@ def fit_stages(config: dict, w_bytes: int, swiglu: bool, block_m: int, x_bytes: 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=None, bias=None, gate=None,
                 epilogue: int = STORE, row_div: int = 1, workspace: Workspace | None = None,
-                config: dict | None = None, ln_next: LayerNormNext | None = None) -> torch.Tensor:
+                config: dict | None = None) -> torch.Tensor:
     """out[m, :] (=|+=) f(x[m // row_div] @ W^T) for M = out.shape[0] rows.
 
     x (M / row_div, K) any float dtype, row-contiguous (multiplied as bf16 on a GPU); w (N', K)
@@ -290,8 +237,6 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
     gate (M, N) with contiguous columns (GATED_RESIDUAL: out += gate * y, in place).
     config pins {BLOCK_N, BLOCK_K, SPLIT_K[, num_warps, num_stages]}; by default the GPU's measured
     table (kernels/configs/) or a heuristic picks it.
-    ln_next (STORE or GATED_RESIDUAL, fp32 out): also write the LayerNorm + modulation of the new out
-    rows (LayerNormNext), from the grid's last program.
     """
     require()
     m, n = out.shape
@@ -306,23 +251,17 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
         raise ValueError(f"{x.shape[0]} input rows x row_div {row_div} != {m} output rows")
     if (gate is None) != (epilogue != GATED_RESIDUAL) or (gate is not None and gate.stride(-1) != 1):
         raise ValueError("the gated-residual epilogue needs a gate (M, N) with contiguous columns, and only it does")
-    if ln_next is not None:
-        _check_ln_next(ln_next, out, epilogue)
     if workspace is None:
         workspace = shared_workspace(n, m, out.device)
     dummy = out
-    ln = ln_next if ln_next is not None else LayerNormNext(dummy, dummy, dummy)
     args = (x, w, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, out,
             gate if gate is not None else dummy, workspace.partials, workspace.tickets,
-            m, n, k, row_div, x.stride(0), out.stride(0), gate.stride(0) if gate is not None else 0,
-            ln.out, ln.weight if ln.weight is not None else dummy, ln.bias if ln.bias is not None else dummy,
-            ln.shift, ln.scale, ln.out.stride(0), ln.shift.stride(0), float(ln.eps))
+            m, n, k, row_div, x.stride(0), out.stride(0), gate.stride(0) if gate is not None else 0)
     block_m = max(16, next_pow2(m))
     pdl = pdl_launch(out.device)
     flags = dict(HAS_WSCALE=w_scale is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=block_m,
                  UPCAST=interpreting(), PF_TILES=pdl_prefetch_tiles() if pdl["PDL"] else 0, W_BYTES=w.element_size(),
-                 LN_NEXT=ln_next is not None, LN_AFFINE=ln.weight is not None, LN_BLOCK=next_pow2(n),
-                 LN_ROWS=min(next_pow2(m), max(1, 8192 // next_pow2(n))), **pdl)
+                 **pdl)
     if config is None:
         config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, epilogue, out.device)
     config = fit_stages(config, w.element_size(), epilogue == SWIGLU, block_m, x.element_size())
@@ -331,17 +270,4 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
     return out
 
 
-def _check_ln_next(ln: LayerNormNext, out: torch.Tensor, epilogue: int) -> None:
-    if epilogue == SWIGLU or out.dtype != torch.float32:
-        raise ValueError("ln_next follows a STORE or GATED_RESIDUAL GEMM with an fp32 output")
-    if ln.out.shape != out.shape or ln.shift.shape != out.shape or ln.scale.shape != out.shape:
-        raise ValueError(f"ln_next: out {tuple(ln.out.shape)}, shift {tuple(ln.shift.shape)}, scale "
-                         f"{tuple(ln.scale.shape)} must all be the GEMM's output shape {tuple(out.shape)}")
-    if ln.shift.stride(0) != ln.scale.stride(0) or ln.shift.stride(-1) != 1 or ln.scale.stride(-1) != 1 \
-            or ln.out.stride(-1) != 1:
-        raise ValueError("ln_next: shift and scale must share a row stride; all rows contiguous")
-    if (ln.weight is None) != (ln.bias is None):
-        raise ValueError("ln_next: give both LayerNorm weight and bias, or neither")
-
-
-__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "STORE", "SWIGLU", "LayerNormNext", "Workspace", "candidate_configs", "config_key", "pick_config", "shared_workspace", "skinny_gemm"]
+__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "pick_config", "shared_workspace", "skinny_gemm"]

@@ -5,12 +5,11 @@ adaLN modulations in one GEMM per block), laid out for the memory-bound decode r
 
   per token:  mods[blk] = adaLN_blk(silu(temb + cond))          (S*M, 3W) fp32, one GEMM per block
   per step:   h   = input_proj(x)                                (M, W) fp32 residual stream
-              xn  = modulate(LN(h))                              by the GEMM that wrote h (its last program)
-              act = SwiGLU(w12 @ xn)                             launch 1: both halves in one program
-              h  += gate * (w3 @ act)                            launch 2: in place, fp32, then xn for the next block
-              v   = final(xn)                                    (M, C)
+              xn  = modulate(LN(h))                              launch 1: one program per row, bf16 out
+              act = SwiGLU(w12 @ xn)                             launch 2: both halves in one program
+              h  += gate * (w3 @ act)                            launch 3: in place, fp32
+              v   = final(modulate(LN(h)))                       (M, C)
               x  += dt * guide(v)                                one launch
-(fuse_ln=False: the normalisations as launches of their own, kernels/layernorm.py.)
 with M = B*R rows. The residual stream and the modulations stay fp32 (the reference rounds them to
 bf16 at each op); the GEMM operands are bf16 (bf16 weights) or fp16 (FP8 weights widened exactly to fp16).
 """
@@ -23,7 +22,7 @@ from torch import nn
 from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
 from kernels.guidance import guide_euler_
 from kernels.layernorm import ln_modulate
-from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, LayerNormNext, Workspace, skinny_gemm
+from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, Workspace, skinny_gemm
 from models.univision import MingUniVision
 
 from .flow_head import FastFlowHead
@@ -47,9 +46,8 @@ class PackedLinear:
 
 class KernelFlowHead(nn.Module):
     def __init__(self, model: MingUniVision, *, weights: str = "bf16", time_shift: float | None = None,
-                 renorm: bool = False, fuse_ln: bool = True):
+                 renorm: bool = False):
         super().__init__()
-        self.fuse_ln = fuse_ln
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
         self.hoisted = FastFlowHead(model, time_shift=time_shift, renorm=renorm)  # vis_head, temb, dts
@@ -108,32 +106,18 @@ class KernelFlowHead(nn.Module):
         self._gemm_rows(sy, self.final_ada, buf["fmod"], buf["ws_mod"])
         h, xn, act, v = buf["h"], buf["xn"], buf["act"], buf["v"]
         x = noise.float() * temperature  # (B, C)
-
-        def norm(j: int, k: int) -> LayerNormNext:
-            """xn = modulate(LN(h)) before block j's w12 (j == depth: before the final layer) at step k."""
-            if j < len(self.blocks):
-                mk = buf["mods"][j][k * m:(k + 1) * m]  # (M, 3W) = [shift | scale | gate]
-                lnw, lnb = self.blocks[j]["ln"]
-                return LayerNormNext(xn, mk[:, :w], mk[:, w:2 * w], lnw, lnb, self.eps)
-            fk = buf["fmod"][k * m:(k + 1) * m]  # (M, 2W) = [shift | scale]
-            return LayerNormNext(xn, fk[:, :w], fk[:, w:], eps=self.eps)
-
-        def gemm_then_norm(*args, ln: LayerNormNext, **kw):
-            if self.fuse_ln:
-                skinny_gemm(*args, ln_next=ln, **kw)
-            else:
-                skinny_gemm(*args, **kw)
-                ln_modulate(h, ln.shift, ln.scale, ln.out, weight=ln.weight, bias=ln.bias, eps=ln.eps)
-
         for k in range(s):
-            gemm_then_norm(x, self.input_proj.weight, h, w_scale=self.input_proj.scale, bias=self.input_proj.bias,
-                           row_div=r, workspace=buf["ws_in"], ln=norm(0, k))  # (M, W): a prompt's rows share its state
-            for j, (blk, mods) in enumerate(zip(self.blocks, buf["mods"])):
-                gate = mods[k * m:(k + 1) * m, 2 * w:]
+            skinny_gemm(x, self.input_proj.weight, h, w_scale=self.input_proj.scale, bias=self.input_proj.bias,
+                        row_div=r, workspace=buf["ws_in"])  # (M, W): each prompt's rows share its state
+            for blk, mods in zip(self.blocks, buf["mods"]):
+                mk = mods[k * m:(k + 1) * m]  # (M, 3W) = [shift | scale | gate]
+                ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk["ln"][0], bias=blk["ln"][1], eps=self.eps)
                 skinny_gemm(xn, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,
                             epilogue=SWIGLU, workspace=buf["ws_up"])
-                gemm_then_norm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias, gate=gate,
-                               epilogue=GATED_RESIDUAL, workspace=buf["ws_down"], ln=norm(j + 1, k))
+                skinny_gemm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias,
+                            gate=mk[:, 2 * w:], epilogue=GATED_RESIDUAL, workspace=buf["ws_down"])
+            fk = buf["fmod"][k * m:(k + 1) * m]
+            ln_modulate(h, fk[:, :w], fk[:, w:], xn, eps=self.eps)
             skinny_gemm(xn, self.final.weight, v, w_scale=self.final.scale, bias=self.final.bias,
                         workspace=buf["ws_final"])
             guide_euler_(x, v, fh.dts, k, text_cfg, image_cfg, self.renorm)
