@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.speed import capture, environment, hbm_tbps, timed
 from kernels.fp8 import quantize_rows_fp8
 from kernels.moe import candidate_configs as moe_candidates
-from kernels.moe import config_key as moe_key
 from kernels.moe import down_candidates as moe_down_candidates
 from kernels.moe import moe_decode
 from kernels.moe import pick_config as moe_pick
@@ -125,31 +124,24 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=
     return row
 
 
-def bench_moe(cfg, fmt, reps, sweep, table, rows=2, shared=0):
-    """shared > 0: that many more experts (the shared ones, as FusedMoEDecode folds them in with FP8
-    weights) taken by every row after its routed ones."""
+def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
     llm = cfg.llm
     e, i, h, k = llm.num_experts, llm.moe_intermediate_size, llm.hidden_size, llm.num_experts_per_tok
     dev = "cuda"
-    sets = 12  # the routed experts of one layer are 18 MB (bf16): rotate 12 layers' worth of expert ids to leave L2
-    extra = shared * sets  # each layer has its own shared experts
-    ws = [torch.randn(e + extra, i, h, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)] + \
-         [torch.randn(e + extra, h, i, device=dev, dtype=torch.bfloat16) * 0.02]
+    ws = [torch.randn(e, i, h, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)] + \
+         [torch.randn(e, h, i, device=dev, dtype=torch.bfloat16) * 0.02]
     scales = None
     if fmt == "fp8":
         q = [quantize_rows_fp8(t) for t in ws]
         ws, scales = [a for a, _ in q], tuple(s for _, s in q)
     g = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)]).to(dev)  # distinct per row
-    x = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
-    used = len(set(ids.flatten().tolist())) + shared
-    nbytes = used * 3 * i * h * (1 if fmt == "fp8" else 2)
-    id_sets = [torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)]).to(dev) for _ in range(sets)]
-    if shared:  # set j's shared experts are e + j*shared ...: appended to every row
-        id_sets = [torch.cat([t, torch.arange(e + j * shared, e + (j + 1) * shared, device=dev).expand(rows, -1)], 1)
-                   for j, t in enumerate(id_sets)]
-        k += shared
     topw = torch.rand(rows, k, device=dev)
+    x = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
+    used = len(set(ids.flatten().tolist()))
+    nbytes = used * 3 * i * h * (1 if fmt == "fp8" else 2)
+    # the routed experts of one layer are 18 MB (bf16): rotate 12 layers' worth of expert ids to leave L2
+    id_sets = [torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)]).to(dev) for _ in range(12)]
     act = torch.empty(rows * k, i, device=dev, dtype=torch.float16 if fmt == "fp8" else torch.bfloat16)  # as moe_decode
     out = torch.empty(rows, h, device=dev)
 
@@ -157,9 +149,8 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2, shared=0):
         return graph_time_us(lambda j: moe_decode(x, id_sets[j], topw, *ws, scales, act=act, out=out, config=config),
                              len(id_sets), reps)
 
-    default = moe_pick(h, i, fmt == "fp8", k if shared else None)
-    name = f"moe decode ({rows} rows, top-{k - shared} of {e}" + (f" + {shared} shared)" if shared else ")")
-    row = {"name": name, "fmt": fmt, "experts_read": used,
+    default = moe_pick(h, i, fmt == "fp8")
+    row = {"name": f"moe decode ({rows} rows, top-{k} of {e})", "fmt": fmt, "experts_read": used,
            "weight_mb": nbytes / 1e6, "default_config": default, "us": run(default)}
     if sweep:
         best = (row["us"], default)
@@ -170,7 +161,7 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2, shared=0):
                 except Exception as exc:
                     print(f"  skip {c}: {type(exc).__name__}", flush=True)
         row["best_us"], row["best_config"] = best
-        table["moe"][moe_key(h, i, fmt == "fp8", k if shared else None)] = best[1]
+        table["moe"][f"h{h}_i{i}_{fmt}"] = best[1]
     t_us = min(row["us"], row.get("best_us", row["us"]))
     row["tbps"] = nbytes / (t_us * 1e-6) / 1e12
     if fmt == "bf16":  # the gather dispatch the graph used before (copies the routed weights)
@@ -232,8 +223,6 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     for fmt in () if a.skip_moe else formats:  # first: few candidates, and the LLM step's largest kernel
         res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table))
-        if fmt == "fp8" and cfg.llm.num_shared_experts:  # as the FP8 decode runs it: the shared experts folded in
-            res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table, shared=cfg.llm.num_shared_experts))
         if a.sweep:
             (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
     for idx, (name, m, n, k, epi) in enumerate(() if a.only_moe else shapes(cfg)):

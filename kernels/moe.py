@@ -17,8 +17,6 @@ per-(expert, output channel) fp32 scale applied after the reduction.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._triton import interpreting, pdl_launch, require, tl, triton
@@ -114,7 +112,7 @@ def down_candidates(best: dict, topk: int = 6) -> list[dict]:
     programs (DOWN_SPLIT, a divisor of top-k) (benchmarks/kernels.py times these second)."""
     out = []
     for c in candidate_configs():
-        for split in (1, 2, 3, 4, 6, 8):
+        for split in (1, 2, 3, 6):
             if topk % split == 0 and ((c["BLOCK_N"], c["BLOCK_K"]) != (best["BLOCK_N"], best["BLOCK_K"]) or split > 1):
                 out.append(dict(best, DOWN_BLOCK_N=c["BLOCK_N"], DOWN_BLOCK_K=c["BLOCK_K"], DOWN_SPLIT=split))
     return out
@@ -142,25 +140,12 @@ def reserve_tickets(device, h: int, rows: int = MAX_TICKET_ROWS) -> torch.Tensor
     return buf
 
 
-def config_key(h: int, i: int, fp8: bool, k: int | None = None) -> str:
-    """The table's key: h{H}_i{I}_{format}, with _k{k} for a measured number of experts per row (the FP8
-    layers with their shared experts folded in run top-k + 2 slots per row)."""
-    return f"h{h}_i{i}_{'fp8' if fp8 else 'bf16'}" + (f"_k{k}" if k is not None else "")
-
-
-def pick_config(h: int, i: int, fp8: bool, k: int | None = None) -> dict:
-    """The measured config for k experts per row, else the one measured for the shape at any k (its
-    DOWN_SPLIT cut to a divisor of k), else a default."""
+def pick_config(h: int, i: int, fp8: bool) -> dict:
     if interpreting():
         return {"BLOCK_N": 32, "BLOCK_K": 64}  # few, wide programs: the interpreter runs them one by one
     from .skinny import tuned_configs_for
 
-    table = tuned_configs_for("moe")
-    found = table.get(config_key(h, i, fp8, k)) if k is not None else None
-    if found is None:
-        found = table.get(config_key(h, i, fp8))
-        if found is not None and k is not None and k % found.get("DOWN_SPLIT", 1):
-            found = dict(found, DOWN_SPLIT=math.gcd(found["DOWN_SPLIT"], k))
+    found = tuned_configs_for("moe").get(f"h{h}_i{i}_{'fp8' if fp8 else 'bf16'}")
     return dict(found) if found else {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 
 
@@ -187,7 +172,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     has_scale = scales is not None
     sg, su, sd = scales if has_scale else (act, act, act)
     if config is None:
-        config = pick_config(h, i, fp8, k)
+        config = pick_config(h, i, fp8)
     up, down = split_config(config)
     common = dict(UPCAST=interpreting(), **pdl_launch(x.device))
     _gate_up_kernel[(t * k, triton.cdiv(i, up["BLOCK_N"]))](
@@ -217,4 +202,4 @@ def split_config(config: dict) -> tuple[dict, dict]:
     return up, down
 
 
-__all__ = ["moe_decode", "candidate_configs", "config_key", "down_candidates", "pick_config", "reserve_tickets", "split_config"]
+__all__ = ["moe_decode", "candidate_configs", "down_candidates", "pick_config", "reserve_tickets", "split_config"]

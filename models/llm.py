@@ -163,8 +163,7 @@ class MoE(nn.Module):
       * "gather": gathers the routed experts' weights per token (decode: reads only those weights);
       * "dense": runs every expert on every token and keeps the routed ones (static shapes, prefill export);
       * "fused": hands (x, ids, weights) to `self.fused_decode`, a kernel installed by the GPU fast path
-        (runtime.fast.decode_weights) that returns the weighted sum (T, H) reading only routed experts
-        (and, when its `includes_shared` is set, the shared experts' output added in).
+        (runtime.fast.decode_weights) that returns the weighted sum (T, H) reading only routed experts.
     """
 
     PARTS = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
@@ -256,8 +255,6 @@ class MoE(nn.Module):
             if fused is None:
                 raise RuntimeError("MoE mode 'fused' needs a kernel: runtime.fast.decode_weights.prepare_decode(model)")
             y = fused(flat, idx, w).to(x.dtype).view(b, n, h)
-            if getattr(fused, "includes_shared", False):  # the kernel ran the shared experts too
-                return y
         else:
             outs = self.routed_outputs(flat, idx, mode)
             y = (outs.float() * w[..., None]).sum(dim=1).to(x.dtype).view(b, n, h)

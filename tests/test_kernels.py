@@ -193,16 +193,11 @@ def test_fused_moe_equals_reference_moe(fmt):
     model = build(tiny_config(), seed=0, device=DEV)
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     x = torch.randn(1, 5, model.cfg.llm.hidden_size, device=DEV)
-    if fmt == "fp8":  # the reference runs on the dequantized weights (the shared experts: the folded ones)
+    if fmt == "fp8":  # the reference runs on the dequantized weights
         fused = FusedMoEDecode(moe, "fp8")
-        e, sh = moe.num_experts, moe.shared_experts
         with torch.no_grad():
-            wg, wu, wd = (dequantize_rows_fp8(q, s) for q, s in ((fused.wg, fused.sg), (fused.wu, fused.su), (fused.wd, fused.sd)))
-            for p, full in zip((moe.w_gate, moe.w_up, moe.w_down), (wg, wu, wd)):
-                p.copy_(full[:e])
-            sh.gate_proj.weight.copy_(wg[e:].flatten(0, 1))
-            sh.up_proj.weight.copy_(wu[e:].flatten(0, 1))
-            sh.down_proj.weight.copy_(wd[e:].transpose(0, 1).flatten(1))
+            for p, q, s in zip((moe.w_gate, moe.w_up, moe.w_down), (fused.wg, fused.wu, fused.wd), (fused.sg, fused.su, fused.sd)):
+                p.copy_(dequantize_rows_fp8(q, s))
     else:
         fused = FusedMoEDecode(moe, "bf16")  # keeps the model's own (here fp32) tensors: no copy
         assert fused.wg.data_ptr() == moe.w_gate.data_ptr()
@@ -494,43 +489,6 @@ def test_fused_router_routes_as_the_two_routers():
         assert_close("kernels/fused_router_logits", got[2].float(), ref[2].float(), 1e-5)
         text = m.gate(x)  # the image rows really took the image router's choice
         assert not torch.equal(text[0][image[:, 0]], got[0][image[:, 0]])
-
-
-@torch.no_grad()
-def test_fp8_moe_decode_runs_the_shared_experts_as_extra_experts():
-    """With FP8 weights the shared experts (2 x I wide) become experts E, E+1 that every row takes with
-    weight 1: the fused MoE's output is the routed sum plus the shared MLP, computed from the FP8 copies,
-    and MoE.forward then adds no shared output of its own (the shared MLP stays unconverted for prefills)."""
-    from models.llm import ExpertMLP, MoE
-    from runtime.fast.decode_weights import prepare_decode
-
-    model = build(tiny_config(), seed=0, device=DEV)
-    report = prepare_decode(model, "fp8")
-    moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
-    assert report["moe_layers_with_shared"] == len(moes) > 0
-    cfg = model.cfg.llm
-    e, ns, i = cfg.num_experts, cfg.num_shared_experts, cfg.moe_intermediate_size
-    g = torch.Generator().manual_seed(9)
-    x = torch.randn(3, cfg.hidden_size, generator=g).to(DEV)
-    for m in moes:
-        fd = m.fused_decode
-        assert fd.includes_shared and fd.wg.shape == (e + ns, i, cfg.hidden_size) and type(m.shared_experts) is ExpertMLP
-        ids, w, _ = m.route(x, None)
-        got = fd(x, ids, w)
-        # the same sum from the FP8 copies in plain torch (rows in bf16, activations in fp16, as the kernels)
-        wg, wu, wd = (dequantize_rows_fp8(q, sc) for q, sc in ((fd.wg, fd.sg), (fd.wu, fd.su), (fd.wd, fd.sd)))
-        xs = _act(x, "fp8")
-        all_ids = torch.cat([ids, torch.arange(e, e + ns, device=DEV).expand(3, -1)], 1)
-        all_w = torch.cat([w, torch.ones(3, ns, device=DEV)], 1)
-        act = F.silu(torch.einsum("tkih,th->tki", wg[all_ids], xs)) * torch.einsum("tkih,th->tki", wu[all_ids], xs)
-        act = act.to(torch.float16).float()
-        ref = (all_w[..., None] * torch.einsum("tkhi,tki->tkh", wd[all_ids], act)).sum(1)
-        _check("kernels/moe_fp8_with_shared", got, ref)
-        # and the layer as a whole against the exact (bf16/fp32) weights: FP8 rounding only
-        exact = m(x[None], mode="gather")[0]
-        fused = m(x[None], mode="fused")[0]
-        rel = ((fused - exact).norm() / exact.norm()).item()
-        assert rel < 5e-2, f"MoE layer, FP8 with folded shared experts: rel L2 {rel:.2e}"
 
 
 @torch.no_grad()

@@ -5,8 +5,7 @@
     launch per layer for the one-query decode over the static cache, in a fixed order, used by static
     steps in moe_mode "fused" (the LLM) or built with fused=True (SemanticDecoderStatic);
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
-    stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales, the FP8 copy
-    holding the shared experts too (as extra experts every row takes); and its two
+    stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales; and its two
     routers (text and image) one stacked weight, `fused_router`, so a decode step routes in one GEMM;
   * weights="fp8" also wraps the SwiGLU MLPs (shared experts, dense FFNs, the semantic decoder's
     w12/w3) in FusedSwiGLUDecode (gate and up in one launch with the SiLU-product epilogue, then the
@@ -40,41 +39,20 @@ class FusedMoEDecode(nn.Module):
     """Installed as MoE.fused_decode: (x (T, H), ids (T, k), w (T, k)) -> (T, H) fp32.
 
     A module with non-persistent buffers (checkpoints are unchanged) so that torch.export sees the
-    expert weights as named constants, which AOTInductor packages take from the live model.
-
-    FP8 weights are copies anyway, so the shared experts (one SwiGLU MLP of num_shared x I) ride along
-    as num_shared more experts of width I, always picked with weight 1 (SwiGLU is elementwise over I,
-    so the halves' down projections sum to the whole): the layer's MLP is then the MoE's two launches
-    instead of four (`includes_shared`; MoE.forward then skips its own shared-expert call)."""
+    expert weights as named constants, which AOTInductor packages take from the live model."""
 
     def __init__(self, moe: MoE, weights: str):
         super().__init__()
-        e, i, h = moe.w_gate.shape
-        shared = moe.shared_experts
-        ns = shared.gate_proj.out_features // i if shared is not None and weights == "fp8" else 0
-        if ns and shared.gate_proj.out_features != ns * i:
-            ns = 0  # shared width not a whole number of experts: it keeps its own launches
-        self.includes_shared = ns > 0
         if weights == "fp8":
-            wg, wu, wd = (p.detach() for p in (moe.w_gate, moe.w_up, moe.w_down))
-            if ns:  # (ns*I, H) -> (ns, I, H); down (H, ns*I) -> (ns, H, I)
-                wg = torch.cat([wg, shared.gate_proj.weight.detach().view(ns, i, h)])
-                wu = torch.cat([wu, shared.up_proj.weight.detach().view(ns, i, h)])
-                wd = torch.cat([wd, shared.down_proj.weight.detach().view(h, ns, i).transpose(0, 1)])
-            (wg, sg), (wu, su), (wd, sd) = (quantize_rows_fp8(p.contiguous()) for p in (wg, wu, wd))
+            (wg, sg), (wu, su), (wd, sd) = (quantize_rows_fp8(p) for p in (moe.w_gate, moe.w_up, moe.w_down))
         else:  # the stacked parameters themselves (no copy: they are contiguous)
             (wg, wu, wd), (sg, su, sd) = (p.detach().contiguous() for p in (moe.w_gate, moe.w_up, moe.w_down)), (None,) * 3
         for name, t in dict(wg=wg, wu=wu, wd=wd, sg=sg, su=su, sd=sd).items():
             self.register_buffer(name, t, persistent=False)
-        self.register_buffer("shared_ids", torch.arange(e, e + ns, device=moe.w_gate.device)[None], persistent=False)
         if moe.w_down.is_cuda:  # the down kernel's expert-split tickets, before any capture
             reserve_tickets(moe.w_down.device, moe.w_down.shape[1], MAX_ROWS)
 
     def forward(self, x, ids, w):
-        if self.includes_shared:  # (T, k) -> (T, k + ns): the shared experts last, weight 1
-            t = ids.shape[0]
-            ids = torch.cat([ids, self.shared_ids.expand(t, -1).to(ids.dtype)], dim=1)
-            w = torch.cat([w, w.new_ones(t, self.shared_ids.shape[1])], dim=1)
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
 
 
@@ -144,12 +122,9 @@ class FusedSwiGLUDecode(nn.Module):
 
 
 def _fuse_swiglu(module: nn.Module) -> int:
-    """Replace every ExpertMLP / SwiGLUFFN under `module` by FusedSwiGLUDecode (but a MoE's shared experts
-    that its fused decode already runs); returns the parameters covered."""
+    """Replace every ExpertMLP / SwiGLUFFN under `module` by FusedSwiGLUDecode; returns the parameters covered."""
     fused = 0
     for name, child in list(module.named_children()):
-        if name == "shared_experts" and getattr(getattr(module, "fused_decode", None), "includes_shared", False):
-            continue
         if isinstance(child, (ExpertMLP, SwiGLUFFN)):
             setattr(module, name, FusedSwiGLUDecode(child))
             fused += getattr(module, name).params
@@ -192,8 +167,7 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     dev = next(model.parameters()).device
     if attns and dev.type == "cuda":  # the split merge's tickets, before any capture
         reserve_attention_tickets(dev)
-    report = {"moe_layers": len(moes), "moe_layers_with_shared": sum(m.fused_decode.includes_shared for m in moes),
-              "decode_attention_layers": len(attns), "fp8_linear_params": 0, "fp8_fused_swiglu_params": 0}
+    report = {"moe_layers": len(moes), "decode_attention_layers": len(attns), "fp8_linear_params": 0, "fp8_fused_swiglu_params": 0}
     if weights == "fp8":
         for stack in (model.model.model.layers, model.vision.semantic_decoder.blocks):
             for layer in stack:
