@@ -6,8 +6,10 @@ Runs one decode step of the full-size LLM (2 CFG rows, a random 152-token cache)
 dispatch ("gather") and with the fused MoE kernel (bf16, then FP8 weights), recording each layer's
 input and routed experts. Prints, per layer, the relative L2 difference of the layer input and how
 many rows route to a different expert set. A top-k choice between near-tied router scores flips
-under rounding-level differences; each flip swaps one expert's output, which is what carries the
-difference forward, not the kernels' arithmetic (tests/test_kernels.py checks that).
+under rounding-level differences (the kernels' sums, and since session 7 the fused step's one GEMM for
+both routers, which need not round as the two separate GEMMs do); each flip swaps one expert's output,
+which is what carries the difference forward, not the kernels' arithmetic (tests/test_kernels.py
+checks that).
 """
 from __future__ import annotations
 

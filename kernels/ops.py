@@ -57,7 +57,7 @@ def _skinny_swiglu_fake(x, weight, scale, bias, out_dtype):
 @torch.library.custom_op("mingrt::decode_attention", mutates_args=())
 def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
                         last: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One query per row over a static cache: q (B, H, 1, D), k/v (B, Hkv, S, D), mask (B, 1, 1, S) bool;
+    """One query per row over a static cache: q (B, H, 1, D), k/v (B, Hkv, S, D), mask (B or 1, 1, 1, S) bool;
     last (1,): the query's cache slot (later slots, hidden by the mask, are skipped)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel takes any other strides
     return decode_attention(q, k, v, mask, scale, last=last)

@@ -163,7 +163,9 @@ class MoE(nn.Module):
       * "gather": gathers the routed experts' weights per token (decode: reads only those weights);
       * "dense": runs every expert on every token and keeps the routed ones (static shapes, prefill export);
       * "fused": hands (x, ids, weights) to `self.fused_decode`, a kernel installed by the GPU fast path
-        (runtime.fast.decode_weights) that returns the weighted sum (T, H) reading only routed experts.
+        (runtime.fast.decode_weights) that returns the weighted sum (T, H) reading only routed experts;
+        rows are then routed with the stacked [gate; image_gate] weight `fused_router` when installed
+        (one GEMM for both routers; the same choices up to the GEMM's rounding).
     """
 
     PARTS = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
@@ -320,7 +322,8 @@ class BailingMoeModel(nn.Module):
     def forward_static(self, inputs_embeds, attention_mask, position_ids, k_caches, v_caches, cache_position,
                        image_mask=None, moe_mode: str = "gather"):
         """Static-cache form: attention_mask (B, S_max) covers every slot of the preallocated buffers.
-        moe_mode "fused" (the GPU fast path) also runs one-token attention on the installed kernel."""
+        moe_mode "fused" (the GPU fast path) also runs one-token attention on the installed kernel and routes
+        with both routers' stacked weight (`fused_router`) when prepare_decode installed them."""
         mask = attention_mask_4d(attention_mask, cache_position)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
         x = inputs_embeds

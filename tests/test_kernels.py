@@ -408,6 +408,8 @@ def test_decode_attention_splits_agree_and_refuse_bad_inputs():
         decode_attention(q, k.double(), v, mask, 0.2)
     with pytest.raises(ValueError, match="last"):
         decode_attention(q, k, v, mask, 0.2, last=torch.tensor([1.0], device=DEV))
+    with pytest.raises(ValueError, match="splits"):
+        decode_attention(q, k, v, mask, 0.2, splits=0)
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -416,13 +418,15 @@ def test_decode_attention_stops_at_the_last_slot(splits):
     same as torch's attention over the cache cut at `last`, whichever split `last` falls in."""
     from kernels.attention import decode_attention
 
-    q, k, v, mask = _attention_inputs(torch.float32)
+    q, k, v, mask = _attention_inputs(torch.float32, s=300)
     full = decode_attention(q, k, v, mask, 0.2, splits=splits)
-    assert torch.equal(decode_attention(q, k, v, mask, 0.2, splits=splits, last=torch.tensor([89], device=DEV)), full)
-    for last in (75, 40, 3):
+    assert torch.equal(decode_attention(q, k, v, mask, 0.2, splits=splits, last=torch.tensor([289], device=DEV)), full)
+    # cuts that skip whole 64-slot tiles and (3 splits of 128 slots) whole splits
+    for last in (200, 130, 75, 3):
         cut = mask.clone()
         cut[..., last + 1:] = False
         got = decode_attention(q, k, v, cut, 0.2, splits=splits, last=torch.tensor([last], device=DEV))
+        assert torch.equal(got, decode_attention(q, k, v, cut, 0.2, splits=splits))  # the skipped slots add nothing
         ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
                                              attn_mask=cut, scale=0.2)
         ref[0] = 0 if last < 70 else ref[0]  # row 0 sees no key before slot 70: zeros
@@ -457,10 +461,10 @@ def test_llm_decode_uses_the_attention_kernel_once_installed():
     attns = [m for m in llm.modules() if isinstance(m, Attention)]
     assert all(m.fused_decode_attention is dw.decode_attention_op for m in attns)
     calls = []
-    for m in attns:  # count the kernel's calls
-        m.fused_decode_attention = lambda *a: calls.append(a[0].shape) or dw.decode_attention_op(*a)
+    for m in attns:  # count the kernel's calls, and what slot bound they get
+        m.fused_decode_attention = lambda *a: calls.append(a) or dw.decode_attention_op(*a)
     got = llm.forward_static(x, mask, pos, k_c, v_c, at, moe_mode="fused")
-    assert len(calls) == cfg.num_layers
+    assert len(calls) == cfg.num_layers and all(c[5] is at for c in calls)  # the query's slot bounds the keys
     llm.forward_static(x, mask, pos, k_c, v_c, at, moe_mode="gather")
     llm.forward_static(x.expand(2, 3, -1), mask, pos.expand(2, 3) + torch.arange(3, device=DEV), k_c, v_c,
                        at + torch.arange(3, device=DEV), moe_mode="fused")
@@ -482,7 +486,12 @@ def test_fused_router_routes_as_the_two_routers():
     x = torch.randn(5, model.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(8)).to(DEV)
     image = torch.tensor([[True], [False], [True], [False], [False]], device=DEV)
     for m in moes:
-        got = m.route(x, image, fused=True)
+        real_forward = type(m.gate).forward
+        type(m.gate).forward = lambda *a: pytest.fail("the fused route ran a router on its own")
+        try:
+            got = m.route(x, image, fused=True)
+        finally:
+            type(m.gate).forward = real_forward
         ref = m.route(x, image)
         assert torch.equal(got[0], ref[0])
         assert_close("kernels/fused_router_weights", got[1], ref[1], 1e-6)
@@ -508,12 +517,13 @@ def test_semantic_decoder_step_uses_the_attention_kernel_when_fused():
     attns = [m for m in model.vision.semantic_decoder.modules() if isinstance(m, SelfAttention)]
     assert len(attns) == depth and all(m.fused_decode_attention is decode_attention_op for m in attns)
     for m in attns:
-        m.fused_decode_attention = lambda *a: calls.append(a[0].shape) or decode_attention_op(*a)
+        m.fused_decode_attention = lambda *a: calls.append(a) or decode_attention_op(*a)
     z = torch.randn(2, 6, mt.latent_dim, generator=torch.Generator().manual_seed(3)).to(DEV)
     caches = {f: tuple(torch.zeros(2, heads, 9, mt.head_dim, device=DEV) for _ in range(2 * depth)) for f in (0, 1)}
     outs = {f: [SemanticDecoderStatic(model, fused=bool(f))(z[:, i:i + 1], torch.tensor([i], device=DEV), *caches[f])
                 for i in range(6)] for f in (0, 1)}
     assert len(calls) == 6 * depth  # the fused steps only
+    assert [int(c[5]) for c in calls] == [i for i in range(6) for _ in range(depth)]  # each step's own slot
     for i in range(6):
         assert_close(f"kernels/semantic_step_{i}", outs[1][i][0], outs[0][i][0], 1e-4 if interpreting() else 3e-2)
         assert_close(f"kernels/semantic_step_{i}_connector", outs[1][i][1], outs[0][i][1], 1e-4 if interpreting() else 3e-2)

@@ -1,6 +1,7 @@
 """Decode-time weights for the custom kernels: the fused MoE everywhere, FP8 linears when asked.
 
-`prepare_decode(model, weights)` changes the model in place for the GPU fast path:
+`prepare_decode(model, weights)` changes the model in place for the GPU fast path (after the weights are
+loaded: the FP8 copies and the stacked routers are snapshots of them):
   * every LLM and semantic-decoder attention gets `fused_decode_attention` (kernels.attention): one
     launch per layer for the one-query decode over the static cache, in a fixed order, used by static
     steps in moe_mode "fused" (the LLM) or built with fused=True (SemanticDecoderStatic);
