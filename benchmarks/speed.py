@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from kernels import available as kernels_available
 from models import build, full_config, tiny_config
 from models.flow_head import draw_noise
-from models.pieces import FlowHeadPiece, LLMPiece, SemanticDecoderPiece
+from models.pieces import FlowHeadPiece, LLMPiece, SemanticDecoderPiece, SemanticDecoderStatic
 from models.prompting import cfg_masks
 from runtime import loop
 from runtime.backends.torch_eager import TorchBackend
@@ -245,11 +245,21 @@ def main(argv=None) -> int:
                     for _ in range(2 * mt.semantic_depth))
         zlat = torch.randn(1, 1, lat, device=device, dtype=dtype)
 
+        def semantic_static_step():
+            """The semantic step as the fast path runs it: static caches holding skv, the decode-attention kernel."""
+            caches = [torch.zeros(*t.shape[:2], t.shape[2] + 1, t.shape[3], device=device, dtype=dtype) for t in skv]
+            for c, t in zip(caches, skv):
+                c[:, :, :t.shape[2]] = t
+            at = torch.tensor([skv[0].shape[2]], device=device)
+            return SemanticDecoderStatic(model, fused=True)(zlat, at, *caches)[0]
+
         def piece_outputs(moe_mode, flow_module):
-            """One step of each decode piece on the inputs above (no autoregressive feedback)."""
+            """One step of each decode piece on the inputs above (no autoregressive feedback); moe_mode
+            "fused" (the kernels) takes the semantic step's static form, as the fast path does."""
+            sem = semantic_static_step() if moe_mode == "fused" else SemanticDecoderPiece(model)(zlat, *skv)[0]
             return {"llm_hidden": LLMPiece(model, moe_mode)(x, mask, pos, no_img, *kv)[0].float(),
                     "flow_latent": flow_module(hid, noise1, *sc).float(),
-                    "semantic_features": SemanticDecoderPiece(model)(zlat, *skv)[0].float()}
+                    "semantic_features": sem.float()}
 
         reference_outputs = piece_outputs("gather", FlowHeadPiece(model))
         step_accuracy = results.setdefault("single_step_accuracy", {})
