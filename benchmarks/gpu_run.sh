@@ -11,6 +11,7 @@
 #   DETERMINISM_ARGS="--replays 3 --cases 0,1,5"   also run benchmarks/determinism_check.py with these flags
 #   ATTENTION_CHECK=1   first run benchmarks/attention_check.py (decode attention: repeatability and time per call)
 #   PROFILE=1           also run benchmarks/profile_step.py (every kernel of the FP8 token step, by part)
+#   FLOW_CHAIN=1        first run benchmarks/flow_chain_check.py (the experimental one-launch Euler step)
 #   KERNELS_ARGS="..."  first run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep);
 #                       KERNELS_INSTALL=1 then copies the swept table into kernels/configs/ for the runs below
 #   SKIP_EXPORTS=1      no full-size exports; FP8_PIECES / BF16_PIECES / FP8_TIMEOUT / BF16_TIMEOUT choose them
@@ -25,6 +26,10 @@ if [ -n "${KERNELS_ARGS:-}" ]; then
   if [ "${KERNELS_INSTALL:-0}" = 1 ]; then  # the runs below use the table just swept
     for f in "$OUT"/NVIDIA_*.json; do [ -e "$f" ] && cp "$f" kernels/configs/ && echo "installed $f"; done
   fi
+fi
+if [ "${FLOW_CHAIN:-0}" = 1 ]; then
+  timeout "${FLOW_CHAIN_TIMEOUT:-150}" python3 benchmarks/flow_chain_check.py --out "$OUT" > "$OUT/flow_chain_check.log" 2>&1
+  tail -3 "$OUT/flow_chain_check.log"
 fi
 if [ "${ATTENTION_CHECK:-0}" = 1 ]; then
   timeout 90 python3 benchmarks/attention_check.py --out "$OUT" > "$OUT/attention_check.log" 2>&1

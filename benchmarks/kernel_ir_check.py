@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 def cases():
     """(name, jit function, signature, constexprs, options) at the configs the released shapes use."""
-    from kernels import attention, moe, skinny
+    from kernels import attention, flow_chain, moe, skinny
 
     sk = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", wscale_ptr="*fp32", bias_ptr="*fp32", y_ptr="*bf16", gate_ptr="*fp32",
               part_ptr="*fp32", ticket_ptr="*i32", M="i32", N="i32", K="i32", row_div="i32", stride_xm="i32",
@@ -57,6 +57,14 @@ def cases():
         out.append((f"decode attention splits {splits}", attention._decode_attention_kernel, att,
                     dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, D=128, SPLITS=splits, HAS_LAST=True, UPCAST=False, PDL=0),
                     dict(num_warps=4, num_stages=3)))
+    chain = dict(h_ptr="*fp32", xn_ptr="*fp16", act_ptr="*fp16", part_ptr="*fp32", mods_ptr="*fp32", lnw_ptr="*fp32",
+                 lnb_ptr="*fp32", w12_ptr="*fp8e4nv", s12_ptr="*fp32", b12_ptr="*fp32", w3_ptr="*fp8e4nv", s3_ptr="*fp32",
+                 b3_ptr="*fp32", bar_ptr="*i32", err_ptr="*i32", M="i32", W="i32", HID="i32", DEPTH="i32",
+                 stride_mod_blk="i32", stride_mod_row="i32", eps="fp32")
+    out.append(("flow chain fp8 (experimental)", flow_chain._flow_chain_kernel, chain,
+                dict(HAS_SCALE=True, HAS_B12=True, HAS_B3=True, BLOCK_M=16, BLOCK_N12=64, BLOCK_N3=32, BLOCK_K=256,
+                     SPLIT3=11, W_BLOCK=4096, PREFETCH=True, W_BYTES=1, UPCAST=False, SPIN_LIMIT=flow_chain.MAX_SPINS),
+                dict(num_warps=8, num_stages=3)))
     return out
 
 
@@ -88,7 +96,7 @@ def jit_attrs(fn, sig: dict, odd: tuple[str, ...]) -> dict:
             if n not in odd and ty != "constexpr" and not ty.startswith("fp")}
 
 
-def inspect(fn, sig, consts, opts, target, odd=("M", "row_div", "scale")) -> dict:
+def inspect(fn, sig, consts, opts, target, odd=("M", "row_div", "scale", "DEPTH", "eps")) -> dict:
     import triton
     from triton.compiler import ASTSource
 

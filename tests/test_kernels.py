@@ -294,6 +294,30 @@ def test_kernel_flow_head_close_to_reference(fmt):
     assert head.nbytes_per_step() > 0
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@torch.no_grad()
+def test_flow_chain_matches_the_block_launches(fmt):
+    """The experimental one-launch Euler step (kernels/flow_chain.py; one program in the interpreter, every
+    SM on a GPU) gives the flow head's latent within rounding of the per-block launches, and re-arms its
+    barrier (a second call gives the same bits)."""
+    from runtime.fast.kernel_flow_head import KernelFlowHead
+
+    model = build(tiny_config(), seed=0, device=DEV)
+    g = torch.Generator().manual_seed(5)
+    hid = torch.randn(2, 3, model.cfg.llm.hidden_size, generator=g).to(DEV)
+    noise = torch.randn(2, model.cfg.flow_head.latent_dim, generator=g).to(DEV)
+    s = [torch.tensor([v], device=DEV) for v in (2.5, 1.2, 0.8)]
+    ref = KernelFlowHead(model, weights=fmt)(hid, noise, *s)
+    chain = KernelFlowHead(model, weights=fmt, chain=True)
+    got = chain(hid, noise, *s)
+    again = chain(hid, noise, *s)
+    assert torch.equal(got, again)
+    scratch = next(iter(chain._scratch.values()))
+    assert int(scratch["chain"].error) == 0 and int(scratch["chain"].barrier.abs().sum()) == 0
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if interpreting() else 2e-2), f"flow chain ({fmt}) against the launches: rel L2 {rel:.2e}"
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_split_k_is_deterministic_on_gpu():

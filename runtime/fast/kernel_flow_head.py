@@ -46,8 +46,11 @@ class PackedLinear:
 
 class KernelFlowHead(nn.Module):
     def __init__(self, model: MingUniVision, *, weights: str = "bf16", time_shift: float | None = None,
-                 renorm: bool = False):
+                 renorm: bool = False, chain: bool = False):
+        """chain (EXPERIMENTAL, kernels/flow_chain.py): each Euler step's blocks in one persistent launch,
+        from a second, stacked copy of the block weights; benchmarks/flow_chain_check.py measures it."""
         super().__init__()
+        self.chain = chain
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
         self.hoisted = FastFlowHead(model, time_shift=time_shift, renorm=renorm)  # vis_head, temb, dts
@@ -79,11 +82,16 @@ class KernelFlowHead(nn.Module):
                 xn=torch.empty(m, w, dtype=rows_dtype, device=dev),
                 act=torch.empty(m, hidden, dtype=rows_dtype, device=dev),
                 v=torch.empty(m, c, dtype=torch.float32, device=dev),
-                mods=[torch.empty(s * m, 3 * w, dtype=torch.float32, device=dev) for _ in self.blocks],
+                mods_all=torch.empty(len(self.blocks), s * m, 3 * w, dtype=torch.float32, device=dev),
                 fmod=torch.empty(s * m, 2 * w, dtype=torch.float32, device=dev),
                 ws_up=Workspace(hidden, m, dev), ws_down=Workspace(w, m, dev), ws_in=Workspace(w, m, dev),
                 ws_final=Workspace(c, m, dev), ws_mod=Workspace(3 * w, min(s * m, MAX_ROWS), dev),
             )
+            self._scratch[key]["mods"] = list(self._scratch[key]["mods_all"])  # per-block views
+            if self.chain:
+                from kernels.flow_chain import FlowChain
+
+                self._scratch[key]["chain"] = FlowChain(self.blocks, m, dev)
         return self._scratch[key]
 
     def _gemm_rows(self, x, lin: PackedLinear, out, ws):
@@ -109,7 +117,9 @@ class KernelFlowHead(nn.Module):
         for k in range(s):
             skinny_gemm(x, self.input_proj.weight, h, w_scale=self.input_proj.scale, bias=self.input_proj.bias,
                         row_div=r, workspace=buf["ws_in"])  # (M, W): each prompt's rows share its state
-            for blk, mods in zip(self.blocks, buf["mods"]):
+            if self.chain:  # every block in one launch: (D, M, 3W) modulations of step k
+                buf["chain"].step(h, xn, buf["mods_all"][:, k * m:(k + 1) * m], self.eps)
+            for blk, mods in zip(() if self.chain else self.blocks, buf["mods"]):
                 mk = mods[k * m:(k + 1) * m]  # (M, 3W) = [shift | scale | gate]
                 ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk["ln"][0], bias=blk["ln"][1], eps=self.eps)
                 skinny_gemm(xn, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,

@@ -1,0 +1,80 @@
+"""benchmarks/flow_chain_check.py: the experimental one-launch Euler step against the per-block launches.
+
+    python benchmarks/flow_chain_check.py --out OUT       # a GPU; writes OUT/flow_chain_check.json
+
+Full-size flow head (random weights of the released shapes), 2 CFG rows: the whole 16-step head from a
+CUDA graph, with kernels/flow_chain.py (every block of an Euler step in one persistent launch, grid-wide
+barriers between the phases) and with the production launches (LayerNorm, w12, w3 per block). Reports
+the median time of each, how far the chain's latent is from the launches' (relative L2), whether the
+chain repeats bit for bit over --replays replays, and whether any barrier timed out (a deadlock guard:
+then the result is wrong). --programs overrides the grid (default: one program per SM).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.speed import capture, environment, timed  # noqa: E402
+from models import build, full_config  # noqa: E402
+from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--formats", default="fp8,bf16")
+    p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--programs", type=int, default=None, help="grid size of the chain (default: the SM count)")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("flow_chain_check.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build(full_config(), seed=0, device=dev, dtype=torch.bfloat16)
+    cfg = model.cfg
+    g = torch.Generator(device=dev).manual_seed(0)
+    hid = torch.randn(1, 2, cfg.llm.hidden_size, device=dev, generator=g).to(torch.bfloat16)
+    noise = torch.randn(1, cfg.flow_head.latent_dim, device=dev, generator=g)
+    sc = [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
+    res = {"env": environment(dev), "rows": 2, "steps": cfg.flow_head.num_steps, "formats": {}}
+    a.out.mkdir(parents=True, exist_ok=True)
+    for fmt in a.formats.split(","):
+        row = {}
+        for name, chain in (("launches", False), ("chain", True)):
+            head = KernelFlowHead(model, weights=fmt, chain=chain)
+            out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)
+            head(hid, noise, *sc)  # scratch (and the chain's stacked weights) before the capture
+            if chain and a.programs is not None:
+                next(iter(head._scratch.values()))["chain"].programs = a.programs
+            replay = capture(lambda head=head: out.copy_(head(hid, noise, *sc)))
+            replay()
+            first = out.clone()
+            differing = 0
+            for _ in range(a.replays):
+                replay()
+                differing += not torch.equal(out, first)
+            t = timed(replay, dev, warmup=3, runs=20)
+            row[name] = {"median_ms": t["median_ms"], "p90_ms": t["p90_ms"], "replays": a.replays,
+                         "differing_from_first": differing, "latent": first}
+            if chain:
+                ch = next(iter(head._scratch.values()))["chain"]
+                row[name].update(programs=ch.programs, barrier_timed_out=bool(int(ch.error)), config=ch.config)
+            del head
+            torch.cuda.empty_cache()
+        ref, got = row["launches"].pop("latent"), row["chain"].pop("latent")
+        row["chain_rel_l2_to_launches"] = float((got - ref).norm() / ref.norm())
+        res["formats"][fmt] = row
+        print(fmt, json.dumps(row), flush=True)
+        (a.out / "flow_chain_check.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
