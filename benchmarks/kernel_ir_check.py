@@ -63,7 +63,7 @@ def cases():
                  stride_mod_blk="i32", stride_mod_row="i32", eps="fp32")
     out.append(("flow chain fp8 (experimental)", flow_chain._flow_chain_kernel, chain,
                 dict(HAS_SCALE=True, HAS_B12=True, HAS_B3=True, BLOCK_M=16, BLOCK_N12=64, BLOCK_N3=32, BLOCK_K=256,
-                     SPLIT3=11, W_BLOCK=4096, PREFETCH=True, W_BYTES=1, UPCAST=False, SPIN_LIMIT=flow_chain.MAX_SPINS),
+                     SPLIT3=4, W_BLOCK=4096, PREFETCH=True, W_BYTES=1, UPCAST=False, SPIN_LIMIT=flow_chain.MAX_SPINS),
                 dict(num_warps=8, num_stages=3)))
     return out
 

@@ -191,7 +191,9 @@ class FlowChain:
         else:
             self.programs = torch.cuda.get_device_properties(device).multi_processor_count
         self.config = ({"BLOCK_N12": 32, "BLOCK_N3": 32, "BLOCK_K": 64, "SPLIT3": 2} if interpreting() else
-                       {"BLOCK_N12": 64, "BLOCK_N3": 32, "BLOCK_K": 256, "SPLIT3": 11})
+                       # w12: 128 tiles of 64 x 2 halves (one per program); w3: 96 column tiles x 4 K splits of
+                       # 2048 (about 3 per program, each a long enough K loop to keep the pipeline full)
+                       {"BLOCK_N12": 64, "BLOCK_N3": 32, "BLOCK_K": 256, "SPLIT3": 4})
         rows_dtype = torch.float16 if self.w12.dtype == torch.float8_e4m3fn else torch.bfloat16
         self.act = torch.empty(rows, self.hid, dtype=rows_dtype, device=device)
         self.part = torch.empty(self.config["SPLIT3"] * rows * self.width, dtype=torch.float32, device=device)
