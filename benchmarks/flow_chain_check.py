@@ -65,7 +65,8 @@ def main(argv=None) -> int:
                          "differing_from_first": differing, "latent": first}
             if chain:
                 ch = next(iter(head._scratch.values()))["chain"]
-                row[name].update(programs=ch.programs, barrier_timed_out=bool(int(ch.error)), config=ch.config)
+                row[name].update(programs=ch.programs, barrier_timed_out=ch.failed(),
+                                 barrier_rearmed=int(ch.barrier.abs().sum()) == 0, config=ch.config)
             del head
             torch.cuda.empty_cache()
         ref, got = row["launches"].pop("latent"), row["chain"].pop("latent")

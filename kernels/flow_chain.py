@@ -14,8 +14,8 @@ barrier (an atomic counter) between the phases of each block:
 and after the last block one more A-style step applies block DEPTH-1's residual. Every sum runs in a
 fixed order, so the result is deterministic. Triton's interpreter runs programs one after another,
 where a barrier could never be passed: there G must be 1 (the tests run it so). On a GPU, G programs
-must all be resident at once (G <= the SM count, nothing else filling the GPU), else the barrier
-waits forever; a spin limit then sets an error flag and lets the kernel finish with a wrong result.
+must all be resident at once: the launch is cooperative (the driver refuses a grid that cannot be),
+and a spin limit still guards the barriers (a flag, FlowChain.failed(), then says the result is wrong).
 benchmarks/flow_chain_check.py times it against the launches and checks it against them.
 """
 from __future__ import annotations
@@ -40,8 +40,9 @@ if triton is not None:
         while (seen < target) & (spins < SPIN_LIMIT) & (failed == 0):
             seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
             spins += 1
-        if seen < target:
+        if seen < target:  # this launch's flag (stops every later wait of the launch) and the sticky one
             tl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(err_ptr + 1, 1, sem="relaxed", scope="gpu")
         tl.debug_barrier()
 
     @triton.jit
@@ -161,11 +162,13 @@ if triton is not None:
                                lnw_ptr, lnb_ptr, last, last + W, xn_ptr, p, M, W, stride_mod_row, eps,
                                True, NORM=False, HAS_W3S=HAS_SCALE, HAS_B3=HAS_B3, SPLIT3=SPLIT3,
                                W_BLOCK=W_BLOCK)
-        # re-arm: the last program to get here (everyone has passed every barrier) zeroes the counter
+        # re-arm: the last program to get here (everyone has passed every barrier) zeroes the counter and
+        # this launch's error flag (the sticky one stays for the host: FlowChain.failed)
         done = tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu")
         if done == G - 1:
             tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
             tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(err_ptr, 0, sem="relaxed", scope="gpu")
 
 
 class FlowChain:
@@ -198,12 +201,18 @@ class FlowChain:
         self.act = torch.empty(rows, self.hid, dtype=rows_dtype, device=device)
         self.part = torch.empty(self.config["SPLIT3"] * rows * self.width, dtype=torch.float32, device=device)
         self.barrier = torch.zeros(2, dtype=torch.int32, device=device)  # arrivals, finished programs
-        self.error = torch.zeros(1, dtype=torch.int32, device=device)  # 1: a barrier timed out
+        self.error = torch.zeros(2, dtype=torch.int32, device=device)  # a barrier timed out: this launch, ever
+
+    def failed(self) -> bool:
+        """Whether any launch so far had a barrier time out (its result is wrong). Syncs with the GPU."""
+        return bool(int(self.error[1]))
 
     def step(self, h: torch.Tensor, xn: torch.Tensor, mods: torch.Tensor, eps: float) -> None:
         """One Euler step's blocks: h (M, W) fp32 in place; xn (M, W) scratch of the GEMM row dtype;
         mods (D, M, 3W) fp32 views of this step's modulations ([shift | scale | gate] per block)."""
         m, w = h.shape
+        if m > 64:
+            raise ValueError(f"flow chain: at most 64 rows, got {m}")
         if m != self.rows or w != self.width or mods.shape != (self.depth, m, 3 * w) or mods.stride(2) != 1:
             raise ValueError(f"flow chain for {self.rows} rows of {self.width}: h {tuple(h.shape)}, mods {tuple(mods.shape)}")
         dummy = h
@@ -215,7 +224,8 @@ class FlowChain:
             HAS_SCALE=self.s12 is not None, HAS_B12=self.b12 is not None, HAS_B3=self.b3 is not None,
             BLOCK_M=max(16, next_pow2(m)), W_BLOCK=next_pow2(w), PREFETCH=not interpreting(),
             W_BYTES=self.w12.element_size(), UPCAST=interpreting(), SPIN_LIMIT=MAX_SPINS, num_warps=8, num_stages=3,
-            **self.config)
+            # cooperative: the driver refuses a grid that cannot be resident at once instead of letting it spin
+            **({} if interpreting() else {"launch_cooperative_grid": True}), **self.config)
 
 
 __all__ = ["FlowChain", "MAX_SPINS"]

@@ -313,9 +313,48 @@ def test_flow_chain_matches_the_block_launches(fmt):
     again = chain(hid, noise, *s)
     assert torch.equal(got, again)
     scratch = next(iter(chain._scratch.values()))
-    assert int(scratch["chain"].error) == 0 and int(scratch["chain"].barrier.abs().sum()) == 0
+    assert not scratch["chain"].failed() and int(scratch["chain"].barrier.abs().sum()) == 0
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if interpreting() else 2e-2), f"flow chain ({fmt}) against the launches: rel L2 {rel:.2e}"
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@torch.no_grad()
+def test_flow_chain_step_matches_the_block_kernels(fmt):
+    """One chain step over 2 blocks at a size where w3's K splits all carry work (W 256, hidden 688, 3 rows,
+    biases): h and the next rows equal ln_modulate + the SwiGLU and gated-residual GEMMs, block by block."""
+    from kernels.flow_chain import FlowChain
+    from runtime.fast.kernel_flow_head import PackedLinear
+
+    g = torch.Generator().manual_seed(11)
+    m, w, hid, depth = 3, 256, 688, 2
+
+    def lin(n_in, n_out):
+        layer = torch.nn.Linear(n_in, n_out)
+        torch.nn.init.normal_(layer.weight, std=n_in ** -0.5, generator=g)
+        torch.nn.init.normal_(layer.bias, std=0.1, generator=g)
+        return layer.to(DEV)
+
+    blocks = [dict(ln=(1 + 0.1 * torch.randn(w, generator=g).to(DEV), 0.1 * torch.randn(w, generator=g).to(DEV)),
+                   w12=PackedLinear(lin(w, 2 * hid), fmt), w3=PackedLinear(lin(hid, w), fmt)) for _ in range(depth)]
+    mods = (0.3 * torch.randn(depth, 5 * m, 3 * w, generator=g)).to(DEV)[:, m:2 * m]  # a step's rows of a bigger buffer
+    rows = torch.float16 if fmt == "fp8" else torch.bfloat16
+    h0 = torch.randn(m, w, generator=g).to(DEV)
+    ref, xn, act = h0.clone(), torch.empty(m, w, dtype=rows, device=DEV), torch.empty(m, hid, dtype=rows, device=DEV)
+    for b, mk in zip(blocks, mods):
+        ln_modulate(ref, mk[:, :w], mk[:, w:2 * w], xn, weight=b["ln"][0], bias=b["ln"][1], eps=1e-6)
+        skinny_gemm(xn, b["w12"].weight, act, w_scale=b["w12"].scale, bias=b["w12"].bias, epilogue=SWIGLU)
+        skinny_gemm(act, b["w3"].weight, ref, w_scale=b["w3"].scale, bias=b["w3"].bias, gate=mk[:, 2 * w:],
+                    epilogue=GATED_RESIDUAL)
+    chain = FlowChain(blocks, m, DEV)
+    assert -(-hid // chain.config["SPLIT3"]) < hid  # more than one split of w3's K
+    for _ in range(2):  # the second launch checks the re-armed barrier
+        h = h0.clone()
+        chain.step(h, torch.empty(m, w, dtype=rows, device=DEV), mods, 1e-6)
+        _check(f"kernels/flow_chain_step_{fmt}", h, ref)
+    assert not chain.failed() and int(chain.barrier.abs().sum()) == 0
+    with pytest.raises(ValueError, match="rows"):
+        chain.step(h[:2], xn[:2], mods[:, :2], 1e-6)
 
 
 @pytest.mark.gpu
