@@ -13,12 +13,15 @@ The compile gets the alignment facts Triton's JIT specializes on at launch (`jit
 load can become a 16-byte cp.async and nothing is pipelined, not even a textbook matmul, which is what
 the first version of this check reported (session 5 on the CPU, session 6 on the H200's triton 3.6).
 With them, on the CPU (triton 3.9, sm 90): every decode kernel's K loop is pipelined
-(benchmarks/results/kernel_ir_check_cpu_sm90.json). Writes OUT/kernel_ir_check.json when --out is given.
+(benchmarks/results/kernel_ir_check_cpu_sm90.json). `cp_async_narrow` counts copies under 16 bytes:
+FP8 weight tiles of 64 rows (which Triton feeds to wgmma) load in 8-byte copies, 32-row ones (mma.sync)
+in 16-byte copies; the measured tables pick 32-row FP8 tiles everywhere, which may be why. Writes OUT/kernel_ir_check.json when --out is given.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,8 +43,9 @@ def cases():
                      BLOCK_K=bk, UPCAST=False, PDL=0, PF_TILES=0, W_BYTES=1 if fmt == "fp8" else 2)
             out.append((f"skinny {fmt} epilogue {epi} split {split}", skinny._skinny_kernel, dict(sk, w_ptr=wty), c,
                         dict(num_warps=4, num_stages=stages)))
-    for fmt, wty, act, bn, bk in (("bf16", "*bf16", "*bf16", 32, 256), ("fp8", "*fp8e4nv", "*fp16", 64, 128)):
-        c = dict(TOPK=6, HAS_SCALE=fmt == "fp8", BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PDL=0)
+    for fmt, wty, act, bn, bk in (("bf16", "*bf16", "*bf16", 32, 256), ("fp8", "*fp8e4nv", "*fp16", 32, 256),
+                                  ("fp8 64-row tiles", "*fp8e4nv", "*fp16", 64, 128)):
+        c = dict(TOPK=6, HAS_SCALE=fmt.startswith("fp8"), BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PDL=0)
         gu = dict(x_ptr="*bf16", ids_ptr="*i32", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,
                   H="i32", I="i32", stride_x="i32")
         dn = dict(act_ptr=act, ids_ptr="*i32", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32",
@@ -62,7 +66,7 @@ def cases():
                  b3_ptr="*fp32", bar_ptr="*i32", err_ptr="*i32", M="i32", W="i32", HID="i32", DEPTH="i32",
                  stride_mod_blk="i32", stride_mod_row="i32", eps="fp32")
     out.append(("flow chain fp8 (experimental)", flow_chain._flow_chain_kernel, chain,
-                dict(HAS_SCALE=True, HAS_B12=True, HAS_B3=True, BLOCK_M=16, BLOCK_N12=64, BLOCK_N3=32, BLOCK_K=256,
+                dict(HAS_SCALE=True, HAS_B12=True, HAS_B3=True, BLOCK_M=16, BLOCK_N12=32, BLOCK_N3=32, BLOCK_K=256,
                      SPLIT3=4, W_BLOCK=4096, PREFETCH=True, W_BYTES=1, UPCAST=False, SPIN_LIMIT=flow_chain.MAX_SPINS),
                 dict(num_warps=8, num_stages=3)))
     return out
@@ -105,7 +109,10 @@ def inspect(fn, sig, consts, opts, target, odd=("M", "row_div", "scale", "DEPTH"
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target, options=opts)
     ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
     return {"pipelined": "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir or "cp.async" in ptx,
-            "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"), "tma": ptx.count("cp.async.bulk.tensor"),
+            "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+            # copies narrower than 16 bytes (FP8 tiles of 64 rows get 8-byte ones: half-width loads)
+            "cp_async_narrow": len(re.findall(r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)?\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(?:0x)?[1-9]\b", ptx)),
+            "tma": ptx.count("cp.async.bulk.tensor"),
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"), "fp8_cvt": ptx.count("e4m3x2"),
             "shared_bytes": k.metadata.shared, "num_stages": opts.get("num_stages")}
 
