@@ -183,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae,sdvae-ar,fp8,engines "
                                                "(default: all)")
     p.add_argument("--no-kernels", action="store_true", help="skip the Triton-kernel variants")
+    p.add_argument("--flow-chain", action="store_true",
+                   help="also time the FP8 token graph with the experimental one-launch flow-head Euler step "
+                        "(kernels/flow_chain.py), last")
     p.add_argument("--no-pdl-ab", action="store_true", help="skip re-timing the kernel token graphs without PDL and "
                                                             "with its other settings (four recaptures per format)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -339,7 +342,23 @@ def main(argv=None) -> int:
             breakdown(g, k, fmt, rec)
             if g.pdl and not a.no_pdl_ab:
                 pdl_ab(g, fmt)
+            if a.flow_chain and fmt == "fp8":
+                chain_ab(g, fmt)
             return g, res
+
+        def chain_ab(g, fmt: str):
+            """The same token graph with the flow head's Euler steps as one persistent launch each."""
+            g.flow.set_chain(True)
+            g.reset_graphs()
+            kk = g.bucket_for(1, rows, p_len)
+            g.generate(cache, **kw)
+            r = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt}), flow chain", step_of(g, kk, p_len))
+            chain = next(iter(g.flow._scratch.values()))["chain"]
+            results["flow_chain"] = {"median_ms": r["median_ms"], "barrier_timed_out": chain.failed()}
+            rec("breakdown", f"flow head, CUDA graph + kernels ({fmt}), flow chain", capture(token_parts(g, kk)["flow head"]))
+            g.flow.set_chain(False)
+            g.reset_graphs()
+            g.bucket_for(1, rows, p_len)
 
         def pdl_ab(g, fmt: str):
             """The same token graph launched without PDL, with the GEMMs triggering the next launch early,

@@ -316,6 +316,8 @@ def test_flow_chain_matches_the_block_launches(fmt):
     assert not scratch["chain"].failed() and int(scratch["chain"].barrier.abs().sum()) == 0
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if interpreting() else 2e-2), f"flow chain ({fmt}) against the launches: rel L2 {rel:.2e}"
+    chain.set_chain(False)  # back to the launches: new scratch without the chain, the launches' bits
+    assert torch.equal(chain(hid, noise, *s), ref) and "chain" not in next(iter(chain._scratch.values()))
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])

@@ -64,6 +64,12 @@ class KernelFlowHead(nn.Module):
         self.input_proj = PackedLinear(net.input_proj, weights)
         self._scratch: dict[tuple, dict] = {}
 
+    def set_chain(self, on: bool) -> None:
+        """Switch the experimental one-launch Euler step on or off; the scratch (and any captured graph
+        using it: GraphImageGenerator.reset_graphs) must be made again."""
+        self.chain = bool(on)
+        self._scratch.clear()
+
     def nbytes_per_step(self) -> int:
         """Weight bytes one Euler step streams (the floor's numerator, mods excluded)."""
         return sum(b["w12"].nbytes + b["w3"].nbytes for b in self.blocks) + self.final.nbytes + self.input_proj.nbytes
