@@ -23,7 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import capture, environment, timed  # noqa: E402
+from benchmarks.speed import capture, environment, repeats, timed  # noqa: E402
 from kernels.attention import decode_attention  # noqa: E402
 from models import full_config  # noqa: E402
 from models.sdpa import attention  # noqa: E402
@@ -59,13 +59,7 @@ def main(argv=None) -> int:
              ("kernels.attention.decode_attention, last slot given", lambda: decode_attention(q, k, v, mask, kw["scale"], last=last)),
              ("kernels.attention.decode_attention, one split", lambda: decode_attention(q, k, v, mask, kw["scale"], splits=1)))
     for name, fn in forms:
-        one = capture(lambda fn=fn: out.copy_(fn()))
-        one()
-        first = out.clone()
-        differing = 0
-        for _ in range(a.replays):
-            one()
-            differing += not torch.equal(out, first)
+        first, differing, _ = repeats(capture(lambda fn=fn: out.copy_(fn())), out, a.replays)
         layers = capture(lambda fn=fn: [out.copy_(fn()) for _ in range(llm.num_layers)])
         t = timed(layers, dev, warmup=3, runs=30)
         firsts[name] = first

@@ -24,21 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pdl_check import full_model_on_gpu, token_inputs
-from benchmarks.speed import capture, environment, pin_step
+from benchmarks.speed import capture, environment, pin_step, repeats
 from kernels import set_pdl
 from runtime.fast.graph import GraphImageGenerator
 
 
 def repeatable(fn, out: torch.Tensor, replays: int) -> dict:
-    replay = capture(lambda: out.copy_(fn()))
-    replay()
-    first = out.clone()
-    diffs = []
-    for _ in range(replays - 1):
-        replay()
-        if not torch.equal(out, first):
-            diffs.append(float((out.float() - first.float()).abs().max()))
-    return {"replays": replays, "differing": len(diffs), "max_abs_diff": max(diffs, default=0.0)}
+    _, differing, max_diff = repeats(capture(lambda: out.copy_(fn())), out, replays - 1)
+    return {"replays": replays, "differing": differing, "max_abs_diff": max_diff}
 
 
 def check(model, cache, kw, replays: int, **gen_kwargs) -> dict:

@@ -21,8 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import capture, environment, timed  # noqa: E402
-from models import build, full_config  # noqa: E402
+from benchmarks.pdl_check import full_model_on_gpu  # noqa: E402
+from benchmarks.speed import capture, environment, repeats, timed  # noqa: E402
 from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
 
 
@@ -33,18 +33,13 @@ def main(argv=None) -> int:
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--programs", type=int, default=None, help="grid size of the chain (default: the SM count)")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("flow_chain_check.py needs a CUDA GPU")
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    model = build(full_config(), seed=0, device=dev, dtype=torch.bfloat16)
+    dev, model = full_model_on_gpu("flow_chain_check.py", a.out)
     cfg = model.cfg
     g = torch.Generator(device=dev).manual_seed(0)
     hid = torch.randn(1, 2, cfg.llm.hidden_size, device=dev, generator=g).to(torch.bfloat16)
     noise = torch.randn(1, cfg.flow_head.latent_dim, device=dev, generator=g)
     sc = [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
     res = {"env": environment(dev), "rows": 2, "steps": cfg.flow_head.num_steps, "formats": {}}
-    a.out.mkdir(parents=True, exist_ok=True)
     for fmt in a.formats.split(","):
         row = {}
         for name, chain in (("launches", False), ("chain", True)):
@@ -52,19 +47,14 @@ def main(argv=None) -> int:
             out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)
             head(hid, noise, *sc)  # scratch (and the chain's stacked weights) before the capture
             if chain and a.programs is not None:
-                next(iter(head._scratch.values()))["chain"].programs = a.programs
+                head.chains()[0].programs = a.programs
             replay = capture(lambda head=head: out.copy_(head(hid, noise, *sc)))
-            replay()
-            first = out.clone()
-            differing = 0
-            for _ in range(a.replays):
-                replay()
-                differing += not torch.equal(out, first)
+            first, differing, _ = repeats(replay, out, a.replays)
             t = timed(replay, dev, warmup=3, runs=20)
             row[name] = {"median_ms": t["median_ms"], "p90_ms": t["p90_ms"], "replays": a.replays,
                          "differing_from_first": differing, "latent": first}
             if chain:
-                ch = next(iter(head._scratch.values()))["chain"]
+                ch = head.chains()[0]
                 row[name].update(programs=ch.programs, barrier_timed_out=ch.failed(),
                                  barrier_rearmed=int(ch.barrier.abs().sum()) == 0, config=ch.config)
             del head

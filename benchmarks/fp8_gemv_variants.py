@@ -61,21 +61,31 @@ def _tiles_kernel(w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
+def _k_share(K, SPLIT_K: tl.constexpr):
+    """[lo, hi) of K for this program's split (program_id 1)."""
+    span = K // SPLIT_K
+    lo = tl.program_id(1) * span
+    return lo, lo + span
+
+
+@triton.jit
 def _fma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    span = K // SPLIT_K
-    lo = tl.program_id(1) * span
+    lo, hi = _k_share(K, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
-    for k0 in range(lo, lo + span, BLOCK_K):
+    for k0 in range(lo, hi, BLOCK_K):
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :], mask=(rn < N)[:, None], other=0.0)
         x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None], other=0.0)
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
     y = tl.sum(acc, 2) * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]  # (BM, BN)
-    ptr = y_ptr + rm[:, None] * N + rn[None, :]
-    ok = (rm < M)[:, None] & (rn < N)[None, :]
+    _store_split(y_ptr + rm[:, None] * N + rn[None, :], y, (rm < M)[:, None] & (rn < N)[None, :], SPLIT_K)
+
+
+@triton.jit
+def _store_split(ptr, y, ok, SPLIT_K: tl.constexpr):
     if SPLIT_K == 1:
         tl.store(ptr, y, mask=ok)
     else:  # timing only: the order of the atomic adds is not fixed
@@ -108,20 +118,14 @@ def _dot_prmt_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr,
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    span = K // SPLIT_K
-    lo = tl.program_id(1) * span
+    lo, hi = _k_share(K, SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    for k0 in range(lo, lo + span, BLOCK_K):
+    for k0 in range(lo, hi, BLOCK_K):
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :], mask=(rn < N)[:, None], other=0)
         x = tl.load(x_ptr + rm[None, :] * K + (k0 + rk)[:, None], mask=(rm < M)[None, :], other=0.0)
         acc += tl.dot(_e4m3_to_f16_times_2m8(w), x)
     y = acc * (tl.load(s_ptr + rn, mask=rn < N, other=0.0) * 256.0)[:, None]  # (BN, BM)
-    ptr = y_ptr + rm[None, :] * N + rn[:, None]
-    ok = (rn < N)[:, None] & (rm < M)[None, :]
-    if SPLIT_K == 1:
-        tl.store(ptr, y, mask=ok)
-    else:
-        tl.atomic_add(ptr, y, mask=ok, sem="relaxed")
+    _store_split(y_ptr + rm[None, :] * N + rn[:, None], y, (rn < N)[:, None] & (rm < M)[None, :], SPLIT_K)
 
 
 def shapes():

@@ -353,8 +353,7 @@ def main(argv=None) -> int:
             kk = g.bucket_for(1, rows, p_len)
             g.generate(cache, **kw)
             r = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt}), flow chain", step_of(g, kk, p_len))
-            chain = next(iter(g.flow._scratch.values()))["chain"]
-            results["flow_chain"] = {"median_ms": r["median_ms"], "barrier_timed_out": chain.failed()}
+            results["flow_chain"] = {"median_ms": r["median_ms"], "barrier_timed_out": g.flow.chains()[0].failed()}
             rec("breakdown", f"flow head, CUDA graph + kernels ({fmt}), flow chain", capture(token_parts(g, kk)["flow head"]))
             g.flow.set_chain(False)
             g.reset_graphs()
@@ -468,6 +467,19 @@ def capture(fn):
     from runtime.fast.graphed import capture_graph
 
     return capture_graph(fn, torch.device("cuda", torch.cuda.current_device()))[0].replay
+
+
+def repeats(replay, out: torch.Tensor, replays: int) -> tuple[torch.Tensor, int, float]:
+    """Replay a graph that writes `out` once, then `replays` more times: (the first output, how many of
+    the others differ from it, the largest difference)."""
+    replay()
+    first = out.clone()
+    diffs = []
+    for _ in range(replays):
+        replay()
+        if not torch.equal(out, first):
+            diffs.append(float((out.float() - first.float()).abs().max()))
+    return first, len(diffs), max(diffs, default=0.0)
 
 
 def breakdown(gen, k, fmt: str, rec):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -161,6 +163,27 @@ def _pdl_self_check(index: int) -> bool:
     except Exception as exc:  # an old driver or triton without the launch attribute: no PDL, not an error
         log.warning("PDL unavailable on cuda:%d (%s: %s): launching without PDL", index, type(exc).__name__, exc)
         return False
+
+
+_TICKETS: dict[tuple[str, str], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown ticket buffers, kept alive for the graphs that hold them
+
+
+def tickets(owner: str, device, n: int) -> torch.Tensor:
+    """At least n zeroed int32 arrival tickets for `owner`'s kernels (the last program to arrive merges the
+    others' partials in a fixed order, then re-arms its ticket), one buffer per (owner, device). Made before
+    any CUDA graph capture; launches on one stream are ordered, so every layer shares it, but two streams
+    must not run `owner`'s kernels on one device at once."""
+    key = (owner, str(device))
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{owner}'s tickets must be reserved before a CUDA graph capture "
+                               "(runtime.fast.decode_weights.prepare_decode does it)")
+        if buf is not None:  # graphs captured earlier still use the old buffer: it must stay allocated
+            _RETIRED.append(buf)
+        buf = _TICKETS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return buf
 
 
 def next_pow2(n: int) -> int:

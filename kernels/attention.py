@@ -22,37 +22,20 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpreting, next_pow2, pdl_launch, require, tl, triton
+from ._triton import interpreting, next_pow2, pdl_launch, require, tickets, tl, triton
 
 SLOTS_PER_SPLIT = 64  # one BLOCK_S tile per program up to MAX_SPLITS tiles: a decode is latency-bound
 MAX_SPLITS = 16
 MAX_TICKETS = 64 * 64  # (row, KV head) pairs one call may bring: kernels.skinny.MAX_ROWS rows x 64 KV heads
 
-_TICKETS: dict[str, torch.Tensor] = {}
 
 
 def reserve_tickets(device) -> torch.Tensor:
-    """Zeroed arrival tickets for the split merge, one buffer per device: made before any graph capture
-    (prepare_decode does it) and re-armed by the kernel after every use. Launches on one stream are
-    ordered, so every layer shares it; two streams must not run decode attention on one device at once."""
-    key = str(device)
-    if key not in _TICKETS:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode_attention's tickets must be reserved before a CUDA graph capture "
-                               "(kernels.attention.reserve_tickets, done by prepare_decode)")
-        _TICKETS[key] = torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
-    return _TICKETS[key]
+    """The split merge's arrival tickets (kernels._triton.tickets); prepare_decode reserves them before any capture."""
+    return tickets("decode_attention", device, MAX_TICKETS)
 
 if triton is not None:
-    from ._triton import pdl_enter
-
-    @triton.jit
-    def _dot(a, b, UPCAST: tl.constexpr):
-        if UPCAST:  # Triton's interpreter multiplies 16-bit floats wrongly: fp32 IEEE products there
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        if a.dtype == tl.float32:  # fp32 models: exact products (tl.dot's default for fp32 is TF32)
-            return tl.dot(a, b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, b)
+    from ._triton import mma, pdl_enter
 
     @triton.jit
     def _decode_attention_kernel(
@@ -86,7 +69,7 @@ if triton is not None:
             s_ok = rs < hi
             visible = (tl.load(mask_ptr + b * stride_mb + rs, mask=s_ok, other=0) != 0) & s_ok
             k = tl.load(k_base + rs[:, None] * stride_ks + rd[None, :], mask=s_ok[:, None], other=0.0)  # (BS, D)
-            scores = _dot(q, tl.trans(k), UPCAST) * scale  # (BG, BS) fp32
+            scores = mma(q, tl.trans(k), UPCAST) * scale  # (BG, BS) fp32
             scores = tl.where(visible[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all hidden so far: keep the sums at zero
@@ -94,7 +77,7 @@ if triton is not None:
             p = tl.exp(scores - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + rs[:, None] * stride_vs + rd[None, :], mask=s_ok[:, None], other=0.0)  # (BS, D)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
             m_i = m_new
         o_ptrs = o_ptr + b * stride_ob + heads[:, None] * stride_oh + rd[None, :]
         if SPLITS == 1:
@@ -138,8 +121,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      splits: int | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, hidden keys excluded) v for one query per row.
 
-    q (B, H, 1, D); k, v (B, Hkv, S, D) of q's dtype, H a multiple of Hkv, contiguous D; mask (B or 1, 1, 1, S)
-    bool, True = visible (a row that sees no key gets zeros). Returns (B, H, 1, D) in q's dtype.
+    q (B, H, 1, D); k, v (B, Hkv, S, D) of q's dtype, H a multiple of Hkv, contiguous D; mask bool over the
+    S slots, one row per batch row or one for all ((B or 1, 1, 1, S) or (1, S)), True = visible (a row that sees no key gets zeros). Returns (B, H, 1, D) in q's dtype.
     splits: programs per KV head (default: one per SLOTS_PER_SPLIT slots, at most MAX_SPLITS);
     last: (1,) int tensor, the query's own cache slot: slots after it are skipped (the mask must hide them)."""
     require()
@@ -171,11 +154,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         if b * hkv > MAX_TICKETS:
             raise ValueError(f"decode_attention: {b} rows x {hkv} KV heads > {MAX_TICKETS} with {splits} splits")
         part = torch.empty(b * hkv * splits * block_g * (d + 2), dtype=torch.float32, device=q.device)
-        tickets = reserve_tickets(q.device)
+        arrivals = reserve_tickets(q.device)
     else:  # unused: the output stands in for the pointers
-        part = tickets = out
+        part = arrivals = out
     _decode_attention_kernel[(b, hkv, splits)](
-        q, k, v, mask, last if last is not None else out, out, part, tickets, s, float(scale),
+        q, k, v, mask, last if last is not None else out, out, part, arrivals, s, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, BLOCK_S=64, D=d, SPLITS=splits, HAS_LAST=last is not None,

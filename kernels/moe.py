@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpreting, pdl_launch, require, tl, triton
+from ._triton import interpreting, pdl_launch, require, tickets, tl, triton
 
 if triton is not None:
     from ._triton import mma, pdl_enter, pdl_main_loop_done, store_cast
@@ -118,26 +118,13 @@ def down_candidates(best: dict, topk: int = 6) -> list[dict]:
     return out
 
 
-_TICKETS: dict[str, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown ticket buffers, kept alive for the graphs that hold them
 MAX_TICKET_ROWS = 64  # rows one decode call may bring (kernels.skinny.MAX_ROWS)
 
 
 def reserve_tickets(device, h: int, rows: int = MAX_TICKET_ROWS) -> torch.Tensor:
-    """Zeroed tickets for the down kernel's expert split, one buffer per device, enough for `rows` rows at
-    the smallest output block (16): made before any graph capture (FusedMoEDecode does it) and re-armed by
-    the kernel after every use. Launches on one stream are ordered, so the MoE layers share it; two
-    streams must not run MoE decodes of the same device at once (as the skinny GEMM's workspaces)."""
-    key, n = str(device), rows * -(-h // 16)
-    buf = _TICKETS.get(key)
-    if buf is None or buf.numel() < n:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("moe_decode's split tickets must be reserved before a CUDA graph capture "
-                               "(kernels.moe.reserve_tickets, done by FusedMoEDecode)")
-        if buf is not None:  # graphs captured earlier still use the old buffer: it must stay allocated
-            _RETIRED.append(buf)
-        buf = _TICKETS[key] = torch.zeros(max(n, 0 if buf is None else buf.numel()), dtype=torch.int32, device=device)
-    return buf
+    """The down kernel's expert-split tickets (kernels._triton.tickets): enough for `rows` rows at the
+    smallest output block (16); FusedMoEDecode reserves them before any capture."""
+    return tickets("moe_decode", device, rows * -(-h // 16))
 
 
 def pick_config(h: int, i: int, fp8: bool) -> dict:
@@ -182,11 +169,11 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
         raise ValueError(f"DOWN_SPLIT={split} must divide top-k={k}")
     n_blocks = triton.cdiv(h, down["BLOCK_N"])
     if split > 1:  # the shares' partials and the arrival tickets
-        part, tickets = torch.empty(t * split * h, dtype=torch.float32, device=x.device), reserve_tickets(x.device, h, t)
+        part, arrivals = torch.empty(t * split * h, dtype=torch.float32, device=x.device), reserve_tickets(x.device, h, t)
     else:  # unused: the output stands in for the pointers
-        part = tickets = out
+        part = arrivals = out
     _down_kernel[(t, n_blocks, split)](
-        act, ids, weights, w_down, sd, out, part, tickets, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale,
+        act, ids, weights, w_down, sd, out, part, arrivals, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale,
         SPLIT_E=split, **common, **down)
     return out
 

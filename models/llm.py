@@ -93,12 +93,9 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, mask, fused: bool = False, cache_position=None):
         b, h, n, d = q.shape
-        kernel = getattr(self, "fused_decode_attention", None) if fused else None  # installed by prepare_decode
-        if kernel is not None and n == 1:
-            out = kernel(q, k.to(q.dtype), v.to(q.dtype), mask, d ** -0.5, cache_position)
-        else:
-            out = attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=d ** -0.5,
-                            enable_gqa=self.num_heads != self.num_kv_heads)
+        out = attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=d ** -0.5,
+                        enable_gqa=self.num_heads != self.num_kv_heads, cache_position=cache_position,
+                        decode_kernel=getattr(self, "fused_decode_attention", None) if fused else None)
         return self.dense(out.transpose(1, 2).reshape(b, n, h * d))
 
     def forward(self, x, cos, sin, mask, past_k, past_v):

@@ -19,8 +19,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 REPEATABLE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """F.scaled_dot_product_attention(q, k, v, **kwargs) without the cuDNN backend."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decode_kernel=None, cache_position=None,
+              **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, **kwargs) without the cuDNN backend.
+
+    decode_kernel (q, k, v, mask, scale, cache_position), the fast path's one-query kernel installed by
+    runtime.fast.decode_weights.prepare_decode, takes the one-query calls instead (attn_mask: a boolean
+    mask of the cache's slots; cache_position: the query's slot, so later slots are skipped)."""
+    if decode_kernel is not None and q.shape[2] == 1:
+        return decode_kernel(q, k, v, kwargs["attn_mask"], kwargs["scale"], cache_position)
     if (q.is_cuda and kwargs.get("enable_gqa") and kwargs.get("attn_mask") is not None and q.dim() == k.dim() == 4
             and k.shape[1] != q.shape[1] and q.shape[1] % k.shape[1] == 0):
         rep = q.shape[1] // k.shape[1]  # (B, Hkv, S, D) -> (B, H, S, D), head h reading KV head h // rep

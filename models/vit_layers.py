@@ -71,9 +71,9 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def _attend(self, q, k, v, mask=None, is_causal=False) -> torch.Tensor:
+    def _attend(self, q, k, v, mask=None, is_causal=False, **decode) -> torch.Tensor:
         b, h, n, d = q.shape
-        out = attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=d ** -0.5)
+        out = attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=d ** -0.5, **decode)
         return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -95,13 +95,10 @@ class SelfAttention(nn.Module):
         k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
         v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
         mask = causal_mask(cache_position, k_cache.shape[2], x.device)  # (L, S)
-        kernel = getattr(self, "fused_decode_attention", None) if fused else None
-        if kernel is not None and q.shape[2] == 1:
-            # torch's fused backends would pad this one-query call into a general kernel (~17 us per layer on an H200)
-            b, h, n, d = q.shape
-            out = kernel(q, k_cache.to(q.dtype), v_cache.to(q.dtype), mask.view(1, 1, 1, -1), d ** -0.5, cache_position)
-            return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
-        return self._attend(q, k_cache.to(q.dtype), v_cache.to(q.dtype), mask=mask)
+        # fused: one-query steps on the installed kernel (torch's backends pad them into a general kernel,
+        # ~17 us a layer on an H200)
+        return self._attend(q, k_cache.to(q.dtype), v_cache.to(q.dtype), mask=mask, cache_position=cache_position,
+                            decode_kernel=getattr(self, "fused_decode_attention", None) if fused else None)
 
 
 class Block(nn.Module):

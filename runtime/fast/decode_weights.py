@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from kernels import interpreting
-from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
 from kernels.attention import reserve_tickets as reserve_attention_tickets
+from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
 from kernels.moe import reserve_tickets
 from kernels.ops import decode_attention_op, moe_decode_op, skinny_linear_op, skinny_swiglu_op
 from kernels.skinny import MAX_ROWS

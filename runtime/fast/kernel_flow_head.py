@@ -70,6 +70,10 @@ class KernelFlowHead(nn.Module):
         self.chain = bool(on)
         self._scratch.clear()
 
+    def chains(self) -> list:
+        """The FlowChain of each row count run so far (chain=True): its barrier, error flag and grid."""
+        return [buf["chain"] for buf in self._scratch.values() if "chain" in buf]
+
     def nbytes_per_step(self) -> int:
         """Weight bytes one Euler step streams (the floor's numerator, mods excluded)."""
         return sum(b["w12"].nbytes + b["w3"].nbytes for b in self.blocks) + self.final.nbytes + self.input_proj.nbytes
@@ -93,7 +97,6 @@ class KernelFlowHead(nn.Module):
                 ws_up=Workspace(hidden, m, dev), ws_down=Workspace(w, m, dev), ws_in=Workspace(w, m, dev),
                 ws_final=Workspace(c, m, dev), ws_mod=Workspace(3 * w, min(s * m, MAX_ROWS), dev),
             )
-            self._scratch[key]["mods"] = list(self._scratch[key]["mods_all"])  # per-block views
             if self.chain:
                 from kernels.flow_chain import FlowChain
 
@@ -115,7 +118,7 @@ class KernelFlowHead(nn.Module):
         buf = self._scratch_for(m, condition_hidden.device, condition_hidden.dtype)
         z = fh.vis_head(condition_hidden).reshape(m, -1)  # (M, Z)
         sy = F.silu(fh.temb[:, None] + fh.net.cond_embed(z)[None]).reshape(s * m, w)  # (S*M, W)
-        for blk, mods in zip(self.blocks, buf["mods"]):
+        for blk, mods in zip(self.blocks, buf["mods_all"]):
             self._gemm_rows(sy, blk["ada"], mods, buf["ws_mod"])
         self._gemm_rows(sy, self.final_ada, buf["fmod"], buf["ws_mod"])
         h, xn, act, v = buf["h"], buf["xn"], buf["act"], buf["v"]
@@ -123,15 +126,16 @@ class KernelFlowHead(nn.Module):
         for k in range(s):
             skinny_gemm(x, self.input_proj.weight, h, w_scale=self.input_proj.scale, bias=self.input_proj.bias,
                         row_div=r, workspace=buf["ws_in"])  # (M, W): each prompt's rows share its state
-            if self.chain:  # every block in one launch: (D, M, 3W) modulations of step k
-                buf["chain"].step(h, xn, buf["mods_all"][:, k * m:(k + 1) * m], self.eps)
-            for blk, mods in zip(() if self.chain else self.blocks, buf["mods"]):
-                mk = mods[k * m:(k + 1) * m]  # (M, 3W) = [shift | scale | gate]
-                ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk["ln"][0], bias=blk["ln"][1], eps=self.eps)
-                skinny_gemm(xn, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,
-                            epilogue=SWIGLU, workspace=buf["ws_up"])
-                skinny_gemm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias,
-                            gate=mk[:, 2 * w:], epilogue=GATED_RESIDUAL, workspace=buf["ws_down"])
+            mods_k = buf["mods_all"][:, k * m:(k + 1) * m]  # (D, M, 3W) = [shift | scale | gate] per block
+            if self.chain:  # every block in one launch
+                buf["chain"].step(h, xn, mods_k, self.eps)
+            else:
+                for blk, mk in zip(self.blocks, mods_k):
+                    ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk["ln"][0], bias=blk["ln"][1], eps=self.eps)
+                    skinny_gemm(xn, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,
+                                epilogue=SWIGLU, workspace=buf["ws_up"])
+                    skinny_gemm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias,
+                                gate=mk[:, 2 * w:], epilogue=GATED_RESIDUAL, workspace=buf["ws_down"])
             fk = buf["fmod"][k * m:(k + 1) * m]
             ln_modulate(h, fk[:, :w], fk[:, w:], xn, eps=self.eps)
             skinny_gemm(xn, self.final.weight, v, w_scale=self.final.scale, bias=self.final.bias,
