@@ -346,13 +346,17 @@ def main(argv=None) -> int:
                 chain_ab(g, fmt)
             return g, res
 
-        def chain_ab(g, fmt: str):
-            """The same token graph with the flow head's Euler steps as one persistent launch each."""
-            g.flow.set_chain(True)
+        def recaptured(g, fmt: str, variant: str):
+            """After a change to how `g` launches: capture its token graph again, run a request, time the step."""
             g.reset_graphs()
             kk = g.bucket_for(1, rows, p_len)
             g.generate(cache, **kw)
-            r = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt}), flow chain", step_of(g, kk, p_len))
+            return kk, rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt}), {variant}", step_of(g, kk, p_len))
+
+        def chain_ab(g, fmt: str):
+            """The same token graph with the flow head's Euler steps as one persistent launch each."""
+            g.flow.set_chain(True)
+            kk, r = recaptured(g, fmt, "flow chain")
             results["flow_chain"] = {"median_ms": r["median_ms"], "barrier_timed_out": g.flow.chains()[0].failed()}
             rec("breakdown", f"flow head, CUDA graph + kernels ({fmt}), flow chain", capture(token_parts(g, kk)["flow head"]))
             g.flow.set_chain(False)
@@ -371,10 +375,7 @@ def main(argv=None) -> int:
                         ("PDL, prefetch 2 tiles", True, 2, None)]
             for label, on, tiles, trigger in variants:
                 set_pdl(on, tiles, trigger)
-                g.reset_graphs()
-                kk = g.bucket_for(1, rows, p_len)
-                g.generate(cache, **kw)
-                r = rec("pipelines", f"image-token step: CUDA graph + kernels ({fmt}), {label}", step_of(g, kk, p_len))
+                _, r = recaptured(g, fmt, label)
                 ab[f"{fmt}: {label}"] = {"median_ms": r["median_ms"]}
             set_pdl(None)
             g.reset_graphs()
