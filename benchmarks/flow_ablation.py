@@ -1,0 +1,82 @@
+"""benchmarks/flow_ablation.py: what each launch kind of the kernel flow head costs inside its CUDA graph.
+
+    python benchmarks/flow_ablation.py --out OUT       # a GPU; writes OUT/flow_ablation.json
+
+Full-size flow head (random weights of the released shapes), 2 CFG rows, the whole 16-step head from one
+CUDA graph. Each variant leaves one kind of launch out of the capture (the LayerNorm + modulation, the
+w12 GEMMs, the w3 GEMMs) and times what is left: the saving is an upper bound on what fusing that launch
+away could give. The variants' latents are wrong by construction; only the full one is a result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import runtime.fast.kernel_flow_head as kfh_module  # noqa: E402
+from benchmarks.pdl_check import full_model_on_gpu  # noqa: E402
+from benchmarks.speed import capture, environment, timed  # noqa: E402
+from kernels._triton import set_pdl  # noqa: E402
+from kernels.skinny import GATED_RESIDUAL, SWIGLU  # noqa: E402
+
+REAL_LN, REAL_GEMM = kfh_module.ln_modulate, kfh_module.skinny_gemm
+
+
+def patched(skip: set[str]):
+    """(ln_modulate, skinny_gemm) that leave out the launch kinds in `skip`."""
+    def ln(x, shift, scale, out, **kw):
+        return out if "ln" in skip else REAL_LN(x, shift, scale, out, **kw)
+
+    def gemm(x, w, out, **kw):
+        kind = {SWIGLU: "w12", GATED_RESIDUAL: "w3"}.get(kw.get("epilogue"), "other")
+        return out if kind in skip else REAL_GEMM(x, w, out, **kw)
+    return ln, gemm
+
+
+VARIANTS = {"full": set(), "no_ln": {"ln"}, "no_w12": {"w12"}, "no_w3": {"w3"}, "gemms_only_w12_w3": {"ln", "other"}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--formats", default="fp8")
+    p.add_argument("--no-pdl-too", action="store_true", help="also time the full head without PDL")
+    a = p.parse_args(argv)
+    dev, model = full_model_on_gpu("flow_ablation.py", a.out)
+    cfg = model.cfg
+    g = torch.Generator(device=dev).manual_seed(0)
+    hid = torch.randn(1, 2, cfg.llm.hidden_size, device=dev, generator=g).to(torch.bfloat16)
+    noise = torch.randn(1, cfg.flow_head.latent_dim, device=dev, generator=g)
+    sc = [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
+    res = {"env": environment(dev), "rows": 2, "steps": cfg.flow_head.num_steps, "formats": {}}
+    for fmt in a.formats.split(","):
+        head = kfh_module.KernelFlowHead(model, weights=fmt)
+        out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)
+        head(hid, noise, *sc)  # scratch before any capture
+        row = {}
+        variants = dict(VARIANTS, **({"full_no_pdl": set()} if a.no_pdl_too else {}))
+        for name, skip in variants.items():
+            kfh_module.ln_modulate, kfh_module.skinny_gemm = patched(skip)
+            set_pdl(False if name == "full_no_pdl" else None)
+            try:
+                replay = capture(lambda: out.copy_(head(hid, noise, *sc)))
+                row[name] = timed(replay, dev, warmup=3, runs=30)["median_ms"]
+            finally:
+                kfh_module.ln_modulate, kfh_module.skinny_gemm = REAL_LN, REAL_GEMM
+                set_pdl(None)
+            print(fmt, name, f"{row[name]:.3f} ms", flush=True)
+        row["saving_ms"] = {k: row["full"] - v for k, v in row.items() if k != "full"}
+        res["formats"][fmt] = row
+        (a.out / "flow_ablation.json").write_text(json.dumps(res, indent=1))
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

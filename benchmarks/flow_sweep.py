@@ -1,0 +1,112 @@
+"""benchmarks/flow_sweep.py: the flow head's w12 / w3 launch configs chosen inside the head's own CUDA graph.
+
+    python benchmarks/flow_sweep.py --out OUT [--formats fp8,bf16] [--install]
+
+benchmarks/kernels.py times each GEMM alone, launch after launch of the same kernel. In the head the
+w12 and w3 GEMMs alternate with a LayerNorm between them, each waiting for the one before, so the
+ramp-up, the last wave and the split-K merge weigh differently (benchmarks/flow_ablation.py: in the
+graph an FP8 w3 costs ~15 us where alone it takes ~11). Here every candidate config of the w12 (SwiGLU)
+and w3 (gated residual) shapes is put in the GPU's table in turn and the whole 16-step head (2 CFG rows,
+full-size shapes, random weights) is captured and timed: w3's candidates with w12 at its tabled config,
+then w12's with the best w3. --install writes the table with the winners into OUT/<gpu>.json (copy it to
+kernels/configs/ to adopt it). Each variant's latent is compared with the tabled configs' (relative L2:
+split-K changes the summation order, nothing else).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import kernels.skinny as skinny  # noqa: E402
+from benchmarks.pdl_check import full_model_on_gpu  # noqa: E402
+from benchmarks.speed import capture, environment, timed  # noqa: E402
+from kernels._triton import set_pdl  # noqa: E402
+from kernels.skinny import GATED_RESIDUAL, SWIGLU, candidate_configs, config_key, gpu_slug  # noqa: E402
+from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
+
+
+def shapes(model, fmt: str, rows: int) -> dict[str, tuple[str, int, int]]:
+    """{'w12': (table key, N, K), 'w3': ...} of the head's block GEMMs."""
+    fh = model.cfg.flow_head
+    hidden = model.model.diffloss.net.res_blocks[0].mlp.w3.weight.shape[1]
+    fp8 = fmt == "fp8"
+    return {"w12": (config_key(rows, hidden, fh.width, fp8, SWIGLU), hidden, fh.width),
+            "w3": (config_key(rows, fh.width, hidden, fp8, GATED_RESIDUAL), fh.width, hidden)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--formats", default="fp8,bf16")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--wide", action="store_true", help="FP8: also the wide candidates (kernels.skinny.candidate_configs)")
+    p.add_argument("--install", action="store_true", help="write the table with the winners to OUT/<gpu>.json")
+    a = p.parse_args(argv)
+    dev, model = full_model_on_gpu("flow_sweep.py", a.out)
+    cfg, rows = model.cfg, 2
+    g = torch.Generator(device=dev).manual_seed(0)
+    hid = torch.randn(1, rows, cfg.llm.hidden_size, device=dev, generator=g).to(torch.bfloat16)
+    noise = torch.randn(1, cfg.flow_head.latent_dim, device=dev, generator=g)
+    sc = [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
+    table = skinny.tuned_configs_for("skinny")  # the live table pick_config reads
+    res = {"env": environment(dev), "rows": rows, "formats": {}}
+    out_path = a.out / "flow_sweep.json"
+    for fmt in a.formats.split(","):
+        head = KernelFlowHead(model, weights=fmt)
+        out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)
+        head(hid, noise, *sc)  # scratch before any capture
+
+        def run() -> tuple[float, torch.Tensor]:
+            replay = capture(lambda: out.copy_(head(hid, noise, *sc)))
+            return timed(replay, dev, warmup=3, runs=a.runs)["median_ms"], out.clone()
+
+        keys = shapes(model, fmt, rows)
+        tabled = {name: table.get(key) for name, (key, _, _) in keys.items()}
+        base_ms, ref = run()
+        row = {"tabled": tabled, "tabled_ms": base_ms, "candidates": {}}
+        print(fmt, "tabled", tabled, f"{base_ms:.3f} ms", flush=True)
+        best = dict(tabled)
+        for name in ("w3", "w12"):
+            key, n, k = keys[name]
+            tried = row["candidates"][name] = []
+            best_ms = base_ms if name == "w3" else row["after_w3_ms"]
+            for c in candidate_configs(n, k, fp8=fmt == "fp8", wide=a.wide and fmt == "fp8"):
+                table[key] = c
+                try:
+                    ms, lat = run()
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                    tried.append({"config": c, "error": type(exc).__name__})
+                    continue
+                rel = float((lat - ref).norm() / ref.norm())
+                tried.append({"config": c, "ms": ms, "rel_l2_to_tabled": rel})
+                print(f"  {fmt} {name} {c} {ms:.3f} ms rel {rel:.1e}", flush=True)
+                if ms < best_ms:
+                    best[name], best_ms = c, ms
+            table[key] = best[name]
+            if name == "w3":
+                row["after_w3_ms"] = best_ms
+        row["best"], row["best_ms"] = best, run()[0]
+        set_pdl(False)  # the same configs without programmatic dependent launch
+        row["best_no_pdl_ms"] = run()[0]
+        set_pdl(None)
+        print(fmt, "best", best, f"{row['best_ms']:.3f} ms (tabled {base_ms:.3f}; best without PDL "
+              f"{row['best_no_pdl_ms']:.3f})", flush=True)
+        res["formats"][fmt] = row
+        out_path.write_text(json.dumps(res, indent=1))
+        torch.cuda.empty_cache()
+    if a.install:
+        full = json.loads((ROOT / "kernels" / "configs" / f"{gpu_slug()}.json").read_text())
+        full["skinny"].update({k: v for k, v in table.items() if v is not None})
+        (a.out / f"{gpu_slug()}.json").write_text(json.dumps(full, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
