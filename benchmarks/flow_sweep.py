@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import kernels.skinny as skinny  # noqa: E402
 from benchmarks.pdl_check import full_model_on_gpu  # noqa: E402
-from benchmarks.speed import capture, environment, timed  # noqa: E402
+from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
 from kernels._triton import set_pdl  # noqa: E402
 from kernels.skinny import GATED_RESIDUAL, SWIGLU, candidate_configs, config_key, gpu_slug  # noqa: E402
 from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
             replay = capture(lambda: out.copy_(head(hid, noise, *sc)))
             return timed(replay, dev, warmup=3, runs=a.runs)["median_ms"], out.clone()
 
+        settle(lambda: head(hid, noise, *sc), dev)
         keys = shapes(model, fmt, rows)
         tabled = {name: table.get(key) for name, (key, _, _) in keys.items()}
         base_ms, ref = run()
