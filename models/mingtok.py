@@ -20,12 +20,28 @@ from .vit_layers import Block
 
 
 class PatchEmbed(nn.Module):
+    """The checkpoint's stride-p, p x p `proj` Conv2d. On a GPU it runs as one GEMM over the patches: the same
+    sums (each output is one patch dotted with one filter) in another order; the convolution took an
+    implicit-GEMM fallback there, 226 us at 512 px on an H200 (benchmarks/results/tokenizer_modes_h200_s8.json).
+    On the CPU it stays the convolution upstream ran, which the golden fixtures were made with."""
+
     def __init__(self, patch_size: int, dim: int):
         super().__init__()
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.proj(image).flatten(2).transpose(1, 2)  # (B, 3, H, W) -> (B, gh*gw, D), raster order
+        if not image.is_cuda:
+            return self.proj(image).flatten(2).transpose(1, 2)  # (B, 3, H, W) -> (B, gh*gw, D), raster order
+        return self.as_gemm(image)
+
+    def as_gemm(self, image: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = image.shape
+        p = self.proj.kernel_size[0]
+        gh, gw = h // p, w // p  # a remainder is dropped, as the convolution drops it
+        # (B, C, gh*p, gw*p) -> (B, gh, gw, C, p, p): raster order of patches, each in the filter's (C, kh, kw) order
+        patches = image[:, :, :gh * p, :gw * p].reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
+        weight = self.proj.weight.reshape(self.proj.out_channels, c * p * p)  # (D, C*p*p)
+        return F.linear(patches.reshape(b, gh * gw, c * p * p), weight, self.proj.bias)  # (B, gh*gw, D)
 
 
 class LowLevelEncoder(nn.Module):

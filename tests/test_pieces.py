@@ -36,6 +36,25 @@ def test_encoder_piece(tiny_model, pieces):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("size", [(128, 128), (96, 160), (70, 100)])
+def test_patch_embed_gemm_form_equals_the_convolution(size):
+    """The GPU's form of the patch embedding (one GEMM over the patches) is the checkpoint's convolution:
+    same shape and raster order, sums equal to fp32 rounding; a size off the patch grid drops the remainder."""
+    from models.mingtok import PatchEmbed
+
+    torch.manual_seed(0)
+    m = PatchEmbed(16, 64)
+    img = torch.randn(2, 3, *size)
+    ref = m(img)  # on the CPU: the convolution
+    assert ref.shape == (2, (size[0] // 16) * (size[1] // 16), 64)
+    assert_close(f"pieces/patch_embed_gemm_{size[0]}x{size[1]}", m.as_gemm(img), ref, 1e-5)
+    moved = img.clone()
+    moved[0, 0, 0, 0] += 1.0  # one pixel of image 0's first patch: only its token 0 changes
+    diff = (m.as_gemm(moved) - m.as_gemm(img)).abs().amax(dim=-1)
+    assert diff[0, 0] > 0 and torch.all(diff[0, 1:] == 0) and torch.all(diff[1] == 0)
+
+
+@torch.no_grad()
 def test_semantic_decoder_piece_step_and_prefill(tiny_model, pieces):
     piece = pieces["semantic_decoder"]
     depth = len(tiny_model.vision.semantic_decoder.blocks)
