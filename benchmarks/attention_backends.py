@@ -4,7 +4,7 @@
 
 The fast path keeps cuDNN out of torch's attention (models/sdpa.py: it did not repeat bit for bit on
 the decode shapes). For the tokenizer's full-sequence calls (pixel decoder: 1024 tokens, bidirectional;
-encoder's semantic pass: 257 tokens, causal) this times each backend alone (CUDA events, median) and
+encoder's semantic pass: 257 tokens, causal) this times each backend alone (a CUDA graph of 20 calls: replay median / 20) and
 counts how many of --repeats calls differ from the first, to see what keeping cuDNN out costs there.
 """
 from __future__ import annotations
