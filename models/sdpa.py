@@ -9,6 +9,11 @@ fused two takes grouped heads with a mask, so on a GPU those calls (the LLM's) g
 repeated first and go to the memory-efficient kernel, not to the math composite with its (L, S) fp32
 score matrix; the GPU fast path's one-token decode uses kernels/attention.py instead. On the CPU nothing
 changes (its backends are flash and math).
+
+MingTok's full-sequence passes on a GPU (no mask: the encoder's and pixel decoder's bidirectional
+attention, the semantic decoder's is_causal pass) put cuDNN first: on those shapes it repeated in every
+one of 500 calls and is the fastest backend (H200: pixel decoder 14.5 us a layer against flash's 21.7,
+the causal 257-token pass 8.6 against 12.6; benchmarks/results/attention_backends_h200_s8.json).
 """
 from __future__ import annotations
 
@@ -17,11 +22,17 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 REPEATABLE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+MASKLESS_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *REPEATABLE_BACKENDS]  # in this order of preference
+
+
+def backends_for(q: torch.Tensor, attn_mask) -> list:
+    """The SDPA backends a call may use: cuDNN (first) only for unmasked several-query calls on a GPU."""
+    return MASKLESS_BACKENDS if q.is_cuda and attn_mask is None and q.shape[-2] > 1 else REPEATABLE_BACKENDS
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decode_kernel=None, cache_position=None,
               **kwargs) -> torch.Tensor:
-    """F.scaled_dot_product_attention(q, k, v, **kwargs) without the cuDNN backend.
+    """F.scaled_dot_product_attention(q, k, v, **kwargs) on the backends that repeat (backends_for).
 
     decode_kernel (q, k, v, mask, scale, cache_position), the fast path's one-query kernel installed by
     runtime.fast.decode_weights.prepare_decode, takes the one-query calls instead (attn_mask: a boolean
@@ -33,5 +44,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decode_kerne
         rep = q.shape[1] // k.shape[1]  # (B, Hkv, S, D) -> (B, H, S, D), head h reading KV head h // rep
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         kwargs = dict(kwargs, enable_gqa=False)
-    with sdpa_kernel(REPEATABLE_BACKENDS):
+    backends = backends_for(q, kwargs.get("attn_mask"))
+    with sdpa_kernel(backends, set_priority=backends is MASKLESS_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)

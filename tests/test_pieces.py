@@ -206,7 +206,7 @@ def test_router_takes_the_lower_expert_id_among_ties():
 
 def test_attention_leaves_out_the_cudnn_backend(monkeypatch):
     """The LLM's and MingTok's attention run with torch's cuDNN backend switched off (it did not repeat
-    bit for bit on an H200), and switch it back on afterwards."""
+    bit for bit on an H200 for masked calls; on CPU tensors it is never on), and switch it back on afterwards."""
     import torch.nn.functional as F
 
     from models import build, tiny_config
@@ -231,3 +231,22 @@ def test_attention_leaves_out_the_cudnn_backend(monkeypatch):
         SelfAttention(128, 64)(torch.randn(1, 4, 128), causal=True)
     assert len(seen) == llm.num_layers + 1 and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_cudnn_attention_only_for_unmasked_full_passes_on_a_gpu():
+    """cuDNN leads the backend list only for a GPU call with several queries and no mask (MingTok's full
+    passes); masked calls, one-query calls and CPU calls keep the repeatable list."""
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend
+
+    from models.sdpa import MASKLESS_BACKENDS, REPEATABLE_BACKENDS, backends_for
+
+    def q(cuda, n):
+        return SimpleNamespace(is_cuda=cuda, shape=(1, 16, n, 64))
+
+    assert MASKLESS_BACKENDS[0] == SDPBackend.CUDNN_ATTENTION and SDPBackend.CUDNN_ATTENTION not in REPEATABLE_BACKENDS
+    assert backends_for(q(True, 1024), None) is MASKLESS_BACKENDS
+    assert backends_for(q(True, 1024), torch.ones(1024, 1024, dtype=torch.bool)) is REPEATABLE_BACKENDS
+    assert backends_for(q(True, 1), None) is REPEATABLE_BACKENDS
+    assert backends_for(q(False, 1024), None) is REPEATABLE_BACKENDS
