@@ -5,7 +5,7 @@
 The fast path keeps cuDNN out of torch's attention (models/sdpa.py: it did not repeat bit for bit on
 the decode shapes). For the tokenizer's full-sequence calls (pixel decoder: 1024 tokens, bidirectional;
 encoder's semantic pass: 257 tokens, causal) this times each backend alone (a CUDA graph of 20 calls: replay median / 20) and
-counts how many of --repeats calls differ from the first, to see what keeping cuDNN out costs there.
+counts how many of --repeats calls differ from the first, and how far each is from fp32 math, to see what keeping cuDNN out costs there.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     for name, (b, h, n, d, causal) in SHAPES.items():
         q, k, v = (torch.randn(b, h, n, d, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
         row = res["shapes"][name] = {}
+        with sdpa_kernel([SDPBackend.MATH]):  # fp32 reference of the same inputs
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
         for label, backend in BACKENDS.items():
             def call(backend=backend):
                 with sdpa_kernel([backend]):
@@ -55,8 +57,10 @@ def main(argv=None) -> int:
             replay = capture(lambda call=call: [call() for _ in range(CALLS)])  # no host launch time in the number
             settle(replay, dev, 0.5)
             row[label] = {"median_us": timed(replay, dev, warmup=3, runs=20)["median_ms"] * 1e3 / CALLS,
-                          "differing_of_repeats": differing, "repeats": a.repeats}
-            print(f"{name:45s} {label:9s} {row[label]['median_us']:7.1f} us  differing {differing}/{a.repeats}", flush=True)
+                          "differing_of_repeats": differing, "repeats": a.repeats,
+                          "max_abs_vs_fp32_math": float((first.float() - ref).abs().max())}
+            print(f"{name:45s} {label:9s} {row[label]['median_us']:7.1f} us  differing {differing}/{a.repeats}  "
+                  f"max abs vs fp32 {row[label]['max_abs_vs_fp32_math']:.2e}", flush=True)
     (a.out / "attention_backends.json").write_text(json.dumps(res, indent=1))
     return 0
 
