@@ -74,8 +74,9 @@ def timed(fn, device, warmup: int, runs: int) -> dict:
 
 
 def settle(fn, device, seconds: float = 2.0) -> None:
-    """Run fn for `seconds` before timing: an idle GPU needs a moment to reach its clocks (the first of a
-    series of graph timings read ~10% slow on the H200 without this)."""
+    """Run fn for `seconds` before timing: an idle GPU needs a moment to reach its clocks. (It does not
+    cure everything: on the H200 the first flow-head graph timed in a process still read ~10% slow after
+    it, benchmarks/results/flow_ablation_h200_s8.json; time such series in rounds.)"""
     if device.type != "cuda":
         return
     t = time.perf_counter()
