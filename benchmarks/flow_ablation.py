@@ -7,8 +7,6 @@ CUDA graph. Each variant leaves one kind of launch out of the capture (the Layer
 w12 GEMMs, the w3 GEMMs) and times what is left, after 2 s of warm-up (an idle GPU reads ~10% slow
 at first), the variants in turn, --rounds times, keeping each one's best median. The saving is an upper bound on what fusing that launch
 away could give. The variants' latents are wrong by construction; only the full one is a result.
---fold-ln adds one that is: the head with its LayerNorms folded into the GEMMs' loads (KernelFlowHead(
-fold_ln=True)), timed in the same rounds, its latent compared with the full head's (relative L2).
 """
 from __future__ import annotations
 
@@ -51,9 +49,6 @@ def main(argv=None) -> int:
     p.add_argument("--formats", default="fp8")
     p.add_argument("--rounds", type=int, default=2, help="time the variants this many times in turn, keep the best")
     p.add_argument("--no-pdl-too", action="store_true", help="also time the full head without PDL")
-    p.add_argument("--fold-ln", action="store_true",
-                   help="also time the head with its LayerNorms folded into the GEMMs (KernelFlowHead(fold_ln=True)), "
-                        "a result, not an ablation: its latent is compared with the full head's")
     a = p.parse_args(argv)
     dev, model = full_model_on_gpu("flow_ablation.py", a.out)
     cfg = model.cfg
@@ -63,34 +58,24 @@ def main(argv=None) -> int:
     sc = [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
     res = {"env": environment(dev), "rows": 2, "steps": cfg.flow_head.num_steps, "formats": {}}
     for fmt in a.formats.split(","):
-        heads = {"": kfh_module.KernelFlowHead(model, weights=fmt)}
-        if a.fold_ln:
-            heads["fold_ln"] = kfh_module.KernelFlowHead(model, weights=fmt, fold_ln=True)
+        head = kfh_module.KernelFlowHead(model, weights=fmt)
         out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)
-        latents = {}
-        for head in heads.values():
-            head(hid, noise, *sc)  # scratch before any capture
+        head(hid, noise, *sc)  # scratch before any capture
         row = {}
-        variants = dict(VARIANTS, **({"full_no_pdl": set()} if a.no_pdl_too else {}),
-                        **({"fold_ln": set()} if a.fold_ln else {}))
-        settle(lambda: heads[""](hid, noise, *sc), dev)
+        variants = dict(VARIANTS, **({"full_no_pdl": set()} if a.no_pdl_too else {}))
+        settle(lambda: head(hid, noise, *sc), dev)
         for name, skip in [*variants.items()] * a.rounds:  # rounds: each variant's best median
-            head = heads.get(name, heads[""])
             kfh_module.ln_modulate, kfh_module.skinny_gemm = patched(skip)
             set_pdl(False if name == "full_no_pdl" else None)
             try:
-                replay = capture(lambda head=head: out.copy_(head(hid, noise, *sc)))
+                replay = capture(lambda: out.copy_(head(hid, noise, *sc)))
                 ms = timed(replay, dev, warmup=3, runs=30)["median_ms"]
                 row[name] = min(ms, row.get(name, ms))
-                latents[name] = out.clone()
             finally:
                 kfh_module.ln_modulate, kfh_module.skinny_gemm = REAL_LN, REAL_GEMM
                 set_pdl(None)
             print(fmt, name, f"{ms:.3f} ms", flush=True)
         row["saving_ms"] = {k: row["full"] - v for k, v in row.items() if k != "full"}
-        if a.fold_ln:
-            ref = latents["full"]
-            row["fold_ln_rel_l2_to_full"] = float((latents["fold_ln"] - ref).norm() / ref.norm())
         res["formats"][fmt] = row
         (a.out / "flow_ablation.json").write_text(json.dumps(res, indent=1))
         torch.cuda.empty_cache()

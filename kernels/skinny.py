@@ -14,15 +14,10 @@ bf16; padded `torch._scaled_mm` ~2.1. This kernel is built for that regime:
   result does not depend on scheduling and a seed gives the same image bit for bit;
 * fused epilogues for the flow head's residual block: SwiGLU (both halves of w12 in one program)
   and `h += gate * y` (in place, fp32 residual). The LayerNorm + adaLN modulation before w12 is a
-  separate one-program-per-row kernel (kernels/layernorm.py), or folded into w12's row loads
-  (`ln=LayerNormInput`): the GEMM that wrote h leaves each column block's row mean and sum of squared
-  deviations (`stats_out=RowStats`), and w12 merges those few numbers per row (Chan's parallel
-  formula, in block order) instead of reading the rows twice. (Recomputing the statistics from h in
-  every program before its first weight load had cost ~30% at the real shapes.)
+  separate one-program-per-row kernel (kernels/layernorm.py): fused into this one, every program
+  recomputed the row statistics before its first weight load, which cost ~30% at the real shapes.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -42,11 +37,9 @@ if triton is not None:
         x_ptr, w_ptr, wscale_ptr, bias_ptr, y_ptr,
         gate_ptr, part_ptr, ticket_ptr,
         M, N, K, row_div, stride_xm, stride_ym, stride_gate,
-        stats_out_ptr, stats_in_ptr, n_stat, stat_cnt, ln_w_ptr, ln_b_ptr, shift_ptr, scale_ptr, stride_mod, eps,
         HAS_WSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, PDL: tl.constexpr, PF_TILES: tl.constexpr, W_BYTES: tl.constexpr,
-        STATS: tl.constexpr, LN_IN: tl.constexpr, N_STAT: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -71,35 +64,10 @@ if triton is not None:
             if EPILOGUE == 1:
                 prefetch_l2(w_rows[:, None] + N * K + sector[None, :], pf_ok)
         pdl_enter(PDL)  # nothing above reads an activation or writes anything
-        if LN_IN > 0:  # the rows' LayerNorm statistics from the producer's column blocks (stats_in: (n_stat, 2, BM))
-            js = tl.arange(0, N_STAT)
-            j_ok = js < n_stat
-            cnt = tl.minimum(stat_cnt, K - js * stat_cnt).to(tl.float32)  # columns in each block (the last may be short)
-            st = stats_in_ptr + js[:, None] * (2 * BLOCK_M) + rm[None, :]
-            b_mean = tl.load(st, mask=j_ok[:, None], other=0.0)  # (N_STAT, BM)
-            b_m2 = tl.load(st + BLOCK_M, mask=j_ok[:, None], other=0.0)
-            cnt = tl.where(j_ok, cnt, 0.0)[:, None]
-            row_mean = tl.sum(b_mean * cnt, axis=0) / K  # (BM,)
-            dev = tl.where(j_ok[:, None], b_mean - row_mean[None, :], 0.0)
-            row_std = tl.sqrt((tl.sum(b_m2, axis=0) + tl.sum(cnt * dev * dev, axis=0)) / K + eps)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < k_hi
             xt = tl.load(x_rows[None, :] + kk[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BM)
-            if LN_IN > 0:  # xt: the fp32 residual rows -> modulate(LN(rows)), rounded as kernels/layernorm.py stores it
-                x_ok = m_ok[None, :] & k_ok[:, None]
-                xn = (xt - row_mean[None, :]) / row_std[None, :]
-                if LN_IN == 2:  # elementwise affine
-                    xn = (xn * tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[:, None]
-                          + tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[:, None])
-                mod = rm[None, :] * stride_mod + kk[:, None]
-                xn = (xn * (1.0 + tl.load(scale_ptr + mod, mask=x_ok, other=0.0).to(tl.float32))
-                      + tl.load(shift_ptr + mod, mask=x_ok, other=0.0).to(tl.float32))
-                xn = tl.where(x_ok, xn, 0.0)
-                if w_ptr.dtype.element_ty == tl.float8e4nv:
-                    xt = tl.minimum(tl.maximum(xn, -65504.0), 65504.0).to(tl.float16)
-                else:
-                    xt = xn.to(tl.bfloat16)
             wt = tl.load(w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
             acc += mma(wt, xt, UPCAST)
             if EPILOGUE == 1:
@@ -144,14 +112,6 @@ if triton is not None:
             g = tl.load(gate_ptr + rm[None, :] * stride_gate + rn[:, None], mask=out_ok, other=0.0).to(tl.float32)
             acc = tl.load(y_ptr + y_off, mask=out_ok, other=0.0).to(tl.float32) + g * acc
         store_cast(y_ptr + y_off, acc, out_ok)
-        if STATS:  # this column block's row mean and sum of squared deviations, for the next GEMM's LayerNorm
-            cnt_n = tl.minimum(BLOCK_N, N - pid_n * BLOCK_N).to(tl.float32)
-            b_mean = tl.sum(tl.where(out_ok, acc, 0.0), axis=0) / cnt_n  # (BM,)
-            d = tl.where(out_ok, acc - b_mean[None, :], 0.0)
-            st_ok = m_ok & (tl.max(out_ok.to(tl.int32), axis=0) > 0)  # split-K: only the program that stored
-            st = stats_out_ptr + pid_n * (2 * BLOCK_M) + rm
-            tl.store(st, b_mean, mask=st_ok)
-            tl.store(st + BLOCK_M, tl.sum(d * d, axis=0), mask=st_ok)
 
 
 SM_COUNT_DEFAULT = 132  # H100 SXM
@@ -254,36 +214,6 @@ def shared_workspace(n: int, rows: int, device) -> Workspace:
     return _SHARED[key]
 
 
-class RowStats:
-    """Per-column-block LayerNorm statistics of a GEMM's output rows: (blocks, 2, BLOCK_M) fp32 of
-    (mean, sum of squared deviations), written by the GEMM given it as stats_out and read by the next
-    GEMM's LayerNorm prologue (LayerNormInput). Made before any graph capture; the producer's launch
-    records its column block (a Python int, fixed at capture)."""
-
-    def __init__(self, n: int, rows: int, device):
-        self.n, self.block_m = n, max(16, next_pow2(rows))
-        self.buf = torch.zeros(-(-n // 16) * 2 * self.block_m, dtype=torch.float32, device=device)
-        self.block_n: int | None = None  # set by the producing launch
-
-    @property
-    def blocks(self) -> int:
-        return -(-self.n // self.block_n)
-
-
-@dataclass
-class LayerNormInput:
-    """The LayerNorm + adaLN modulation a GEMM applies to its rows as it loads them (x: the fp32 residual
-    h (M, K)): (LN(h) [* weight + bias]) * (1 + scale) + shift, statistics from `stats` (written by the
-    GEMM that produced h), rounded to the operand dtype as kernels/layernorm.py's output would be."""
-
-    stats: RowStats
-    shift: torch.Tensor  # (M, K), row stride shared with scale
-    scale: torch.Tensor
-    weight: torch.Tensor | None = None  # (K,) elementwise affine, or None
-    bias: torch.Tensor | None = None
-    eps: float = 1e-6
-
-
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory the pipelined tiles may take (H100: 227 KB per block)
 
 
@@ -298,8 +228,7 @@ def fit_stages(config: dict, w_bytes: int, swiglu: bool, block_m: int, x_bytes: 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=None, bias=None, gate=None,
                 epilogue: int = STORE, row_div: int = 1, workspace: Workspace | None = None,
-                config: dict | None = None, stats_out: RowStats | None = None,
-                ln: LayerNormInput | None = None) -> torch.Tensor:
+                config: dict | None = None) -> torch.Tensor:
     """out[m, :] (=|+=) f(x[m // row_div] @ W^T) for M = out.shape[0] rows.
 
     x (M / row_div, K) any float dtype, row-contiguous (multiplied as bf16 on a GPU); w (N', K)
@@ -308,8 +237,6 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
     gate (M, N) with contiguous columns (GATED_RESIDUAL: out += gate * y, in place).
     config pins {BLOCK_N, BLOCK_K, SPLIT_K[, num_warps, num_stages]}; by default the GPU's measured
     table (kernels/configs/) or a heuristic picks it.
-    stats_out: also write the output rows' per-column-block LayerNorm statistics (out fp32, N = stats_out.n).
-    ln: x is the fp32 residual h (M, K), normalised and modulated on load (row_div 1, K = ln.stats.n).
     """
     require()
     m, n = out.shape
@@ -324,44 +251,23 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
         raise ValueError(f"{x.shape[0]} input rows x row_div {row_div} != {m} output rows")
     if (gate is None) != (epilogue != GATED_RESIDUAL) or (gate is not None and gate.stride(-1) != 1):
         raise ValueError("the gated-residual epilogue needs a gate (M, N) with contiguous columns, and only it does")
-    block_m = max(16, next_pow2(m))
-    if stats_out is not None and (out.dtype != torch.float32 or stats_out.n != n or stats_out.block_m != block_m):
-        raise ValueError(f"stats_out is for {stats_out.n} fp32 columns of {stats_out.block_m}-row blocks; "
-                         f"out is {tuple(out.shape)} {out.dtype}")
-    if ln is not None:
-        if x.dtype != torch.float32 or row_div != 1 or ln.stats.n != k or ln.stats.block_m != block_m:
-            raise ValueError("ln: x must be the fp32 residual (M, K) its stats were written for, row_div 1")
-        if ln.stats.block_n is None:
-            raise ValueError("ln: its stats have not been written by a GEMM yet (stats_out=)")
-        if ln.shift.stride(0) != ln.scale.stride(0) or ln.shift.stride(-1) != 1 or ln.scale.stride(-1) != 1:
-            raise ValueError("ln: shift and scale must share a row stride, with contiguous columns")
-        if (ln.weight is None) != (ln.bias is None):
-            raise ValueError("ln: give both LayerNorm weight and bias, or neither")
     if workspace is None:
         workspace = shared_workspace(n, m, out.device)
     dummy = out
     args = (x, w, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, out,
             gate if gate is not None else dummy, workspace.partials, workspace.tickets,
-            m, n, k, row_div, x.stride(0), out.stride(0), gate.stride(0) if gate is not None else 0,
-            stats_out.buf if stats_out is not None else dummy, ln.stats.buf if ln is not None else dummy,
-            ln.stats.blocks if ln is not None else 0, ln.stats.block_n if ln is not None else 0,
-            ln.weight if ln is not None and ln.weight is not None else dummy,
-            ln.bias if ln is not None and ln.bias is not None else dummy,
-            ln.shift if ln is not None else dummy, ln.scale if ln is not None else dummy,
-            ln.shift.stride(0) if ln is not None else 0, ln.eps if ln is not None else 0.0)
+            m, n, k, row_div, x.stride(0), out.stride(0), gate.stride(0) if gate is not None else 0)
+    block_m = max(16, next_pow2(m))
     pdl = pdl_launch(out.device)
     flags = dict(HAS_WSCALE=w_scale is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=block_m,
                  UPCAST=interpreting(), PF_TILES=pdl_prefetch_tiles() if pdl["PDL"] else 0, W_BYTES=w.element_size(),
-                 STATS=stats_out is not None, LN_IN=0 if ln is None else (2 if ln.weight is not None else 1),
-                 N_STAT=next_pow2(ln.stats.blocks) if ln is not None else 1, **pdl)
+                 **pdl)
     if config is None:
         config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, epilogue, out.device)
     config = fit_stages(config, w.element_size(), epilogue == SWIGLU, block_m, x.element_size())
-    if stats_out is not None:
-        stats_out.block_n = config["BLOCK_N"]
     grid = (triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
     _skinny_kernel[grid](*args, **flags, **config)
     return out
 
 
-__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "STORE", "SWIGLU", "LayerNormInput", "RowStats", "Workspace", "candidate_configs", "config_key", "pick_config", "shared_workspace", "skinny_gemm"]
+__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "pick_config", "shared_workspace", "skinny_gemm"]

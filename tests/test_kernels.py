@@ -18,7 +18,7 @@ from kernels import interpreting
 from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8
 from kernels.guidance import guide_euler_
 from kernels.layernorm import ln_modulate
-from kernels.skinny import GATED_RESIDUAL, SWIGLU, LayerNormInput, RowStats, Workspace, skinny_gemm
+from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, skinny_gemm
 from models import build, tiny_config
 from models.flow_head import guide
 from models.pieces import FlowHeadPiece
@@ -109,63 +109,6 @@ def test_skinny_gated_residual_in_place(split):
     ref = h + mods[:, 2 * n:] * (act.float() @ dequantize_rows_fp8(wq, s).T + b)
     skinny_gemm(act, wq, h, w_scale=s, bias=b, gate=mods[:, 2 * n:], epilogue=GATED_RESIDUAL, config=_cfg(split))
     _check(f"kernels/skinny_gated_residual_split{split}", h, ref)
-
-
-@pytest.mark.parametrize("split", SPLITS)
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
-def test_skinny_layernorm_folded_into_the_next_gemm(split, affine, fmt):
-    """A GEMM writing h with stats_out leaves per-column-block statistics (width 200: the last block is
-    short) from which the next GEMM normalises and modulates h as it loads it: the same result as
-    kernels/layernorm.py followed by the GEMM, and the same as F.layer_norm, for 3 rows and split-K."""
-    g = torch.Generator().manual_seed(4)
-    m, k_in, width, hid = 3, 64, 200, 48
-    x = torch.randn(m, k_in, generator=g).to(DEV)
-    w_in = torch.randn(width, k_in, generator=g).to(torch.bfloat16).to(DEV)
-    b_in = (torch.randn(width, generator=g) * 3 + 1).to(DEV)  # rows with a mean far from 0
-    lnw, lnb = (torch.randn(width, generator=g).to(DEV), torch.randn(width, generator=g).to(DEV)) if affine else (None, None)
-    mods = (torch.randn(m, 2 * width, generator=g) * 0.5).to(DEV)
-    w12 = torch.randn(2 * hid, width, generator=g)
-    w12q, s12 = quantize_rows_fp8(w12) if fmt == "fp8" else (w12.to(torch.bfloat16), None)
-    w12q, s12 = w12q.to(DEV), None if s12 is None else s12.to(DEV)
-    h = torch.empty(m, width, device=DEV)
-    stats = RowStats(width, m, DEV)
-    skinny_gemm(x, w_in, h, bias=b_in, config=_cfg(split), stats_out=stats)
-    assert stats.block_n == (16 if split is not None else stats.block_n) and stats.blocks == -(-width // stats.block_n)
-    # the folded form against the LayerNorm kernel + the same GEMM
-    folded, unfolded = torch.empty(m, hid, device=DEV), torch.empty(m, hid, device=DEV)
-    ln = LayerNormInput(stats, mods[:, :width], mods[:, width:], lnw, lnb, eps=1e-6)
-    skinny_gemm(h, w12q, folded, w_scale=s12, epilogue=SWIGLU, config=_cfg(split), ln=ln)
-    xn = torch.empty(m, width, device=DEV, dtype=torch.float16 if fmt == "fp8" else torch.bfloat16)
-    ln_modulate(h, mods[:, :width], mods[:, width:], xn, weight=lnw, bias=lnb, eps=1e-6)
-    skinny_gemm(xn, w12q, unfolded, w_scale=s12, epilogue=SWIGLU, config=_cfg(split))
-    _check(f"kernels/skinny_ln_folded_{fmt}_affine{int(affine)}_split{split}", folded, unfolded)
-    # and against PyTorch's LayerNorm of the same rows, rounded as the kernels round their operands: an
-    # operand on a rounding boundary may round the other way (one bf16 ulp), hence the looser bound
-    ref_xn = F.layer_norm(h, (width,), lnw, lnb, 1e-6) * (1 + mods[:, width:]) + mods[:, :width]
-    wref = dequantize_rows_fp8(w12q, s12) if fmt == "fp8" else w12q.float()
-    gate, value = (ref_xn.to(xn.dtype).float() @ wref.T).chunk(2, dim=-1)
-    ref = F.silu(gate) * value
-    assert_close(f"kernels/skinny_ln_folded_vs_torch_{fmt}_affine{int(affine)}_split{split}", folded, ref,
-                 2e-2 * ref.abs().max().item())
-
-
-def test_skinny_layernorm_fold_refuses_mismatched_operands():
-    m, width = 2, 64
-    stats = RowStats(width, m, DEV)
-    w = torch.randn(32, width, device=DEV).to(torch.bfloat16)
-    shift = torch.zeros(m, width, device=DEV)
-    h = torch.randn(m, width, device=DEV)
-    with pytest.raises(ValueError, match="not been written"):
-        skinny_gemm(h, w, torch.empty(m, 32, device=DEV), ln=LayerNormInput(stats, shift, shift))
-    skinny_gemm(torch.randn(m, 16, device=DEV), torch.randn(width, 16, device=DEV).to(torch.bfloat16), h, stats_out=stats)
-    with pytest.raises(ValueError, match="fp32 residual"):
-        skinny_gemm(h.to(torch.bfloat16), w, torch.empty(m, 32, device=DEV), ln=LayerNormInput(stats, shift, shift))
-    with pytest.raises(ValueError, match="stats_out"):
-        skinny_gemm(torch.randn(m, 16, device=DEV), torch.randn(48, 16, device=DEV).to(torch.bfloat16),
-                    torch.empty(m, 48, device=DEV), stats_out=stats)
-    with pytest.raises(ValueError, match="both"):
-        skinny_gemm(h, w, torch.empty(m, 32, device=DEV), ln=LayerNormInput(stats, shift, shift, weight=shift[0]))
 
 
 def test_skinny_rejects_bad_operands():
@@ -349,12 +292,6 @@ def test_kernel_flow_head_close_to_reference(fmt):
     bound = 5e-3 if interpreting() else 3e-2
     assert rel < bound, f"kernel flow head ({fmt}) rel L2 {rel:.2e} >= {bound}"
     assert head.nbytes_per_step() > 0
-    # the LayerNorms folded into the GEMMs: the same head up to the statistics' last bits
-    folded = KernelFlowHead(model, weights=fmt, fold_ln=True)(hid, noise, *s)
-    rel_fold = ((folded - got).norm() / got.norm()).item()
-    assert rel_fold < (1e-4 if interpreting() else 1e-2), f"fold_ln moved the latent by {rel_fold:.2e}"
-    with pytest.raises(ValueError, match="choose one"):
-        KernelFlowHead(model, weights=fmt, fold_ln=True, chain=True)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])

@@ -8,8 +8,6 @@ adaLN modulations in one GEMM per block), laid out for the memory-bound decode r
               xn  = modulate(LN(h))                              launch 1: one program per row, bf16 out
               act = SwiGLU(w12 @ xn)                             launch 2: both halves in one program
               h  += gate * (w3 @ act)                            launch 3: in place, fp32
-              (fold_ln: launch 1 folded into launch 2's row loads, with statistics from the GEMM that
-               wrote h; see kernels/skinny.py)
               v   = final(modulate(LN(h)))                       (M, C)
               x  += dt * guide(v)                                one launch
 with M = B*R rows. The residual stream and the modulations stay fp32 (the reference rounds them to
@@ -24,7 +22,7 @@ from torch import nn
 from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
 from kernels.guidance import guide_euler_
 from kernels.layernorm import ln_modulate
-from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, LayerNormInput, RowStats, Workspace, skinny_gemm
+from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, Workspace, skinny_gemm
 from models.univision import MingUniVision
 
 from .flow_head import FastFlowHead
@@ -48,17 +46,11 @@ class PackedLinear:
 
 class KernelFlowHead(nn.Module):
     def __init__(self, model: MingUniVision, *, weights: str = "bf16", time_shift: float | None = None,
-                 renorm: bool = False, chain: bool = False, fold_ln: bool = False):
+                 renorm: bool = False, chain: bool = False):
         """chain (EXPERIMENTAL, kernels/flow_chain.py): each Euler step's blocks in one persistent launch,
-        from a second, stacked copy of the block weights; benchmarks/flow_chain_check.py measures it.
-        fold_ln: no LayerNorm launches; w12 and the final linear normalise and modulate h as they load it,
-        from statistics the GEMM that wrote h left (input_proj, w3). The operands are rounded as the
-        LayerNorm kernel rounds them; the statistics are merged per column block, so they can differ from
-        the LayerNorm kernel's in the last bits."""
+        from a second, stacked copy of the block weights; benchmarks/flow_chain_check.py measures it."""
         super().__init__()
-        self.chain, self.fold_ln = chain, fold_ln
-        if chain and fold_ln:
-            raise ValueError("chain and fold_ln are two ways of running the blocks: choose one")
+        self.chain = chain
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
         self.hoisted = FastFlowHead(model, time_shift=time_shift, renorm=renorm)  # vis_head, temb, dts
@@ -104,7 +96,6 @@ class KernelFlowHead(nn.Module):
                 fmod=torch.empty(s * m, 2 * w, dtype=torch.float32, device=dev),
                 ws_up=Workspace(hidden, m, dev), ws_down=Workspace(w, m, dev), ws_in=Workspace(w, m, dev),
                 ws_final=Workspace(c, m, dev), ws_mod=Workspace(3 * w, min(s * m, MAX_ROWS), dev),
-                stats=RowStats(w, m, dev),
             )
             if self.chain:
                 from kernels.flow_chain import FlowChain
@@ -117,19 +108,6 @@ class KernelFlowHead(nn.Module):
         for i in range(0, x.shape[0], MAX_ROWS):
             skinny_gemm(x[i:i + MAX_ROWS], lin.weight, out[i:i + MAX_ROWS], w_scale=lin.scale, bias=lin.bias,
                         workspace=ws)
-
-    def _blocks_folded(self, buf: dict, mods_k, fk, w: int) -> None:
-        """The blocks and the final linear of one Euler step with the LayerNorms folded into the GEMMs'
-        loads: each GEMM that writes h leaves its statistics in buf["stats"] for the next one to read."""
-        h, act, v, stats = buf["h"], buf["act"], buf["v"], buf["stats"]
-        for blk, mk in zip(self.blocks, mods_k):
-            ln = LayerNormInput(stats, mk[:, :w], mk[:, w:2 * w], blk["ln"][0], blk["ln"][1], self.eps)
-            skinny_gemm(h, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,
-                        epilogue=SWIGLU, workspace=buf["ws_up"], ln=ln)
-            skinny_gemm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias, gate=mk[:, 2 * w:],
-                        epilogue=GATED_RESIDUAL, workspace=buf["ws_down"], stats_out=stats)
-        skinny_gemm(h, self.final.weight, v, w_scale=self.final.scale, bias=self.final.bias,
-                    workspace=buf["ws_final"], ln=LayerNormInput(stats, fk[:, :w], fk[:, w:], eps=self.eps))
 
     def forward(self, condition_hidden, noise, text_cfg, image_cfg, temperature):
         """condition_hidden (B, R, H) LLM hidden of the CFG rows; noise (B, C) -> latent (B, C) fp32."""
@@ -145,27 +123,23 @@ class KernelFlowHead(nn.Module):
         self._gemm_rows(sy, self.final_ada, buf["fmod"], buf["ws_mod"])
         h, xn, act, v = buf["h"], buf["xn"], buf["act"], buf["v"]
         x = noise.float() * temperature  # (B, C)
-        stats = buf["stats"] if self.fold_ln else None
         for k in range(s):
             skinny_gemm(x, self.input_proj.weight, h, w_scale=self.input_proj.scale, bias=self.input_proj.bias,
-                        row_div=r, workspace=buf["ws_in"], stats_out=stats)  # (M, W): each prompt's rows share its state
+                        row_div=r, workspace=buf["ws_in"])  # (M, W): each prompt's rows share its state
             mods_k = buf["mods_all"][:, k * m:(k + 1) * m]  # (D, M, 3W) = [shift | scale | gate] per block
-            fk = buf["fmod"][k * m:(k + 1) * m]  # (M, 2W) = [shift | scale] of the final layer
-            if self.fold_ln:
-                self._blocks_folded(buf, mods_k, fk, w)
+            if self.chain:  # every block in one launch
+                buf["chain"].step(h, xn, mods_k, self.eps)
             else:
-                if self.chain:  # every block in one launch
-                    buf["chain"].step(h, xn, mods_k, self.eps)
-                else:
-                    for blk, mk in zip(self.blocks, mods_k):
-                        ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk["ln"][0], bias=blk["ln"][1], eps=self.eps)
-                        skinny_gemm(xn, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,
-                                    epilogue=SWIGLU, workspace=buf["ws_up"])
-                        skinny_gemm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias,
-                                    gate=mk[:, 2 * w:], epilogue=GATED_RESIDUAL, workspace=buf["ws_down"])
-                ln_modulate(h, fk[:, :w], fk[:, w:], xn, eps=self.eps)
-                skinny_gemm(xn, self.final.weight, v, w_scale=self.final.scale, bias=self.final.bias,
-                            workspace=buf["ws_final"])
+                for blk, mk in zip(self.blocks, mods_k):
+                    ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk["ln"][0], bias=blk["ln"][1], eps=self.eps)
+                    skinny_gemm(xn, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,
+                                epilogue=SWIGLU, workspace=buf["ws_up"])
+                    skinny_gemm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias,
+                                gate=mk[:, 2 * w:], epilogue=GATED_RESIDUAL, workspace=buf["ws_down"])
+            fk = buf["fmod"][k * m:(k + 1) * m]
+            ln_modulate(h, fk[:, :w], fk[:, w:], xn, eps=self.eps)
+            skinny_gemm(xn, self.final.weight, v, w_scale=self.final.scale, bias=self.final.bias,
+                        workspace=buf["ws_final"])
             guide_euler_(x, v, fh.dts, k, text_cfg, image_cfg, self.renorm)
         return x
 
