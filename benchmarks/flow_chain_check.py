@@ -8,6 +8,10 @@ barriers between the phases) and with the production launches (LayerNorm, w12, w
 the median time of each, how far the chain's latent is from the launches' (relative L2), whether the
 chain repeats bit for bit over --replays replays, and whether any barrier timed out (a deadlock guard:
 then the result is wrong). --programs overrides the grid (default: one program per SM).
+
+--sweep also times the chain at other launch configs (FP8: more pipeline stages, wider tiles; session 8
+found the default 2x slower than the launches, with a quarter of their weight bytes in flight per SM),
+each checked against the launches' latent; the best is reported.
 """
 from __future__ import annotations
 
@@ -25,6 +29,35 @@ from benchmarks.pdl_check import full_model_on_gpu  # noqa: E402
 from benchmarks.speed import capture, environment, repeats, timed  # noqa: E402
 from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
 
+# chain launch overrides --sweep tries (shared memory per stage: BLOCK_N12 x BLOCK_K x 2 halves of FP8 plus a
+# 16-row activation tile; 227 KB per SM is the limit, and the kernel reports a config that does not fit)
+SWEEP = [{"num_stages": 5}, {"num_stages": 7}, {"BLOCK_K": 128, "num_stages": 8},
+         {"BLOCK_N12": 64, "BLOCK_N3": 64, "BLOCK_K": 128, "num_stages": 5},
+         {"BLOCK_N12": 64, "BLOCK_N3": 64, "BLOCK_K": 256, "num_stages": 3},
+         {"num_warps": 4, "num_stages": 6}]
+
+
+def sweep(model, fmt: str, hid, noise, sc, ref, dev) -> list[dict]:
+    """The chain at each SWEEP override: median ms, distance from the launches' latent, barrier flag."""
+    rows = []
+    head = KernelFlowHead(model, weights=fmt, chain=True)
+    out = torch.empty_like(ref)
+    for over in SWEEP:
+        head.set_chain(True, over)
+        try:
+            head(hid, noise, *sc)  # compile and scratch before the capture
+            replay = capture(lambda: out.copy_(head(hid, noise, *sc)))
+            ms = timed(replay, dev, warmup=3, runs=20)["median_ms"]
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is reported, not fatal
+            rows.append({"override": over, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
+            print(fmt, "sweep", over, rows[-1]["error"], flush=True)
+            continue
+        ch = head.chains()[0]
+        rows.append({"override": over, "median_ms": ms, "rel_l2_to_launches": float((out - ref).norm() / ref.norm()),
+                     "barrier_timed_out": ch.failed()})
+        print(fmt, "sweep", over, f"{ms:.3f} ms", flush=True)
+    return rows
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--formats", default="fp8,bf16")
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--programs", type=int, default=None, help="grid size of the chain (default: the SM count)")
+    p.add_argument("--sweep", action="store_true", help="also time the chain at the SWEEP configs")
     a = p.parse_args(argv)
     dev, model = full_model_on_gpu("flow_chain_check.py", a.out)
     cfg = model.cfg
@@ -61,6 +95,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         ref, got = row["launches"].pop("latent"), row["chain"].pop("latent")
         row["chain_rel_l2_to_launches"] = float((got - ref).norm() / ref.norm())
+        if a.sweep:
+            row["sweep"] = sweep(model, fmt, hid, noise, sc, ref, dev)
         res["formats"][fmt] = row
         print(fmt, json.dumps(row), flush=True)
         (a.out / "flow_chain_check.json").write_text(json.dumps(res, indent=1))

@@ -11,7 +11,10 @@
 #   DETERMINISM_ARGS="--replays 3 --cases 0,1,5"   also run benchmarks/determinism_check.py with these flags
 #   ATTENTION_CHECK=1   first run benchmarks/attention_check.py (decode attention: repeatability and time per call)
 #   PROFILE=1           also run benchmarks/profile_step.py (every kernel of the FP8 token step, by part)
-#   FLOW_CHAIN=1        first run benchmarks/flow_chain_check.py (the experimental one-launch Euler step)
+#   FLOW_CHAIN=1        first run benchmarks/flow_chain_check.py (the experimental one-launch Euler step);
+#                       FLOW_CHAIN_ARGS="--sweep --formats fp8" its flags
+#   FLOW_ABLATION=1     first run benchmarks/flow_ablation.py --formats fp8,bf16 (each launch kind's cost in the head)
+#   TOKENIZER=1         first run benchmarks/tokenizer_modes.py --modes graph,compile and attention_backends.py
 #   KERNELS_ARGS="..."  first run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep);
 #                       KERNELS_INSTALL=1 then copies the swept table into kernels/configs/ for the runs below
 #   SKIP_EXPORTS=1      no full-size exports; FP8_PIECES / BF16_PIECES / FP8_TIMEOUT / BF16_TIMEOUT choose them
@@ -28,8 +31,19 @@ if [ -n "${KERNELS_ARGS:-}" ]; then
   fi
 fi
 if [ "${FLOW_CHAIN:-0}" = 1 ]; then
-  timeout "${FLOW_CHAIN_TIMEOUT:-150}" python3 benchmarks/flow_chain_check.py --out "$OUT" > "$OUT/flow_chain_check.log" 2>&1
-  tail -3 "$OUT/flow_chain_check.log"
+  timeout "${FLOW_CHAIN_TIMEOUT:-150}" python3 benchmarks/flow_chain_check.py --out "$OUT" ${FLOW_CHAIN_ARGS:-} \
+      > "$OUT/flow_chain_check.log" 2>&1
+  tail -12 "$OUT/flow_chain_check.log"
+fi
+if [ "${FLOW_ABLATION:-0}" = 1 ]; then
+  timeout 150 python3 benchmarks/flow_ablation.py --out "$OUT" --formats fp8,bf16 > "$OUT/flow_ablation.log" 2>&1
+  grep -v Warn "$OUT/flow_ablation.log" | tail -12
+fi
+if [ "${TOKENIZER:-0}" = 1 ]; then
+  timeout 150 python3 benchmarks/tokenizer_modes.py --out "$OUT" --modes graph,compile > "$OUT/tokenizer_modes.log" 2>&1
+  grep -E "^(encoder|pixel)" "$OUT/tokenizer_modes.log"
+  timeout 60 python3 benchmarks/attention_backends.py --out "$OUT" > "$OUT/attention_backends.log" 2>&1
+  tail -6 "$OUT/attention_backends.log"
 fi
 if [ "${ATTENTION_CHECK:-0}" = 1 ]; then
   timeout 90 python3 benchmarks/attention_check.py --out "$OUT" > "$OUT/attention_check.log" 2>&1

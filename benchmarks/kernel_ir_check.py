@@ -15,14 +15,19 @@ the first version of this check reported (session 5 on the CPU, session 6 on the
 With them, on the CPU (triton 3.9, sm 90): every decode kernel's K loop is pipelined
 (benchmarks/results/kernel_ir_check_cpu_sm90.json). `cp_async_narrow` counts copies under 16 bytes:
 FP8 weight tiles of 64 rows (which Triton feeds to wgmma) load in 8-byte copies, 32-row ones (mma.sync)
-in 16-byte copies; the measured tables pick 32-row FP8 tiles everywhere, which may be why. Writes OUT/kernel_ir_check.json when --out is given.
+in 16-byte copies; the measured tables pick 32-row FP8 tiles everywhere, which may be why. `registers` and
+`spill_bytes` come from running triton's bundled ptxas with -v on the PTX (None where no bundled ptxas
+takes it). Writes OUT/kernel_ir_check.json when --out is given.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +70,42 @@ def cases():
                  lnb_ptr="*fp32", w12_ptr="*fp8e4nv", s12_ptr="*fp32", b12_ptr="*fp32", w3_ptr="*fp8e4nv", s3_ptr="*fp32",
                  b3_ptr="*fp32", bar_ptr="*i32", err_ptr="*i32", M="i32", W="i32", HID="i32", DEPTH="i32",
                  stride_mod_blk="i32", stride_mod_row="i32", eps="fp32")
-    out.append(("flow chain fp8 (experimental)", flow_chain._flow_chain_kernel, chain,
-                dict(HAS_SCALE=True, HAS_B12=True, HAS_B3=True, BLOCK_M=16, BLOCK_N12=32, BLOCK_N3=32, BLOCK_K=256,
-                     SPLIT3=4, W_BLOCK=4096, PREFETCH=True, W_BYTES=1, UPCAST=False, SPIN_LIMIT=flow_chain.MAX_SPINS),
+    chain_consts = dict(HAS_SCALE=True, HAS_B12=True, HAS_B3=True, BLOCK_M=16, BLOCK_N12=32, BLOCK_N3=32, BLOCK_K=256,
+                        SPLIT3=4, W_BLOCK=4096, PREFETCH=True, W_BYTES=1, UPCAST=False, SPIN_LIMIT=flow_chain.MAX_SPINS)
+    out.append(("flow chain fp8 (experimental)", flow_chain._flow_chain_kernel, chain, chain_consts,
                 dict(num_warps=8, num_stages=3)))
+    # flow_chain_check --sweep's overrides: do they fit, and with how many registers
+    from benchmarks.flow_chain_check import SWEEP
+
+    for over in SWEEP:
+        opts = {"num_warps": over.get("num_warps", 8), "num_stages": over.get("num_stages", 3)}
+        consts = dict(chain_consts, **{k: v for k, v in over.items() if k not in opts})
+        out.append((f"flow chain fp8 {over}", flow_chain._flow_chain_kernel, chain, consts, opts))
     return out
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """Registers and spill bytes of `ptx` for sm_90a from triton's bundled ptxas (the newest that takes it)."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        for exe in ("ptxas-blackwell", "ptxas"):
+            path = os.path.join(bin_dir, exe)
+            if not os.path.exists(path):
+                continue
+            r = subprocess.run([path, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
+                               capture_output=True, text=True)
+            text = r.stdout + r.stderr
+            regs = re.search(r"Used (\d+) registers", text)
+            spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+            if r.returncode == 0 and regs:
+                return {"registers": int(regs.group(1)),
+                        "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None}
+    return {"registers": None, "spill_bytes": None}
 
 
 def textbook_matmul():
@@ -114,7 +150,7 @@ def inspect(fn, sig, consts, opts, target, odd=("M", "row_div", "scale", "DEPTH"
             "cp_async_narrow": len(re.findall(r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)?\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(?:0x)?[1-9]\b", ptx)),
             "tma": ptx.count("cp.async.bulk.tensor"),
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"), "fp8_cvt": ptx.count("e4m3x2"),
-            "shared_bytes": k.metadata.shared, "num_stages": opts.get("num_stages")}
+            "shared_bytes": k.metadata.shared, "num_stages": opts.get("num_stages"), **ptxas_usage(ptx)}
 
 
 def main(argv=None) -> int:

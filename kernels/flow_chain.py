@@ -174,7 +174,10 @@ if triton is not None:
 class FlowChain:
     """Stacked weights of a KernelFlowHead's blocks and the scratch of one row count, for flow_chain_step."""
 
-    def __init__(self, blocks: list[dict], rows: int, device, programs: int | None = None):
+    def __init__(self, blocks: list[dict], rows: int, device, programs: int | None = None,
+                 config: dict | None = None):
+        """config overrides entries of the launch config (BLOCK_N12, BLOCK_N3, BLOCK_K, SPLIT3, num_warps,
+        num_stages): benchmarks/flow_chain_check.py --sweep tries some."""
         require()
         self.depth = len(blocks)
         self.w12 = torch.stack([b["w12"].weight for b in blocks]).contiguous()  # (D, 2*HID, W)
@@ -198,6 +201,13 @@ class FlowChain:
                        # of 2048 (about 3 per program, K loops long enough to keep the pipeline full). 32-row
                        # FP8 tiles: at 64 rows Triton 3.9 loads FP8 weights in 8-byte copies (16 at 32 rows)
                        {"BLOCK_N12": 32, "BLOCK_N3": 32, "BLOCK_K": 256, "SPLIT3": 4})
+        # one program per SM holds num_stages weight tiles in flight: 3 stages of 16 KB (FP8 w12) are about a
+        # quarter of what the per-block launches keep in flight per SM (3 programs x 4 stages); more stages
+        # are the first thing to try (the kernel needs 249 registers at 8 warps, so two programs do not fit)
+        self.config = {**self.config, "num_warps": 8, "num_stages": 3, **(config or {})}
+        unknown = set(self.config) - {"BLOCK_N12", "BLOCK_N3", "BLOCK_K", "SPLIT3", "num_warps", "num_stages"}
+        if unknown:
+            raise ValueError(f"flow chain config: unknown entries {sorted(unknown)}")
         rows_dtype = torch.float16 if self.w12.dtype == torch.float8_e4m3fn else torch.bfloat16
         self.act = torch.empty(rows, self.hid, dtype=rows_dtype, device=device)
         self.part = torch.empty(self.config["SPLIT3"] * rows * self.width, dtype=torch.float32, device=device)
@@ -224,7 +234,7 @@ class FlowChain:
             self.barrier, self.error, m, w, self.hid, self.depth, mods.stride(0), mods.stride(1), float(eps),
             HAS_SCALE=self.s12 is not None, HAS_B12=self.b12 is not None, HAS_B3=self.b3 is not None,
             BLOCK_M=max(16, next_pow2(m)), W_BLOCK=next_pow2(w), PREFETCH=not interpreting(),
-            W_BYTES=self.w12.element_size(), UPCAST=interpreting(), SPIN_LIMIT=MAX_SPINS, num_warps=8, num_stages=3,
+            W_BYTES=self.w12.element_size(), UPCAST=interpreting(), SPIN_LIMIT=MAX_SPINS,
             # cooperative: the driver refuses a grid that cannot be resident at once instead of letting it spin
             **({} if interpreting() else {"launch_cooperative_grid": True}), **self.config)
 

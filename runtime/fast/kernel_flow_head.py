@@ -50,7 +50,7 @@ class KernelFlowHead(nn.Module):
         """chain (EXPERIMENTAL, kernels/flow_chain.py): each Euler step's blocks in one persistent launch,
         from a second, stacked copy of the block weights; benchmarks/flow_chain_check.py measures it."""
         super().__init__()
-        self.chain = chain
+        self.chain, self.chain_config = chain, None
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
         self.hoisted = FastFlowHead(model, time_shift=time_shift, renorm=renorm)  # vis_head, temb, dts
@@ -64,10 +64,10 @@ class KernelFlowHead(nn.Module):
         self.input_proj = PackedLinear(net.input_proj, weights)
         self._scratch: dict[tuple, dict] = {}
 
-    def set_chain(self, on: bool) -> None:
-        """Switch the experimental one-launch Euler step on or off; the scratch (and any captured graph
-        using it: GraphImageGenerator.reset_graphs) must be made again."""
-        self.chain = bool(on)
+    def set_chain(self, on: bool, config: dict | None = None) -> None:
+        """Switch the experimental one-launch Euler step on or off (config: FlowChain's launch overrides); the
+        scratch (and any captured graph using it: GraphImageGenerator.reset_graphs) must be made again."""
+        self.chain, self.chain_config = bool(on), config
         self._scratch.clear()
 
     def chains(self) -> list:
@@ -100,7 +100,7 @@ class KernelFlowHead(nn.Module):
             if self.chain:
                 from kernels.flow_chain import FlowChain
 
-                self._scratch[key]["chain"] = FlowChain(self.blocks, m, dev)
+                self._scratch[key]["chain"] = FlowChain(self.blocks, m, dev, config=self.chain_config)
         return self._scratch[key]
 
     def _gemm_rows(self, x, lin: PackedLinear, out, ws):
