@@ -5,11 +5,13 @@
 The fast path keeps cuDNN out of torch's attention (models/sdpa.py: it did not repeat bit for bit on
 the decode shapes). For the tokenizer's full-sequence calls (pixel decoder: 1024 tokens, bidirectional;
 encoder's semantic pass: 257 tokens, causal) this times each backend alone (a CUDA graph of 20 calls: replay median / 20) and
-counts how many of --repeats calls differ from the first, and how far each is from fp32 math, to see what keeping cuDNN out costs there.
+counts how many of --repeats calls differ from the first (for contiguous q, k, v and for the strided views of
+one packed projection the models pass), and how far each is from fp32 math, to see what keeping cuDNN out costs there.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
 
 SHAPES = {"pixel_decoder (1024 tokens)": (1, 16, 1024, 64, False), "encoder semantic pass (257 tokens, causal)": (1, 16, 257, 64, True)}
 CALLS = 20  # per graph replay
+LAYOUTS = ("contiguous", "qkv views")
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
@@ -39,8 +42,12 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     res = {"env": environment(dev), "shapes": {}}
-    for name, (b, h, n, d, causal) in SHAPES.items():
-        q, k, v = (torch.randn(b, h, n, d, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
+    for (shape, (b, h, n, d, causal)), layout in itertools.product(SHAPES.items(), LAYOUTS):
+        if layout == "contiguous":
+            q, k, v = (torch.randn(b, h, n, d, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
+        else:  # as models/vit_layers.SelfAttention passes them: views of one (B, N, 3, H, d) projection
+            q, k, v = torch.randn(b, n, 3, h, d, device=dev, generator=g).to(torch.bfloat16).permute(2, 0, 3, 1, 4)
+        name = f"{shape}, {layout}"
         row = res["shapes"][name] = {}
         with sdpa_kernel([SDPBackend.MATH]):  # fp32 reference of the same inputs
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
@@ -59,7 +66,7 @@ def main(argv=None) -> int:
             row[label] = {"median_us": timed(replay, dev, warmup=3, runs=20)["median_ms"] * 1e3 / CALLS,
                           "differing_of_repeats": differing, "repeats": a.repeats,
                           "max_abs_vs_fp32_math": float((first.float() - ref).abs().max())}
-            print(f"{name:45s} {label:9s} {row[label]['median_us']:7.1f} us  differing {differing}/{a.repeats}  "
+            print(f"{name:58s} {label:9s} {row[label]['median_us']:7.1f} us  differing {differing}/{a.repeats}  "
                   f"max abs vs fp32 {row[label]['max_abs_vs_fp32_math']:.2e}", flush=True)
     (a.out / "attention_backends.json").write_text(json.dumps(res, indent=1))
     return 0

@@ -11,7 +11,8 @@ then the result is wrong). --programs overrides the grid (default: one program p
 
 --sweep also times the chain at other launch configs (FP8: more pipeline stages, wider tiles; session 8
 found the default 2x slower than the launches, with a quarter of their weight bytes in flight per SM),
-each checked against the launches' latent; the best is reported.
+each checked against the launches' latent, the fastest named in the JSON (`sweep_best`). The JSON is
+written after every measurement, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -37,26 +38,29 @@ SWEEP = [{"num_stages": 5}, {"num_stages": 7}, {"BLOCK_K": 128, "num_stages": 8}
          {"num_warps": 4, "num_stages": 6}]
 
 
-def sweep(model, fmt: str, hid, noise, sc, ref, dev) -> list[dict]:
-    """The chain at each SWEEP override: median ms, distance from the launches' latent, barrier flag."""
-    rows = []
+def sweep(model, fmt: str, hid, noise, sc, ref, dev, programs, rows: list, save) -> None:
+    """The chain at each SWEEP override, appended to `rows` (save() after each): median ms, distance from
+    the launches' latent, barrier flag."""
     head = KernelFlowHead(model, weights=fmt, chain=True)
     out = torch.empty_like(ref)
     for over in SWEEP:
         head.set_chain(True, over)
         try:
             head(hid, noise, *sc)  # compile and scratch before the capture
+            if programs is not None:
+                head.chains()[0].programs = programs
             replay = capture(lambda: out.copy_(head(hid, noise, *sc)))
             ms = timed(replay, dev, warmup=3, runs=20)["median_ms"]
         except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is reported, not fatal
-            rows.append({"override": over, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
+            rows.append({"override": over, "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"})
             print(fmt, "sweep", over, rows[-1]["error"], flush=True)
+            save()
             continue
         ch = head.chains()[0]
         rows.append({"override": over, "median_ms": ms, "rel_l2_to_launches": float((out - ref).norm() / ref.norm()),
                      "barrier_timed_out": ch.failed()})
         print(fmt, "sweep", over, f"{ms:.3f} ms", flush=True)
-    return rows
+        save()
 
 
 def main(argv=None) -> int:
@@ -95,11 +99,21 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         ref, got = row["launches"].pop("latent"), row["chain"].pop("latent")
         row["chain_rel_l2_to_launches"] = float((got - ref).norm() / ref.norm())
-        if a.sweep:
-            row["sweep"] = sweep(model, fmt, hid, noise, sc, ref, dev)
         res["formats"][fmt] = row
+
+        def save():
+            (a.out / "flow_chain_check.json").write_text(json.dumps(res, indent=1))
+
+        save()
         print(fmt, json.dumps(row), flush=True)
-        (a.out / "flow_chain_check.json").write_text(json.dumps(res, indent=1))
+        if a.sweep:
+            row["sweep"] = []
+            sweep(model, fmt, hid, noise, sc, ref, dev, a.programs, row["sweep"], save)
+            timed_ok = [r for r in row["sweep"] if "median_ms" in r and not r["barrier_timed_out"]]
+            if timed_ok:
+                row["sweep_best"] = min(timed_ok, key=lambda r: r["median_ms"])
+                print(fmt, "sweep best", row["sweep_best"], flush=True)
+            save()
     return 0
 
 

@@ -31,7 +31,8 @@ if [ -n "${KERNELS_ARGS:-}" ]; then
   fi
 fi
 if [ "${FLOW_CHAIN:-0}" = 1 ]; then
-  timeout "${FLOW_CHAIN_TIMEOUT:-150}" python3 benchmarks/flow_chain_check.py --out "$OUT" ${FLOW_CHAIN_ARGS:-} \
+  case "${FLOW_CHAIN_ARGS:-}" in *--sweep*) chain_limit=360 ;; *) chain_limit=150 ;; esac
+  timeout "${FLOW_CHAIN_TIMEOUT:-$chain_limit}" python3 benchmarks/flow_chain_check.py --out "$OUT" ${FLOW_CHAIN_ARGS:-} \
       > "$OUT/flow_chain_check.log" 2>&1
   tail -12 "$OUT/flow_chain_check.log"
 fi

@@ -84,8 +84,8 @@ def cases():
     return out
 
 
-def ptxas_usage(ptx: str) -> dict:
-    """Registers and spill bytes of `ptx` for sm_90a from triton's bundled ptxas (the newest that takes it)."""
+def ptxas_usage(ptx: str, sm: int) -> dict:
+    """Registers and spill bytes of `ptx` for `sm` from triton's bundled ptxas (the newest that takes it)."""
     import triton
 
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -97,7 +97,8 @@ def ptxas_usage(ptx: str) -> dict:
             path = os.path.join(bin_dir, exe)
             if not os.path.exists(path):
                 continue
-            r = subprocess.run([path, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
+            gpu = f"sm_{sm}a" if sm >= 90 else f"sm_{sm}"  # the arch-specific target triton builds for
+            r = subprocess.run([path, "-v", "--gpu-name", gpu, src, "-o", os.path.join(tmp, "k.cubin")],
                                capture_output=True, text=True)
             text = r.stdout + r.stderr
             regs = re.search(r"Used (\d+) registers", text)
@@ -150,7 +151,7 @@ def inspect(fn, sig, consts, opts, target, odd=("M", "row_div", "scale", "DEPTH"
             "cp_async_narrow": len(re.findall(r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)?\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(?:0x)?[1-9]\b", ptx)),
             "tma": ptx.count("cp.async.bulk.tensor"),
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"), "fp8_cvt": ptx.count("e4m3x2"),
-            "shared_bytes": k.metadata.shared, "num_stages": opts.get("num_stages"), **ptxas_usage(ptx)}
+            "shared_bytes": k.metadata.shared, "num_stages": opts.get("num_stages"), **ptxas_usage(ptx, target.arch)}
 
 
 def main(argv=None) -> int:
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
         try:
             r = inspect(fn, sig, consts, opts, target)
         except Exception as exc:  # report, don't hide
-            r = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            r = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"}
         res["kernels"][name] = r
         print(f"{name:38s} {r}", flush=True)
     if a.out is not None:

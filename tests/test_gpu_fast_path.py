@@ -191,3 +191,21 @@ def test_llm_decode_attention_repeats_bit_for_bit_on_gpu(form):
                                                            v.float().repeat_interleave(4, 1), attn_mask=mask,
                                                            scale=128 ** -0.5)
     assert (first.float() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@torch.no_grad()
+def test_patch_embedding_runs_as_a_gemm_on_the_gpu():
+    """On a GPU MingTok's patch embedding is the GEMM form (bit for bit), which agrees with the checkpoint's
+    convolution up to bf16 rounding."""
+    from models.mingtok import PatchEmbed
+
+    torch.manual_seed(0)
+    m = PatchEmbed(32, 768).cuda().to(torch.bfloat16)
+    img = (torch.rand(2, 3, 512, 512, device="cuda") * 2 - 1).to(torch.bfloat16)
+    got = m(img)
+    assert torch.equal(got, m.as_gemm(img))
+    conv = m.proj(img).flatten(2).transpose(1, 2)
+    assert got.shape == conv.shape == (2, 256, 768)
+    assert (got.float() - conv.float()).abs().max().item() <= 2e-2 * conv.float().abs().max().item()

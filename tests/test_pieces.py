@@ -250,3 +250,30 @@ def test_cudnn_attention_only_for_unmasked_full_passes_on_a_gpu():
     assert backends_for(q(True, 1024), torch.ones(1024, 1024, dtype=torch.bool)) is REPEATABLE_BACKENDS
     assert backends_for(q(True, 1), None) is REPEATABLE_BACKENDS
     assert backends_for(q(False, 1024), None) is REPEATABLE_BACKENDS
+
+
+def test_unmasked_full_passes_run_with_cudnn_first_and_restore_the_order(monkeypatch):
+    """When backends_for picks the maskless list, attention() enables cuDNN and puts it first for the call,
+    then puts torch's order and switches back as they were; other calls run with cuDNN off."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
+
+    import models.sdpa as sdpa
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch._C._get_sdp_priority_order()[0], torch.backends.cuda.cudnn_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    order, cudnn_on = torch._C._get_sdp_priority_order(), torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q = torch.randn(1, 2, 5, 8)
+    monkeypatch.setattr(sdpa, "backends_for", lambda q, mask: sdpa.MASKLESS_BACKENDS)  # as on a GPU
+    sdpa.attention(q, q, q, is_causal=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    sdpa.attention(q, q, q, is_causal=True)  # on the CPU: the repeatable list, cuDNN off
+    assert seen == [(int(SDPBackend.CUDNN_ATTENTION), True), (seen[1][0], False)]
+    assert torch._C._get_sdp_priority_order() == order and torch.backends.cuda.cudnn_sdp_enabled() == cudnn_on
