@@ -32,10 +32,12 @@ from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
 
 # chain launch overrides --sweep tries (shared memory per stage: BLOCK_N12 x BLOCK_K x 2 halves of FP8 plus a
 # 16-row activation tile; 227 KB per SM is the limit, and the kernel reports a config that does not fit)
-SWEEP = [{"num_stages": 5}, {"num_stages": 7}, {"BLOCK_K": 128, "num_stages": 8},
-         {"BLOCK_N12": 64, "BLOCK_N3": 64, "BLOCK_K": 128, "num_stages": 5},
-         {"BLOCK_N12": 64, "BLOCK_N3": 64, "BLOCK_K": 256, "num_stages": 3},
-         {"num_warps": 4, "num_stages": 6}]
+SWEEP = [{"num_stages": 5}, {"num_stages": 7}, {"PREFETCH": False, "num_stages": 7},
+         {"BLOCK_K": 128, "num_stages": 8},
+         # two programs per SM: registers capped (ptxas then spills 120-324 bytes, kernel_ir_check)
+         {"PREFETCH": False, "BLOCK_K": 128, "num_stages": 5, "maxnreg": 128, "programs_per_sm": 2},
+         {"PREFETCH": False, "num_stages": 3, "maxnreg": 128, "programs_per_sm": 2},
+         {"BLOCK_N12": 64, "BLOCK_N3": 64, "BLOCK_K": 128, "num_stages": 5}]
 
 
 def sweep(model, fmt: str, hid, noise, sc, ref, dev, programs, rows: list, save) -> None:

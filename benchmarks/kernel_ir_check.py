@@ -78,8 +78,9 @@ def cases():
     from benchmarks.flow_chain_check import SWEEP
 
     for over in SWEEP:
-        opts = {"num_warps": over.get("num_warps", 8), "num_stages": over.get("num_stages", 3)}
-        consts = dict(chain_consts, **{k: v for k, v in over.items() if k not in opts})
+        opts = {"num_warps": over.get("num_warps", 8), "num_stages": over.get("num_stages", 3),
+                **({"maxnreg": over["maxnreg"]} if "maxnreg" in over else {})}
+        consts = dict(chain_consts, **{k: v for k, v in over.items() if k not in opts and k != "programs_per_sm"})
         out.append((f"flow chain fp8 {over}", flow_chain._flow_chain_kernel, chain, consts, opts))
     return out
 

@@ -177,7 +177,9 @@ class FlowChain:
     def __init__(self, blocks: list[dict], rows: int, device, programs: int | None = None,
                  config: dict | None = None):
         """config overrides entries of the launch config (BLOCK_N12, BLOCK_N3, BLOCK_K, SPLIT3, num_warps,
-        num_stages): benchmarks/flow_chain_check.py --sweep tries some."""
+        num_stages, PREFETCH, maxnreg, programs_per_sm): benchmarks/flow_chain_check.py --sweep tries some.
+        programs_per_sm > 1 needs the kernel to fit that many times on an SM (registers: maxnreg), or the
+        cooperative launch is refused."""
         require()
         self.depth = len(blocks)
         self.w12 = torch.stack([b["w12"].weight for b in blocks]).contiguous()  # (D, 2*HID, W)
@@ -190,12 +192,14 @@ class FlowChain:
         self.lnb = torch.stack([b["ln"][1] for b in blocks]).contiguous()
         self.hid, self.width = self.w3.shape[2], self.w3.shape[1]
         self.rows = rows
+        config = dict(config or {})
+        per_sm = int(config.pop("programs_per_sm", 1))
         if interpreting():
             self.programs = 1  # the interpreter runs programs one by one: a barrier needs them all at once
         elif programs is not None:
             self.programs = int(programs)
         else:
-            self.programs = torch.cuda.get_device_properties(device).multi_processor_count
+            self.programs = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
         self.config = ({"BLOCK_N12": 32, "BLOCK_N3": 32, "BLOCK_K": 64, "SPLIT3": 2} if interpreting() else
                        # w12: 256 tiles of 32 x 2 halves (about 2 per program); w3: 96 column tiles x 4 K splits
                        # of 2048 (about 3 per program, K loops long enough to keep the pipeline full). 32-row
@@ -203,9 +207,11 @@ class FlowChain:
                        {"BLOCK_N12": 32, "BLOCK_N3": 32, "BLOCK_K": 256, "SPLIT3": 4})
         # one program per SM holds num_stages weight tiles in flight: 3 stages of 16 KB (FP8 w12) are about a
         # quarter of what the per-block launches keep in flight per SM (3 programs x 4 stages); more stages
-        # are the first thing to try (the kernel needs 249 registers at 8 warps, so two programs do not fit)
-        self.config = {**self.config, "num_warps": 8, "num_stages": 3, **(config or {})}
-        unknown = set(self.config) - {"BLOCK_N12", "BLOCK_N3", "BLOCK_K", "SPLIT3", "num_warps", "num_stages"}
+        # are the first thing to try (the kernel needs 249 registers at 8 warps, so two programs do not fit;
+        # without the L2 prefetch 186, and maxnreg=128 lets two fit at the price of some spills)
+        self.config = {**self.config, "num_warps": 8, "num_stages": 3, "PREFETCH": not interpreting(), **config}
+        unknown = set(self.config) - {"BLOCK_N12", "BLOCK_N3", "BLOCK_K", "SPLIT3", "num_warps", "num_stages",
+                                      "PREFETCH", "maxnreg"}
         if unknown:
             raise ValueError(f"flow chain config: unknown entries {sorted(unknown)}")
         rows_dtype = torch.float16 if self.w12.dtype == torch.float8_e4m3fn else torch.bfloat16
@@ -233,7 +239,7 @@ class FlowChain:
             self.w3, self.s3 if self.s3 is not None else dummy, self.b3 if self.b3 is not None else dummy,
             self.barrier, self.error, m, w, self.hid, self.depth, mods.stride(0), mods.stride(1), float(eps),
             HAS_SCALE=self.s12 is not None, HAS_B12=self.b12 is not None, HAS_B3=self.b3 is not None,
-            BLOCK_M=max(16, next_pow2(m)), W_BLOCK=next_pow2(w), PREFETCH=not interpreting(),
+            BLOCK_M=max(16, next_pow2(m)), W_BLOCK=next_pow2(w),
             W_BYTES=self.w12.element_size(), UPCAST=interpreting(), SPIN_LIMIT=MAX_SPINS,
             # cooperative: the driver refuses a grid that cannot be resident at once instead of letting it spin
             **({} if interpreting() else {"launch_cooperative_grid": True}), **self.config)

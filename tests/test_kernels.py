@@ -357,6 +357,14 @@ def test_flow_chain_step_matches_the_block_kernels(fmt):
     assert not chain.failed() and int(chain.barrier.abs().sum()) == 0
     with pytest.raises(ValueError, match="rows"):
         chain.step(h[:2], xn[:2], mods[:, :2], 1e-6)
+    # launch overrides (flow_chain_check --sweep): the same result with other stages, no prefetch, a register cap
+    tuned = FlowChain(blocks, m, DEV, config={"num_stages": 2, "PREFETCH": False, "maxnreg": 128, "programs_per_sm": 2})
+    assert tuned.config["num_stages"] == 2 and not tuned.config["PREFETCH"] and "programs_per_sm" not in tuned.config
+    h = h0.clone()
+    tuned.step(h, torch.empty(m, w, dtype=rows, device=DEV), mods, 1e-6)
+    _check(f"kernels/flow_chain_step_{fmt}_tuned", h, ref)
+    with pytest.raises(ValueError, match="unknown"):
+        FlowChain(blocks, m, DEV, config={"BLOCK_M": 32})
 
 
 @pytest.mark.gpu
