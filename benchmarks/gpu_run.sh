@@ -7,6 +7,8 @@
 #   SPEED_TIMEOUT=s     its time limit (default 240)
 #   GPU_TESTS=1         also run the GPU-marked tests (pytest -m gpu), GPU_TESTS_TIMEOUT=s (default 240);
 #                       GPU_TESTS_FILES="tests/..." limits them (the AOTInductor test alone can take minutes);
+#                       GPU_TESTS_ALL=1 runs every test of those files, not only the gpu-marked ones (the kernel
+#                       tests run on the GPU wherever one is present);
 #                       the fixtures must travel: copy ../shared/fixtures into .fixtures/ and set MINGRT_FIXTURES
 #   DETERMINISM_ARGS="--replays 3 --cases 0,1,5"   also run benchmarks/determinism_check.py with these flags
 #   ATTENTION_CHECK=1   first run benchmarks/attention_check.py (decode attention: repeatability and time per call)
@@ -55,7 +57,8 @@ if [ "${SKIP_SPEED:-0}" != 1 ]; then
       | tee "$OUT/speed.log" | grep -v Warn
 fi
 if [ "${GPU_TESTS:-0}" = 1 ]; then
-  timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -v -m gpu -rs --durations=0 ${GPU_TESTS_FILES:-tests} > "$OUT/gpu_tests.log" 2>&1
+  marks="-m gpu"; [ "${GPU_TESTS_ALL:-0}" = 1 ] && marks=""
+  timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -v $marks -rs --durations=0 ${GPU_TESTS_FILES:-tests} > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
 fi
 if [ -n "${DETERMINISM_ARGS:-}" ]; then
