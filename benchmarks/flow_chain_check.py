@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.pdl_check import full_model_on_gpu  # noqa: E402
+from benchmarks.pdl_check import flow_head_inputs, full_model_on_gpu  # noqa: E402
 from benchmarks.speed import capture, environment, repeats, timed  # noqa: E402
 from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
 
@@ -75,10 +75,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     dev, model = full_model_on_gpu("flow_chain_check.py", a.out)
     cfg = model.cfg
-    g = torch.Generator(device=dev).manual_seed(0)
-    hid = torch.randn(1, 2, cfg.llm.hidden_size, device=dev, generator=g).to(torch.bfloat16)
-    noise = torch.randn(1, cfg.flow_head.latent_dim, device=dev, generator=g)
-    sc = [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
+    hid, noise, sc = flow_head_inputs(model, dev)
     res = {"env": environment(dev), "rows": 2, "steps": cfg.flow_head.num_steps, "formats": {}}
     for fmt in a.formats.split(","):
         row = {}

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels.skinny as skinny  # noqa: E402
-from benchmarks.pdl_check import full_model_on_gpu  # noqa: E402
+from benchmarks.pdl_check import flow_head_inputs, full_model_on_gpu  # noqa: E402
 from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
 from kernels._triton import set_pdl  # noqa: E402
 from kernels.skinny import GATED_RESIDUAL, SWIGLU, candidate_configs, config_key, gpu_slug  # noqa: E402
@@ -50,10 +50,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     dev, model = full_model_on_gpu("flow_sweep.py", a.out)
     cfg, rows = model.cfg, 2
-    g = torch.Generator(device=dev).manual_seed(0)
-    hid = torch.randn(1, rows, cfg.llm.hidden_size, device=dev, generator=g).to(torch.bfloat16)
-    noise = torch.randn(1, cfg.flow_head.latent_dim, device=dev, generator=g)
-    sc = [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
+    hid, noise, sc = flow_head_inputs(model, dev, rows)
     table = skinny.tuned_configs_for("skinny")  # the live table pick_config reads
     res = {"env": environment(dev), "rows": rows, "formats": {}}
     out_path = a.out / "flow_sweep.json"
@@ -73,11 +70,10 @@ def main(argv=None) -> int:
         base_ms, ref = run()
         row = {"tabled": tabled, "tabled_ms": base_ms, "candidates": {}}
         print(fmt, "tabled", tabled, f"{base_ms:.3f} ms", flush=True)
-        best = dict(tabled)
+        best, best_ms = dict(tabled), base_ms
         for name in ("w3", "w12"):
             key, n, k = keys[name]
             tried = row["candidates"][name] = []
-            best_ms = base_ms if name == "w3" else row["after_w3_ms"]
             for c in candidate_configs(n, k, fp8=fmt == "fp8", wide=a.wide and fmt == "fp8"):
                 table[key] = c
                 try:

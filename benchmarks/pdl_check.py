@@ -79,6 +79,16 @@ def flow_head(model, fmt: str, runs: int, dev) -> dict:
     return res
 
 
+def flow_head_inputs(model, dev, rows: int = 2):
+    """Seeded inputs of one flow-head call for the flow-head checks (flow_ablation, flow_chain_check,
+    flow_sweep): LLM hidden (1, rows, H) bf16, noise (1, C), the guidance scales and temperature."""
+    cfg = model.cfg
+    g = torch.Generator(device=dev).manual_seed(0)
+    hid = torch.randn(1, rows, cfg.llm.hidden_size, device=dev, generator=g).to(torch.bfloat16)
+    noise = torch.randn(1, cfg.flow_head.latent_dim, device=dev, generator=g)
+    return hid, noise, [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
+
+
 def token_inputs(model, dev):
     """A seeded prompt's prefill cache and the text-to-image arguments (2 CFG rows)."""
     cfg = model.cfg

@@ -207,8 +207,9 @@ class FlowChain:
                        {"BLOCK_N12": 32, "BLOCK_N3": 32, "BLOCK_K": 256, "SPLIT3": 4})
         # one program per SM holds num_stages weight tiles in flight: 3 stages of 16 KB (FP8 w12) are about a
         # quarter of what the per-block launches keep in flight per SM (3 programs x 4 stages); more stages
-        # are the first thing to try (the kernel needs 249 registers at 8 warps, so two programs do not fit;
-        # without the L2 prefetch 186, and maxnreg=128 lets two fit at the price of some spills)
+        # are the first thing to try. At 8 warps the kernel needs 244-255 registers, so two programs do not
+        # fit; maxnreg=128 lets two fit at the price of 120-324 bytes of spills
+        # (benchmarks/results/kernel_ir_check_cpu_sm90.json, a CPU compile with triton 3.9)
         self.config = {**self.config, "num_warps": 8, "num_stages": 3, "PREFETCH": not interpreting(), **config}
         unknown = set(self.config) - {"BLOCK_N12", "BLOCK_N3", "BLOCK_K", "SPLIT3", "num_warps", "num_stages",
                                       "PREFETCH", "maxnreg"}

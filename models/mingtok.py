@@ -22,7 +22,8 @@ from .vit_layers import Block
 class PatchEmbed(nn.Module):
     """The checkpoint's stride-p, p x p `proj` Conv2d. On a GPU it runs as one GEMM over the patches: the same
     sums (each output is one patch dotted with one filter) in another order; the convolution took an
-    implicit-GEMM fallback there, 226 us at 512 px on an H200 (benchmarks/results/tokenizer_modes_h200_s8.json).
+    implicit-GEMM fallback there, 226 us at 512 px on an H200 (benchmarks/results/
+    tokenizer_modes_h200_s8_start.json).
     On the CPU it stays the convolution upstream ran, which the golden fixtures were made with."""
 
     def __init__(self, patch_size: int, dim: int):

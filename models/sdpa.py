@@ -11,9 +11,10 @@ score matrix; the GPU fast path's one-token decode uses kernels/attention.py ins
 changes (its backends are flash and math).
 
 MingTok's full-sequence passes on a GPU (no mask: the encoder's and pixel decoder's bidirectional
-attention, the semantic decoder's is_causal pass) put cuDNN first: on those shapes it repeated in every
-one of 500 calls and is the fastest backend (H200: pixel decoder 14.5 us a layer against flash's 21.7,
-the causal 257-token pass 8.6 against 12.6; benchmarks/results/attention_backends_h200_s8.json).
+attention, the semantic decoder's is_causal pass) put cuDNN first: on those shapes, with contiguous
+inputs, it repeated in every one of 500 calls and is the fastest backend (H200: pixel decoder 14.6 us
+a layer against flash's 21.7, the causal 257-token pass 8.6 against 12.5;
+benchmarks/results/attention_backends_h200_s8.json).
 """
 from __future__ import annotations
 
