@@ -111,14 +111,18 @@ def environment(device) -> dict:
     return env
 
 
-def token_bytes(model, rows: int, el: int | None = None) -> dict:
+def token_bytes(model, rows: int, el: int | None = None, experts: float | None = None) -> dict:
     """Weight bytes one image token must stream (the HBM floor), per component; el: bytes per weight
-    (default: the model's dtype; 1 for FP8 weight streaming)."""
+    (default: the model's dtype; 1 for FP8 weight streaming); experts: distinct routed experts one MoE
+    layer reads (default the worst case, every row picking its own: min(E, k * rows); a measured
+    count comes from benchmarks/routing_census.py)."""
     cfg = model.cfg
     el = el or next(model.parameters()).element_size()
     llm = cfg.llm
+    if experts is None:
+        experts = min(llm.num_experts, llm.num_experts_per_tok * rows)
     per_layer_active = (model.llm.layers[0].attention.query_key_value.weight.numel() + model.llm.layers[0].attention.dense.weight.numel()
-                        + 3 * llm.moe_intermediate_size * llm.hidden_size * min(llm.num_experts, llm.num_experts_per_tok * rows)
+                        + 3 * llm.moe_intermediate_size * llm.hidden_size * experts
                         + 3 * llm.moe_intermediate_size * llm.num_shared_experts * llm.hidden_size
                         + llm.num_experts * llm.hidden_size)
     net = model.flow_head.net
@@ -126,7 +130,7 @@ def token_bytes(model, rows: int, el: int | None = None) -> dict:
     once = sum(p.numel() for n, p in net.named_parameters() if "adaLN" in n or "cond_embed" in n) + sum(
         p.numel() for p in model.model.vis_head.parameters())
     sem = sum(p.numel() for p in model.vision.semantic_decoder.parameters()) + sum(p.numel() for p in model.linear_proj.parameters())
-    out = {"llm": per_layer_active * llm.num_layers * el, "flow_head": (per_step * cfg.flow_head.num_steps + once) * el,
+    out = {"llm": int(per_layer_active * llm.num_layers * el), "flow_head": (per_step * cfg.flow_head.num_steps + once) * el,
            "semantic_decoder": sem * el}
     out["total"] = sum(out.values())
     return out
@@ -407,15 +411,28 @@ def main(argv=None) -> int:
                     r=a.e2e_runs, w=1)
             images["fast"] = fast_gen.generate(cache, **kw).image.float()
             images["graph"] = graph_gen.generate(cache, **kw).image.float()
+        bcache = None
         if want("batch") and (not smoke or a.batch):
             bsz = min(a.batch, 2) if smoke else a.batch
             pids = [prompt(cfg, 24, gen) for _ in range(bsz)]
             bcache = loop.prefill(backend, cfg, backend.embed(torch.tensor(pids, device=device)))
             bkw = t2i_kwargs(cfg, pids, gen, device)
+            pb = bcache.kv[0].shape[2]
             fast_gen.generate(bcache, **bkw)
             label = "CUDA graph + kernels bf16" if use_kernels else "CUDA graph per token"
             rec("pipelines", f"text-to-image, {label} (batch {bsz})", lambda: fast_gen.generate(bcache, **bkw),
                 r=a.e2e_runs, w=0)
+            step_label = "CUDA graph + kernels (bf16)" if use_kernels else "one CUDA graph"
+            bk = fast_gen.bucket_for(bsz, rows, pb)
+            rec("pipelines", f"image-token step: {step_label}, batch {bsz}", step_of(fast_gen, bk, pb))
+            if use_kernels:
+                breakdown(fast_gen, bk, "bf16", rec, f", batch {bsz}")
+            experts = {1: routed_experts(model, cache, kw, rows), bsz: routed_experts(model, bcache, bkw, rows)}
+            results["batch"] = {"prompts": bsz, "distinct_experts_per_layer": {str(b): e for b, e in experts.items()},
+                                "formats": {}}
+            batch_floor(results, model, rows, bsz, experts, peak, "bf16" if use_kernels else str(dtype).split(".")[-1],
+                        step_label, label, el=None)
+            save()
         if want("eager-e2e") and not a.skip_eager_e2e:
             out = {}
             rec("pipelines", "text-to-image, eager pieces (baseline)",
@@ -437,6 +454,16 @@ def main(argv=None) -> int:
             rec("pipelines", "text-to-image, CUDA graph + kernels fp8 (batch 1)", lambda: fp8_gen.generate(cache, **kw),
                 r=a.e2e_runs, w=1)
             images["fast_fp8"] = fp8_gen.generate(cache, **kw).image.float()
+            if bcache is not None:  # the same batch with FP8 weights
+                fp8_gen.generate(bcache, **bkw)
+                rec("pipelines", f"text-to-image, CUDA graph + kernels fp8 (batch {bsz})",
+                    lambda: fp8_gen.generate(bcache, **bkw), r=a.e2e_runs, w=0)
+                bk = fp8_gen.bucket_for(bsz, rows, pb)
+                rec("pipelines", f"image-token step: CUDA graph + kernels (fp8), batch {bsz}", step_of(fp8_gen, bk, pb))
+                breakdown(fp8_gen, bk, "fp8", rec, f", batch {bsz}")
+                batch_floor(results, model, rows, bsz, experts, peak, "fp8", "CUDA graph + kernels (fp8)",
+                            "CUDA graph + kernels fp8", el=1)
+                save()
         results["accuracy"] = accuracy(images, "fp32" if dtype == torch.float32 else "bf16")
         print("image accuracy:", results["accuracy"], flush=True)
         print("single-step accuracy (relative L2 vs the eager reference):", step_accuracy, flush=True)
@@ -495,10 +522,48 @@ def repeats(replay, out: torch.Tensor, replays: int) -> tuple[torch.Tensor, int,
     return first, len(diffs), max(diffs, default=0.0)
 
 
-def breakdown(gen, k, fmt: str, rec):
+def breakdown(gen, k, fmt: str, rec, suffix: str = ""):
     """The token step's three parts, each in its own CUDA graph, on the generator's static buffers."""
     for name, fn in token_parts(gen, k).items():
-        rec("breakdown", f"{name}, CUDA graph + kernels ({fmt})", capture(fn))
+        rec("breakdown", f"{name}, CUDA graph + kernels ({fmt}){suffix}", capture(fn) if k.graph is not None else fn)
+
+
+def routed_experts(model, cache, kw: dict, rows: int) -> float:
+    """Distinct routed experts an MoE layer reads per image token in a whole text-to-image run of this
+    cache's prompts, averaged over layers and tokens (benchmarks/routing_census.py; a cuBLAS graph of
+    its own, so the timed graphs carry no counting ops)."""
+    from benchmarks.routing_census import RoutingCensus
+
+    census = RoutingCensus(model)
+    g = GraphImageGenerator(model, kernels=False)
+    with census.counting():
+        g.bucket_for(cache.kv[0].shape[0], rows, cache.kv[0].shape[2])  # the capture records the counting
+        census.reset()  # its warm-up steps counted too
+        g.generate(cache, **kw)
+        per_layer = census.mean_distinct()
+    del g
+    return statistics.fmean(per_layer)
+
+
+def batch_floor(results: dict, model, rows: int, bsz: int, experts: dict, peak: float, fmt: str, step_label: str,
+                e2e_label: str, el) -> None:
+    """results["batch"]["formats"][fmt]: the HBM floor of a batch-1 and a batch-`bsz` token with the
+    measured routed experts, their ratio (what batching can at best cost), and the measured ratios
+    (pipelines "image-token step: {step_label}[, batch N]" and "text-to-image, {e2e_label} (batch N)")."""
+    floor = {b: token_bytes(model, rows * b, el=el, experts=e)["total"] / (peak * 1e12) * 1e3 for b, e in experts.items()}
+    step = results["pipelines"]
+    one = step[f"image-token step: {step_label}"]
+    many = step[f"image-token step: {step_label}, batch {bsz}"]
+    out = {"floor_ms": {str(b): f for b, f in floor.items()}, "floor_ratio": floor[bsz] / floor[1],
+           "step_ms": {"1": one["median_ms"], str(bsz): many["median_ms"]},
+           "step_ratio": many["median_ms"] / one["median_ms"],
+           "fraction_of_floor": {"1": floor[1] / one["median_ms"], str(bsz): floor[bsz] / many["median_ms"]}}
+    e2e = {b: step.get(f"text-to-image, {e2e_label} (batch {b})") for b in (1, bsz)}
+    if all(e2e.values()):
+        out["text_to_image_ratio"] = e2e[bsz]["median_ms"] / e2e[1]["median_ms"]
+    results["batch"]["formats"][fmt] = out
+    print(f"batch {bsz} ({fmt}): step {out['step_ratio']:.2f}x batch 1, HBM floor {out['floor_ratio']:.2f}x "
+          f"({results['batch']['distinct_experts_per_layer']} distinct experts per MoE layer)", flush=True)
 
 
 def accuracy(images: dict, model_precision: str) -> dict:
@@ -573,6 +638,17 @@ def markdown(r: dict) -> str:
         if "kernel_fp8_fraction_of_fp8_floor" in f:
             lines.append(f"FP8 weight streaming: floor {f['fp8_token_floor_ms']:.2f} ms per token; the FP8 step reaches "
                          f"{f['kernel_fp8_fraction_of_fp8_floor']:.0%} of it.")
+    b = r.get("batch")
+    if b:
+        e = b["distinct_experts_per_layer"]
+        lines += ["", f"Batch of {b['prompts']} prompts: an MoE layer reads {e['1']:.1f} distinct routed experts per token at "
+                      f"batch 1 and {e[str(b['prompts'])]:.1f} at batch {b['prompts']} (measured over whole runs), so the "
+                      "batch's HBM floor is higher:"]
+        for fmt, v in b["formats"].items():
+            t2i = f", text-to-image {v['text_to_image_ratio']:.2f}x" if "text_to_image_ratio" in v else ""
+            lines.append(f"- {fmt}: token step {v['step_ratio']:.2f}x batch 1{t2i}; floor {v['floor_ratio']:.2f}x "
+                         f"({v['floor_ms']['1']:.2f} -> {v['floor_ms'][str(b['prompts'])]:.2f} ms); the batch step reaches "
+                         f"{v['fraction_of_floor'][str(b['prompts'])]:.0%} of its floor.")
     pdl = {k: v for k, v in (r.get("pdl") or {}).items() if isinstance(v, dict)}
     if pdl:
         trigger = r["pdl"].get("default_trigger", "early")  # runs before the trigger was recorded used "early"

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from models import tiny_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_speed_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--smoke", "--out", str(tmp_path),
-                           "--only", "pieces,e2e"], capture_output=True, text=True, timeout=600)
+                           "--only", "pieces,e2e,batch"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "speed_smoke.json").read_text())
     assert res["env"]["torch"] and res["config"] == "tiny"
@@ -22,6 +24,16 @@ def test_speed_smoke(tmp_path):
     assert res["pieces"]["flow_head hoisted invariants"]["median_ms"] > 0
     assert res["floor"]["bytes_per_token"]["total"] > 0
     assert "| pipelines |" in (tmp_path / "speed_smoke.md").read_text()
+    # the batch of 2 prompts (smoke size): routed experts measured, the floor raised by exactly that
+    llm = tiny_config().llm
+    b = res["batch"]
+    e1, e2 = b["distinct_experts_per_layer"]["1"], b["distinct_experts_per_layer"]["2"]
+    assert b["prompts"] == 2 and 1 <= e1 <= min(llm.num_experts, 2 * llm.num_experts_per_tok)
+    assert e1 < e2 <= min(llm.num_experts, 4 * llm.num_experts_per_tok)
+    f = b["formats"]["float32"]
+    assert f["floor_ratio"] > 1 and f["floor_ms"]["2"] / f["floor_ms"]["1"] == pytest.approx(f["floor_ratio"])
+    assert f["step_ratio"] == pytest.approx(res["pipelines"]["image-token step: one CUDA graph, batch 2"]["median_ms"] / step["median_ms"])
+    assert "Batch of 2 prompts" in (tmp_path / "speed_smoke.md").read_text()
 
 
 def test_speed_times_the_exported_engines(tmp_path, tiny_engines):
