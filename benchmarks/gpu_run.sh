@@ -11,6 +11,7 @@
 #                       tests run on the GPU wherever one is present);
 #                       the fixtures must travel: copy ../shared/fixtures into .fixtures/ and set MINGRT_FIXTURES
 #   DETERMINISM_ARGS="--replays 3 --cases 0,1,5"   also run benchmarks/determinism_check.py with these flags
+#   MOE_GROUPED=1       first run benchmarks/moe_grouped.py (per-slot against grouped MoE kernels), MOE_GROUPED_ARGS its flags
 #   ATTENTION_CHECK=1   first run benchmarks/attention_check.py (decode attention: repeatability and time per call)
 #   PROFILE=1           also run benchmarks/profile_step.py (every kernel of the FP8 token step, by part)
 #   FLOW_CHAIN=1        first run benchmarks/flow_chain_check.py (the experimental one-launch Euler step);
@@ -47,6 +48,10 @@ if [ "${TOKENIZER:-0}" = 1 ]; then
   grep -E "^(encoder|pixel)" "$OUT/tokenizer_modes.log"
   timeout 60 python3 benchmarks/attention_backends.py --out "$OUT" > "$OUT/attention_backends.log" 2>&1
   tail -6 "$OUT/attention_backends.log"
+fi
+if [ "${MOE_GROUPED:-0}" = 1 ]; then
+  timeout "${MOE_GROUPED_TIMEOUT:-200}" python3 benchmarks/moe_grouped.py --out "$OUT" ${MOE_GROUPED_ARGS:-} > "$OUT/moe_grouped.log" 2>&1
+  grep -v Warn "$OUT/moe_grouped.log" | tail -18
 fi
 if [ "${ATTENTION_CHECK:-0}" = 1 ]; then
   timeout 90 python3 benchmarks/attention_check.py --out "$OUT" > "$OUT/attention_check.log" 2>&1

@@ -186,6 +186,25 @@ def tickets(owner: str, device, n: int) -> torch.Tensor:
     return buf
 
 
+_SCRATCH: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
+
+
+def scratch(owner: str, device, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """At least n elements of uninitialised scratch for `owner`'s kernels (partials between two launches or
+    between a kernel's programs), one buffer per (owner, device, dtype), so eager calls allocate nothing.
+    The same rules as tickets(): reserved before any CUDA graph capture, shared by every call on one stream."""
+    key = (owner, str(device), dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{owner}'s scratch must be reserved before a CUDA graph capture "
+                               "(runtime.fast.decode_weights.prepare_decode does it)")
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _SCRATCH[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

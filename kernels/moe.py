@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpreting, pdl_launch, require, tickets, tl, triton
+from ._triton import interpreting, next_pow2, pdl_launch, require, scratch, tickets, tl, triton
 
 if triton is not None:
     from ._triton import mma, pdl_enter, pdl_main_loop_done, store_cast
@@ -102,6 +102,95 @@ if triton is not None:
         tl.store(y_ptr + t * stride_y + rn, y.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
+    @triton.jit
+    def _expert_slots(ids_ptr, e, S, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The routing slots (row * k + j) that chose expert e, packed in slot order into BLOCK_M columns:
+        (slot of each column, whether the column is used, how many are)."""
+        rs = tl.arange(0, BLOCK_S)
+        match = (tl.load(ids_ptr + rs, mask=rs < S, other=-1) == e).to(tl.int32)
+        rank = tl.cumsum(match, axis=0) - 1
+        cols = tl.arange(0, BLOCK_M)
+        sel = (rank[None, :] == cols[:, None]) & (match[None, :] == 1)  # (BLOCK_M, BLOCK_S): column c <- its slot
+        slot = tl.sum(tl.where(sel, rs[None, :], 0), axis=1)
+        used = tl.sum(sel.to(tl.int32), axis=1) > 0
+        return slot, used, tl.sum(match, axis=0)
+
+    @triton.jit
+    def _gate_up_grouped_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, S, H, I, stride_x,
+                                TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+        """One program per (expert, I block): every row that chose the expert in one tile, so its weights
+        cross HBM once per call however many rows share it. Experts no row chose exit at once."""
+        pdl_enter(PDL)
+        e = tl.program_id(0)
+        slot, used, count = _expert_slots(ids_ptr, e, S, BLOCK_S, BLOCK_M)
+        if count > 0:
+            t = slot // TOPK
+            rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            rk = tl.arange(0, BLOCK_K)
+            n_ok = rn < I
+            rows = (e.to(tl.int64) * I + rn).to(tl.int64) * H
+            acc_g = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                kk = k0 + rk
+                k_ok = kk < H
+                xt = tl.load(x_ptr + t[None, :].to(tl.int64) * stride_x + kk[:, None], mask=k_ok[:, None] & used[None, :],
+                             other=0.0)  # (BK, BM): the rows as columns
+                ok = n_ok[:, None] & k_ok[None, :]
+                acc_g += mma(tl.load(wg_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST)
+                acc_u += mma(tl.load(wu_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST)
+            pdl_main_loop_done(PDL)
+            if HAS_SCALE:
+                acc_g = acc_g * tl.load(sg_ptr + e * I + rn, mask=n_ok, other=0.0)[:, None]
+                acc_u = acc_u * tl.load(su_ptr + e * I + rn, mask=n_ok, other=0.0)[:, None]
+            store_cast(act_ptr + slot[None, :].to(tl.int64) * I + rn[:, None], acc_g / (1.0 + tl.exp(-acc_g)) * acc_u,
+                       n_ok[:, None] & used[None, :])
+
+    @triton.jit
+    def _down_grouped_kernel(act_ptr, ids_ptr, topw_ptr, wd_ptr, sd_ptr, y_ptr, part_ptr, ticket_ptr, S, H, I, stride_y,
+                             TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+        """One program per (expert, H block): part[slot] = topw[slot] * (act[slot] @ Wd[e]^T) for the slots
+        that chose e. A row's k slots sit in k programs; the last of them to arrive (a ticket per row and
+        H block) sums the row's k partials in routing order: the sum does not depend on scheduling."""
+        pdl_enter(PDL)
+        e = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        slot, used, count = _expert_slots(ids_ptr, e, S, BLOCK_S, BLOCK_M)
+        if count > 0:
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rk = tl.arange(0, BLOCK_K)
+            n_ok = rn < H
+            rows = (e.to(tl.int64) * H + rn).to(tl.int64) * I
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for k0 in range(0, I, BLOCK_K):
+                kk = k0 + rk
+                k_ok = kk < I
+                at = tl.load(act_ptr + slot[None, :].to(tl.int64) * I + kk[:, None], mask=k_ok[:, None] & used[None, :],
+                             other=0.0)
+                acc += mma(tl.load(wd_ptr + rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0),
+                           at, UPCAST)
+            pdl_main_loop_done(PDL)
+            if HAS_SCALE:
+                acc = acc * tl.load(sd_ptr + e * H + rn, mask=n_ok, other=0.0)[:, None]
+            acc = acc * tl.load(topw_ptr + slot, mask=used, other=0.0).to(tl.float32)[None, :]
+            out_ok = n_ok[:, None] & used[None, :]
+            tl.store(part_ptr + slot[None, :].to(tl.int64) * H + rn[:, None], acc, mask=out_ok)
+            tl.debug_barrier()  # every thread's partials are written before the tickets are taken
+            t = slot // TOPK
+            tix = ticket_ptr + t * tl.num_programs(1) + pid_n
+            ticket = tl.atomic_add(tix, 1, mask=used, sem="acq_rel", scope="gpu")
+            last = used & (ticket == TOPK - 1)
+            y = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for j in range(TOPK):  # routing order
+                y += tl.load(part_ptr + (t * TOPK + j)[None, :].to(tl.int64) * H + rn[:, None],
+                             mask=n_ok[:, None] & last[None, :], other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + t[None, :].to(tl.int64) * stride_y + rn[:, None], y.to(y_ptr.dtype.element_ty),
+                     mask=n_ok[:, None] & last[None, :])
+            tl.atomic_xchg(tix, 0, mask=last, sem="relaxed", scope="gpu")  # re-arm
+
+
 def candidate_configs() -> list[dict]:
     return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 3}
             for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 16384]
@@ -136,12 +225,20 @@ def pick_config(h: int, i: int, fp8: bool) -> dict:
     return dict(found) if found else {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 
 
+# From this many rows on, moe_decode runs the grouped kernels (one program per expert, all its rows in one
+# tile: each chosen expert's weights cross HBM once) instead of one program per routing slot (each slot
+# reads its expert's weights again, which L2 catches only in part). benchmarks/moe_grouped.py measures both.
+GROUPED_MIN_ROWS = 4
+
+
 def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                w_down: torch.Tensor, scales: tuple | None = None, *, act: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, config: dict | None = None, grouped: bool | None = None) -> torch.Tensor:
     """Weighted sum of each row's routed experts: x (T, H); ids (T, k) int; weights (T, k) fp32;
     w_gate/w_up (E, I, H), w_down (E, H, I) bf16 or fp8-e4m3; scales = (s_gate (E, I), s_up (E, I),
-    s_down (E, H)) fp32 for fp8 weights. Returns out (T, H) fp32 (act: (T*k, I) scratch)."""
+    s_down (E, H)) fp32 for fp8 weights. Returns out (T, H) fp32 (act: (T*k, I) scratch).
+    grouped: one program per expert instead of per routing slot (default: config "GROUPED", else from
+    GROUPED_MIN_ROWS rows on); both sum each row's experts in routing order."""
     require()
     t, h = x.shape
     e, i, h2 = w_gate.shape
@@ -151,31 +248,52 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
                          f"w_down {tuple(w_down.shape)}")
     if x.stride(-1) != 1 or not (w_gate.is_contiguous() and w_up.is_contiguous() and w_down.is_contiguous()):
         raise ValueError("moe_decode needs row-contiguous x and contiguous stacked weights")
+    if t > MAX_TICKET_ROWS:
+        raise ValueError(f"moe_decode is for decode steps of <= {MAX_TICKET_ROWS} rows, got {t}")
     ids, weights = ids.contiguous(), weights.contiguous()
     fp8 = w_gate.dtype == torch.float8_e4m3fn
     if act is None:  # the down GEMM's row operand: fp16 next to FP8 weights, else the rows' dtype
-        act = torch.empty(t * k, i, dtype=torch.float16 if fp8 else x.dtype, device=x.device)
+        act = scratch("moe_decode_act", x.device, t * k * i, torch.float16 if fp8 else x.dtype).view(t * k, i)
     out = torch.empty(t, h, dtype=torch.float32, device=x.device) if out is None else out
     has_scale = scales is not None
     sg, su, sd = scales if has_scale else (act, act, act)
     if config is None:
         config = pick_config(h, i, fp8)
+    if grouped is None:
+        grouped = config.get("GROUPED", t >= GROUPED_MIN_ROWS)
     up, down = split_config(config)
     common = dict(UPCAST=interpreting(), **pdl_launch(x.device))
+    split = down.pop("SPLIT_E")
+    n_blocks = triton.cdiv(h, down["BLOCK_N"])
+    if grouped:
+        slots = dict(BLOCK_S=next_pow2(max(t * k, 16)), BLOCK_M=max(16, next_pow2(t)))
+        _gate_up_grouped_kernel[(e, triton.cdiv(i, up["BLOCK_N"]))](
+            x, ids, w_gate, w_up, sg, su, act, t * k, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **slots, **common, **up)
+        _down_grouped_kernel[(e, n_blocks)](
+            act, ids, weights, w_down, sd, out, scratch("moe_decode_part", x.device, t * k * h), reserve_tickets(x.device, h, t),
+            t * k, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale, **slots, **common, **down)
+        return out
     _gate_up_kernel[(t * k, triton.cdiv(i, up["BLOCK_N"]))](
         x, ids, w_gate, w_up, sg, su, act, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **common, **up)
-    split = down.pop("SPLIT_E")
     if k % split:
         raise ValueError(f"DOWN_SPLIT={split} must divide top-k={k}")
-    n_blocks = triton.cdiv(h, down["BLOCK_N"])
     if split > 1:  # the shares' partials and the arrival tickets
-        part, arrivals = torch.empty(t * split * h, dtype=torch.float32, device=x.device), reserve_tickets(x.device, h, t)
+        part, arrivals = scratch("moe_decode_part", x.device, t * split * h), reserve_tickets(x.device, h, t)
     else:  # unused: the output stands in for the pointers
         part = arrivals = out
     _down_kernel[(t, n_blocks, split)](
         act, ids, weights, w_down, sd, out, part, arrivals, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale,
         SPLIT_E=split, **common, **down)
     return out
+
+
+def reserve_scratch(device, h: int, i: int, topk: int, act_dtype: torch.dtype, rows: int = MAX_TICKET_ROWS) -> None:
+    """The partials and `act_dtype` activations (fp16 next to FP8 weights, else the rows' dtype) of a
+    `rows`-row call, and the tickets, before any CUDA graph capture (FusedMoEDecode does it): eager calls
+    then allocate nothing but their output."""
+    reserve_tickets(device, h, rows)
+    scratch("moe_decode_part", device, rows * topk * h)
+    scratch("moe_decode_act", device, rows * topk * i, act_dtype)
 
 
 def split_config(config: dict) -> tuple[dict, dict]:
@@ -189,4 +307,5 @@ def split_config(config: dict) -> tuple[dict, dict]:
     return up, down
 
 
-__all__ = ["moe_decode", "candidate_configs", "down_candidates", "pick_config", "reserve_tickets", "split_config"]
+__all__ = ["GROUPED_MIN_ROWS", "moe_decode", "candidate_configs", "down_candidates", "pick_config", "reserve_scratch",
+           "reserve_tickets", "split_config"]

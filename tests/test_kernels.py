@@ -258,6 +258,79 @@ def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):
         moe_decode(x, ids, w, wg, wu, wd, config=dict(own, DOWN_SPLIT=2))
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "fp8"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, monkeypatch):
+    """The grouped kernels (one program per expert, its rows in one tile): the reference sums with rows
+    that share every expert (a prompt's CFG rows) and experts no row chose; the tickets re-armed (a second
+    call gives the same bits); the per-slot kernels' result (their bits in the interpreter's fp32); and
+    moe_decode choosing them from GROUPED_MIN_ROWS rows on."""
+    from kernels import moe as moe_module
+    from kernels.moe import GROUPED_MIN_ROWS, moe_decode
+
+    g = torch.Generator().manual_seed(2)
+    e, i, h, k = 8, 48, 40, 3
+    ws = [torch.randn(e, i, h, generator=g) * 0.1, torch.randn(e, i, h, generator=g) * 0.1, torch.randn(e, h, i, generator=g) * 0.1]
+    scales = None
+    if fmt == "fp8":
+        q = [quantize_rows_fp8(w) for w in ws]
+        ws, scales = [w.to(DEV) for w, _ in q], tuple(sc.to(DEV) for _, sc in q)
+        ref_ws = [dequantize_rows_fp8(w, sc) for w, sc in zip(ws, scales)]
+    else:
+        ws = ref_ws = [w.to(DEV) for w in ws]
+    ids = torch.tensor([[4, 0, 2], [4, 0, 2], [1, 4, 5], [7, 6, 3], [2, 1, 0]][:rows], device=DEV)  # expert 3 only in row 3
+    x = torch.randn(rows, h, generator=g).to(DEV)
+    w = torch.rand(rows, k, generator=g).to(DEV)
+    wg, wu, wd = (t.float() for t in ref_ws)
+    act = lambda r, j: F.silu(F.linear(_act(x[r], fmt), wg[ids[r, j]])) * F.linear(_act(x[r], fmt), wu[ids[r, j]])
+    ref = torch.stack([sum(w[r, j] * F.linear(_act(act(r, j), fmt), wd[ids[r, j]]) for j in range(k)) for r in range(rows)])
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(moe_module, name)
+
+        def __getitem__(self, grid):
+            launches.append((self.name, grid))
+            return self.kernel[grid]
+
+    for name in ("_gate_up_grouped_kernel", "_down_grouped_kernel", "_gate_up_kernel"):
+        monkeypatch.setattr(moe_module, name, Recorder(name))
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 32}
+    a, b = (moe_decode(x, ids, w, *ws, scales, config=cfg, grouped=True) for _ in range(2))
+    per_slot = moe_decode(x, ids, w, *ws, scales, config=cfg, grouped=False)
+    assert launches == [("_gate_up_grouped_kernel", (e, 2)), ("_down_grouped_kernel", (e, 2))] * 2 + [("_gate_up_kernel", (rows * k, 2))]
+    rel = 2e-3 if fmt == "fp8" else REL
+    assert_close(f"kernels/moe_grouped_{fmt}_{rows}", a, ref, rel * max(1.0, ref.abs().max().item()))
+    assert torch.equal(a, b)
+    if interpreting():
+        assert torch.equal(a, per_slot)
+    else:
+        assert_close(f"kernels/moe_grouped_vs_per_slot_{fmt}_{rows}", a, per_slot, rel * max(1.0, ref.abs().max().item()))
+    launches.clear()
+    moe_decode(x, ids, w, *ws, scales, config=cfg)
+    assert launches[0][0] == ("_gate_up_grouped_kernel" if rows >= GROUPED_MIN_ROWS else "_gate_up_kernel")
+
+
+def test_moe_decode_reuses_its_scratch():
+    """Eager calls take their activations and partials from one reserved buffer (kernels._triton.scratch),
+    not a fresh allocation each time."""
+    from kernels import _triton
+    from kernels.moe import moe_decode, reserve_scratch
+
+    g = torch.Generator().manual_seed(3)
+    e, i, h, k, t = 4, 32, 32, 2, 3
+    ws = [torch.randn(e, i, h, generator=g).to(DEV), torch.randn(e, i, h, generator=g).to(DEV), torch.randn(e, h, i, generator=g).to(DEV)]
+    x, w = torch.randn(t, h, generator=g).to(DEV), torch.rand(t, k, generator=g).to(DEV)
+    ids = torch.tensor([[0, 1], [1, 2], [3, 0]], device=DEV)
+    reserve_scratch(DEV, h, i, k, x.dtype, rows=8)
+    bufs = {key: v.data_ptr() for key, v in _triton._SCRATCH.items() if key[0].startswith("moe_decode")}
+    assert {key[0] for key in bufs} == {"moe_decode_act", "moe_decode_part"}
+    for grouped in (True, False, True):
+        moe_decode(x, ids, w, *ws, config={"BLOCK_N": 16, "BLOCK_K": 32, "DOWN_SPLIT": 2}, grouped=grouped)
+    assert {key: v.data_ptr() for key, v in _triton._SCRATCH.items() if key[0].startswith("moe_decode")} == bufs
+
+
 def test_fused_moe_mode_without_kernel_is_a_clear_error():
     from models.llm import MoE
 

@@ -26,7 +26,7 @@ from torch import nn
 from kernels import interpreting
 from kernels.attention import reserve_tickets as reserve_attention_tickets
 from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
-from kernels.moe import reserve_tickets
+from kernels.moe import reserve_scratch
 from kernels.ops import decode_attention_op, moe_decode_op, skinny_linear_op, skinny_swiglu_op
 from kernels.skinny import MAX_ROWS
 from models.llm import Attention, ExpertMLP, MoE
@@ -50,8 +50,10 @@ class FusedMoEDecode(nn.Module):
             (wg, wu, wd), (sg, su, sd) = (p.detach().contiguous() for p in (moe.w_gate, moe.w_up, moe.w_down)), (None,) * 3
         for name, t in dict(wg=wg, wu=wu, wd=wd, sg=sg, su=su, sd=sd).items():
             self.register_buffer(name, t, persistent=False)
-        if moe.w_down.is_cuda:  # the down kernel's expert-split tickets, before any capture
-            reserve_tickets(moe.w_down.device, moe.w_down.shape[1], MAX_ROWS)
+        if moe.w_down.is_cuda:  # the kernels' tickets and scratch, before any capture
+            e, h, i = moe.w_down.shape
+            reserve_scratch(moe.w_down.device, h, i, moe.gate.top_k,
+                            torch.float16 if weights == "fp8" else moe.w_down.dtype, MAX_ROWS)
 
     def forward(self, x, ids, w):
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)

@@ -1,0 +1,121 @@
+"""The fused MoE decode at several row counts: one program per routing slot against one per expert (grouped).
+
+At batch 8 the LLM step took 8.4 ms (bf16) against 2.8 at batch 1 (benchmarks/results/h200_session9.md):
+16 rows make 96 routing slots over ~34 distinct experts, and the per-slot kernels read an expert's
+weights once per slot that chose it. The grouped kernels read each chosen expert once. This times both
+at the LLM's shapes (64 experts, top-6, H 2048, I 1408), on two routings:
+
+* "independent": every row draws its own 6 experts;
+* "cfg pairs": rows 2j and 2j+1 choose the same experts, which is what the random-weight model does with
+  a prompt's two CFG rows (benchmarks/routing_census.py counted 6.0 distinct experts per layer at batch 1).
+
+Each time is one call inside a CUDA graph of 20, over 12 rotating routings (more expert bytes than L2).
+Also checks each grouped result against the per-slot one and that two grouped calls agree to the bit.
+
+    python benchmarks/moe_grouped.py --out benchmarks/results [--rows 2,4,8,16] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.kernels import graph_time_us  # noqa: E402
+from benchmarks.speed import environment  # noqa: E402
+from kernels.fp8 import quantize_rows_fp8  # noqa: E402
+from kernels.moe import GROUPED_MIN_ROWS, moe_decode, pick_config  # noqa: E402
+from models import full_config  # noqa: E402
+
+SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "DOWN_BLOCK_N": dbn, "DOWN_BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+         for bn, bk, dbn in ((16, 256, 16), (32, 256, 32), (32, 128, 32), (64, 128, 64), (64, 256, 32), (32, 512, 64))]
+
+
+def routings(e: int, k: int, rows: int, pattern: str, g: torch.Generator, n: int = 12) -> list[torch.Tensor]:
+    out = []
+    for _ in range(n):
+        if pattern == "cfg pairs":
+            ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range((rows + 1) // 2)])
+            ids = ids.repeat_interleave(2, dim=0)[:rows]
+        else:
+            ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)])
+        out.append(ids.cuda())
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rows", default="2,4,8,16")
+    p.add_argument("--formats", default="bf16,fp8")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--sweep", action="store_true", help="also time the grouped kernels at the SWEEP configs")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("moe_grouped.py needs a GPU", file=sys.stderr)
+        return 2
+    llm = full_config().llm
+    e, i, h, k = llm.num_experts, llm.moe_intermediate_size, llm.hidden_size, llm.num_experts_per_tok
+    a.out.mkdir(parents=True, exist_ok=True)
+    res = {"env": environment(torch.device("cuda")), "shapes": {"experts": e, "top_k": k, "hidden": h, "intermediate": i},
+           "grouped_min_rows": GROUPED_MIN_ROWS, "rows": []}
+    path = a.out / "moe_grouped.json"
+    g = torch.Generator().manual_seed(0)
+    for fmt in a.formats.split(","):
+        ws = [torch.randn(e, i, h, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2)] + \
+             [torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * 0.02]
+        scales = None
+        if fmt == "fp8":
+            q = [quantize_rows_fp8(t) for t in ws]
+            ws, scales = [w for w, _ in q], tuple(s for _, s in q)
+        expert_bytes = 3 * i * h * (1 if fmt == "fp8" else 2)
+        default = pick_config(h, i, fmt == "fp8")
+        for rows in (int(r) for r in a.rows.split(",")):
+            x = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16)
+            topw = torch.rand(rows, k, device="cuda")
+            out = torch.empty(rows, h, device="cuda")
+            for pattern in ("independent", "cfg pairs"):
+                id_sets = routings(e, k, rows, pattern, g)
+                distinct = sum(len(torch.unique(s)) for s in id_sets) / len(id_sets)
+
+                def run(config, grouped):
+                    return graph_time_us(lambda j: moe_decode(x, id_sets[j], topw, *ws, scales, out=out, config=config,
+                                                              grouped=grouped), len(id_sets), a.reps)
+
+                per_slot = moe_decode(x, id_sets[0], topw, *ws, scales, config=default, grouped=False).clone()
+                grouped = [moe_decode(x, id_sets[0], topw, *ws, scales, config=default, grouped=True).clone() for _ in range(2)]
+                row = {"fmt": fmt, "rows": rows, "routing": pattern, "distinct_experts": distinct,
+                       "slots": rows * k, "distinct_mb": distinct * expert_bytes / 1e6,
+                       "grouped_repeats": bool(torch.equal(grouped[0], grouped[1])),
+                       "grouped_vs_per_slot_max_abs": float((grouped[0] - per_slot).abs().max()),
+                       "per_slot_us": run(default, False), "grouped_us": run(default, True)}
+                if a.sweep:
+                    sweep = []
+                    for c in SWEEP:
+                        try:
+                            sweep.append({"config": c, "us": run(c, True)})
+                        except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported
+                            sweep.append({"config": c, "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"})
+                    row["grouped_sweep"] = sweep
+                    best = min((s for s in sweep if "us" in s), key=lambda s: s["us"], default=None)
+                    if best:
+                        row["grouped_best_us"], row["grouped_best_config"] = best["us"], best["config"]
+                for key in ("per_slot", "grouped"):
+                    row[f"{key}_tbps_over_distinct"] = distinct * expert_bytes / (row[f"{key}_us"] * 1e-6) / 1e12
+                res["rows"].append(row)
+                path.write_text(json.dumps(res, indent=1))
+                print(f"{fmt:5s} {rows:3d} rows {pattern:12s} {distinct:5.1f} experts  per-slot {row['per_slot_us']:7.1f} us  "
+                      f"grouped {row['grouped_us']:7.1f} us"
+                      + (f" (best {row['grouped_best_us']:.1f})" if "grouped_best_us" in row else "")
+                      + f"  repeats {row['grouped_repeats']}  max|diff| {row['grouped_vs_per_slot_max_abs']:.2e}", flush=True)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
