@@ -216,6 +216,20 @@ def reserve_tickets(device, h: int, rows: int = MAX_TICKET_ROWS) -> torch.Tensor
     return tickets("moe_decode", device, rows * -(-h // 16))
 
 
+# the grouped kernels' tiles: the best of benchmarks/moe_grouped.py's sweep at 2 to 16 rows, both formats,
+# on an H200 (benchmarks/results/moe_grouped_h200_s9.json); measured GPUs may table their own ("moe_grouped")
+GROUPED_DEFAULT = {"BLOCK_N": 64, "BLOCK_K": 128, "DOWN_BLOCK_N": 64, "DOWN_BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+
+
+def pick_grouped_config(h: int, i: int, fp8: bool) -> dict:
+    if interpreting():
+        return {"BLOCK_N": 32, "BLOCK_K": 64}
+    from .skinny import tuned_configs_for
+
+    found = tuned_configs_for("moe_grouped").get(f"h{h}_i{i}_{'fp8' if fp8 else 'bf16'}")
+    return dict(found) if found else dict(GROUPED_DEFAULT)
+
+
 def pick_config(h: int, i: int, fp8: bool) -> dict:
     if interpreting():
         return {"BLOCK_N": 32, "BLOCK_K": 64}  # few, wide programs: the interpreter runs them one by one
@@ -238,7 +252,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     w_gate/w_up (E, I, H), w_down (E, H, I) bf16 or fp8-e4m3; scales = (s_gate (E, I), s_up (E, I),
     s_down (E, H)) fp32 for fp8 weights. Returns out (T, H) fp32 (act: (T*k, I) scratch).
     grouped: one program per expert instead of per routing slot (default: config "GROUPED", else from
-    GROUPED_MIN_ROWS rows on); both sum each row's experts in routing order."""
+    GROUPED_MIN_ROWS rows on; each form has its own tuned tiles); both sum each row's experts in routing order."""
     require()
     t, h = x.shape
     e, i, h2 = w_gate.shape
@@ -257,10 +271,10 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     out = torch.empty(t, h, dtype=torch.float32, device=x.device) if out is None else out
     has_scale = scales is not None
     sg, su, sd = scales if has_scale else (act, act, act)
-    if config is None:
-        config = pick_config(h, i, fp8)
     if grouped is None:
-        grouped = config.get("GROUPED", t >= GROUPED_MIN_ROWS)
+        grouped = config.get("GROUPED", t >= GROUPED_MIN_ROWS) if config is not None else t >= GROUPED_MIN_ROWS
+    if config is None:
+        config = pick_grouped_config(h, i, fp8) if grouped else pick_config(h, i, fp8)
     up, down = split_config(config)
     common = dict(UPCAST=interpreting(), **pdl_launch(x.device))
     split = down.pop("SPLIT_E")
@@ -307,5 +321,6 @@ def split_config(config: dict) -> tuple[dict, dict]:
     return up, down
 
 
-__all__ = ["GROUPED_MIN_ROWS", "moe_decode", "candidate_configs", "down_candidates", "pick_config", "reserve_scratch",
+__all__ = ["GROUPED_DEFAULT", "GROUPED_MIN_ROWS", "moe_decode", "candidate_configs", "down_candidates", "pick_config",
+           "pick_grouped_config", "reserve_scratch",
            "reserve_tickets", "split_config"]
