@@ -165,6 +165,14 @@ def _pdl_self_check(index: int) -> bool:
         return False
 
 
+def device_key(device) -> str:
+    """The registry key of a device: "cuda" and "cuda:0" (the current one) are the same buffer."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
 _TICKETS: dict[tuple[str, str], torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown ticket buffers, kept alive for the graphs that hold them
 
@@ -174,7 +182,7 @@ def tickets(owner: str, device, n: int) -> torch.Tensor:
     others' partials in a fixed order, then re-arms its ticket), one buffer per (owner, device). Made before
     any CUDA graph capture; launches on one stream are ordered, so every layer shares it, but two streams
     must not run `owner`'s kernels on one device at once."""
-    key = (owner, str(device))
+    key = (owner, device_key(device))
     buf = _TICKETS.get(key)
     if buf is None or buf.numel() < n:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -190,16 +198,16 @@ _SCRATCH: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
 
 
 def scratch(owner: str, device, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """At least n elements of uninitialised scratch for `owner`'s kernels (partials between two launches or
-    between a kernel's programs), one buffer per (owner, device, dtype), so eager calls allocate nothing.
-    The same rules as tickets(): reserved before any CUDA graph capture, shared by every call on one stream."""
-    key = (owner, str(device), dtype)
+    """n elements of uninitialised scratch for `owner`'s kernels (partials between two launches or between
+    a kernel's programs), from one buffer per (owner, device, dtype) that grows as needed, so eager calls
+    allocate nothing. Every call on one stream shares it (as tickets()). A CUDA graph capture that
+    needs more than was reserved gets its own allocation from the graph's pool instead of growing it."""
+    key = (owner, device_key(device), dtype)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < n:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{owner}'s scratch must be reserved before a CUDA graph capture "
-                               "(runtime.fast.decode_weights.prepare_decode does it)")
-        if buf is not None:
+            return torch.empty(n, dtype=dtype, device=device)
+        if buf is not None:  # graphs captured earlier still use the old buffer: it must stay allocated
             _RETIRED.append(buf)
         buf = _SCRATCH[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n]

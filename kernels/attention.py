@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpreting, next_pow2, pdl_launch, require, tickets, tl, triton
+from ._triton import interpreting, next_pow2, pdl_launch, require, scratch, tickets, tl, triton
 
 SLOTS_PER_SPLIT = 64  # one BLOCK_S tile per program up to MAX_SPLITS tiles: a decode is latency-bound
 MAX_SPLITS = 16
@@ -153,7 +153,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if splits > 1:  # the splits' partials, and the arrival tickets of the merge
         if b * hkv > MAX_TICKETS:
             raise ValueError(f"decode_attention: {b} rows x {hkv} KV heads > {MAX_TICKETS} with {splits} splits")
-        part = torch.empty(b * hkv * splits * block_g * (d + 2), dtype=torch.float32, device=q.device)
+        part = scratch("decode_attention_part", q.device, b * hkv * splits * block_g * (d + 2))
         arrivals = reserve_tickets(q.device)
     else:  # unused: the output stands in for the pointers
         part = arrivals = out

@@ -312,10 +312,11 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
     assert launches[0][0] == ("_gate_up_grouped_kernel" if rows >= GROUPED_MIN_ROWS else "_gate_up_kernel")
 
 
-def test_moe_decode_reuses_its_scratch():
-    """Eager calls take their activations and partials from one reserved buffer (kernels._triton.scratch),
-    not a fresh allocation each time."""
+def test_decode_kernels_reuse_their_scratch():
+    """Eager calls of the MoE and attention kernels take their activations and partials from one reserved
+    buffer each (kernels._triton.scratch), not a fresh allocation each time."""
     from kernels import _triton
+    from kernels.attention import decode_attention
     from kernels.moe import moe_decode, reserve_scratch
 
     g = torch.Generator().manual_seed(3)
@@ -325,10 +326,17 @@ def test_moe_decode_reuses_its_scratch():
     ids = torch.tensor([[0, 1], [1, 2], [3, 0]], device=DEV)
     reserve_scratch(DEV, h, i, k, x.dtype, rows=8)
     bufs = {key: v.data_ptr() for key, v in _triton._SCRATCH.items() if key[0].startswith("moe_decode")}
-    assert {key[0] for key in bufs} == {"moe_decode_act", "moe_decode_part"}
+    assert {("moe_decode_act", _triton.device_key(DEV), x.dtype), ("moe_decode_part", _triton.device_key(DEV), torch.float32)} <= set(bufs)
     for grouped in (True, False, True):
         moe_decode(x, ids, w, *ws, config={"BLOCK_N": 16, "BLOCK_K": 32, "DOWN_SPLIT": 2}, grouped=grouped)
     assert {key: v.data_ptr() for key, v in _triton._SCRATCH.items() if key[0].startswith("moe_decode")} == bufs
+    q, kv = torch.randn(2, 4, 1, 16, generator=g).to(DEV), torch.randn(2, 2, 96, 16, generator=g).to(DEV)
+    mask = torch.ones(2, 96, dtype=torch.bool, device=DEV)
+    first = decode_attention(q, kv, kv, mask, 0.25, splits=2)
+    key = ("decode_attention_part", _triton.device_key(DEV), torch.float32)
+    ptr = _triton._SCRATCH[key].data_ptr()
+    assert torch.equal(decode_attention(q, kv, kv, mask, 0.25, splits=2), first)
+    assert _triton._SCRATCH[key].data_ptr() == ptr
 
 
 def test_fused_moe_mode_without_kernel_is_a_clear_error():
