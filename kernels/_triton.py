@@ -244,6 +244,21 @@ if triton is not None:
         return out
 
     @triton.jit
+    def arrive(ticket_ptr, mask):
+        """"The last to arrive merges", step 1, after this program stored its partials: take the ticket(s)
+        at ticket_ptr (one pointer and mask None, or a vector and its mask) and return each count before us,
+        so the last of N arrivals gets N - 1. The barrier puts every thread's stores before the ticket,
+        which is taken acquire-release at GPU scope: the last arrival then sees every other program's
+        partials (it reads them with .cg, past L1)."""
+        tl.debug_barrier()
+        return tl.atomic_add(ticket_ptr, 1, mask=mask, sem="acq_rel", scope="gpu")
+
+    @triton.jit
+    def rearm(ticket_ptr, last):
+        """Step 2, after the merge: the last arrival zeroes its ticket(s) for the next launch."""
+        tl.atomic_xchg(ticket_ptr, 0, mask=last, sem="relaxed", scope="gpu")
+
+    @triton.jit
     def store_cast(ptr, value, mask):
         """Store fp32 `value`, clamped to fp16's range when the destination is fp16."""
         if ptr.dtype.element_ty == tl.float16:

@@ -35,7 +35,7 @@ def reserve_tickets(device) -> torch.Tensor:
     return tickets("decode_attention", device, MAX_TICKETS)
 
 if triton is not None:
-    from ._triton import mma, pdl_enter
+    from ._triton import arrive, mma, pdl_enter, rearm
 
     @triton.jit
     def _decode_attention_kernel(
@@ -90,9 +90,8 @@ if triton is not None:
             tl.store(part_ptr + row[:, None] * (D + 2) + rd[None, :], acc, mask=g_ok[:, None])
             tl.store(part_ptr + row * (D + 2) + D, m_i, mask=g_ok)
             tl.store(part_ptr + row * (D + 2) + D + 1, l_i, mask=g_ok)
-            tl.debug_barrier()  # every thread's partial is written before the ticket is taken
             slot = ticket_ptr + b * tl.num_programs(1) + hk
-            ticket = tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
+            ticket = arrive(slot, None)
             if ticket == SPLITS - 1:  # the last split of this (row, KV head) merges all, in split order
                 m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
                 for j in range(SPLITS):
@@ -110,7 +109,7 @@ if triton is not None:
                                                 other=0.0, cache_modifier=".cg")
                 tl.store(o_ptrs, (out / tl.where(l_sum > 0, l_sum, 1.0)[:, None]).to(o_ptr.dtype.element_ty),
                          mask=g_ok[:, None])
-                tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")  # re-arm
+                rearm(slot, None)
 
 
 def decode_splits(slots: int) -> int:

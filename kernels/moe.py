@@ -22,7 +22,7 @@ import torch
 from ._triton import interpreting, next_pow2, pdl_launch, require, scratch, tickets, tl, triton
 
 if triton is not None:
-    from ._triton import mma, pdl_enter, pdl_main_loop_done, store_cast
+    from ._triton import arrive, mma, pdl_enter, pdl_main_loop_done, rearm, store_cast
 
     @triton.jit
     def _gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, H, I, stride_x,
@@ -91,14 +91,13 @@ if triton is not None:
             # each share writes its partial (T, SPLIT_E, H); the last to arrive (a ticket per output block)
             # sums them in share order: deterministic, as the skinny GEMM's split-K
             tl.store(part_ptr + (t * SPLIT_E + pid_e) * H + rn, y, mask=n_ok)
-            tl.debug_barrier()  # every thread's partial is written before the ticket is taken
             slot = ticket_ptr + t * tl.num_programs(1) + pid_n
-            ticket = tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
+            ticket = arrive(slot, None)
             out_ok = n_ok & ((tl.zeros((BLOCK_N,), tl.int32) + ticket) == SPLIT_E - 1)
             y = tl.zeros((BLOCK_N,), tl.float32)
             for sp in range(SPLIT_E):
                 y += tl.load(part_ptr + (t * SPLIT_E + sp) * H + rn, mask=out_ok, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(slot, 0, mask=ticket == SPLIT_E - 1, sem="relaxed", scope="gpu")  # re-arm
+            rearm(slot, ticket == SPLIT_E - 1)
         tl.store(y_ptr + t * stride_y + rn, y.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
@@ -177,10 +176,9 @@ if triton is not None:
             acc = acc * tl.load(topw_ptr + slot, mask=used, other=0.0).to(tl.float32)[None, :]
             out_ok = n_ok[:, None] & used[None, :]
             tl.store(part_ptr + slot[None, :].to(tl.int64) * H + rn[:, None], acc, mask=out_ok)
-            tl.debug_barrier()  # every thread's partials are written before the tickets are taken
             t = slot // TOPK
             tix = ticket_ptr + t * tl.num_programs(1) + pid_n
-            ticket = tl.atomic_add(tix, 1, mask=used, sem="acq_rel", scope="gpu")
+            ticket = arrive(tix, used)
             last = used & (ticket == TOPK - 1)
             y = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
             for j in range(TOPK):  # routing order
@@ -188,7 +186,7 @@ if triton is not None:
                              mask=n_ok[:, None] & last[None, :], other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + t[None, :].to(tl.int64) * stride_y + rn[:, None], y.to(y_ptr.dtype.element_ty),
                      mask=n_ok[:, None] & last[None, :])
-            tl.atomic_xchg(tix, 0, mask=last, sem="relaxed", scope="gpu")  # re-arm
+            rearm(tix, last)
 
 
 def candidate_configs() -> list[dict]:

@@ -24,7 +24,7 @@ import torch
 from ._triton import interpreting, next_pow2, pdl_launch, pdl_prefetch_tiles, require, tl, triton
 
 if triton is not None:
-    from ._triton import mma, pdl_enter, pdl_main_loop_done, prefetch_l2, store_cast
+    from ._triton import arrive, mma, pdl_enter, pdl_main_loop_done, prefetch_l2, rearm, store_cast
 
 # epilogues
 STORE, SWIGLU, GATED_RESIDUAL = 0, 1, 2
@@ -83,8 +83,7 @@ if triton is not None:
             tl.store(part_ptr + (pid_k * 2) * n_pad * BLOCK_M + tile, acc)
             if EPILOGUE == 1:
                 tl.store(part_ptr + (pid_k * 2 + 1) * n_pad * BLOCK_M + tile, acc2)
-            tl.debug_barrier()  # every thread's partial is written before the ticket is taken
-            ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            ticket = arrive(ticket_ptr + pid_n, None)
             last = ticket == SPLIT_K - 1
             out_ok = out_ok & ((tl.zeros((BLOCK_N, BLOCK_M), tl.int32) + ticket) == SPLIT_K - 1)
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
@@ -95,7 +94,7 @@ if triton is not None:
                 if EPILOGUE == 1:
                     acc2 += tl.load(part_ptr + (s * 2 + 1) * n_pad * BLOCK_M + tile, mask=out_ok, other=0.0,
                                     cache_modifier=".cg")
-            tl.atomic_xchg(ticket_ptr + pid_n, 0, mask=last, sem="relaxed", scope="gpu")  # re-arm
+            rearm(ticket_ptr + pid_n, last)
 
         if HAS_WSCALE:
             acc = acc * tl.load(wscale_ptr + rn, mask=n_ok, other=0.0)[:, None]
