@@ -2,18 +2,22 @@
 
 At decode every token (CFG row) picks k of E experts. A per-expert loop launches E small GEMMs (and
 syncs to find which experts are used); gathering the routed weights first copies them (read + write
-+ read). These two kernels index the stacked weights (E, I, H) / (E, H, I) with the device-side
-routing, so each routed expert's bytes cross HBM once per row and nothing is synchronised:
++ read). These kernels index the stacked weights (E, I, H) / (E, H, I) with the device-side routing,
+and nothing is synchronised. Two forms:
 
+per routing slot (few rows; each slot reads its expert's weights, so an expert two rows chose is read twice):
   gate_up: grid (T*k slots, I blocks)   act[s] = silu(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)
   down:    grid (T, H blocks[, splits])  y[t]   = sum_j w[t, j] * (act[t*k + j] @ Wd[e_j]^T)
+grouped (from GROUPED_MIN_ROWS rows: each chosen expert's weights cross HBM once per call):
+  gate_up: grid (E, I blocks)   every slot that chose e in the columns of one tile; unchosen experts exit
+  down:    grid (E, H blocks)   part[s] = w[s] * (act[s] @ Wd[e]^T); the last of a row's k programs to
+                                arrive (a ticket per row and H block) sums its k partials in slot order
 
-The k-sum runs in a fixed order: inside one program, or (DOWN_SPLIT > 1) over programs that each sum a
-share of the experts, the last of them adding the shares in order (a ticket, as the skinny GEMM's
-split-K): deterministic either way. Each slot is one row,
-put in column 0 of a 16-wide tile so the tensor cores do the products (CUDA-core FMAs after
-widening FP8 to fp32 made the FP8 kernel compute-bound at 1.9 TB/s); FP8 weights carry a
-per-(expert, output channel) fp32 scale applied after the reduction.
+The k-sum runs in a fixed order in every form: inside one program, or (DOWN_SPLIT > 1, grouped) over
+programs whose last to arrive adds the shares in order (kernels._triton.arrive, as the skinny GEMM's
+split-K): deterministic either way. A row is a column of a 16-wide (or wider) tile so the tensor cores
+do the products (CUDA-core FMAs after widening FP8 to fp32 made the FP8 kernel compute-bound at
+1.9 TB/s); FP8 weights carry a per-(expert, output channel) fp32 scale applied after the reduction.
 """
 from __future__ import annotations
 
@@ -250,7 +254,12 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     w_gate/w_up (E, I, H), w_down (E, H, I) bf16 or fp8-e4m3; scales = (s_gate (E, I), s_up (E, I),
     s_down (E, H)) fp32 for fp8 weights. Returns out (T, H) fp32 (act: (T*k, I) scratch).
     grouped: one program per expert instead of per routing slot (default: config "GROUPED", else from
-    GROUPED_MIN_ROWS rows on; each form has its own tuned tiles); both sum each row's experts in routing order."""
+    GROUPED_MIN_ROWS to MAX_TICKET_ROWS rows where grouped_supported(); each form has its own tuned tiles);
+    both sum each row's experts in routing order.
+
+    Preconditions the router guarantees and this does not check (it would need a host sync): each row's
+    k ids are distinct and in [0, E). The activations, partials and tickets are one buffer per GPU
+    (kernels._triton.scratch/tickets): calls must not run on two streams at once."""
     require()
     t, h = x.shape
     e, i, h2 = w_gate.shape
@@ -260,8 +269,6 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
                          f"w_down {tuple(w_down.shape)}")
     if x.stride(-1) != 1 or not (w_gate.is_contiguous() and w_up.is_contiguous() and w_down.is_contiguous()):
         raise ValueError("moe_decode needs row-contiguous x and contiguous stacked weights")
-    if t > MAX_TICKET_ROWS:
-        raise ValueError(f"moe_decode is for decode steps of <= {MAX_TICKET_ROWS} rows, got {t}")
     ids, weights = ids.contiguous(), weights.contiguous()
     fp8 = w_gate.dtype == torch.float8_e4m3fn
     if act is None:  # the down GEMM's row operand: fp16 next to FP8 weights, else the rows' dtype
@@ -269,8 +276,16 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     out = torch.empty(t, h, dtype=torch.float32, device=x.device) if out is None else out
     has_scale = scales is not None
     sg, su, sd = scales if has_scale else (act, act, act)
+    config = None if config is None else dict(config)
     if grouped is None:
-        grouped = config.get("GROUPED", t >= GROUPED_MIN_ROWS) if config is not None else t >= GROUPED_MIN_ROWS
+        grouped = config.pop("GROUPED", None) if config is not None else None
+    elif config is not None:
+        config.pop("GROUPED", None)
+    if grouped is None:
+        grouped = GROUPED_MIN_ROWS <= t <= MAX_TICKET_ROWS and grouped_supported()
+    elif grouped and (t > MAX_TICKET_ROWS or not grouped_supported()):
+        raise ValueError(f"the grouped MoE kernels take <= {MAX_TICKET_ROWS} rows (got {t}) and need triton >= 3.5 "
+                         "on a GPU (per-lane results of a vector atomic): pass grouped=False")
     if config is None:
         config = pick_grouped_config(h, i, fp8) if grouped else pick_config(h, i, fp8)
     up, down = split_config(config)
@@ -299,6 +314,16 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     return out
 
 
+def grouped_supported() -> bool:
+    """The grouped down kernel reads the per-lane result of a vector atomic (its tickets). Before triton
+    3.5 threads holding a replicated lane got 0 there (triton-lang/triton#7402, fixed by #7460), which would
+    leave a row unwritten; the interpreter is exact."""
+    if interpreting():
+        return True
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 5)
+
+
 def reserve_scratch(device, h: int, i: int, topk: int, act_dtype: torch.dtype, rows: int = MAX_TICKET_ROWS) -> None:
     """The partials and `act_dtype` activations (fp16 next to FP8 weights, else the rows' dtype) of a
     `rows`-row call, and the tickets, before any CUDA graph capture (FusedMoEDecode does it): eager calls
@@ -320,5 +345,5 @@ def split_config(config: dict) -> tuple[dict, dict]:
 
 
 __all__ = ["GROUPED_DEFAULT", "GROUPED_MIN_ROWS", "moe_decode", "candidate_configs", "down_candidates", "pick_config",
-           "pick_grouped_config", "reserve_scratch",
+           "grouped_supported", "pick_grouped_config", "reserve_scratch",
            "reserve_tickets", "split_config"]

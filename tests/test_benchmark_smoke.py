@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import tiny_config
+from benchmarks.speed import token_bytes
+from models import build, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,10 @@ def test_speed_smoke(tmp_path):
     assert b["prompts"] == 2 and 1 <= e1 <= min(llm.num_experts, 2 * llm.num_experts_per_tok)
     assert e1 < e2 <= min(llm.num_experts, 4 * llm.num_experts_per_tok)
     f = b["formats"]["float32"]
-    assert f["floor_ratio"] > 1 and f["floor_ms"]["2"] / f["floor_ms"]["1"] == pytest.approx(f["floor_ratio"])
+    model = build(tiny_config(), seed=0)  # the floors' bytes again, from the counted experts
+    bytes_at = {n: token_bytes(model, 2 * n, experts=ex)["total"] for n, ex in ((1, e1), (2, e2))}
+    assert f["floor_ratio"] == pytest.approx(bytes_at[2] / bytes_at[1]) and f["floor_ratio"] > 1
+    assert f["floor_ms"]["2"] / f["floor_ms"]["1"] == pytest.approx(f["floor_ratio"])
     assert f["step_ratio"] == pytest.approx(res["pipelines"]["image-token step: one CUDA graph, batch 2"]["median_ms"] / step["median_ms"])
     assert "Batch of 2 prompts" in (tmp_path / "speed_smoke.md").read_text()
 

@@ -259,12 +259,14 @@ def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "fp8"])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 20])
 def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, monkeypatch):
     """The grouped kernels (one program per expert, its rows in one tile): the reference sums with rows
-    that share every expert (a prompt's CFG rows) and experts no row chose; the tickets re-armed (a second
-    call gives the same bits); the per-slot kernels' result (their bits in the interpreter's fp32); and
-    moe_decode choosing them from GROUPED_MIN_ROWS rows on."""
+    that share every expert (a prompt's CFG rows), experts no row chose (1 and 5 rows) and more rows than
+    a 16-wide tile (20); the tickets re-armed (all zero after, a second call gives the same bits); the
+    per-slot kernels' result (their bits in the interpreter's fp32); moe_decode choosing them from
+    GROUPED_MIN_ROWS rows on, and a config's "GROUPED" choosing without reaching the launch."""
+    from kernels import _triton
     from kernels import moe as moe_module
     from kernels.moe import GROUPED_MIN_ROWS, moe_decode
 
@@ -278,7 +280,8 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
         ref_ws = [dequantize_rows_fp8(w, sc) for w, sc in zip(ws, scales)]
     else:
         ws = ref_ws = [w.to(DEV) for w in ws]
-    ids = torch.tensor([[4, 0, 2], [4, 0, 2], [1, 4, 5], [7, 6, 3], [2, 1, 0]][:rows], device=DEV)  # expert 3 only in row 3
+    ids = torch.tensor([[4, 0, 2], [4, 0, 2], [1, 4, 5], [7, 6, 3], [2, 1, 0]][:rows])  # expert 3 only in row 3
+    ids = torch.cat([ids, *(torch.randperm(e, generator=g)[None, :k] for _ in range(rows - len(ids)))]).to(DEV)
     x = torch.randn(rows, h, generator=g).to(DEV)
     w = torch.rand(rows, k, generator=g).to(DEV)
     wg, wu, wd = (t.float() for t in ref_ws)
@@ -291,15 +294,24 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
             self.name, self.kernel = name, getattr(moe_module, name)
 
         def __getitem__(self, grid):
-            launches.append((self.name, grid))
-            return self.kernel[grid]
+            def run(*args, **kw):
+                launches.append((self.name, grid))
+                assert "GROUPED" not in kw
+                return self.kernel[grid](*args, **kw)
+            return run
 
     for name in ("_gate_up_grouped_kernel", "_down_grouped_kernel", "_gate_up_kernel"):
         monkeypatch.setattr(moe_module, name, Recorder(name))
     cfg = {"BLOCK_N": 32, "BLOCK_K": 32}
     a, b = (moe_decode(x, ids, w, *ws, scales, config=cfg, grouped=True) for _ in range(2))
+    tix = _triton._TICKETS[("moe_decode", _triton.device_key(DEV))]
+    assert not tix.any()  # every ticket re-armed
     per_slot = moe_decode(x, ids, w, *ws, scales, config=cfg, grouped=False)
     assert launches == [("_gate_up_grouped_kernel", (e, 2)), ("_down_grouped_kernel", (e, 2))] * 2 + [("_gate_up_kernel", (rows * k, 2))]
+    launches.clear()
+    assert torch.equal(moe_decode(x, ids, w, *ws, scales, config=dict(cfg, GROUPED=rows < GROUPED_MIN_ROWS)),
+                       a if rows < GROUPED_MIN_ROWS else per_slot)
+    assert launches[0][0] == ("_gate_up_grouped_kernel" if rows < GROUPED_MIN_ROWS else "_gate_up_kernel")
     rel = 2e-3 if fmt == "fp8" else REL
     assert_close(f"kernels/moe_grouped_{fmt}_{rows}", a, ref, rel * max(1.0, ref.abs().max().item()))
     assert torch.equal(a, b)
@@ -312,31 +324,50 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
     assert launches[0][0] == ("_gate_up_grouped_kernel" if rows >= GROUPED_MIN_ROWS else "_gate_up_kernel")
 
 
-def test_decode_kernels_reuse_their_scratch():
-    """Eager calls of the MoE and attention kernels take their activations and partials from one reserved
-    buffer each (kernels._triton.scratch), not a fresh allocation each time."""
+def test_decode_kernels_reuse_their_scratch(monkeypatch):
+    """Eager calls of the MoE and attention kernels hand their kernels activations and partials from one
+    reserved buffer each (kernels._triton.scratch), not a fresh allocation each time."""
     from kernels import _triton
+    from kernels import attention as attention_module
+    from kernels import moe as moe_module
     from kernels.attention import decode_attention
     from kernels.moe import moe_decode, reserve_scratch
 
+    seen = []  # (kernel, data_ptr of its scratch argument)
+
+    class Recorder:  # argument 6 is the activations (gate_up kernels) or the partials (down, attention)
+        def __init__(self, module, name):
+            self.name, self.kernel = name, getattr(module, name)
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                seen.append((self.name, args[6].data_ptr()))
+                return self.kernel[grid](*args, **kw)
+            return run
+
+    for name in ("_gate_up_grouped_kernel", "_down_grouped_kernel", "_gate_up_kernel", "_down_kernel"):
+        monkeypatch.setattr(moe_module, name, Recorder(moe_module, name))
+    monkeypatch.setattr(attention_module, "_decode_attention_kernel", Recorder(attention_module, "_decode_attention_kernel"))
     g = torch.Generator().manual_seed(3)
     e, i, h, k, t = 4, 32, 32, 2, 3
     ws = [torch.randn(e, i, h, generator=g).to(DEV), torch.randn(e, i, h, generator=g).to(DEV), torch.randn(e, h, i, generator=g).to(DEV)]
     x, w = torch.randn(t, h, generator=g).to(DEV), torch.rand(t, k, generator=g).to(DEV)
     ids = torch.tensor([[0, 1], [1, 2], [3, 0]], device=DEV)
     reserve_scratch(DEV, h, i, k, x.dtype, rows=8)
-    bufs = {key: v.data_ptr() for key, v in _triton._SCRATCH.items() if key[0].startswith("moe_decode")}
-    assert {("moe_decode_act", _triton.device_key(DEV), x.dtype), ("moe_decode_part", _triton.device_key(DEV), torch.float32)} <= set(bufs)
+    dev = _triton.device_key(DEV)
+    act, part = (_triton._SCRATCH[(name, dev, dt)].data_ptr() for name, dt in (("moe_decode_act", x.dtype),
+                                                                               ("moe_decode_part", torch.float32)))
     for grouped in (True, False, True):
         moe_decode(x, ids, w, *ws, config={"BLOCK_N": 16, "BLOCK_K": 32, "DOWN_SPLIT": 2}, grouped=grouped)
-    assert {key: v.data_ptr() for key, v in _triton._SCRATCH.items() if key[0].startswith("moe_decode")} == bufs
+    want = [("_gate_up_grouped_kernel", act), ("_down_grouped_kernel", part), ("_gate_up_kernel", act), ("_down_kernel", part)]
+    assert seen == want[:2] + want[2:] + want[:2]
+    seen.clear()
     q, kv = torch.randn(2, 4, 1, 16, generator=g).to(DEV), torch.randn(2, 2, 96, 16, generator=g).to(DEV)
     mask = torch.ones(2, 96, dtype=torch.bool, device=DEV)
     first = decode_attention(q, kv, kv, mask, 0.25, splits=2)
-    key = ("decode_attention_part", _triton.device_key(DEV), torch.float32)
-    ptr = _triton._SCRATCH[key].data_ptr()
     assert torch.equal(decode_attention(q, kv, kv, mask, 0.25, splits=2), first)
-    assert _triton._SCRATCH[key].data_ptr() == ptr
+    ptr = _triton._SCRATCH[("decode_attention_part", dev, torch.float32)].data_ptr()
+    assert seen == [("_decode_attention_kernel", ptr)] * 2
 
 
 def test_fused_moe_mode_without_kernel_is_a_clear_error():
