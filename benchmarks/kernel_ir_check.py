@@ -59,6 +59,21 @@ def cases():
         for split in (1, 6):
             out.append((f"moe down {fmt} expert split {split}", moe._down_kernel, dn, dict(c, SPLIT_E=split),
                         dict(num_warps=4, num_stages=3)))
+    # the grouped MoE kernels at their default tiles: 2 rows (BLOCK_M 16), 16 rows, 64 rows (BLOCK_M 64); their S
+    # (slots) is compiled as a multiple of 16 like every integer here: it only bounds the ids load
+    for fmt, wty, act in (("bf16", "*bf16", "*bf16"), ("fp8", "*fp8e4nv", "*fp16")):
+        for rows in (2, 16, 64):
+            c = dict(TOPK=6, HAS_SCALE=fmt == "fp8", BLOCK_S=max(16, 1 << (rows * 6 - 1).bit_length()),
+                     BLOCK_M=max(16, 1 << (rows - 1).bit_length()), BLOCK_N=moe.GROUPED_DEFAULT["BLOCK_N"],
+                     BLOCK_K=moe.GROUPED_DEFAULT["BLOCK_K"], UPCAST=False, PDL=0)
+            gu = dict(x_ptr="*bf16", ids_ptr="*i64", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,
+                      S="i32", H="i32", I="i32", stride_x="i32")
+            dn = dict(act_ptr=act, ids_ptr="*i64", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32",
+                      part_ptr="*fp32", ticket_ptr="*i32", S="i32", H="i32", I="i32", stride_y="i32")
+            opts = dict(num_warps=4, num_stages=3)
+            out.append((f"moe grouped gate_up {fmt} {rows} rows", moe._gate_up_grouped_kernel, gu, c, opts))
+            out.append((f"moe grouped down {fmt} {rows} rows", moe._down_grouped_kernel, dn,
+                        dict(c, BLOCK_N=moe.GROUPED_DEFAULT["DOWN_BLOCK_N"], BLOCK_K=moe.GROUPED_DEFAULT["DOWN_BLOCK_K"]), opts))
     att = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", mask_ptr="*u8", last_ptr="*i64", o_ptr="*bf16",
                part_ptr="*fp32", ticket_ptr="*i32", S="i32",
                scale="fp32", **{f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kh", "ks", "vb", "vh", "vs", "mb", "ob", "oh")})
