@@ -36,17 +36,17 @@ def repeatable(fn, out: torch.Tensor, replays: int) -> dict:
 
 def check(model, cache, kw, replays: int, **gen_kwargs) -> dict:
     g = GraphImageGenerator(model, **gen_kwargs)
-    p_len = cache.kv[0].shape[2]
-    k = g.bucket_for(1, 2, p_len)
-    g.generate(cache, **kw)  # loads the buffers with a real prompt and 256 tokens of state
+    b, p_len = cache.kv[0].shape[0], cache.kv[0].shape[2]  # prompts, prompt length
+    k = g.bucket_for(b, 2, p_len)
+    g.generate(cache, **kw)  # loads the buffers with real prompts and 256 tokens of state
     pin_step(k, p_len)
     cfg = model.cfg
     dev = k.embeds.device
-    hidden = torch.empty(2, 1, cfg.llm.hidden_size, device=dev, dtype=g.dtype)
+    hidden = torch.empty(2 * b, 1, cfg.llm.hidden_size, device=dev, dtype=g.dtype)
     res = {"llm_step": repeatable(lambda: g._llm_hidden(k), hidden, replays)}
-    latent = torch.empty(1, cfg.mingtok.latent_dim, device=dev)
-    res["flow_head"] = repeatable(lambda: g.flow(hidden.view(1, 2, -1), k.noise[3], *k.scalars), latent, replays)
-    feats = torch.empty(1, 1, cfg.mingtok.semantic_dim, device=dev, dtype=g.dtype)
+    latent = torch.empty(b, cfg.mingtok.latent_dim, device=dev)
+    res["flow_head"] = repeatable(lambda: g.flow(hidden.view(b, 2, -1), k.noise[3], *k.scalars), latent, replays)
+    feats = torch.empty(b, 1, cfg.mingtok.semantic_dim, device=dev, dtype=g.dtype)
     z = latent[:, None].to(g.dtype)
     res["semantic_step"] = repeatable(lambda: g._sem_step(z, k.sem_pos, *k.sem_caches)[0], feats, replays)
     res["loop"] = loop_repeats(g, model, cache, kw)
@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--cases", default="", help="comma-separated case numbers to run (default: all)")
+    p.add_argument("--prompts", type=int, default=1, help="a batch of this many prompts (8: the MoE's grouped kernels)")
     p.add_argument("--first-divergence", action="store_true",
                    help="only: two eager loops with every Linear/norm/router/MoE call recorded; the first that differs")
     p.add_argument("--attention", action="store_true",
@@ -241,8 +242,8 @@ def main(argv=None) -> int:
     if a.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     dev, model = full_model_on_gpu("determinism_check", a.out)
-    cache, kw = token_inputs(model, dev)
-    results = {"env": environment(dev), "deterministic_algorithms": a.deterministic,
+    cache, kw = token_inputs(model, dev, a.prompts)
+    results = {"env": environment(dev), "prompts": a.prompts, "deterministic_algorithms": a.deterministic,
                "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
     path = a.out / "determinism_check.json"
     cases = {"bf16, no kernels, no compile (cuBLAS, gathered MoE)": dict(kernels=False, compile=False),

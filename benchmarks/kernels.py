@@ -32,6 +32,7 @@ from kernels.moe import moe_decode
 from kernels.moe import pick_config as moe_pick
 from kernels.skinny import (
     GATED_RESIDUAL,
+    MAX_ROWS,
     STORE,
     SWIGLU,
     Workspace,
@@ -54,7 +55,10 @@ def graph_time_us(launch, copies: int, reps: int) -> float:
     return timed(replay, torch.device("cuda"), warmup=1, runs=reps)["median_ms"] * 1e3 / LAUNCHES
 
 
-def shapes(cfg):
+def shapes(cfg, prompts: int = 1):
+    """The decode GEMMs of one image token for `prompts` prompts (2 CFG rows each); the adaLN's
+    steps x rows are cut into MAX_ROWS-row launches (runtime/fast/kernel_flow_head.py), so its row count
+    is capped there."""
     f, llm = cfg.flow_head, cfg.llm
     w, hid = f.width, f.mlp_hidden
     s = f.num_steps
@@ -63,17 +67,18 @@ def shapes(cfg):
     mt = cfg.mingtok
     sem_hidden = swiglu_hidden(mt.semantic_dim, mt.mlp_ratio)
     # name, rows, N (outputs), K, epilogue; swiglu: N is the hidden width, W has 2N rows
+    r = 2 * prompts
     return [
-        ("flow w12 + SwiGLU", 2, hid, w, SWIGLU),
-        ("flow w3 gated residual", 2, w, hid, GATED_RESIDUAL),
-        ("flow adaLN (16 steps x 2 rows)", 2 * s, 3 * w, w, STORE),
-        ("llm query_key_value", 2, qkv, llm.hidden_size, STORE),
-        ("llm dense", 2, llm.hidden_size, llm.num_heads * llm.head_dim, STORE),
-        ("llm shared gate/up", 2, shared, llm.hidden_size, STORE),
-        ("llm shared gate+up + SwiGLU (fp8 path)", 2, shared, llm.hidden_size, SWIGLU),
-        ("llm shared down", 2, llm.hidden_size, shared, STORE),
-        ("semantic w12 + SwiGLU (fp8 path)", 1, sem_hidden, mt.semantic_dim, SWIGLU),
-        ("semantic w3", 1, mt.semantic_dim, sem_hidden, STORE),
+        ("flow w12 + SwiGLU", r, hid, w, SWIGLU),
+        ("flow w3 gated residual", r, w, hid, GATED_RESIDUAL),
+        (f"flow adaLN ({s} steps x {r} rows)", min(r * s, MAX_ROWS), 3 * w, w, STORE),
+        ("llm query_key_value", r, qkv, llm.hidden_size, STORE),
+        ("llm dense", r, llm.hidden_size, llm.num_heads * llm.head_dim, STORE),
+        ("llm shared gate/up", r, shared, llm.hidden_size, STORE),
+        ("llm shared gate+up + SwiGLU (fp8 path)", r, shared, llm.hidden_size, SWIGLU),
+        ("llm shared down", r, llm.hidden_size, shared, STORE),
+        ("semantic w12 + SwiGLU (fp8 path)", prompts, sem_hidden, mt.semantic_dim, SWIGLU),
+        ("semantic w3", prompts, mt.semantic_dim, sem_hidden, STORE),
     ]
 
 
@@ -198,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="time only the default configs")
     p.add_argument("--sweep-shapes", type=int, default=99, help="sweep configs for the first N GEMM shapes (heaviest first)")
     p.add_argument("--formats", default="bf16,fp8", help="weight formats to time (comma-separated)")
+    p.add_argument("--prompts", type=int, default=1, help="the GEMMs of a batch of this many prompts (2 CFG rows each; "
+                                                              "the table is keyed by rows, so batch-1 entries stay)")
     p.add_argument("--skip-moe", action="store_true", help="no fused-MoE rows (its table entries are kept)")
     p.add_argument("--only-moe", action="store_true", help="only the fused-MoE rows (the GEMMs' table entries are kept)")
     p.add_argument("--wide", action="store_true", help="FP8: also sweep 128-wide K tiles and 6 pipeline stages")
@@ -221,15 +228,19 @@ def main(argv=None) -> int:
     res = {"env": environment(torch.device("cuda")), "peak_tbps": hbm_tbps(torch.device("cuda"), a.peak_tbps),
            "rows": []}
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.prompts != 1 and not a.skip_moe:
+        print("--prompts: the fused-MoE rows are batch 1's (their table has no row key; benchmarks/moe_grouped.py "
+              "times batches): skipped", flush=True)
+        a.skip_moe = True
     for fmt in () if a.skip_moe else formats:  # first: few candidates, and the LLM step's largest kernel
         res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table))
         if a.sweep:
             (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
-    for idx, (name, m, n, k, epi) in enumerate(() if a.only_moe else shapes(cfg)):
+    for idx, (name, m, n, k, epi) in enumerate(() if a.only_moe else shapes(cfg, a.prompts)):
         for fmt in formats:
             # the LLM's and semantic decoder's linears use the kernel only with FP8 weights (cuBLAS for bf16)
             # (the fused SwiGLU of the LLM / semantic MLPs exists only with FP8 weights)
-            sweep = a.sweep and idx < a.sweep_shapes and (fmt == "fp8" or (m > 2 or epi != STORE) and "fp8 path" not in name)
+            sweep = a.sweep and idx < a.sweep_shapes and (fmt == "fp8" or name.startswith("flow"))
             res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, sweep, table, a.wide,
                                             tuple(int(w) for w in a.warps.split(","))))
             (a.out / "kernels.json").write_text(json.dumps(res, indent=1))

@@ -89,14 +89,14 @@ def flow_head_inputs(model, dev, rows: int = 2):
     return hid, noise, [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
 
 
-def token_inputs(model, dev):
-    """A seeded prompt's prefill cache and the text-to-image arguments (2 CFG rows)."""
+def token_inputs(model, dev, prompts: int = 1):
+    """Seeded prompts' prefill cache and the text-to-image arguments (2 CFG rows each)."""
     cfg = model.cfg
     backend = TorchBackend(model)
     gen = torch.Generator().manual_seed(0)
-    ids = prompt(cfg, 24, gen)
-    cache = loop.prefill(backend, cfg, backend.embed(torch.tensor([ids], device=dev)))
-    return cache, t2i_kwargs(cfg, [ids], gen, dev)
+    ids = [prompt(cfg, 24, gen) for _ in range(prompts)]
+    cache = loop.prefill(backend, cfg, backend.embed(torch.tensor(ids, device=dev)))
+    return cache, t2i_kwargs(cfg, ids, gen, dev)
 
 
 def token_step(model, fmt: str, runs: int, dev, inductor_pdl: bool = False) -> dict:
