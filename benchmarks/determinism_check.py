@@ -5,7 +5,7 @@
 Each piece of the image-token step (LLM step, flow head, semantic-decoder step) is captured in its own
 CUDA graph on fixed inputs (the steps write their KV caches at a fixed slot: replays are idempotent)
 and replayed --replays times; any output that differs from the first replay is reported with its
-largest difference. Then the whole loop: two generate() calls on the same prompt and seed, the first
+largest difference. Then the whole loop: two generate() calls on the same prompt(s) (--prompts) and seed, the first
 image token whose latent differs, and whether the pixel decoder alone repeats. Run for the FP8 kernels with and without torch.compile, with and without PDL, and
 for the plain bf16 path (cuBLAS, gathered MoE) as the baseline. Writes OUT/determinism_check.json.
 """

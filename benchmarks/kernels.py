@@ -213,6 +213,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (the "
                    "20-launch graphs then pay every launch's ramp-up and tail, as before session 4)")
     a = p.parse_args(argv)
+    if not 1 <= a.prompts <= MAX_ROWS // 2:
+        p.error(f"--prompts must be 1 to {MAX_ROWS // 2} (2 CFG rows each, <= {MAX_ROWS} rows)")
+    if a.prompts != 1 and a.only_moe:
+        p.error("--prompts times the GEMMs at a batch's rows; the fused-MoE rows are batch 1's "
+                "(benchmarks/moe_grouped.py times batches)")
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2

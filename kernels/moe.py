@@ -302,6 +302,8 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
         return out
     _gate_up_kernel[(t * k, triton.cdiv(i, up["BLOCK_N"]))](
         x, ids, w_gate, w_up, sg, su, act, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **common, **up)
+    if t > MAX_TICKET_ROWS:  # the split is for few rows; more than the reserved tickets need none
+        split = 1
     if k % split:
         raise ValueError(f"DOWN_SPLIT={split} must divide top-k={k}")
     if split > 1:  # the shares' partials and the arrival tickets

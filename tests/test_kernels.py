@@ -268,8 +268,10 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
     GROUPED_MIN_ROWS rows on, and a config's "GROUPED" choosing without reaching the launch."""
     from kernels import _triton
     from kernels import moe as moe_module
-    from kernels.moe import GROUPED_MIN_ROWS, moe_decode
+    from kernels.moe import GROUPED_MIN_ROWS, grouped_supported, moe_decode
 
+    if not grouped_supported():
+        pytest.skip("the grouped MoE kernels need triton >= 3.5 on a GPU")
     g = torch.Generator().manual_seed(2)
     e, i, h, k = 8, 48, 40, 3
     ws = [torch.randn(e, i, h, generator=g) * 0.1, torch.randn(e, i, h, generator=g) * 0.1, torch.randn(e, h, i, generator=g) * 0.1]
@@ -331,8 +333,10 @@ def test_decode_kernels_reuse_their_scratch(monkeypatch):
     from kernels import attention as attention_module
     from kernels import moe as moe_module
     from kernels.attention import decode_attention
-    from kernels.moe import moe_decode, reserve_scratch
+    from kernels.moe import grouped_supported, moe_decode, reserve_scratch
 
+    if not grouped_supported():
+        pytest.skip("the grouped MoE kernels need triton >= 3.5 on a GPU")
     seen = []  # (kernel, data_ptr of its scratch argument)
 
     class Recorder:  # argument 6 is the activations (gate_up kernels) or the partials (down, attention)
@@ -368,6 +372,37 @@ def test_decode_kernels_reuse_their_scratch(monkeypatch):
     assert torch.equal(decode_attention(q, kv, kv, mask, 0.25, splits=2), first)
     ptr = _triton._SCRATCH[("decode_attention_part", dev, torch.float32)].data_ptr()
     assert seen == [("_decode_attention_kernel", ptr)] * 2
+
+
+def test_moe_decode_beyond_the_ticket_rows_runs_per_slot_without_a_split(monkeypatch):
+    """More rows than the reserved tickets (MAX_TICKET_ROWS): moe_decode chooses the per-slot kernels and
+    drops the expert split (which needs tickets), still equal to the reference; asking for the grouped
+    kernels there is a clear error."""
+    from kernels import moe as moe_module
+    from kernels.moe import MAX_TICKET_ROWS, moe_decode
+
+    g = torch.Generator().manual_seed(4)
+    e, i, h, k, t = 4, 16, 16, 2, MAX_TICKET_ROWS + 1
+    wg, wu = (torch.randn(e, i, h, generator=g).to(DEV) * 0.1 for _ in range(2))
+    wd = torch.randn(e, h, i, generator=g).to(DEV) * 0.1
+    x, w = torch.randn(t, h, generator=g).to(DEV), torch.rand(t, k, generator=g).to(DEV)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEV)
+    launches = []
+    real = moe_module._down_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(moe_module, "_down_kernel", Recorder())
+    got = moe_decode(x, ids, w, wg, wu, wd, config={"BLOCK_N": 16, "BLOCK_K": 16, "DOWN_SPLIT": 2})
+    assert launches == [(t, 1, 1)]
+    ref = torch.stack([sum(w[r, j] * F.linear(F.silu(F.linear(x[r], wg[ids[r, j]])) * F.linear(x[r], wu[ids[r, j]]),
+                                              wd[ids[r, j]]) for j in range(k)) for r in range(t)])
+    _check("kernels/moe_beyond_ticket_rows", got, ref)
+    with pytest.raises(ValueError, match="grouped=False"):
+        moe_decode(x, ids, w, wg, wu, wd, grouped=True)
 
 
 def test_fused_moe_mode_without_kernel_is_a_clear_error():
