@@ -125,3 +125,14 @@ def test_profile_step_smoke(tmp_path):
 
     llm = {r["kernel"]: r["count"] for r in res["parts"]["LLM step"]["rows"]}
     assert llm["aten::scaled_dot_product_attention"] == tiny_config().llm.num_layers  # one attention per layer
+
+
+def test_kernels_benchmark_rejects_a_batch_it_cannot_time():
+    """benchmarks/kernels.py --prompts: more prompts than the skinny kernel's rows, or with the MoE-only
+    mode (whose table has no row key), is an argument error before anything is built."""
+    for args, message in ((["--prompts", "33"], "--prompts must be 1 to 32"),
+                          (["--prompts", "0"], "--prompts must be 1 to 32"),
+                          (["--prompts", "8", "--only-moe"], "the fused-MoE rows are batch 1's")):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-500:])
