@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import runtime.fast.kernel_flow_head as kfh_module  # noqa: E402
-from benchmarks.pdl_check import flow_head_inputs, full_model_on_gpu  # noqa: E402
-from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
+from benchmarks.pdl_check import flow_head_bench  # noqa: E402
+from benchmarks.speed import capture, settle, timed  # noqa: E402
 from kernels._triton import set_pdl  # noqa: E402
 from kernels.skinny import GATED_RESIDUAL, SWIGLU  # noqa: E402
 
@@ -50,10 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="time the variants this many times in turn, keep the best")
     p.add_argument("--no-pdl-too", action="store_true", help="also time the full head without PDL")
     a = p.parse_args(argv)
-    dev, model = full_model_on_gpu("flow_ablation.py", a.out)
+    dev, model, (hid, noise, sc), res = flow_head_bench("flow_ablation.py", a.out)
     cfg = model.cfg
-    hid, noise, sc = flow_head_inputs(model, dev)
-    res = {"env": environment(dev), "rows": 2, "steps": cfg.flow_head.num_steps, "formats": {}}
     for fmt in a.formats.split(","):
         head = kfh_module.KernelFlowHead(model, weights=fmt)
         out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)

@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.pdl_check import flow_head_inputs, full_model_on_gpu  # noqa: E402
-from benchmarks.speed import capture, environment, repeats, timed  # noqa: E402
+from benchmarks.pdl_check import flow_head_bench  # noqa: E402
+from benchmarks.speed import capture, repeats, timed  # noqa: E402
 from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
 
 # chain launch overrides --sweep tries (shared memory per stage: BLOCK_N12 x BLOCK_K x 2 halves of FP8 plus a
@@ -73,10 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--programs", type=int, default=None, help="grid size of the chain (default: the SM count)")
     p.add_argument("--sweep", action="store_true", help="also time the chain at the SWEEP configs")
     a = p.parse_args(argv)
-    dev, model = full_model_on_gpu("flow_chain_check.py", a.out)
+    dev, model, (hid, noise, sc), res = flow_head_bench("flow_chain_check.py", a.out)
     cfg = model.cfg
-    hid, noise, sc = flow_head_inputs(model, dev)
-    res = {"env": environment(dev), "rows": 2, "steps": cfg.flow_head.num_steps, "formats": {}}
     for fmt in a.formats.split(","):
         row = {}
         for name, chain in (("launches", False), ("chain", True)):

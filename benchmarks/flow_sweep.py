@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels.skinny as skinny  # noqa: E402
-from benchmarks.pdl_check import flow_head_inputs, full_model_on_gpu  # noqa: E402
-from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
+from benchmarks.pdl_check import flow_head_bench  # noqa: E402
+from benchmarks.speed import capture, settle, timed  # noqa: E402
 from kernels._triton import set_pdl  # noqa: E402
 from kernels.skinny import GATED_RESIDUAL, SWIGLU, candidate_configs, config_key, gpu_slug  # noqa: E402
 from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
@@ -48,11 +48,10 @@ def main(argv=None) -> int:
     p.add_argument("--wide", action="store_true", help="FP8: also the wide candidates (kernels.skinny.candidate_configs)")
     p.add_argument("--install", action="store_true", help="write the table with the winners to OUT/<gpu>.json")
     a = p.parse_args(argv)
-    dev, model = full_model_on_gpu("flow_sweep.py", a.out)
-    cfg, rows = model.cfg, 2
-    hid, noise, sc = flow_head_inputs(model, dev, rows)
+    rows = 2
+    dev, model, (hid, noise, sc), res = flow_head_bench("flow_sweep.py", a.out, rows)
+    cfg = model.cfg
     table = skinny.tuned_configs_for("skinny")  # the live table pick_config reads
-    res = {"env": environment(dev), "rows": rows, "formats": {}}
     out_path = a.out / "flow_sweep.json"
     for fmt in a.formats.split(","):
         head = KernelFlowHead(model, weights=fmt)

@@ -100,6 +100,19 @@ def cases():
     return out
 
 
+def code_lines(ptx: str) -> str:
+    """The PTX's instructions and declarations: without the DWARF sections, .loc/.file lines, their labels
+    and comments, which move with every source line."""
+    keep = []
+    for line in ptx.splitlines():
+        text = line.strip()
+        if text.startswith(".section"):
+            break  # the debug sections come last
+        if not text.startswith((".loc", ".file", "//", "$L__tmp")):  # $L__tmpN: labels for the debug info
+            keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
 def ptxas_usage(ptx: str, sm: int) -> dict:
     """Registers and spill bytes of `ptx` for `sm` from triton's bundled ptxas (the newest that takes it)."""
     import triton
@@ -161,7 +174,8 @@ def inspect(fn, sig, consts, opts, target, odd=("M", "row_div", "scale", "DEPTH"
     sig = dict(sig, **{k: "constexpr" for k in consts})
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target, options=opts)
     ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
-    return {"pipelined": "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir or "cp.async" in ptx,
+    return {"ptx": ptx,  # (main() keeps it out of the JSON; --ptx writes it)
+            "pipelined": "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir or "cp.async" in ptx,
             "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
             # copies narrower than 16 bytes (FP8 tiles of 64 rows get 8-byte ones: half-width loads)
             "cp_async_narrow": len(re.findall(r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)?\s*\[[^\]]+\],\s*\[[^\]]+\],\s*(?:0x)?[1-9]\b", ptx)),
@@ -174,6 +188,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sm", type=int, default=None, help="compile for this SM (default: this GPU's)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--ptx", type=Path, default=None,
+                   help="also write each kernel's PTX here, without debug lines: compile two trees and diff the folders "
+                        "to see whether a source change moved any instruction")
     a = p.parse_args(argv)
     import torch
     import triton
@@ -192,6 +209,10 @@ def main(argv=None) -> int:
     for name, fn, sig, consts, opts in [textbook_matmul(), *cases()]:
         try:
             r = inspect(fn, sig, consts, opts, target)
+            ptx = r.pop("ptx")
+            if a.ptx is not None:
+                a.ptx.mkdir(parents=True, exist_ok=True)
+                (a.ptx / (re.sub(r"\W+", "_", name).strip("_") + ".ptx")).write_text(code_lines(ptx))
         except Exception as exc:  # report, don't hide
             r = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"}
         res["kernels"][name] = r

@@ -129,16 +129,23 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=
     return row
 
 
+def moe_weights(llm, fmt: str, dev="cuda") -> tuple[list, tuple | None]:
+    """Random stacked expert weights of the LLM's shapes: [gate (E, I, H), up, down (E, H, I)] in bf16, or
+    FP8 with their per-channel scales (moe_decode's arguments)."""
+    e, i, h = llm.num_experts, llm.moe_intermediate_size, llm.hidden_size
+    ws = [torch.randn(e, i, h, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)] + \
+         [torch.randn(e, h, i, device=dev, dtype=torch.bfloat16) * 0.02]
+    if fmt != "fp8":
+        return ws, None
+    q = [quantize_rows_fp8(t) for t in ws]
+    return [a for a, _ in q], tuple(s for _, s in q)
+
+
 def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
     llm = cfg.llm
     e, i, h, k = llm.num_experts, llm.moe_intermediate_size, llm.hidden_size, llm.num_experts_per_tok
     dev = "cuda"
-    ws = [torch.randn(e, i, h, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)] + \
-         [torch.randn(e, h, i, device=dev, dtype=torch.bfloat16) * 0.02]
-    scales = None
-    if fmt == "fp8":
-        q = [quantize_rows_fp8(t) for t in ws]
-        ws, scales = [a for a, _ in q], tuple(s for _, s in q)
+    ws, scales = moe_weights(llm, fmt, dev)
     g = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)]).to(dev)  # distinct per row
     topw = torch.rand(rows, k, device=dev)

@@ -26,10 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kernels import graph_time_us  # noqa: E402
+from benchmarks.kernels import graph_time_us, moe_weights  # noqa: E402
 from benchmarks.speed import environment  # noqa: E402
-from kernels.fp8 import quantize_rows_fp8  # noqa: E402
-from kernels.moe import GROUPED_MIN_ROWS, moe_decode, pick_config, pick_grouped_config  # noqa: E402
+from kernels.moe import GROUPED_MIN_ROWS, moe_decode, pick_config  # noqa: E402
 from models import full_config  # noqa: E402
 
 SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "DOWN_BLOCK_N": dbn, "DOWN_BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
@@ -67,14 +66,9 @@ def main(argv=None) -> int:
     path = a.out / "moe_grouped.json"
     g = torch.Generator().manual_seed(0)
     for fmt in a.formats.split(","):
-        ws = [torch.randn(e, i, h, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2)] + \
-             [torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) * 0.02]
-        scales = None
-        if fmt == "fp8":
-            q = [quantize_rows_fp8(t) for t in ws]
-            ws, scales = [w for w, _ in q], tuple(s for _, s in q)
+        ws, scales = moe_weights(llm, fmt)
         expert_bytes = 3 * i * h * (1 if fmt == "fp8" else 2)
-        default, default_grouped = pick_config(h, i, fmt == "fp8"), pick_grouped_config(h, i, fmt == "fp8")
+        default, default_grouped = (pick_config(h, i, fmt == "fp8", grouped) for grouped in (False, True))
         for rows in (int(r) for r in a.rows.split(",")):
             x = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16)
             topw = torch.rand(rows, k, device="cuda")

@@ -89,6 +89,14 @@ def flow_head_inputs(model, dev, rows: int = 2):
     return hid, noise, [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
 
 
+def flow_head_bench(script: str, out: Path, rows: int = 2):
+    """What the flow-head checks (flow_ablation, flow_chain_check, flow_sweep) start from: (device, the
+    full model, flow_head_inputs, a results dict with the environment and the head's shape)."""
+    dev, model = full_model_on_gpu(script, out)
+    res = {"env": environment(dev), "rows": rows, "steps": model.cfg.flow_head.num_steps, "formats": {}}
+    return dev, model, flow_head_inputs(model, dev, rows), res
+
+
 def token_inputs(model, dev, prompts: int = 1):
     """Seeded prompts' prefill cache and the text-to-image arguments (2 CFG rows each)."""
     cfg = model.cfg

@@ -419,24 +419,29 @@ def main(argv=None) -> int:
             bcache = loop.prefill(backend, cfg, backend.embed(torch.tensor(pids, device=device)))
             bkw = t2i_kwargs(cfg, pids, gen, device)
             pb = bcache.kv[0].shape[2]
-            fast_gen.generate(bcache, **bkw)
-            label = "CUDA graph + kernels bf16" if use_kernels else "CUDA graph per token"
-            rec("pipelines", f"text-to-image, {label} (batch {bsz})", lambda: fast_gen.generate(bcache, **bkw),
-                r=a.e2e_runs, w=0)
-            step_label = "CUDA graph + kernels (bf16)" if use_kernels else "one CUDA graph"
-            bk = fast_gen.bucket_for(bsz, rows, pb)
-            rec("pipelines", f"image-token step: {step_label}, batch {bsz}", step_of(fast_gen, bk, pb))
-            if use_kernels:
-                breakdown(fast_gen, bk, "bf16", rec, f", batch {bsz}")
+
+            def time_batch(g, fmt: str, step_label: str, e2e_label: str, floor: dict):
+                """Batch text-to-image, its token step and parts on generator g, and their ratios to batch 1."""
+                g.generate(bcache, **bkw)
+                rec("pipelines", f"text-to-image, {e2e_label} (batch {bsz})", lambda: g.generate(bcache, **bkw),
+                    r=a.e2e_runs, w=0)
+                bk = g.bucket_for(bsz, rows, pb)
+                rec("pipelines", f"image-token step: {step_label}, batch {bsz}", step_of(g, bk, pb))
+                if g.kernels:
+                    breakdown(g, bk, fmt, rec, f", batch {bsz}")
+                batch_floor(results, floor, bsz, fmt, step_label, e2e_label)
+                save()
+
             experts = {1: routed_experts(model, cache, kw, rows), bsz: routed_experts(model, bcache, bkw, rows)}
             results["batch"] = {"prompts": bsz, "distinct_experts_per_layer": {str(b): e for b, e in experts.items()},
                                 "formats": {}}
             # floors with the measured experts, now: FP8 streaming later swaps the modules these bytes are counted from
             floors = {fmt: {b: token_bytes(model, rows * b, el=el, experts=e)["total"] / (peak * 1e12) * 1e3
                             for b, e in experts.items()} for fmt, el in (("model", None), ("fp8", 1))}
-            batch_floor(results, floors["model"], bsz, "bf16" if use_kernels else str(dtype).split(".")[-1],
-                        step_label, label)
-            save()
+            if use_kernels:
+                time_batch(fast_gen, "bf16", "CUDA graph + kernels (bf16)", "CUDA graph + kernels bf16", floors["model"])
+            else:
+                time_batch(fast_gen, str(dtype).split(".")[-1], "one CUDA graph", "CUDA graph per token", floors["model"])
         if want("eager-e2e") and not a.skip_eager_e2e:
             out = {}
             rec("pipelines", "text-to-image, eager pieces (baseline)",
@@ -459,14 +464,7 @@ def main(argv=None) -> int:
                 r=a.e2e_runs, w=1)
             images["fast_fp8"] = fp8_gen.generate(cache, **kw).image.float()
             if bcache is not None:  # the same batch with FP8 weights
-                fp8_gen.generate(bcache, **bkw)
-                rec("pipelines", f"text-to-image, CUDA graph + kernels fp8 (batch {bsz})",
-                    lambda: fp8_gen.generate(bcache, **bkw), r=a.e2e_runs, w=0)
-                bk = fp8_gen.bucket_for(bsz, rows, pb)
-                rec("pipelines", f"image-token step: CUDA graph + kernels (fp8), batch {bsz}", step_of(fp8_gen, bk, pb))
-                breakdown(fp8_gen, bk, "fp8", rec, f", batch {bsz}")
-                batch_floor(results, floors["fp8"], bsz, "fp8", "CUDA graph + kernels (fp8)", "CUDA graph + kernels fp8")
-                save()
+                time_batch(fp8_gen, "fp8", "CUDA graph + kernels (fp8)", "CUDA graph + kernels fp8", floors["fp8"])
         results["accuracy"] = accuracy(images, "fp32" if dtype == torch.float32 else "bf16")
         print("image accuracy:", results["accuracy"], flush=True)
         print("single-step accuracy (relative L2 vs the eager reference):", step_accuracy, flush=True)

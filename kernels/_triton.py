@@ -173,8 +173,21 @@ def device_key(device) -> str:
     return str(dev)
 
 
-_TICKETS: dict[tuple[str, str], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown ticket buffers, kept alive for the graphs that hold them
+_BUFFERS: dict[tuple, torch.Tensor] = {}  # tickets and scratch, by (kind, owner, device[, dtype])
+_RETIRED: list[torch.Tensor] = []  # outgrown buffers, kept alive for the graphs that hold them
+
+
+def _registered(key: tuple, n: int, make, capturing):
+    """The registry's buffer for `key`, grown to n elements with make(n) outside a CUDA graph capture; during
+    one, capturing(n) answers instead (a buffer of its own, or an error)."""
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return capturing(n)
+        if buf is not None:  # graphs captured earlier still use the old buffer: it must stay allocated
+            _RETIRED.append(buf)
+        buf = _BUFFERS[key] = make(n)
+    return buf
 
 
 def tickets(owner: str, device, n: int) -> torch.Tensor:
@@ -182,19 +195,11 @@ def tickets(owner: str, device, n: int) -> torch.Tensor:
     others' partials in a fixed order, then re-arms its ticket), one buffer per (owner, device). Made before
     any CUDA graph capture; launches on one stream are ordered, so every layer shares it, but two streams
     must not run `owner`'s kernels on one device at once."""
-    key = (owner, device_key(device))
-    buf = _TICKETS.get(key)
-    if buf is None or buf.numel() < n:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{owner}'s tickets must be reserved before a CUDA graph capture "
-                               "(runtime.fast.decode_weights.prepare_decode does it)")
-        if buf is not None:  # graphs captured earlier still use the old buffer: it must stay allocated
-            _RETIRED.append(buf)
-        buf = _TICKETS[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return buf
-
-
-_SCRATCH: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
+    def refuse(_):
+        raise RuntimeError(f"{owner}'s tickets must be reserved before a CUDA graph capture "
+                           "(runtime.fast.decode_weights.prepare_decode does it)")
+    return _registered(("tickets", owner, device_key(device)), n,
+                       lambda size: torch.zeros(size, dtype=torch.int32, device=device), refuse)
 
 
 def scratch(owner: str, device, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -202,15 +207,8 @@ def scratch(owner: str, device, n: int, dtype: torch.dtype = torch.float32) -> t
     a kernel's programs), from one buffer per (owner, device, dtype) that grows as needed, so eager calls
     allocate nothing. Every call on one stream shares it (as tickets()). A CUDA graph capture that
     needs more than was reserved gets its own allocation from the graph's pool instead of growing it."""
-    key = (owner, device_key(device), dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < n:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return torch.empty(n, dtype=dtype, device=device)
-        if buf is not None:  # graphs captured earlier still use the old buffer: it must stay allocated
-            _RETIRED.append(buf)
-        buf = _SCRATCH[key] = torch.empty(n, dtype=dtype, device=device)
-    return buf[:n]
+    make = lambda size: torch.empty(size, dtype=dtype, device=device)  # noqa: E731
+    return _registered(("scratch", owner, device_key(device), dtype), n, make, make)[:n]
 
 
 def next_pow2(n: int) -> int:

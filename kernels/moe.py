@@ -21,6 +21,8 @@ do the products (CUDA-core FMAs after widening FP8 to fp32 made the FP8 kernel c
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._triton import interpreting, next_pow2, pdl_launch, require, scratch, tickets, tl, triton
@@ -219,26 +221,20 @@ def reserve_tickets(device, h: int, rows: int = MAX_TICKET_ROWS) -> torch.Tensor
 
 
 # the grouped kernels' tiles: the best of benchmarks/moe_grouped.py's sweep at 2 to 16 rows, both formats,
-# on an H200 (benchmarks/results/moe_grouped_h200_s9.json); measured GPUs may table their own ("moe_grouped")
+# on an H200 (benchmarks/results/moe_grouped_h200_s9.json); measured GPUs may table their own (pick_config)
 GROUPED_DEFAULT = {"BLOCK_N": 64, "BLOCK_K": 128, "DOWN_BLOCK_N": 64, "DOWN_BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
-def pick_grouped_config(h: int, i: int, fp8: bool) -> dict:
-    if interpreting():
-        return {"BLOCK_N": 32, "BLOCK_K": 64}
-    from .skinny import tuned_configs_for
-
-    found = tuned_configs_for("moe_grouped").get(f"h{h}_i{i}_{'fp8' if fp8 else 'bf16'}")
-    return dict(found) if found else dict(GROUPED_DEFAULT)
-
-
-def pick_config(h: int, i: int, fp8: bool) -> dict:
+def pick_config(h: int, i: int, fp8: bool, grouped: bool = False) -> dict:
+    """The launch config of the per-slot (table "moe") or grouped (table "moe_grouped") kernels."""
     if interpreting():
         return {"BLOCK_N": 32, "BLOCK_K": 64}  # few, wide programs: the interpreter runs them one by one
     from .skinny import tuned_configs_for
 
-    found = tuned_configs_for("moe").get(f"h{h}_i{i}_{'fp8' if fp8 else 'bf16'}")
-    return dict(found) if found else {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+    found = tuned_configs_for("moe_grouped" if grouped else "moe").get(f"h{h}_i{i}_{'fp8' if fp8 else 'bf16'}")
+    if found:
+        return dict(found)
+    return dict(GROUPED_DEFAULT) if grouped else {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 
 
 # From this many rows on, moe_decode runs the grouped kernels (one program per expert, all its rows in one
@@ -277,18 +273,14 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     has_scale = scales is not None
     sg, su, sd = scales if has_scale else (act, act, act)
     config = None if config is None else dict(config)
-    if grouped is None:
-        grouped = config.pop("GROUPED", None) if config is not None else None
-    elif config is not None:
-        config.pop("GROUPED", None)
+    tabled = config.pop("GROUPED", None) if config is not None else None  # a choice, not a launch argument
+    grouped = tabled if grouped is None else grouped
     if grouped is None:
         grouped = GROUPED_MIN_ROWS <= t <= MAX_TICKET_ROWS and grouped_supported()
     elif grouped and (t > MAX_TICKET_ROWS or not grouped_supported()):
         raise ValueError(f"the grouped MoE kernels take <= {MAX_TICKET_ROWS} rows (got {t}) and need triton >= 3.5 "
                          "on a GPU (per-lane results of a vector atomic): pass grouped=False")
-    if config is None:
-        config = pick_grouped_config(h, i, fp8) if grouped else pick_config(h, i, fp8)
-    up, down = split_config(config)
+    up, down = split_config(config if config is not None else pick_config(h, i, fp8, grouped))
     common = dict(UPCAST=interpreting(), **pdl_launch(x.device))
     split = down.pop("SPLIT_E")
     n_blocks = triton.cdiv(h, down["BLOCK_N"])
@@ -316,6 +308,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     return out
 
 
+@functools.cache
 def grouped_supported() -> bool:
     """The grouped down kernel reads the per-lane result of a vector atomic (its tickets). Before triton
     3.5 threads holding a replicated lane got 0 there (triton-lang/triton#7402, fixed by #7460), which would
@@ -347,5 +340,4 @@ def split_config(config: dict) -> tuple[dict, dict]:
 
 
 __all__ = ["GROUPED_DEFAULT", "GROUPED_MIN_ROWS", "moe_decode", "candidate_configs", "down_candidates", "pick_config",
-           "grouped_supported", "pick_grouped_config", "reserve_scratch",
-           "reserve_tickets", "split_config"]
+           "grouped_supported", "reserve_scratch", "reserve_tickets", "split_config"]

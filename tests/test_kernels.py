@@ -306,7 +306,7 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
         monkeypatch.setattr(moe_module, name, Recorder(name))
     cfg = {"BLOCK_N": 32, "BLOCK_K": 32}
     a, b = (moe_decode(x, ids, w, *ws, scales, config=cfg, grouped=True) for _ in range(2))
-    tix = _triton._TICKETS[("moe_decode", _triton.device_key(DEV))]
+    tix = _triton._BUFFERS[("tickets", "moe_decode", _triton.device_key(DEV))]
     assert not tix.any()  # every ticket re-armed
     per_slot = moe_decode(x, ids, w, *ws, scales, config=cfg, grouped=False)
     assert launches == [("_gate_up_grouped_kernel", (e, 2)), ("_down_grouped_kernel", (e, 2))] * 2 + [("_gate_up_kernel", (rows * k, 2))]
@@ -359,7 +359,7 @@ def test_decode_kernels_reuse_their_scratch(monkeypatch):
     ids = torch.tensor([[0, 1], [1, 2], [3, 0]], device=DEV)
     reserve_scratch(DEV, h, i, k, x.dtype, rows=8)
     dev = _triton.device_key(DEV)
-    act, part = (_triton._SCRATCH[(name, dev, dt)].data_ptr() for name, dt in (("moe_decode_act", x.dtype),
+    act, part = (_triton._BUFFERS[("scratch", name, dev, dt)].data_ptr() for name, dt in (("moe_decode_act", x.dtype),
                                                                                ("moe_decode_part", torch.float32)))
     for grouped in (True, False, True):
         moe_decode(x, ids, w, *ws, config={"BLOCK_N": 16, "BLOCK_K": 32, "DOWN_SPLIT": 2}, grouped=grouped)
@@ -370,7 +370,7 @@ def test_decode_kernels_reuse_their_scratch(monkeypatch):
     mask = torch.ones(2, 96, dtype=torch.bool, device=DEV)
     first = decode_attention(q, kv, kv, mask, 0.25, splits=2)
     assert torch.equal(decode_attention(q, kv, kv, mask, 0.25, splits=2), first)
-    ptr = _triton._SCRATCH[("decode_attention_part", dev, torch.float32)].data_ptr()
+    ptr = _triton._BUFFERS[("scratch", "decode_attention_part", dev, torch.float32)].data_ptr()
     assert seen == [("_decode_attention_kernel", ptr)] * 2
 
 
