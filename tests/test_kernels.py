@@ -443,6 +443,30 @@ def test_kernel_flow_head_close_to_reference(fmt):
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 @torch.no_grad()
+def test_kernel_flow_head_modulations_through_cublas(fmt):
+    """Above 64 modulation rows (S*M = 4 steps x 18 rows here) the adaLN GEMMs go to cuBLAS (fp32 products on
+    the CPU): the latent equals the skinny kernel's 64-row passes within rounding, FP8 scales and biases
+    included, and only the cuBLAS head made the widened weights."""
+    from runtime.fast.kernel_flow_head import KernelFlowHead
+
+    model = build(tiny_config(), seed=0, device=DEV)
+    g = torch.Generator().manual_seed(7)
+    hid = torch.randn(6, 3, model.cfg.llm.hidden_size, generator=g).to(DEV)
+    noise = torch.randn(6, model.cfg.flow_head.latent_dim, generator=g).to(DEV)
+    s = [torch.tensor([v], device=DEV) for v in (2.5, 1.2, 0.8)]
+    cublas, skinny = KernelFlowHead(model, weights=fmt), KernelFlowHead(model, weights=fmt)
+    skinny.cublas_mods_above = 10**9
+    got, ref = cublas(hid, noise, *s), skinny(hid, noise, *s)
+    assert cublas._wide is not None and skinny._wide is None
+    for lin, wide in zip([b["ada"] for b in cublas.blocks] + [cublas.final_ada], cublas._wide["weights"]):
+        assert wide.dtype == (torch.float16 if fmt == "fp8" else torch.bfloat16)
+        assert torch.equal(wide.float(), lin.weight.float())  # widening FP8 to fp16 is exact
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if interpreting() else 5e-3), f"cuBLAS modulations ({fmt}) against the kernel's: rel L2 {rel:.2e}"
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@torch.no_grad()
 def test_flow_chain_matches_the_block_launches(fmt):
     """The experimental one-launch Euler step (kernels/flow_chain.py; one program in the interpreter, every
     SM on a GPU) gives the flow head's latent within rounding of the per-block launches, and re-arms its

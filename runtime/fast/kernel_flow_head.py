@@ -12,8 +12,17 @@ adaLN modulations in one GEMM per block), laid out for the memory-bound decode r
               x  += dt * guide(v)                                one launch
 with M = B*R rows. The residual stream and the modulations stay fp32 (the reference rounds them to
 bf16 at each op); the GEMM operands are bf16 (bf16 weights) or fp16 (FP8 weights widened exactly to fp16).
+
+Above MAX_ROWS modulation rows (S*M > 64: three prompts or more with 2 CFG rows) the modulation GEMMs go to
+cuBLAS instead (`_mods_cublas`). At 8 prompts they are 256 rows: compute-bound, where the skinny kernel's four
+64-row passes read the weights four times and run its fp16 dot products well below the tensor cores' rate
+(H200: 4 x 25 us FP8, 4 x 24 us bf16 per block, against 17 us for one 64-row cuBLAS pass). Same operands and
+fp32 accumulation as the kernel; FP8 weights are widened once into an fp16 copy (2 bytes per modulation
+weight, made on the first such call) and their per-channel scale applied after the product.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +35,17 @@ from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, Workspace, skinny_g
 from models.univision import MingUniVision
 
 from .flow_head import FastFlowHead
+
+logger = logging.getLogger(__name__)
+
+
+def _mm_fp32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """out (M, N) fp32 = x (M, K) @ w (N, K)^T, fp32 accumulation. On a GPU cuBLAS with x rounded to w's 16-bit
+    type, as the kernels round their operands; on the CPU fp32 products, as the kernels in the interpreter."""
+    if x.is_cuda:
+        torch.mm(x.to(w.dtype), w.t(), out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(x.float(), w.float().t(), out=out)
 
 
 class PackedLinear:
@@ -62,7 +82,9 @@ class KernelFlowHead(nn.Module):
         self.final = PackedLinear(net.final_layer.linear, weights)
         self.final_ada = PackedLinear(net.final_layer.adaLN_modulation[1], weights)
         self.input_proj = PackedLinear(net.input_proj, weights)
+        self.cublas_mods_above = MAX_ROWS  # modulation rows above which cuBLAS computes them (module docstring)
         self._scratch: dict[tuple, dict] = {}
+        self._wide: dict | None = None  # the modulation weights as cuBLAS takes them, made on first use
 
     def set_chain(self, on: bool, config: dict | None = None) -> None:
         """Switch the experimental one-launch Euler step on or off (config: FlowChain's launch overrides); the
@@ -109,6 +131,39 @@ class KernelFlowHead(nn.Module):
             skinny_gemm(x[i:i + MAX_ROWS], lin.weight, out[i:i + MAX_ROWS], w_scale=lin.scale, bias=lin.bias,
                         workspace=ws)
 
+    def _wide_mods(self) -> dict:
+        """The modulation weights for `_mods_cublas`: bf16 as packed, or FP8 widened exactly to fp16 with the
+        per-output-channel scale kept apart (applied after the product, with the bias)."""
+        if self._wide is None:
+            lins = [blk["ada"] for blk in self.blocks] + [self.final_ada]
+            fp8 = self.weights == "fp8"
+            ones = [torch.ones(lin.weight.shape[0], dtype=torch.float32, device=lin.weight.device) for lin in lins]
+            scale = [o if lin.scale is None else lin.scale.reshape(-1) for o, lin in zip(ones, lins)]
+            bias = [o * 0 if lin.bias is None else lin.bias for o, lin in zip(ones, lins)]
+            self._wide = dict(weights=[lin.weight.to(torch.float16) if fp8 else lin.weight for lin in lins],
+                              fp8=fp8,
+                              scale=torch.stack(scale[:-1])[:, None], bias=torch.stack(bias[:-1])[:, None],  # (D, 1, 3W)
+                              fscale=scale[-1], fbias=bias[-1])  # (2W,)
+            if fp8:
+                mib = sum(w.numel() * 2 for w in self._wide["weights"]) / 2**20
+                logger.info("flow head: %.0f MiB fp16 copy of the FP8 modulation weights for cuBLAS (> %d rows)",
+                            mib, self.cublas_mods_above)
+        return self._wide
+
+    def _mods_cublas(self, sy, buf) -> None:
+        """mods_all (D, S*M, 3W) and fmod (S*M, 2W), fp32, = sy @ W^T * scale + bias with cuBLAS (many rows)."""
+        wide = self._wide_mods()
+        x = sy.to(wide["weights"][0].dtype) if sy.is_cuda else sy  # one rounding for all D + 1 products
+        for w, out in zip(wide["weights"], list(buf["mods_all"]) + [buf["fmod"]]):
+            _mm_fp32(x, w, out)
+        mods = buf["mods_all"]
+        if wide["fp8"]:  # per-output-channel weight scale, then bias: one pass over all blocks
+            torch.addcmul(wide["bias"], mods, wide["scale"], out=mods)
+            torch.addcmul(wide["fbias"], buf["fmod"], wide["fscale"], out=buf["fmod"])
+        else:
+            mods.add_(wide["bias"])
+            buf["fmod"].add_(wide["fbias"])
+
     def forward(self, condition_hidden, noise, text_cfg, image_cfg, temperature):
         """condition_hidden (B, R, H) LLM hidden of the CFG rows; noise (B, C) -> latent (B, C) fp32."""
         b, r, _ = condition_hidden.shape
@@ -118,9 +173,12 @@ class KernelFlowHead(nn.Module):
         buf = self._scratch_for(m, condition_hidden.device, condition_hidden.dtype)
         z = fh.vis_head(condition_hidden).reshape(m, -1)  # (M, Z)
         sy = F.silu(fh.temb[:, None] + fh.net.cond_embed(z)[None]).reshape(s * m, w)  # (S*M, W)
-        for blk, mods in zip(self.blocks, buf["mods_all"]):
-            self._gemm_rows(sy, blk["ada"], mods, buf["ws_mod"])
-        self._gemm_rows(sy, self.final_ada, buf["fmod"], buf["ws_mod"])
+        if s * m > self.cublas_mods_above:
+            self._mods_cublas(sy, buf)
+        else:
+            for blk, mods in zip(self.blocks, buf["mods_all"]):
+                self._gemm_rows(sy, blk["ada"], mods, buf["ws_mod"])
+            self._gemm_rows(sy, self.final_ada, buf["fmod"], buf["ws_mod"])
         h, xn, act, v = buf["h"], buf["xn"], buf["act"], buf["v"]
         x = noise.float() * temperature  # (B, C)
         for k in range(s):
