@@ -56,9 +56,9 @@ def graph_time_us(launch, copies: int, reps: int) -> float:
 
 
 def shapes(cfg, prompts: int = 1):
-    """The decode GEMMs of one image token for `prompts` prompts (2 CFG rows each); the adaLN's
-    steps x rows are cut into MAX_ROWS-row launches (runtime/fast/kernel_flow_head.py), so its row count
-    is capped there."""
+    """The decode GEMMs of one image token for `prompts` prompts (2 CFG rows each). The adaLN's steps x
+    rows are capped at MAX_ROWS here: up to that the flow head runs them on the kernel, above it on cuBLAS
+    (runtime/fast/kernel_flow_head.py), so the capped row shows one 64-row pass."""
     f, llm = cfg.flow_head, cfg.llm
     w, hid = f.width, f.mlp_hidden
     s = f.num_steps

@@ -97,6 +97,9 @@ def environment(device) -> dict:
             from kernels import pdl_enabled
 
             env["pdl"] = pdl_enabled(device)  # programmatic dependent launch of the decode kernels
+            from kernels.moe import GROUPED_MIN_ROWS
+
+            env["moe_grouped_min_rows"] = GROUPED_MIN_ROWS  # MINGRT_MOE_GROUPED_MIN_ROWS may move it
         except ImportError:
             pass
     try:

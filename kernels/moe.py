@@ -12,6 +12,8 @@ grouped (from GROUPED_MIN_ROWS rows: each chosen expert's weights cross HBM once
   gate_up: grid (E, I blocks)   every slot that chose e in the columns of one tile; unchosen experts exit
   down:    grid (E, H blocks)   part[s] = w[s] * (act[s] @ Wd[e]^T); the last of a row's k programs to
                                 arrive (a ticket per row and H block) sums its k partials in slot order
+  with fewer slots than experts (T*k < E) the grid's first axis is the slots instead: a slot's program
+  takes its expert if it is that expert's first slot, so no program waits on the E - T*k idle experts
 
 The k-sum runs in a fixed order in every form: inside one program, or (DOWN_SPLIT > 1, grouped) over
 programs whose last to arrive adds the shares in order (kernels._triton.arrive, as the skinny GEMM's
@@ -22,6 +24,7 @@ do the products (CUDA-core FMAs after widening FP8 to fp32 made the FP8 kernel c
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -121,15 +124,31 @@ if triton is not None:
         return slot, used, tl.sum(match, axis=0)
 
     @triton.jit
+    def _program_expert(ids_ptr, S, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BY_SLOT: tl.constexpr):
+        """This program's expert, the slots that chose it (_expert_slots) and whether it has work. BY_SLOT
+        (fewer slots than experts): program p takes the expert of slot p, and works only if p is that expert's
+        first slot, so the grid holds the slots, not every expert. Else program p takes expert p."""
+        p = tl.program_id(0)
+        if BY_SLOT:
+            e = tl.load(ids_ptr + p).to(tl.int32)
+            slot, used, count = _expert_slots(ids_ptr, e, S, BLOCK_S, BLOCK_M)
+            work = tl.min(tl.where(used, slot, S), axis=0) == p
+        else:
+            e = p
+            slot, used, count = _expert_slots(ids_ptr, e, S, BLOCK_S, BLOCK_M)
+            work = count > 0
+        return e, slot, used, work
+
+    @triton.jit
     def _gate_up_grouped_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, S, H, I, stride_x,
                                 TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BY_SLOT: tl.constexpr, UPCAST: tl.constexpr,
+                                PDL: tl.constexpr):
         """One program per (expert, I block): every row that chose the expert in one tile, so its weights
-        cross HBM once per call however many rows share it. Experts no row chose exit at once."""
+        cross HBM once per call however many rows share it. Programs without an expert exit at once."""
         pdl_enter(PDL)
-        e = tl.program_id(0)
-        slot, used, count = _expert_slots(ids_ptr, e, S, BLOCK_S, BLOCK_M)
-        if count > 0:
+        e, slot, used, work = _program_expert(ids_ptr, S, BLOCK_S, BLOCK_M, BY_SLOT)
+        if work:
             t = slot // TOPK
             rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             rk = tl.arange(0, BLOCK_K)
@@ -155,15 +174,15 @@ if triton is not None:
     @triton.jit
     def _down_grouped_kernel(act_ptr, ids_ptr, topw_ptr, wd_ptr, sd_ptr, y_ptr, part_ptr, ticket_ptr, S, H, I, stride_y,
                              TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BY_SLOT: tl.constexpr, UPCAST: tl.constexpr,
+                             PDL: tl.constexpr):
         """One program per (expert, H block): part[slot] = topw[slot] * (act[slot] @ Wd[e]^T) for the slots
         that chose e. A row's k slots sit in k programs; the last of them to arrive (a ticket per row and
         H block) sums the row's k partials in routing order: the sum does not depend on scheduling."""
         pdl_enter(PDL)
-        e = tl.program_id(0)
         pid_n = tl.program_id(1)
-        slot, used, count = _expert_slots(ids_ptr, e, S, BLOCK_S, BLOCK_M)
-        if count > 0:
+        e, slot, used, work = _program_expert(ids_ptr, S, BLOCK_S, BLOCK_M, BY_SLOT)
+        if work:
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             rk = tl.arange(0, BLOCK_K)
             n_ok = rn < H
@@ -240,7 +259,20 @@ def pick_config(h: int, i: int, fp8: bool, grouped: bool = False) -> dict:
 # From this many rows on, moe_decode runs the grouped kernels (one program per expert, all its rows in one
 # tile: each chosen expert's weights cross HBM once) instead of one program per routing slot (each slot
 # reads its expert's weights again, which L2 catches only in part). benchmarks/moe_grouped.py measures both.
-GROUPED_MIN_ROWS = 4
+# MINGRT_MOE_GROUPED_MIN_ROWS overrides it (benchmarking the forms in whole steps), read at import.
+GROUPED_MIN_ROWS_ENV = "MINGRT_MOE_GROUPED_MIN_ROWS"
+
+
+def _grouped_min_rows(default: int = 4) -> int:
+    raw = os.environ.get(GROUPED_MIN_ROWS_ENV, "")
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{GROUPED_MIN_ROWS_ENV}={raw!r}: expected a row count >= 1")
+    return int(raw)
+
+
+GROUPED_MIN_ROWS = _grouped_min_rows()
 
 
 def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -284,11 +316,13 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     common = dict(UPCAST=interpreting(), **pdl_launch(x.device))
     split = down.pop("SPLIT_E")
     n_blocks = triton.cdiv(h, down["BLOCK_N"])
-    if grouped:
-        slots = dict(BLOCK_S=next_pow2(max(t * k, 16)), BLOCK_M=max(16, next_pow2(t)))
-        _gate_up_grouped_kernel[(e, triton.cdiv(i, up["BLOCK_N"]))](
+    if grouped:  # a program per expert, or per slot where there are fewer slots (at most one works per expert)
+        by_slot = t * k < e
+        slots = dict(BLOCK_S=next_pow2(max(t * k, 16)), BLOCK_M=max(16, next_pow2(t)), BY_SLOT=by_slot)
+        programs = t * k if by_slot else e
+        _gate_up_grouped_kernel[(programs, triton.cdiv(i, up["BLOCK_N"]))](
             x, ids, w_gate, w_up, sg, su, act, t * k, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **slots, **common, **up)
-        _down_grouped_kernel[(e, n_blocks)](
+        _down_grouped_kernel[(programs, n_blocks)](
             act, ids, weights, w_down, sd, out, scratch("moe_decode_part", x.device, t * k * h), reserve_tickets(x.device, h, t),
             t * k, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale, **slots, **common, **down)
         return out

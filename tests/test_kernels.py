@@ -259,11 +259,11 @@ def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "fp8"])
-@pytest.mark.parametrize("rows", [1, 5, 20])
+@pytest.mark.parametrize("rows", [2, 5, 20])
 def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, monkeypatch):
     """The grouped kernels (one program per expert, its rows in one tile): the reference sums with rows
-    that share every expert (a prompt's CFG rows), experts no row chose (1 and 5 rows) and more rows than
-    a 16-wide tile (20); the tickets re-armed (all zero after, a second call gives the same bits); the
+    that share every expert (a prompt's CFG rows), experts no row chose (2 and 5 rows) and more rows than
+    a 16-wide tile (20); a program per slot (2 rows: 6 slots, 8 experts, each chosen twice) and per expert (5 and 20 rows); the tickets re-armed (all zero after, a second call gives the same bits); the
     per-slot kernels' result (their bits in the interpreter's fp32); moe_decode choosing them from
     GROUPED_MIN_ROWS rows on, and a config's "GROUPED" choosing without reaching the launch."""
     from kernels import _triton
@@ -309,7 +309,8 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
     tix = _triton._BUFFERS[("tickets", "moe_decode", _triton.device_key(DEV))]
     assert not tix.any()  # every ticket re-armed
     per_slot = moe_decode(x, ids, w, *ws, scales, config=cfg, grouped=False)
-    assert launches == [("_gate_up_grouped_kernel", (e, 2)), ("_down_grouped_kernel", (e, 2))] * 2 + [("_gate_up_kernel", (rows * k, 2))]
+    programs = rows * k if rows * k < e else e  # a program per slot where there are fewer slots than experts
+    assert launches == [("_gate_up_grouped_kernel", (programs, 2)), ("_down_grouped_kernel", (programs, 2))] * 2 + [("_gate_up_kernel", (rows * k, 2))]
     launches.clear()
     assert torch.equal(moe_decode(x, ids, w, *ws, scales, config=dict(cfg, GROUPED=rows < GROUPED_MIN_ROWS)),
                        a if rows < GROUPED_MIN_ROWS else per_slot)
@@ -324,6 +325,19 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
     launches.clear()
     moe_decode(x, ids, w, *ws, scales, config=cfg)
     assert launches[0][0] == ("_gate_up_grouped_kernel" if rows >= GROUPED_MIN_ROWS else "_gate_up_kernel")
+
+
+def test_grouped_min_rows_from_the_environment(monkeypatch):
+    from kernels.moe import GROUPED_MIN_ROWS_ENV, _grouped_min_rows
+
+    monkeypatch.delenv(GROUPED_MIN_ROWS_ENV, raising=False)
+    assert _grouped_min_rows() == 4
+    monkeypatch.setenv(GROUPED_MIN_ROWS_ENV, "2")
+    assert _grouped_min_rows() == 2
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv(GROUPED_MIN_ROWS_ENV, bad)
+        with pytest.raises(ValueError, match=GROUPED_MIN_ROWS_ENV):
+            _grouped_min_rows()
 
 
 def test_decode_kernels_reuse_their_scratch(monkeypatch):
@@ -444,11 +458,14 @@ def test_kernel_flow_head_close_to_reference(fmt):
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 @torch.no_grad()
 def test_kernel_flow_head_modulations_through_cublas(fmt):
-    """Above 64 modulation rows (S*M = 4 steps x 18 rows here) the adaLN GEMMs go to cuBLAS (fp32 products on
-    the CPU): the latent equals the skinny kernel's 64-row passes within rounding, FP8 scales and biases
-    included, and only the cuBLAS head made the widened weights."""
-    from runtime.fast.kernel_flow_head import KernelFlowHead
+    """Above 64 modulation rows (S*M = 4 steps x 18 rows here) the adaLN GEMMs go to cuBLAS (fp32 products in
+    the interpreter): the modulations equal the skinny kernel's 64-row passes within fp32 rounding (same
+    operands), FP8 scales and biases included, and so does the latent; 64 rows stay on the kernel; only
+    the cuBLAS head widened the weights, at warm-up. On a GPU a captured graph replays the eager call."""
+    from runtime.fast.kernel_flow_head import MM_FP32_OUT, KernelFlowHead
 
+    if not MM_FP32_OUT:
+        pytest.skip("the cuBLAS modulations need torch >= 2.8 (mm with an fp32 out_dtype)")
     model = build(tiny_config(), seed=0, device=DEV)
     g = torch.Generator().manual_seed(7)
     hid = torch.randn(6, 3, model.cfg.llm.hidden_size, generator=g).to(DEV)
@@ -456,13 +473,31 @@ def test_kernel_flow_head_modulations_through_cublas(fmt):
     s = [torch.tensor([v], device=DEV) for v in (2.5, 1.2, 0.8)]
     cublas, skinny = KernelFlowHead(model, weights=fmt), KernelFlowHead(model, weights=fmt)
     skinny.cublas_mods_above = 10**9
+    cublas(hid[:4, :2], noise[:4], *s)  # 4 steps x 8 rows = 32: the kernel
+    cublas(hid[:, :2].repeat(2, 1, 1)[:8], noise.repeat(2, 1)[:8], *s)  # 64: still the kernel
+    assert cublas._wide is None
     got, ref = cublas(hid, noise, *s), skinny(hid, noise, *s)
     assert cublas._wide is not None and skinny._wide is None
     for lin, wide in zip([b["ada"] for b in cublas.blocks] + [cublas.final_ada], cublas._wide["weights"]):
         assert wide.dtype == (torch.float16 if fmt == "fp8" else torch.bfloat16)
         assert torch.equal(wide.float(), lin.weight.float())  # widening FP8 to fp16 is exact
+    (buf_c,) = [v for (m, _), v in cublas._scratch.items() if m == 18]
+    (buf_s,) = skinny._scratch.values()
+    assert "ws_mod" not in buf_c and "ws_mod" in buf_s
+    for key in ("mods_all", "fmod"):  # same operands, fp32 sums in another order
+        assert_close(f"kernels/flow_mods_cublas_{fmt}_{key}", buf_c[key], buf_s[key],
+                     (1e-6 if interpreting() else 1e-4) * buf_s[key].abs().max().item())
     rel = ((got - ref).norm() / ref.norm()).item()
-    assert rel < (1e-5 if interpreting() else 5e-3), f"cuBLAS modulations ({fmt}) against the kernel's: rel L2 {rel:.2e}"
+    assert rel < (1e-5 if interpreting() else 1e-3), f"cuBLAS modulations ({fmt}) against the kernel's: rel L2 {rel:.2e}"
+    if torch.cuda.is_available() and not interpreting():
+        from runtime.fast.graphed import capture_graph
+
+        graph, out = capture_graph(lambda: cublas(hid, noise, *s), hid.device)
+        graph.replay()
+        first = out.clone()
+        graph.replay()
+        assert torch.equal(out, first)  # cuBLAS may pick another algorithm on the capture stream: close, not equal
+        assert_close(f"kernels/flow_mods_cublas_{fmt}_graph", first, got, 1e-5 * got.abs().max().item())
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])

@@ -13,21 +13,25 @@ adaLN modulations in one GEMM per block), laid out for the memory-bound decode r
 with M = B*R rows. The residual stream and the modulations stay fp32 (the reference rounds them to
 bf16 at each op); the GEMM operands are bf16 (bf16 weights) or fp16 (FP8 weights widened exactly to fp16).
 
-Above MAX_ROWS modulation rows (S*M > 64: three prompts or more with 2 CFG rows) the modulation GEMMs go to
-cuBLAS instead (`_mods_cublas`). At 8 prompts they are 256 rows: compute-bound, where the skinny kernel's four
+Above MAX_ROWS modulation rows (S*M > 64: three prompts or more with 2 CFG rows, two with 3) the modulation
+GEMMs go to cuBLAS instead (`_mods_cublas`; torch >= 2.8, whose mm takes an fp32 out_dtype; older torches
+keep the 64-row passes). At 8 prompts they are 256 rows: compute-bound, where the skinny kernel's four
 64-row passes read the weights four times and run its fp16 dot products well below the tensor cores' rate
 (H200: 4 x 25 us FP8, 4 x 24 us bf16 per block, against 17 us for one 64-row cuBLAS pass). Same operands and
 fp32 accumulation as the kernel; FP8 weights are widened once into an fp16 copy (2 bytes per modulation
-weight, made on the first such call) and their per-channel scale applied after the product.
+weight, made with the scratch of the first such row count, at its warm-up) and their per-channel scale
+applied after the product.
 """
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import interpreting
 from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
 from kernels.guidance import guide_euler_
 from kernels.layernorm import ln_modulate
@@ -39,13 +43,18 @@ from .flow_head import FastFlowHead
 logger = logging.getLogger(__name__)
 
 
+F16_MAX = 65504.0
+# torch.mm(a, b, out_dtype=torch.float32) for 16-bit a, b: torch >= 2.8
+MM_FP32_OUT = "dtype_out" in torch.ops.aten.mm.overloads()
+
+
 def _mm_fp32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
-    """out (M, N) fp32 = x (M, K) @ w (N, K)^T, fp32 accumulation. On a GPU cuBLAS with x rounded to w's 16-bit
-    type, as the kernels round their operands; on the CPU fp32 products, as the kernels in the interpreter."""
-    if x.is_cuda:
-        torch.mm(x.to(w.dtype), w.t(), out_dtype=torch.float32, out=out)
-    else:
+    """out (M, N) fp32 = x (M, K) @ w (N, K)^T, fp32 accumulation: cuBLAS (x already in w's 16-bit type, as
+    the kernels round their operands); in Triton's interpreter fp32 products, as its kernels."""
+    if interpreting():
         torch.mm(x.float(), w.float().t(), out=out)
+    else:
+        torch.mm(x, w.t(), out_dtype=torch.float32, out=out)
 
 
 class PackedLinear:
@@ -82,7 +91,8 @@ class KernelFlowHead(nn.Module):
         self.final = PackedLinear(net.final_layer.linear, weights)
         self.final_ada = PackedLinear(net.final_layer.adaLN_modulation[1], weights)
         self.input_proj = PackedLinear(net.input_proj, weights)
-        self.cublas_mods_above = MAX_ROWS  # modulation rows above which cuBLAS computes them (module docstring)
+        # modulation rows above which cuBLAS computes them (module docstring)
+        self.cublas_mods_above = MAX_ROWS if MM_FP32_OUT else sys.maxsize
         self._scratch: dict[tuple, dict] = {}
         self._wide: dict | None = None  # the modulation weights as cuBLAS takes them, made on first use
 
@@ -117,8 +127,12 @@ class KernelFlowHead(nn.Module):
                 mods_all=torch.empty(len(self.blocks), s * m, 3 * w, dtype=torch.float32, device=dev),
                 fmod=torch.empty(s * m, 2 * w, dtype=torch.float32, device=dev),
                 ws_up=Workspace(hidden, m, dev), ws_down=Workspace(w, m, dev), ws_in=Workspace(w, m, dev),
-                ws_final=Workspace(c, m, dev), ws_mod=Workspace(3 * w, min(s * m, MAX_ROWS), dev),
+                ws_final=Workspace(c, m, dev),
             )
+            if s * m > self.cublas_mods_above:  # the modulations go to cuBLAS: their weights, not a workspace
+                self._wide_mods()
+            else:
+                self._scratch[key]["ws_mod"] = Workspace(3 * w, min(s * m, MAX_ROWS), dev)
             if self.chain:
                 from kernels.flow_chain import FlowChain
 
@@ -133,8 +147,11 @@ class KernelFlowHead(nn.Module):
 
     def _wide_mods(self) -> dict:
         """The modulation weights for `_mods_cublas`: bf16 as packed, or FP8 widened exactly to fp16 with the
-        per-output-channel scale kept apart (applied after the product, with the bias)."""
+        per-output-channel scale kept apart (applied after the product, with the bias). Made with the scratch,
+        at warm-up: never inside a CUDA graph capture."""
         if self._wide is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("KernelFlowHead: run a row count once before capturing it (warm-up)")
             lins = [blk["ada"] for blk in self.blocks] + [self.final_ada]
             fp8 = self.weights == "fp8"
             ones = [torch.ones(lin.weight.shape[0], dtype=torch.float32, device=lin.weight.device) for lin in lins]
@@ -153,7 +170,9 @@ class KernelFlowHead(nn.Module):
     def _mods_cublas(self, sy, buf) -> None:
         """mods_all (D, S*M, 3W) and fmod (S*M, 2W), fp32, = sy @ W^T * scale + bias with cuBLAS (many rows)."""
         wide = self._wide_mods()
-        x = sy.to(wide["weights"][0].dtype) if sy.is_cuda else sy  # one rounding for all D + 1 products
+        x = sy
+        if not interpreting():  # the kernel's operand rounding, once for all D + 1 products (fp16: clamped)
+            x = (sy.clamp(-F16_MAX, F16_MAX) if wide["fp8"] else sy).to(wide["weights"][0].dtype)
         for w, out in zip(wide["weights"], list(buf["mods_all"]) + [buf["fmod"]]):
             _mm_fp32(x, w, out)
         mods = buf["mods_all"]
