@@ -59,13 +59,14 @@ def cases():
         for split in (1, 6):
             out.append((f"moe down {fmt} expert split {split}", moe._down_kernel, dn, dict(c, SPLIT_E=split),
                         dict(num_warps=4, num_stages=3)))
-    # the grouped MoE kernels at their default tiles: 2 rows (BLOCK_M 16), 16 rows, 64 rows (BLOCK_M 64); their S
-    # (slots) is compiled as a multiple of 16 like every integer here: it only bounds the ids load
+    # the grouped MoE kernels at their default tiles: 2 rows (BLOCK_M 16, a program per slot), 16 rows, 64 rows
+    # (BLOCK_M 64); their S (slots) is compiled as a multiple of 16 like every integer here: it only bounds
+    # the ids load
     for fmt, wty, act in (("bf16", "*bf16", "*bf16"), ("fp8", "*fp8e4nv", "*fp16")):
         for rows in (2, 16, 64):
             c = dict(TOPK=6, HAS_SCALE=fmt == "fp8", BLOCK_S=max(16, 1 << (rows * 6 - 1).bit_length()),
                      BLOCK_M=max(16, 1 << (rows - 1).bit_length()), BLOCK_N=moe.GROUPED_DEFAULT["BLOCK_N"],
-                     BLOCK_K=moe.GROUPED_DEFAULT["BLOCK_K"], UPCAST=False, PDL=0)
+                     BLOCK_K=moe.GROUPED_DEFAULT["BLOCK_K"], BY_SLOT=rows * 6 < 64, UPCAST=False, PDL=0)  # 64 experts
             gu = dict(x_ptr="*bf16", ids_ptr="*i64", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,
                       S="i32", H="i32", I="i32", stride_x="i32")
             dn = dict(act_ptr=act, ids_ptr="*i64", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32",

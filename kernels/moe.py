@@ -259,11 +259,13 @@ def pick_config(h: int, i: int, fp8: bool, grouped: bool = False) -> dict:
 # From this many rows on, moe_decode runs the grouped kernels (one program per expert, all its rows in one
 # tile: each chosen expert's weights cross HBM once) instead of one program per routing slot (each slot
 # reads its expert's weights again, which L2 catches only in part). benchmarks/moe_grouped.py measures both.
+# 2 (batch 1's CFG rows) since the grouped grid holds slots, not experts, when there are fewer slots: on an
+# H200 the FP8 LLM step took 2.53 against 2.83 ms (benchmarks/results/h200_session10.md).
 # MINGRT_MOE_GROUPED_MIN_ROWS overrides it (benchmarking the forms in whole steps), read at import.
 GROUPED_MIN_ROWS_ENV = "MINGRT_MOE_GROUPED_MIN_ROWS"
 
 
-def _grouped_min_rows(default: int = 4) -> int:
+def _grouped_min_rows(default: int = 2) -> int:
     raw = os.environ.get(GROUPED_MIN_ROWS_ENV, "")
     if not raw:
         return default

@@ -6,6 +6,8 @@ kernels do, so the references round the same operands and the bounds allow for r
 The GPU-only checks (determinism of split-K across many launches, default launch configs at the
 released shapes) are marked `gpu`.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -244,8 +246,9 @@ def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):
             return run
 
     monkeypatch.setattr(moe_module, "_down_kernel", Recorder(moe_module._down_kernel))
-    a, b = moe_decode(x, ids, w, wg, wu, wd, config=shared), moe_decode(x, ids, w, wg, wu, wd, config=own)
-    c1, c2 = (moe_decode(x, ids, w, wg, wu, wd, config=split) for _ in range(2))
+    per_slot = functools.partial(moe_decode, grouped=False)  # 2 rows would take the grouped kernels
+    a, b = per_slot(x, ids, w, wg, wu, wd, config=shared), per_slot(x, ids, w, wg, wu, wd, config=own)
+    c1, c2 = (per_slot(x, ids, w, wg, wu, wd, config=split) for _ in range(2))
     # H=40: 2 blocks of 32, 3 of 16; the split: 3 programs per block
     assert launches == [((t, 2, 1), 32, 32, 1), ((t, 3, 1), 16, 64, 1), ((t, 3, 3), 16, 64, 3), ((t, 3, 3), 16, 64, 3)]
     ref = torch.stack([sum(w[r, j] * F.linear(F.silu(F.linear(x[r], wg[ids[r, j]])) * F.linear(x[r], wu[ids[r, j]]),
@@ -255,15 +258,15 @@ def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):
     _check("kernels/moe_down_expert_split", c1, ref)
     assert torch.equal(c1, c2)
     with pytest.raises(ValueError, match="divide"):
-        moe_decode(x, ids, w, wg, wu, wd, config=dict(own, DOWN_SPLIT=2))
+        per_slot(x, ids, w, wg, wu, wd, config=dict(own, DOWN_SPLIT=2))
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "fp8"])
-@pytest.mark.parametrize("rows", [2, 5, 20])
+@pytest.mark.parametrize("rows", [1, 2, 5, 20])
 def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, monkeypatch):
     """The grouped kernels (one program per expert, its rows in one tile): the reference sums with rows
-    that share every expert (a prompt's CFG rows), experts no row chose (2 and 5 rows) and more rows than
-    a 16-wide tile (20); a program per slot (2 rows: 6 slots, 8 experts, each chosen twice) and per expert (5 and 20 rows); the tickets re-armed (all zero after, a second call gives the same bits); the
+    that share every expert (a prompt's CFG rows), experts no row chose (1, 2 and 5 rows) and more rows than
+    a 16-wide tile (20); a program per slot (1 row; 2 rows: 6 slots, 8 experts, each chosen twice) and per expert (5 and 20 rows); the tickets re-armed (all zero after, a second call gives the same bits); the
     per-slot kernels' result (their bits in the interpreter's fp32); moe_decode choosing them from
     GROUPED_MIN_ROWS rows on, and a config's "GROUPED" choosing without reaching the launch."""
     from kernels import _triton
@@ -331,9 +334,9 @@ def test_grouped_min_rows_from_the_environment(monkeypatch):
     from kernels.moe import GROUPED_MIN_ROWS_ENV, _grouped_min_rows
 
     monkeypatch.delenv(GROUPED_MIN_ROWS_ENV, raising=False)
-    assert _grouped_min_rows() == 4
-    monkeypatch.setenv(GROUPED_MIN_ROWS_ENV, "2")
     assert _grouped_min_rows() == 2
+    monkeypatch.setenv(GROUPED_MIN_ROWS_ENV, "4")
+    assert _grouped_min_rows() == 4
     for bad in ("0", "-1", "two"):
         monkeypatch.setenv(GROUPED_MIN_ROWS_ENV, bad)
         with pytest.raises(ValueError, match=GROUPED_MIN_ROWS_ENV):
