@@ -17,7 +17,8 @@ Also checks each grouped result against the per-slot one and that two grouped ca
 --sweep-fine searches the grouped tiles more widely, in two stages on the "cfg pairs" routing: the
 gate_up kernel's tile with the stages and warps of both kernels (they share them) and the default down
 tile, then the down kernel's tile with the best of those. Batch 1 runs 2 rows, where the grouped kernels
-took as long as the per-slot ones, which read twice the bytes (session 10).
+took as long as the per-slot ones, which read twice the bytes (session 10, before the grouped grid held
+slots instead of experts at few rows).
 """
 from __future__ import annotations
 

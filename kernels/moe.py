@@ -5,7 +5,8 @@ syncs to find which experts are used); gathering the routed weights first copies
 + read). These kernels index the stacked weights (E, I, H) / (E, H, I) with the device-side routing,
 and nothing is synchronised. Two forms:
 
-per routing slot (few rows; each slot reads its expert's weights, so an expert two rows chose is read twice):
+per routing slot (below GROUPED_MIN_ROWS rows, i.e. one; each slot reads its expert's weights, so an expert
+two rows chose is read twice):
   gate_up: grid (T*k slots, I blocks)   act[s] = silu(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)
   down:    grid (T, H blocks[, splits])  y[t]   = sum_j w[t, j] * (act[t*k + j] @ Wd[e_j]^T)
 grouped (from GROUPED_MIN_ROWS rows: each chosen expert's weights cross HBM once per call):
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 
@@ -115,7 +117,7 @@ if triton is not None:
         """The routing slots (row * k + j) that chose expert e, packed in slot order into BLOCK_M columns:
         (slot of each column, whether the column is used, how many are)."""
         rs = tl.arange(0, BLOCK_S)
-        match = (tl.load(ids_ptr + rs, mask=rs < S, other=-1) == e).to(tl.int32)
+        match = ((tl.load(ids_ptr + rs, mask=rs < S, other=-1) == e) & (rs < S)).to(tl.int32)  # never a padding lane
         rank = tl.cumsum(match, axis=0) - 1
         cols = tl.arange(0, BLOCK_M)
         sel = (rank[None, :] == cols[:, None]) & (match[None, :] == 1)  # (BLOCK_M, BLOCK_S): column c <- its slot
@@ -144,7 +146,7 @@ if triton is not None:
                                 TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BY_SLOT: tl.constexpr, UPCAST: tl.constexpr,
                                 PDL: tl.constexpr):
-        """One program per (expert, I block): every row that chose the expert in one tile, so its weights
+        """One working program per (chosen expert, I block): every row that chose the expert in one tile, so its weights
         cross HBM once per call however many rows share it. Programs without an expert exit at once."""
         pdl_enter(PDL)
         e, slot, used, work = _program_expert(ids_ptr, S, BLOCK_S, BLOCK_M, BY_SLOT)
@@ -176,7 +178,7 @@ if triton is not None:
                              TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BY_SLOT: tl.constexpr, UPCAST: tl.constexpr,
                              PDL: tl.constexpr):
-        """One program per (expert, H block): part[slot] = topw[slot] * (act[slot] @ Wd[e]^T) for the slots
+        """One working program per (chosen expert, H block): part[slot] = topw[slot] * (act[slot] @ Wd[e]^T) for the slots
         that chose e. A row's k slots sit in k programs; the last of them to arrive (a ticket per row and
         H block) sums the row's k partials in routing order: the sum does not depend on scheduling."""
         pdl_enter(PDL)
@@ -259,8 +261,9 @@ def pick_config(h: int, i: int, fp8: bool, grouped: bool = False) -> dict:
 # From this many rows on, moe_decode runs the grouped kernels (one program per expert, all its rows in one
 # tile: each chosen expert's weights cross HBM once) instead of one program per routing slot (each slot
 # reads its expert's weights again, which L2 catches only in part). benchmarks/moe_grouped.py measures both.
-# 2 (batch 1's CFG rows) since the grouped grid holds slots, not experts, when there are fewer slots: on an
-# H200 the FP8 LLM step took 2.53 against 2.83 ms (benchmarks/results/h200_session10.md).
+# 2 (batch 1's CFG rows) since the grouped grid holds slots, not experts, when there are fewer slots: one
+# layer at 2 rows 37.8 against 40.8 us (FP8, H200), and the FP8 LLM step 2.53 against 2.83 ms in another
+# run (benchmarks/results/h200_session10.md). Measured on the H200 only.
 # MINGRT_MOE_GROUPED_MIN_ROWS overrides it (benchmarking the forms in whole steps), read at import.
 GROUPED_MIN_ROWS_ENV = "MINGRT_MOE_GROUPED_MIN_ROWS"
 
@@ -269,7 +272,7 @@ def _grouped_min_rows(default: int = 2) -> int:
     raw = os.environ.get(GROUPED_MIN_ROWS_ENV, "")
     if not raw:
         return default
-    if not raw.isdigit() or int(raw) < 1:
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
         raise ValueError(f"{GROUPED_MIN_ROWS_ENV}={raw!r}: expected a row count >= 1")
     return int(raw)
 
@@ -283,7 +286,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     """Weighted sum of each row's routed experts: x (T, H); ids (T, k) int; weights (T, k) fp32;
     w_gate/w_up (E, I, H), w_down (E, H, I) bf16 or fp8-e4m3; scales = (s_gate (E, I), s_up (E, I),
     s_down (E, H)) fp32 for fp8 weights. Returns out (T, H) fp32 (act: (T*k, I) scratch).
-    grouped: one program per expert instead of per routing slot (default: config "GROUPED", else from
+    grouped: one working program per chosen expert instead of one per routing slot (default: config "GROUPED", else from
     GROUPED_MIN_ROWS to MAX_TICKET_ROWS rows where grouped_supported(); each form has its own tuned tiles);
     both sum each row's experts in routing order.
 

@@ -330,6 +330,35 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
     assert launches[0][0] == ("_gate_up_grouped_kernel" if rows >= GROUPED_MIN_ROWS else "_gate_up_kernel")
 
 
+@pytest.mark.parametrize("ids", [[[4, 0, 2], [4, 1, 3]], [[1, 2, 3], [4, 5, 6]], [[0, 1, 2], [3, 4, 5], [6, 7, 0]]],
+                         ids=["partly shared", "disjoint", "9 of 8 slots"])
+def test_grouped_moe_each_expert_once(ids):
+    """The grouped grid's per-slot form (fewer slots than experts): only the first slot of an expert works, so a
+    row's tickets get exactly k arrivals. Rows sharing some experts, none, and one slot more than experts (the
+    per-expert grid): the per-slot kernels' result (bit for bit in the interpreter) and every ticket re-armed."""
+    from kernels import _triton
+    from kernels.moe import grouped_supported, moe_decode
+
+    if not grouped_supported():
+        pytest.skip("the grouped MoE kernels need triton >= 3.5 on a GPU")
+    g = torch.Generator().manual_seed(4)
+    e, i, h = 8, 48, 40
+    wg, wu = (torch.randn(e, i, h, generator=g).to(DEV) * 0.1 for _ in range(2))
+    wd = torch.randn(e, h, i, generator=g).to(DEV) * 0.1
+    ids = torch.tensor(ids, device=DEV)
+    t, k = ids.shape
+    x = torch.randn(t, h, generator=g).to(DEV)
+    w = torch.rand(t, k, generator=g).to(DEV)
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 32}
+    got = moe_decode(x, ids, w, wg, wu, wd, config=cfg, grouped=True)
+    assert not _triton._BUFFERS[("tickets", "moe_decode", _triton.device_key(DEV))].any()
+    ref = moe_decode(x, ids, w, wg, wu, wd, config=cfg, grouped=False)
+    if interpreting():
+        assert torch.equal(got, ref)
+    else:
+        _check("kernels/moe_grouped_each_expert_once", got, ref)
+
+
 def test_grouped_min_rows_from_the_environment(monkeypatch):
     from kernels.moe import GROUPED_MIN_ROWS_ENV, _grouped_min_rows
 
