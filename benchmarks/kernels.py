@@ -55,6 +55,24 @@ def graph_time_us(launch, copies: int, reps: int) -> float:
     return timed(replay, torch.device("cuda"), warmup=1, runs=reps)["median_ms"] * 1e3 / LAUNCHES
 
 
+def time_configs(configs: list[dict], run) -> list[dict]:
+    """{"config", "us": run(config)} for each launch config; one that does not fit (out of shared memory, a
+    failed compile) gets {"config", "error"} instead and is reported."""
+    out = []
+    for c in configs:
+        try:
+            out.append({"config": c, "us": run(c)})
+        except Exception as exc:  # noqa: BLE001 - not a candidate on this GPU
+            print(f"  skip {c}: {type(exc).__name__}", flush=True)
+            out.append({"config": c, "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"})
+    return out
+
+
+def fastest(tried: list[dict], best: tuple[float, dict]) -> tuple[float, dict]:
+    """(us, config) of the fastest of `tried` and `best` (best wins ties)."""
+    return min([best] + [(r["us"], r["config"]) for r in tried if "us" in r], key=lambda p: p[0])
+
+
 def shapes(cfg, prompts: int = 1):
     """The decode GEMMs of one image token for `prompts` prompts (2 CFG rows each). The adaLN's steps x
     rows are capped at MAX_ROWS here: up to that the flow head runs them on the kernel, above it on cuBLAS
@@ -115,14 +133,7 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=
     row = {"name": name, "rows": m, "N": w_rows, "K": k, "fmt": fmt, "rows_dtype": str(x.dtype).split(".")[-1],
            "weight_mb": nbytes / 1e6, "default_config": default, "us": run(default)}
     if sweep:
-        best = (row["us"], default)
-        for c in candidate_configs(n, k, fmt == "fp8", wide, warps):
-            try:
-                t = run(c)
-            except Exception as exc:  # out of shared memory and the like: not a candidate here
-                print(f"  skip {c}: {type(exc).__name__}", flush=True)
-                continue
-            best = min(best, (t, c), key=lambda p: p[0])
+        best = fastest(time_configs(candidate_configs(n, k, fmt == "fp8", wide, warps), run), (row["us"], default))
         row["best_us"], row["best_config"] = best
         table["skinny"][config_key(m, n, k, fmt == "fp8", epi)] = best[1]
     t_us = min(row["us"], row.get("best_us", row["us"]))
@@ -176,13 +187,8 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
     row = {"name": f"moe decode, per-slot kernels ({rows} rows, top-{k} of {e})", "fmt": fmt, "experts_read": used,
            "weight_mb": nbytes / 1e6, "default_config": default, "us": run(default)}
     if sweep:
-        best = (row["us"], default)
-        for stage in (moe_candidates, lambda: moe_down_candidates(best[1], k)):  # shared tile, then the down kernel's own
-            for c in stage():
-                try:
-                    best = min(best, (run(c), c), key=lambda p: p[0])
-                except Exception as exc:
-                    print(f"  skip {c}: {type(exc).__name__}", flush=True)
+        best = fastest(time_configs(moe_candidates(), run), (row["us"], default))  # the shared tile first,
+        best = fastest(time_configs(moe_down_candidates(best[1], k), run), best)   # then the down kernel's own
         row["best_us"], row["best_config"] = best
         table["moe"][f"h{h}_i{i}_{fmt}"] = best[1]
     t_us = min(row["us"], row.get("best_us", row["us"]))

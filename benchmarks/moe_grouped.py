@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kernels import graph_time_us, moe_weights  # noqa: E402
+from benchmarks.kernels import fastest, graph_time_us, moe_weights, time_configs  # noqa: E402
 from benchmarks.speed import environment  # noqa: E402
 from kernels.moe import GROUPED_MIN_ROWS, moe_decode, pick_config  # noqa: E402
 from models import full_config  # noqa: E402
@@ -41,26 +41,15 @@ SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "DOWN_BLOCK_N": dbn, "DOWN_BLOCK_K": 128
          for bn, bk, dbn in ((32, 256, 32), (64, 128, 64), (64, 256, 64), (128, 64, 64), (128, 128, 128), (64, 64, 128))]
 
 
-def timed(configs: list[dict], run) -> list[dict]:
-    """run(config) -> us for each config; a config that does not fit (or fails to compile) is reported."""
-    out = []
-    for c in configs:
-        try:
-            out.append({"config": c, "us": run(c)})
-        except Exception as exc:  # noqa: BLE001
-            out.append({"config": c, "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"})
-    return out
-
-
 def fine_sweep(default: dict, run) -> list[dict]:
     """The two stages of --sweep-fine (module docstring)."""
     down = {key: v for key, v in default.items() if key.startswith("DOWN_")}
-    first = timed([dict(down, BLOCK_N=bn, BLOCK_K=bk, num_stages=st, num_warps=nw) for bn, bk in
-                   ((16, 256), (16, 512), (32, 128), (32, 256), (32, 512), (64, 128), (64, 256))
-                   for st in (3, 4, 6) for nw in (2, 4)], run)
-    best = min((r for r in first if "us" in r), key=lambda r: r["us"], default={"config": default})["config"]
-    return first + timed([dict(best, DOWN_BLOCK_N=bn, DOWN_BLOCK_K=bk) for bn, bk in
-                          ((16, 128), (16, 256), (32, 64), (32, 128), (32, 256), (64, 64), (64, 128), (64, 256))], run)
+    first = time_configs([dict(down, BLOCK_N=bn, BLOCK_K=bk, num_stages=st, num_warps=nw) for bn, bk in
+                          ((16, 256), (16, 512), (32, 128), (32, 256), (32, 512), (64, 128), (64, 256))
+                          for st in (3, 4, 6) for nw in (2, 4)], run)
+    best = fastest(first, (float("inf"), default))[1]
+    return first + time_configs([dict(best, DOWN_BLOCK_N=bn, DOWN_BLOCK_K=bk) for bn, bk in
+                                 ((16, 128), (16, 256), (32, 64), (32, 128), (32, 256), (64, 64), (64, 128), (64, 256))], run)
 
 
 def routings(e: int, k: int, rows: int, pattern: str, g: torch.Generator, n: int = 12) -> list[torch.Tensor]:
@@ -121,7 +110,7 @@ def main(argv=None) -> int:
                 if a.sweep_fine and pattern == "cfg pairs":
                     row["grouped_sweep"] = fine_sweep(default_grouped, lambda c: run(c, True))
                 elif a.sweep:
-                    row["grouped_sweep"] = timed(SWEEP, lambda c: run(c, True))
+                    row["grouped_sweep"] = time_configs(SWEEP, lambda c: run(c, True))
                 if "grouped_sweep" in row:
                     best = min((s for s in row["grouped_sweep"] if "us" in s), key=lambda s: s["us"], default=None)
                     if best:

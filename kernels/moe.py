@@ -131,13 +131,11 @@ if triton is not None:
         (fewer slots than experts): program p takes the expert of slot p, and works only if p is that expert's
         first slot, so the grid holds the slots, not every expert. Else program p takes expert p."""
         p = tl.program_id(0)
+        e = tl.load(ids_ptr + p).to(tl.int32) if BY_SLOT else p
+        slot, used, count = _expert_slots(ids_ptr, e, S, BLOCK_S, BLOCK_M)
         if BY_SLOT:
-            e = tl.load(ids_ptr + p).to(tl.int32)
-            slot, used, count = _expert_slots(ids_ptr, e, S, BLOCK_S, BLOCK_M)
-            work = tl.min(tl.where(used, slot, S), axis=0) == p
+            work = tl.min(tl.where(used, slot, S), axis=0) == p  # column 0 holds the first slot
         else:
-            e = p
-            slot, used, count = _expert_slots(ids_ptr, e, S, BLOCK_S, BLOCK_M)
             work = count > 0
         return e, slot, used, work
 

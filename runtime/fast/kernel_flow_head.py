@@ -154,14 +154,13 @@ class KernelFlowHead(nn.Module):
                 raise RuntimeError("KernelFlowHead: run a row count once before capturing it (warm-up)")
             lins = [blk["ada"] for blk in self.blocks] + [self.final_ada]
             fp8 = self.weights == "fp8"
-            ones = [torch.ones(lin.weight.shape[0], dtype=torch.float32, device=lin.weight.device) for lin in lins]
-            scale = [o if lin.scale is None else lin.scale.reshape(-1) for o, lin in zip(ones, lins)]
-            bias = [o * 0 if lin.bias is None else lin.bias for o, lin in zip(ones, lins)]
-            self._wide = dict(weights=[lin.weight.to(torch.float16) if fp8 else lin.weight for lin in lins],
-                              fp8=fp8,
-                              scale=torch.stack(scale[:-1])[:, None], bias=torch.stack(bias[:-1])[:, None],  # (D, 1, 3W)
-                              fscale=scale[-1], fbias=bias[-1])  # (2W,)
-            if fp8:
+            bias = [torch.zeros(lin.weight.shape[0], dtype=torch.float32, device=lin.weight.device)
+                    if lin.bias is None else lin.bias for lin in lins]
+            self._wide = dict(fp8=fp8, weights=[lin.weight.to(torch.float16) if fp8 else lin.weight for lin in lins],
+                              bias=torch.stack(bias[:-1])[:, None], fbias=bias[-1])  # (D, 1, 3W), (2W,)
+            if fp8:  # the per-output-channel scales, stacked as the biases
+                scale = [lin.scale.reshape(-1) for lin in lins]
+                self._wide.update(scale=torch.stack(scale[:-1])[:, None], fscale=scale[-1])
                 mib = sum(w.numel() * 2 for w in self._wide["weights"]) / 2**20
                 logger.info("flow head: %.0f MiB fp16 copy of the FP8 modulation weights for cuBLAS (> %d rows)",
                             mib, self.cublas_mods_above)
