@@ -86,14 +86,14 @@ def shapes(cfg, prompts: int = 1):
     sem_hidden = swiglu_hidden(mt.semantic_dim, mt.mlp_ratio)
     # name, rows, N (outputs), K, epilogue, the rows' dtype next to FP8 weights in the runtime; swiglu: N is the
     # hidden width, W has 2N rows. FP8 kernels multiply fp16 rows (kernels._triton.mma): the flow head's own
-    # scratch rows and the SwiGLU outputs are fp16 already, the rest come as bf16 (the adaLN's silu(temb +
-    # cond), the LLM's norms and attention output) and are converted inside the kernel's main loop.
+    # scratch rows, its adaLN input (rounded once per token) and the SwiGLU outputs are fp16 already, the rest
+    # come as bf16 (the LLM's norms and attention output) and are converted inside the kernel's main loop.
     r = 2 * prompts
     bf, hf = torch.bfloat16, torch.float16
     return [
         ("flow w12 + SwiGLU", r, hid, w, SWIGLU, hf),
         ("flow w3 gated residual", r, w, hid, GATED_RESIDUAL, hf),
-        (f"flow adaLN ({s} steps x {r} rows)", min(r * s, MAX_ROWS), 3 * w, w, STORE, bf),
+        (f"flow adaLN ({s} steps x {r} rows)", min(r * s, MAX_ROWS), 3 * w, w, STORE, hf),
         ("llm query_key_value", r, qkv, llm.hidden_size, STORE, bf),
         ("llm dense", r, llm.hidden_size, llm.num_heads * llm.head_dim, STORE, bf),
         ("llm shared gate/up", r, shared, llm.hidden_size, STORE, bf),
@@ -178,10 +178,10 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
     act = torch.empty(rows * k, i, device=dev, dtype=torch.float16 if fmt == "fp8" else torch.bfloat16)  # as moe_decode
     out = torch.empty(rows, h, device=dev)
 
-    def run(config):
+    def run(config, rows=x, grouped=False):
         # the per-slot kernels, whose table this tunes (benchmarks/moe_grouped.py times the grouped ones)
-        return graph_time_us(lambda j: moe_decode(x, id_sets[j], topw, *ws, scales, act=act, out=out, config=config,
-                                                  grouped=False), len(id_sets), reps)
+        return graph_time_us(lambda j: moe_decode(rows, id_sets[j], topw, *ws, scales, act=act, out=out,
+                                                  config=config, grouped=grouped), len(id_sets), reps)
 
     default = moe_pick(h, i, fmt == "fp8")
     row = {"name": f"moe decode, per-slot kernels ({rows} rows, top-{k} of {e})", "fmt": fmt, "experts_read": used,
@@ -193,6 +193,11 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
         table["moe"][f"h{h}_i{i}_{fmt}"] = best[1]
     t_us = min(row["us"], row.get("best_us", row["us"]))
     row["tbps"] = nbytes / (t_us * 1e-6) / 1e12
+    row["grouped_us"] = run(None, grouped=True)  # at its default tile (these rows choose distinct experts)
+    if fmt == "fp8":  # the rows converted to fp16 beforehand: what the kernels' in-loop conversion costs
+        x16 = x.to(torch.float16)
+        row["us_fp16_rows"] = run(row.get("best_config", default), x16)
+        row["grouped_us_fp16_rows"] = run(None, x16, grouped=True)
     if fmt == "bf16":  # the gather dispatch the graph used before (copies the routed weights)
         wg, wu, wd = ws
 
@@ -204,6 +209,9 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
 
         row["gather_us"] = graph_time_us(gather, len(id_sets), reps)
     print(f"{row['name']:34s} {fmt:5s} {row['weight_mb']:8.1f} MB  {t_us:8.1f} us  {row['tbps']:5.2f} TB/s"
+          + f"   grouped {row['grouped_us']:8.1f} us"
+          + (f"   fp16 rows {row['us_fp16_rows']:8.1f} / grouped {row['grouped_us_fp16_rows']:8.1f} us"
+             if "us_fp16_rows" in row else "")
           + (f"   gather {row['gather_us']:8.1f} us" if "gather_us" in row else ""), flush=True)
     return row
 

@@ -39,6 +39,37 @@ else:
     _HAS_GDC = True
 
 
+# How FP8 (E4M3) weights widen to fp16 before the MMA (kernels/_triton.mma):
+#   "cvt":   the hardware convert (cvt.rn.f16x2.e4m3x2, one per pair), exact;
+#   "bits":  by moving bits with integer ops (prmt/shift/and/or), giving w * 2**-8 exactly: E4M3's sign,
+#            exponent and mantissa land in fp16's fields with fp16's larger exponent bias unaccounted;
+#            the kernel multiplies its fp32 accumulator by 2**8 before the per-channel scale;
+#   "mixed": one pair of every four elements each way (the convert scaled by 2**-8 with an exact fp16
+#            multiply), so the conversion pipe and the integer pipe share the work.
+# Scaling every product by a power of two changes no bit of an fp32 sum (no operand is near fp32's
+# underflow), so all three give the same results; only their speed differs.
+FP8_WIDEN_MODES = {"cvt": 0, "bits": 1, "mixed": 2}
+FP8_BITS_UNSCALE = 256.0  # 2**8: E4M3's exponent bias is 7, fp16's 15
+_FP8_WIDEN = {"mode": "cvt"}
+
+
+def set_fp8_widen(mode: str | None) -> None:
+    """Choose how FP8 weights widen in the kernels launched from now on (None: the default, "cvt").
+    Graphs already captured keep the kernels they were captured with."""
+    mode = "cvt" if mode is None else mode
+    if mode not in FP8_WIDEN_MODES:
+        raise ValueError(f"FP8 widening must be one of {sorted(FP8_WIDEN_MODES)}, got {mode!r}")
+    _FP8_WIDEN["mode"] = mode
+
+
+def fp8_widen(w_dtype: torch.dtype) -> int:
+    """The WIDEN constexpr for a kernel whose weights are `w_dtype` (0 unless FP8 on a GPU; the
+    interpreter has no inline PTX and widens through fp32)."""
+    if w_dtype != torch.float8_e4m3fn or interpreting():
+        return 0
+    return FP8_WIDEN_MODES[_FP8_WIDEN["mode"]]
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -217,9 +248,37 @@ def next_pow2(n: int) -> int:
 
 if triton is not None:
     F16_MAX = tl.constexpr(65504.0)  # a jit function reads only constexpr globals
+    E4M3_UNSCALE = tl.constexpr(FP8_BITS_UNSCALE)
+
+    # E4M3 bytes b0..b3 of one 32-bit register -> fp16 pairs (b0, b1), (b2, b3) holding w * 2**-8, three
+    # integer instructions a pair: prmt makes each 16-bit half [sign byte | byte] (selector nibbles 8-B
+    # replicate a byte's sign); shifted left by 7, the sign lands on bit 15 and exponent and mantissa in
+    # fp16's fields (denormals included); the mask clears what the sign byte left on bits 14 and 6..0
+    # (benchmarks/fp8_widen.py checks all 256 bytes against torch)
+    _E4M3_PAIR_BITS = "prmt.b32 {a}, $2, 0, {sel}; shl.b32 {a}, {a}, 7; and.b32 {out}, {a}, 0xBF80BF80;"
+    _E4M3_BITS_ASM = tl.constexpr("{ .reg .b32 a, b; " + _E4M3_PAIR_BITS.format(a="a", sel="0x9180", out="$0")
+                                  + " " + _E4M3_PAIR_BITS.format(a="b", sel="0xB3A2", out="$1") + " }")
+    # the low pair through the hardware convert, scaled by 2**-8 (0x1C00 in fp16: exact, no E4M3 value
+    # lands below fp16's smallest denormal), the high pair by moving bits
+    _E4M3_MIXED_ASM = tl.constexpr("{ .reg .b16 lo, hi; .reg .b32 h, c, b; mov.b32 {lo, hi}, $2; "
+                                   "cvt.rn.f16x2.e4m3x2 h, lo; mov.b32 c, 0x1C001C00; mul.rn.f16x2 $0, h, c; "
+                                   + _E4M3_PAIR_BITS.format(a="b", sel="0xB3A2", out="$1") + " }")
 
     @triton.jit
-    def mma(w, x, UPCAST: tl.constexpr):
+    def widen_e4m3(w, WIDEN: tl.constexpr):
+        """E4M3 tile -> fp16 tile: w exactly (WIDEN 0) or w * 2**-8 exactly (1: bits, 2: mixed)."""
+        if WIDEN == 0:
+            out = w.to(tl.float16)
+        elif WIDEN == 1:
+            out = tl.inline_asm_elementwise(_E4M3_BITS_ASM, "=r,=r,r", [w.to(tl.int8, bitcast=True)],
+                                            dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            out = tl.inline_asm_elementwise(_E4M3_MIXED_ASM, "=r,=r,r", [w.to(tl.int8, bitcast=True)],
+                                            dtype=tl.float16, is_pure=True, pack=4)
+        return out
+
+    @triton.jit
+    def mma(w, x, UPCAST: tl.constexpr, WIDEN: tl.constexpr = 0):
         """w (BN, BK) @ x (BK, BM) with fp32 accumulation, operands chosen by the weight's dtype:
         FP8 (E4M3) weights widen to fp16 (one cvt per pair on SM 8.9+, exact: E4M3 fits in fp16),
         where widening to bf16 costs several instructions per element and made FP8 GEMMs no faster than
@@ -232,7 +291,7 @@ if triton is not None:
                 xh = x
             else:
                 xh = tl.minimum(tl.maximum(x.to(tl.float32), -F16_MAX), F16_MAX).to(tl.float16)
-            out = tl.dot(w.to(tl.float16), xh)
+            out = tl.dot(widen_e4m3(w, WIDEN), xh)
         elif w.dtype == tl.float16:
             out = tl.dot(w, x.to(tl.float16))
         elif w.dtype == tl.float32:  # fp32 models (tests): exact products, slow and unused at speed

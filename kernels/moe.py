@@ -30,15 +30,15 @@ import re
 
 import torch
 
-from ._triton import interpreting, next_pow2, pdl_launch, require, scratch, tickets, tl, triton
+from ._triton import fp8_widen, interpreting, next_pow2, pdl_launch, require, scratch, tickets, tl, triton
 
 if triton is not None:
-    from ._triton import arrive, mma, pdl_enter, pdl_main_loop_done, rearm, store_cast
+    from ._triton import E4M3_UNSCALE, arrive, mma, pdl_enter, pdl_main_loop_done, rearm, store_cast
 
     @triton.jit
     def _gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, H, I, stride_x,
                         TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        UPCAST: tl.constexpr, PDL: tl.constexpr):
+                        UPCAST: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr = 0):
         pdl_enter(PDL)  # the routing (which experts) comes from the previous kernel: nothing to prefetch
         s = tl.program_id(0)
         t = s // TOPK
@@ -57,11 +57,14 @@ if triton is not None:
             xt = tl.load(x_ptr + t * stride_x + kk[:, None] + col[None, :] * 0, mask=k_ok[:, None] & (col[None, :] == 0),
                          other=0.0)
             ok = n_ok[:, None] & k_ok[None, :]
-            acc_g += mma(tl.load(wg_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST)
-            acc_u += mma(tl.load(wu_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST)
+            acc_g += mma(tl.load(wg_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST, WIDEN)
+            acc_u += mma(tl.load(wu_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST, WIDEN)
         pdl_main_loop_done(PDL)
         g = tl.sum(acc_g, axis=1)
         u = tl.sum(acc_u, axis=1)
+        if WIDEN > 0:  # FP8 widened to w * 2**-8 (kernels/_triton.widen_e4m3): exact to undo
+            g = g * E4M3_UNSCALE
+            u = u * E4M3_UNSCALE
         if HAS_SCALE:
             g = g * tl.load(sg_ptr + e * I + rn, mask=n_ok, other=0.0)
             u = u * tl.load(su_ptr + e * I + rn, mask=n_ok, other=0.0)
@@ -70,7 +73,7 @@ if triton is not None:
     @triton.jit
     def _down_kernel(act_ptr, ids_ptr, topw_ptr, wd_ptr, sd_ptr, y_ptr, part_ptr, ticket_ptr, H, I, stride_y,
                      TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_E: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+                     SPLIT_E: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, WIDEN: tl.constexpr = 0):
         pdl_enter(PDL)
         t = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -91,8 +94,10 @@ if triton is not None:
                 at = tl.load(act_ptr + s * I + kk[:, None] + col[None, :] * 0, mask=k_ok[:, None] & (col[None, :] == 0),
                              other=0.0)
                 acc += mma(tl.load(wd_ptr + rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0),
-                           at, UPCAST)
+                           at, UPCAST, WIDEN)
             part = tl.sum(acc, axis=1)
+            if WIDEN > 0:
+                part = part * E4M3_UNSCALE
             if HAS_SCALE:
                 part = part * tl.load(sd_ptr + e * H + rn, mask=n_ok, other=0.0)
             y += tl.load(topw_ptr + s).to(tl.float32) * part
@@ -143,7 +148,7 @@ if triton is not None:
     def _gate_up_grouped_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, S, H, I, stride_x,
                                 TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BY_SLOT: tl.constexpr, UPCAST: tl.constexpr,
-                                PDL: tl.constexpr):
+                                PDL: tl.constexpr, WIDEN: tl.constexpr = 0):
         """One working program per (chosen expert, I block): every row that chose the expert in one tile, so its weights
         cross HBM once per call however many rows share it. Programs without an expert exit at once."""
         pdl_enter(PDL)
@@ -162,9 +167,12 @@ if triton is not None:
                 xt = tl.load(x_ptr + t[None, :].to(tl.int64) * stride_x + kk[:, None], mask=k_ok[:, None] & used[None, :],
                              other=0.0)  # (BK, BM): the rows as columns
                 ok = n_ok[:, None] & k_ok[None, :]
-                acc_g += mma(tl.load(wg_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST)
-                acc_u += mma(tl.load(wu_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST)
+                acc_g += mma(tl.load(wg_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST, WIDEN)
+                acc_u += mma(tl.load(wu_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST, WIDEN)
             pdl_main_loop_done(PDL)
+            if WIDEN > 0:
+                acc_g = acc_g * E4M3_UNSCALE
+                acc_u = acc_u * E4M3_UNSCALE
             if HAS_SCALE:
                 acc_g = acc_g * tl.load(sg_ptr + e * I + rn, mask=n_ok, other=0.0)[:, None]
                 acc_u = acc_u * tl.load(su_ptr + e * I + rn, mask=n_ok, other=0.0)[:, None]
@@ -175,7 +183,7 @@ if triton is not None:
     def _down_grouped_kernel(act_ptr, ids_ptr, topw_ptr, wd_ptr, sd_ptr, y_ptr, part_ptr, ticket_ptr, S, H, I, stride_y,
                              TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BY_SLOT: tl.constexpr, UPCAST: tl.constexpr,
-                             PDL: tl.constexpr):
+                             PDL: tl.constexpr, WIDEN: tl.constexpr = 0):
         """One working program per (chosen expert, H block): part[slot] = topw[slot] * (act[slot] @ Wd[e]^T) for the slots
         that chose e. A row's k slots sit in k programs; the last of them to arrive (a ticket per row and
         H block) sums the row's k partials in routing order: the sum does not depend on scheduling."""
@@ -194,8 +202,10 @@ if triton is not None:
                 at = tl.load(act_ptr + slot[None, :].to(tl.int64) * I + kk[:, None], mask=k_ok[:, None] & used[None, :],
                              other=0.0)
                 acc += mma(tl.load(wd_ptr + rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0),
-                           at, UPCAST)
+                           at, UPCAST, WIDEN)
             pdl_main_loop_done(PDL)
+            if WIDEN > 0:
+                acc = acc * E4M3_UNSCALE
             if HAS_SCALE:
                 acc = acc * tl.load(sd_ptr + e * H + rn, mask=n_ok, other=0.0)[:, None]
             acc = acc * tl.load(topw_ptr + slot, mask=used, other=0.0).to(tl.float32)[None, :]
@@ -316,7 +326,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
         raise ValueError(f"the grouped MoE kernels take <= {MAX_TICKET_ROWS} rows (got {t}) and need triton >= 3.5 "
                          "on a GPU (per-lane results of a vector atomic): pass grouped=False")
     up, down = split_config(config if config is not None else pick_config(h, i, fp8, grouped))
-    common = dict(UPCAST=interpreting(), **pdl_launch(x.device))
+    common = dict(UPCAST=interpreting(), WIDEN=fp8_widen(w_gate.dtype), **pdl_launch(x.device))
     split = down.pop("SPLIT_E")
     n_blocks = triton.cdiv(h, down["BLOCK_N"])
     if grouped:  # a program per expert, or per slot where there are fewer slots (at most one works per expert)

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import interpreting, next_pow2, pdl_launch, pdl_prefetch_tiles, require, tl, triton
+from ._triton import fp8_widen, interpreting, next_pow2, pdl_launch, pdl_prefetch_tiles, require, tl, triton
 
 if triton is not None:
-    from ._triton import arrive, mma, pdl_enter, pdl_main_loop_done, prefetch_l2, rearm, store_cast
+    from ._triton import E4M3_UNSCALE, arrive, mma, pdl_enter, pdl_main_loop_done, prefetch_l2, rearm, store_cast
 
 # epilogues
 STORE, SWIGLU, GATED_RESIDUAL = 0, 1, 2
@@ -40,6 +40,7 @@ if triton is not None:
         HAS_WSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, PDL: tl.constexpr, PF_TILES: tl.constexpr, W_BYTES: tl.constexpr,
+        WIDEN: tl.constexpr = 0,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -69,10 +70,10 @@ if triton is not None:
             k_ok = kk < k_hi
             xt = tl.load(x_rows[None, :] + kk[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BM)
             wt = tl.load(w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
-            acc += mma(wt, xt, UPCAST)
+            acc += mma(wt, xt, UPCAST, WIDEN)
             if EPILOGUE == 1:
                 wt2 = tl.load(w_rows[:, None] + N * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                acc2 += mma(wt2, xt, UPCAST)
+                acc2 += mma(wt2, xt, UPCAST, WIDEN)
 
         pdl_main_loop_done(PDL)  # the next kernel's programs may start during our epilogue
         out_ok = n_ok[:, None] & m_ok[None, :]
@@ -96,6 +97,9 @@ if triton is not None:
                                     cache_modifier=".cg")
             rearm(ticket_ptr + pid_n, last)
 
+        if WIDEN > 0:  # the weights were widened to w * 2**-8: exact to undo before the scale
+            acc = acc * E4M3_UNSCALE
+            acc2 = acc2 * E4M3_UNSCALE
         if HAS_WSCALE:
             acc = acc * tl.load(wscale_ptr + rn, mask=n_ok, other=0.0)[:, None]
             if EPILOGUE == 1:
@@ -259,7 +263,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
     block_m = max(16, next_pow2(m))
     pdl = pdl_launch(out.device)
     flags = dict(HAS_WSCALE=w_scale is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=block_m,
-                 UPCAST=interpreting(), PF_TILES=pdl_prefetch_tiles() if pdl["PDL"] else 0, W_BYTES=w.element_size(),
+                 UPCAST=interpreting(), WIDEN=fp8_widen(w.dtype), PF_TILES=pdl_prefetch_tiles() if pdl["PDL"] else 0, W_BYTES=w.element_size(),
                  **pdl)
     if config is None:
         config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, epilogue, out.device)
