@@ -95,8 +95,8 @@ def main(argv=None) -> int:
                 id_sets = routings(e, k, rows, pattern, g)
                 distinct = sum(len(torch.unique(s)) for s in id_sets) / len(id_sets)
 
-                def run(config, grouped):
-                    return graph_time_us(lambda j: moe_decode(x, id_sets[j], topw, *ws, scales, out=out, config=config,
+                def run(config, grouped, rows=x):
+                    return graph_time_us(lambda j: moe_decode(rows, id_sets[j], topw, *ws, scales, out=out, config=config,
                                                               grouped=grouped), len(id_sets), a.reps)
 
                 per_slot = moe_decode(x, id_sets[0], topw, *ws, scales, config=default, grouped=False).clone()
@@ -107,6 +107,12 @@ def main(argv=None) -> int:
                        "grouped_repeats": bool(torch.equal(grouped[0], grouped[1])),
                        "grouped_vs_per_slot_max_abs": float((grouped[0] - per_slot).abs().max()),
                        "per_slot_us": run(default, False), "grouped_us": run(default_grouped, True)}
+                if fmt == "fp8":  # the rows rounded to fp16 beforehand (the FP8 kernels' operand): no in-loop conversion
+                    x16 = x.float().clamp(-65504.0, 65504.0).to(torch.float16)
+                    row["per_slot_fp16_rows_us"] = run(default, False, x16)
+                    row["grouped_fp16_rows_us"] = run(default_grouped, True, x16)
+                    row["fp16_rows_same_bits"] = bool(torch.equal(
+                        moe_decode(x16, id_sets[0], topw, *ws, scales, config=default_grouped, grouped=True), grouped[0]))
                 if a.sweep_fine and pattern == "cfg pairs":
                     row["grouped_sweep"] = fine_sweep(default_grouped, lambda c: run(c, True))
                 elif a.sweep:
@@ -122,7 +128,9 @@ def main(argv=None) -> int:
                 print(f"{fmt:5s} {rows:3d} rows {pattern:12s} {distinct:5.1f} experts  per-slot {row['per_slot_us']:7.1f} us  "
                       f"grouped {row['grouped_us']:7.1f} us"
                       + (f" (best {row['grouped_best_us']:.1f})" if "grouped_best_us" in row else "")
-                      + f"  repeats {row['grouped_repeats']}  max|diff| {row['grouped_vs_per_slot_max_abs']:.2e}", flush=True)
+                      + f"  repeats {row['grouped_repeats']}  max|diff| {row['grouped_vs_per_slot_max_abs']:.2e}"
+                      + (f"  fp16 rows: per-slot {row['per_slot_fp16_rows_us']:.1f} grouped {row['grouped_fp16_rows_us']:.1f} us"
+                         f" same bits {row['fp16_rows_same_bits']}" if "per_slot_fp16_rows_us" in row else ""), flush=True)
     print(f"wrote {path}")
     return 0
 

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         for name, table in tables.items():
             use_table(table)
             out = outs[name] = torch.empty(1, model.cfg.flow_head.latent_dim, device=dev)
-            replays[name] = capture(lambda out=out: out.copy_(head(hid, noise, *sc)))
+            replays[name] = capture(lambda out=out, head=head: out.copy_(head(hid, noise, *sc)))
         use_table(tables["new"])
         settle(replays["new"], dev)
         for _ in range(a.rounds):

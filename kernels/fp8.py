@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import interpreting
+
 E4M3_MAX = 448.0
+F16_MAX = 65504.0
 FP8_MIN_CAPABILITY = (8, 9)  # E4M3 hardware: Ada, Hopper, Blackwell (one constant for the build, runtime, doctor)
 WEIGHT_FORMATS = ("bf16", "fp8")  # what the decode kernels stream (runtime decode_weights, CLI --decode-weights)
 
@@ -42,6 +45,18 @@ def dequantize_rows_fp8(wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return wq.float() * scale[..., None]
 
 
+def fp16_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows an FP8 decode kernel multiplies, rounded to fp16 as the kernel would round them (through fp32,
+    clamped to fp16's range: kernels._triton.mma), so the results keep their bits. Done before the launch it is
+    one small pass (inside a compiled step Inductor fuses it into whatever made x) instead of once per program
+    in every GEMM's main loop: at 2 rows that cost the LLM's FP8 linears 0.7-2.1 us each and at the flow head's
+    32 adaLN rows 25 against 14.5 us (H200, benchmarks/results/h200_session11.md). Triton's interpreter
+    multiplies fp32 and gets x as it is."""
+    if x.dtype == torch.float16 or interpreting():
+        return x
+    return x.float().clamp(-F16_MAX, F16_MAX).to(torch.float16)
+
+
 def gpu_supports_fp8(device=None) -> tuple[bool, str]:
     """FP8 weights need only a float8 -> bf16 conversion, but E4M3 hardware arrived with SM 8.9."""
     if not torch.cuda.is_available():
@@ -53,5 +68,6 @@ def gpu_supports_fp8(device=None) -> tuple[bool, str]:
     return True, name
 
 
-__all__ = ["E4M3_MAX", "FP8_MIN_CAPABILITY", "QMAX", "WEIGHT_FORMATS", "dequantize_rows_fp8", "gpu_supports_fp8",
+__all__ = ["E4M3_MAX", "F16_MAX", "FP8_MIN_CAPABILITY", "QMAX", "WEIGHT_FORMATS", "dequantize_rows_fp8", "fp16_rows",
+           "gpu_supports_fp8",
            "quantize_channels", "quantize_rows_fp8"]

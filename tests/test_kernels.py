@@ -886,3 +886,67 @@ def test_pdl_changes_no_bit_on_gpu():
     finally:
         set_pdl(None)
     assert torch.equal(on, off)
+
+
+def test_fp16_rows_rounds_as_the_fp8_kernels_do(monkeypatch):
+    """fp16_rows: what the FP8 kernels multiply (kernels._triton.mma): through fp32, clamped to fp16's range.
+    bf16 holds 65536 and infinities, which fp16 does not; a clamp in bf16 would round 65504 back up to 65536."""
+    import kernels.fp8 as fp8
+    from kernels.fp8 import F16_MAX, fp16_rows
+
+    x = torch.tensor([1.0, -3.140625, 65536.0, -float("inf"), 1e-9, 6.5e4], dtype=torch.bfloat16)
+    monkeypatch.setattr(fp8, "interpreting", lambda: True)  # the interpreter's kernels multiply fp32 rows as given
+    assert fp16_rows(x) is x
+    monkeypatch.setattr(fp8, "interpreting", lambda: False)
+    got = fp16_rows(x)
+    assert got.dtype == torch.float16
+    assert got.tolist() == [1.0, -3.140625, F16_MAX, -F16_MAX, torch.tensor(1e-9, dtype=torch.bfloat16).half().item(),
+                            torch.tensor(6.5e4, dtype=torch.bfloat16).half().item()]
+    assert got[4] == 0  # 1e-9 is below fp16's smallest subnormal
+    assert fp16_rows(got) is got
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("epilogue", [0, SWIGLU, GATED_RESIDUAL])
+def test_fp8_kernels_round_bf16_rows_as_fp16_rows_on_gpu(epilogue):
+    """Rounding the rows beforehand (kernels.fp8.fp16_rows, what the runtime now does) keeps every bit of the
+    FP8 GEMMs and of the fused MoE against their in-loop conversion of bf16 rows; so do the other ways of
+    widening the weights (kernels._triton.FP8_WIDEN_MODES) and 2 warps instead of 4 at the same tile."""
+    from kernels._triton import FP8_WIDEN_MODES, set_fp8_widen
+    from kernels.fp8 import fp16_rows
+    from kernels.moe import moe_decode
+
+    g = torch.Generator().manual_seed(11)
+    m, n, k = 2, 384, 1024
+    x = (torch.randn(m, k, generator=g) * 3).to(DEV, torch.bfloat16)
+    x[0, :4] = torch.tensor([7e4, -7e4, 1e-9, 65536.0])  # clamped, flushed, the bf16 value above fp16's max
+    wq, sc = quantize_rows_fp8(torch.randn(2 * n if epilogue == SWIGLU else n, k, generator=g).to(DEV))
+    gate = torch.randn(m, n, generator=g).to(DEV) if epilogue == GATED_RESIDUAL else None
+    base = {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 2, "num_warps": 4, "num_stages": 3}
+
+    def run(rows, config=base):
+        out = torch.zeros(m, n, device=DEV)
+        return skinny_gemm(rows, wq, out, w_scale=sc, gate=gate, epilogue=epilogue, config=config)
+
+    ref = run(x)
+    assert torch.isfinite(ref).all()
+    assert torch.equal(run(fp16_rows(x)), ref)
+    assert torch.equal(run(x, dict(base, num_warps=2)), ref)
+    try:
+        for mode in FP8_WIDEN_MODES:
+            set_fp8_widen(mode)
+            assert torch.equal(run(x), ref), mode
+    finally:
+        set_fp8_widen(None)
+    # the fused MoE, both kernel forms
+    e, top, h, i = 8, 2, 256, 128
+    wg, wu = (quantize_rows_fp8(torch.randn(e, i, h, generator=g).to(DEV) * 0.1) for _ in range(2))
+    wd = quantize_rows_fp8(torch.randn(e, h, i, generator=g).to(DEV) * 0.1)
+    xm = (torch.randn(2, h, generator=g) * 3).to(DEV, torch.bfloat16)
+    ids = torch.tensor([[1, 5], [1, 5]], device=DEV)
+    tw = torch.rand(2, top, generator=g).to(DEV)
+    for grouped in (False, True):
+        args = (ids, tw, wg[0], wu[0], wd[0], (wg[1], wu[1], wd[1]))
+        want = moe_decode(xm, *args, grouped=grouped)
+        assert torch.equal(moe_decode(fp16_rows(xm), *args, grouped=grouped), want), grouped

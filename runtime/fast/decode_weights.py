@@ -25,7 +25,7 @@ from torch import nn
 
 from kernels import interpreting
 from kernels.attention import reserve_tickets as reserve_attention_tickets
-from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
+from kernels.fp8 import WEIGHT_FORMATS, fp16_rows, quantize_rows_fp8
 from kernels.moe import reserve_scratch
 from kernels.ops import decode_attention_op, moe_decode_op, skinny_linear_op, skinny_swiglu_op
 from kernels.skinny import MAX_ROWS
@@ -56,6 +56,8 @@ class FusedMoEDecode(nn.Module):
                             torch.float16 if weights == "fp8" else moe.w_down.dtype, MAX_ROWS)
 
     def forward(self, x, ids, w):
+        if self.sg is not None:  # FP8: the rows as the kernels multiply them (kernels.fp8.fp16_rows)
+            x = fp16_rows(x)
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
 
 
@@ -84,7 +86,8 @@ class FP8Linear(nn.Module):
     def forward(self, x):
         rows = _decode_rows(x, self.in_features)
         if rows:
-            y = skinny_linear_op(x.reshape(rows, self.in_features), self.weight_fp8, self.scale, self.bias, self.out_dtype)
+            y = skinny_linear_op(fp16_rows(x.reshape(rows, self.in_features)), self.weight_fp8, self.scale, self.bias,
+                                 self.out_dtype)
             return y.view(*x.shape[:-1], self.out_features)
         return self.reference(x)
 
@@ -118,7 +121,7 @@ class FusedSwiGLUDecode(nn.Module):
     def forward(self, x):
         rows = _decode_rows(x, self.in_features)
         if rows:
-            act = skinny_swiglu_op(x.reshape(rows, self.in_features), self.w12_fp8, self.scale12, self.bias12,
+            act = skinny_swiglu_op(fp16_rows(x.reshape(rows, self.in_features)), self.w12_fp8, self.scale12, self.bias12,
                                    torch.float16)  # (rows, I)
             return self.down(act).view(*x.shape[:-1], -1)
         return self.reference(x)

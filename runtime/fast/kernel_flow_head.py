@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import interpreting
-from kernels.fp8 import WEIGHT_FORMATS, quantize_rows_fp8
+from kernels.fp8 import WEIGHT_FORMATS, fp16_rows, quantize_rows_fp8
 from kernels.guidance import guide_euler_
 from kernels.layernorm import ln_modulate
 from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, Workspace, skinny_gemm
@@ -43,7 +43,6 @@ from .flow_head import FastFlowHead
 logger = logging.getLogger(__name__)
 
 
-F16_MAX = 65504.0
 # torch.mm(a, b, out_dtype=torch.float32) for 16-bit a, b: torch >= 2.8
 MM_FP32_OUT = "dtype_out" in torch.ops.aten.mm.overloads()
 
@@ -190,11 +189,8 @@ class KernelFlowHead(nn.Module):
         buf = self._scratch_for(m, condition_hidden.device, condition_hidden.dtype)
         z = fh.vis_head(condition_hidden).reshape(m, -1)  # (M, Z)
         sy = F.silu(fh.temb[:, None] + fh.net.cond_embed(z)[None]).reshape(s * m, w)  # (S*M, W)
-        if self.weights == "fp8" and not interpreting():
-            # the FP8 kernels multiply fp16 rows: round once here (as they would: fp32, clamped to fp16's
-            # range, so the same bits) rather than in every program of the D + 1 modulation GEMMs, which at
-            # 32 rows made each of them take 25 us instead of 14.5 (H200, benchmarks/results/fp8_widen_h200_s11.json)
-            sy = sy.float().clamp_(-F16_MAX, F16_MAX).to(torch.float16)
+        if self.weights == "fp8":  # once per token, not in every program of the D + 1 modulation GEMMs
+            sy = fp16_rows(sy)
         if s * m > self.cublas_mods_above:
             self._mods_cublas(sy, buf)
         else:
