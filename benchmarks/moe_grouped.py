@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.kernels import fastest, graph_time_us, moe_weights, time_configs  # noqa: E402
 from benchmarks.speed import environment  # noqa: E402
-from kernels.moe import GROUPED_MIN_ROWS, moe_decode, pick_config  # noqa: E402
+from kernels.moe import GROUPED_MIN_ROWS, GROUPED_MIN_ROWS_FP8, moe_decode, pick_config  # noqa: E402
 from models import full_config  # noqa: E402
 
 SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "DOWN_BLOCK_N": dbn, "DOWN_BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     e, i, h, k = llm.num_experts, llm.moe_intermediate_size, llm.hidden_size, llm.num_experts_per_tok
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"env": environment(torch.device("cuda")), "shapes": {"experts": e, "top_k": k, "hidden": h, "intermediate": i},
-           "grouped_min_rows": GROUPED_MIN_ROWS, "rows": []}
+           "grouped_min_rows": {"bf16": GROUPED_MIN_ROWS, "fp8": GROUPED_MIN_ROWS_FP8}, "rows": []}
     path = a.out / "moe_grouped.json"
     g = torch.Generator().manual_seed(0)
     for fmt in a.formats.split(","):

@@ -97,9 +97,10 @@ def environment(device) -> dict:
             from kernels import pdl_enabled
 
             env["pdl"] = pdl_enabled(device)  # programmatic dependent launch of the decode kernels
-            from kernels.moe import GROUPED_MIN_ROWS
+            from kernels.moe import GROUPED_MIN_ROWS, GROUPED_MIN_ROWS_FP8
 
-            env["moe_grouped_min_rows"] = GROUPED_MIN_ROWS  # MINGRT_MOE_GROUPED_MIN_ROWS may move it
+            # MINGRT_MOE_GROUPED_MIN_ROWS may move them
+            env["moe_grouped_min_rows"] = {"bf16": GROUPED_MIN_ROWS, "fp8": GROUPED_MIN_ROWS_FP8}
         except ImportError:
             pass
     try:

@@ -6,8 +6,8 @@ Full-size shapes, random weights, 2 CFG rows per prompt. One generator per weigh
 size a seeded prefill, one text-to-image request (captures the bucket's graph), then the token graph's
 median over --runs replays after 1 s of warm-up. The batch ratio then divides two timings of one process
 and one warm GPU, not two runs (speed.py's batch section times more and takes minutes). --moe-min-rows
-also times batch 1 with the fused MoE's grouped kernels from each of these row counts (GROUPED_MIN_ROWS,
-recaptured): the per-slot against the grouped kernels at 2 rows in one process.
+also times batch 1 with the fused MoE's grouped kernels from each of these row counts (GROUPED_MIN_ROWS and
+GROUPED_MIN_ROWS_FP8, recaptured): the per-slot against the grouped kernels at 2 rows in one process.
 Writes OUT/step_batches.json.
 """
 from __future__ import annotations
@@ -37,14 +37,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--formats", default="fp8")
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--moe-min-rows", default="", help="batch 1 again with GROUPED_MIN_ROWS at each of these")
+    p.add_argument("--moe-min-rows", default="", help="batch 1 again with the grouped MoE from each of these row counts")
     p.add_argument("--runs", type=int, default=30)
     a = p.parse_args(argv)
     dev, model = full_model_on_gpu("step_batches.py", a.out)
     cfg = model.cfg
     backend = TorchBackend(model)
     gen = torch.Generator().manual_seed(0)
-    res = {"env": environment(dev), "grouped_min_rows_default": moe.GROUPED_MIN_ROWS, "formats": {}}
+    res = {"env": environment(dev), "grouped_min_rows_default": {"bf16": moe.GROUPED_MIN_ROWS, "fp8": moe.GROUPED_MIN_ROWS_FP8}, "formats": {}}
     inputs = {}
     for b in [int(x) for x in a.batches.split(",")]:
         ids = [prompt(cfg, 24, gen) for _ in range(b)]
@@ -70,13 +70,13 @@ def main(argv=None) -> int:
             if b != first:
                 row[f"ratio {b}/{first}"] = row[f"batch {b}"] / row[f"batch {first}"]
         for n in [int(x) for x in a.moe_min_rows.split(",") if x]:
-            default = moe.GROUPED_MIN_ROWS
-            moe.GROUPED_MIN_ROWS = n
+            default = moe.GROUPED_MIN_ROWS, moe.GROUPED_MIN_ROWS_FP8
+            moe.GROUPED_MIN_ROWS = moe.GROUPED_MIN_ROWS_FP8 = n
             try:
                 g.reset_graphs()
                 row[f"batch {first}, moe grouped from {n} rows"] = time_step(g, first)
             finally:
-                moe.GROUPED_MIN_ROWS = default
+                moe.GROUPED_MIN_ROWS, moe.GROUPED_MIN_ROWS_FP8 = default
                 g.reset_graphs()
             print(f"{fmt} batch {first}, grouped MoE from {n} rows: {row[f'batch {first}, moe grouped from {n} rows']:.3f} ms",
                   flush=True)

@@ -5,7 +5,7 @@ syncs to find which experts are used); gathering the routed weights first copies
 + read). These kernels index the stacked weights (E, I, H) / (E, H, I) with the device-side routing,
 and nothing is synchronised. Two forms:
 
-per routing slot (below GROUPED_MIN_ROWS rows, i.e. one; each slot reads its expert's weights, so an expert
+per routing slot (below GROUPED_MIN_ROWS rows: one row, two with FP8 weights; each slot reads its expert's weights, so an expert
 two rows chose is read twice):
   gate_up: grid (T*k slots, I blocks)   act[s] = silu(x[t] @ Wg[e]^T) * (x[t] @ Wu[e]^T)
   down:    grid (T, H blocks[, splits])  y[t]   = sum_j w[t, j] * (act[t*k + j] @ Wd[e_j]^T)
@@ -269,14 +269,18 @@ def pick_config(h: int, i: int, fp8: bool, grouped: bool = False) -> dict:
 # From this many rows on, moe_decode runs the grouped kernels (one program per expert, all its rows in one
 # tile: each chosen expert's weights cross HBM once) instead of one program per routing slot (each slot
 # reads its expert's weights again, which L2 catches only in part). benchmarks/moe_grouped.py measures both.
-# 2 (batch 1's CFG rows) since the grouped grid holds slots, not experts, when there are fewer slots: one
-# layer at 2 rows 37.8 against 40.8 us (FP8, H200), and the FP8 LLM step 2.53 against 2.83 ms in another
-# run (benchmarks/results/h200_session10.md). Measured on the H200 only.
-# MINGRT_MOE_GROUPED_MIN_ROWS overrides it (benchmarking the forms in whole steps), read at import.
+# bf16 weights: 2 (batch 1's CFG rows), since the grouped grid holds slots, not experts, when there are
+# fewer slots: a layer at 2 rows 33.0 against 36.0 us (H200, benchmarks/results/h200_session10.md).
+# FP8 weights: 3. Session 10 had moved 2 rows to the grouped kernels too (37.8 against 40.8 us); since the
+# FP8 rows come rounded to fp16 (kernels.fp8.fp16_rows) the per-slot kernels take 29.7 us against the
+# grouped 37.2 (2 rows choosing the same experts), and the FP8 token step 9.39 against 9.52 ms in one
+# process (h200_session11.md). From 4 rows the grouped kernels win by far (FP8 43.5 against 74.9 us,
+# session 10); 3 rows (one prompt with text and image guidance) were not measured. H200 measurements only.
+# MINGRT_MOE_GROUPED_MIN_ROWS overrides both (benchmarking the forms in whole steps), read at import.
 GROUPED_MIN_ROWS_ENV = "MINGRT_MOE_GROUPED_MIN_ROWS"
 
 
-def _grouped_min_rows(default: int = 2) -> int:
+def _grouped_min_rows(default: int) -> int:
     raw = os.environ.get(GROUPED_MIN_ROWS_ENV, "")
     if not raw:
         return default
@@ -285,7 +289,13 @@ def _grouped_min_rows(default: int = 2) -> int:
     return int(raw)
 
 
-GROUPED_MIN_ROWS = _grouped_min_rows()
+GROUPED_MIN_ROWS = _grouped_min_rows(2)  # bf16 (and fp32) weights
+GROUPED_MIN_ROWS_FP8 = _grouped_min_rows(3)
+
+
+def grouped_min_rows(fp8: bool) -> int:
+    """The row count from which moe_decode picks the grouped kernels for these weights."""
+    return GROUPED_MIN_ROWS_FP8 if fp8 else GROUPED_MIN_ROWS
 
 
 def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -295,7 +305,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     w_gate/w_up (E, I, H), w_down (E, H, I) bf16 or fp8-e4m3; scales = (s_gate (E, I), s_up (E, I),
     s_down (E, H)) fp32 for fp8 weights. Returns out (T, H) fp32 (act: (T*k, I) scratch).
     grouped: one working program per chosen expert instead of one per routing slot (default: config "GROUPED", else from
-    GROUPED_MIN_ROWS to MAX_TICKET_ROWS rows where grouped_supported(); each form has its own tuned tiles);
+    grouped_min_rows(FP8?) to MAX_TICKET_ROWS rows where grouped_supported(); each form has its own tuned tiles);
     both sum each row's experts in routing order.
 
     Preconditions the router guarantees and this does not check (it would need a host sync): each row's
@@ -321,7 +331,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     tabled = config.pop("GROUPED", None) if config is not None else None  # a choice, not a launch argument
     grouped = tabled if grouped is None else grouped
     if grouped is None:
-        grouped = GROUPED_MIN_ROWS <= t <= MAX_TICKET_ROWS and grouped_supported()
+        grouped = grouped_min_rows(fp8) <= t <= MAX_TICKET_ROWS and grouped_supported()
     elif grouped and (t > MAX_TICKET_ROWS or not grouped_supported()):
         raise ValueError(f"the grouped MoE kernels take <= {MAX_TICKET_ROWS} rows (got {t}) and need triton >= 3.5 "
                          "on a GPU (per-lane results of a vector atomic): pass grouped=False")
@@ -386,5 +396,5 @@ def split_config(config: dict) -> tuple[dict, dict]:
     return up, down
 
 
-__all__ = ["GROUPED_DEFAULT", "GROUPED_MIN_ROWS", "moe_decode", "candidate_configs", "down_candidates", "pick_config",
+__all__ = ["GROUPED_DEFAULT", "GROUPED_MIN_ROWS", "GROUPED_MIN_ROWS_FP8", "grouped_min_rows", "moe_decode", "candidate_configs", "down_candidates", "pick_config",
            "grouped_supported", "reserve_scratch", "reserve_tickets", "split_config"]

@@ -268,10 +268,10 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
     that share every expert (a prompt's CFG rows), experts no row chose (1, 2 and 5 rows) and more rows than
     a 16-wide tile (20); a program per slot (1 row; 2 rows: 6 slots, 8 experts, each chosen twice) and per expert (5 and 20 rows); the tickets re-armed (all zero after, a second call gives the same bits); the
     per-slot kernels' result (their bits in the interpreter's fp32); moe_decode choosing them from
-    GROUPED_MIN_ROWS rows on, and a config's "GROUPED" choosing without reaching the launch."""
+    grouped_min_rows(fp8) rows on, and a config's "GROUPED" choosing without reaching the launch."""
     from kernels import _triton
     from kernels import moe as moe_module
-    from kernels.moe import GROUPED_MIN_ROWS, grouped_supported, moe_decode
+    from kernels.moe import grouped_min_rows, grouped_supported, moe_decode
 
     if not grouped_supported():
         pytest.skip("the grouped MoE kernels need triton >= 3.5 on a GPU")
@@ -315,9 +315,10 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
     programs = rows * k if rows * k < e else e  # a program per slot where there are fewer slots than experts
     assert launches == [("_gate_up_grouped_kernel", (programs, 2)), ("_down_grouped_kernel", (programs, 2))] * 2 + [("_gate_up_kernel", (rows * k, 2))]
     launches.clear()
-    assert torch.equal(moe_decode(x, ids, w, *ws, scales, config=dict(cfg, GROUPED=rows < GROUPED_MIN_ROWS)),
-                       a if rows < GROUPED_MIN_ROWS else per_slot)
-    assert launches[0][0] == ("_gate_up_grouped_kernel" if rows < GROUPED_MIN_ROWS else "_gate_up_kernel")
+    min_rows = grouped_min_rows(fmt == "fp8")
+    assert torch.equal(moe_decode(x, ids, w, *ws, scales, config=dict(cfg, GROUPED=rows < min_rows)),
+                       a if rows < min_rows else per_slot)
+    assert launches[0][0] == ("_gate_up_grouped_kernel" if rows < min_rows else "_gate_up_kernel")
     rel = 2e-3 if fmt == "fp8" else REL
     assert_close(f"kernels/moe_grouped_{fmt}_{rows}", a, ref, rel * max(1.0, ref.abs().max().item()))
     assert torch.equal(a, b)
@@ -327,7 +328,7 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
         assert_close(f"kernels/moe_grouped_vs_per_slot_{fmt}_{rows}", a, per_slot, rel * max(1.0, ref.abs().max().item()))
     launches.clear()
     moe_decode(x, ids, w, *ws, scales, config=cfg)
-    assert launches[0][0] == ("_gate_up_grouped_kernel" if rows >= GROUPED_MIN_ROWS else "_gate_up_kernel")
+    assert launches[0][0] == ("_gate_up_grouped_kernel" if rows >= min_rows else "_gate_up_kernel")
 
 
 @pytest.mark.parametrize("ids", [[[4, 0, 2], [4, 1, 3]], [[1, 2, 3], [4, 5, 6]], [[0, 1, 2], [3, 4, 5], [6, 7, 0]]],
@@ -360,16 +361,20 @@ def test_grouped_moe_each_expert_once(ids):
 
 
 def test_grouped_min_rows_from_the_environment(monkeypatch):
-    from kernels.moe import GROUPED_MIN_ROWS_ENV, _grouped_min_rows
+    from kernels import moe
+    from kernels.moe import GROUPED_MIN_ROWS_ENV, _grouped_min_rows, grouped_min_rows
 
     monkeypatch.delenv(GROUPED_MIN_ROWS_ENV, raising=False)
-    assert _grouped_min_rows() == 2
+    assert (_grouped_min_rows(2), _grouped_min_rows(3)) == (2, 3)
     monkeypatch.setenv(GROUPED_MIN_ROWS_ENV, "4")
-    assert _grouped_min_rows() == 4
+    assert (_grouped_min_rows(2), _grouped_min_rows(3)) == (4, 4)
     for bad in ("0", "-1", "two"):
         monkeypatch.setenv(GROUPED_MIN_ROWS_ENV, bad)
         with pytest.raises(ValueError, match=GROUPED_MIN_ROWS_ENV):
-            _grouped_min_rows()
+            _grouped_min_rows(2)
+    monkeypatch.setattr(moe, "GROUPED_MIN_ROWS", 5)
+    monkeypatch.setattr(moe, "GROUPED_MIN_ROWS_FP8", 7)
+    assert (grouped_min_rows(False), grouped_min_rows(True)) == (5, 7)
 
 
 def test_decode_kernels_reuse_their_scratch(monkeypatch):
