@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.kernels import L2_BYTES, graph_time_us, moe_weights, shapes, time_configs  # noqa: E402
 from benchmarks.speed import environment  # noqa: E402
-from kernels._triton import FP8_WIDEN_MODES, set_fp8_widen, tl, triton, widen_e4m3  # noqa: E402
+from kernels._triton import FP8_WIDEN_MODES, require, set_fp8_widen  # noqa: E402
 from kernels.fp8 import quantize_rows_fp8  # noqa: E402
 from kernels.moe import moe_decode  # noqa: E402
 from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, candidate_configs, pick_config, skinny_gemm  # noqa: E402
@@ -43,14 +43,21 @@ from models import full_config  # noqa: E402
 SHORT = {"w12": "flow w12 + SwiGLU", "w3": "flow w3 gated residual", "adaln": "flow adaLN"}
 
 
-@triton.jit
-def _widen_probe(src_ptr, dst_ptr, N: tl.constexpr, WIDEN: tl.constexpr):
-    r = tl.arange(0, N)
-    tl.store(dst_ptr + r, widen_e4m3(tl.load(src_ptr + r), WIDEN))
+def widen_probe():
+    """A one-program kernel: dst[i] = widen_e4m3(src[i]) (made on first use: it needs triton)."""
+    require()
+    from kernels._triton import tl, triton, widen_e4m3
+
+    @triton.jit
+    def probe(src_ptr, dst_ptr, N: tl.constexpr, WIDEN: tl.constexpr):
+        r = tl.arange(0, N)
+        tl.store(dst_ptr + r, widen_e4m3(tl.load(src_ptr + r), WIDEN))
+    return probe
 
 
 def exactness(dev) -> dict:
     """Each way against torch for all 256 bytes at each byte position of a 32-bit register."""
+    probe = widen_probe()
     codes = torch.arange(256, dtype=torch.uint8, device=dev)
     want = codes.view(torch.float8_e4m3fn).float()
     finite = ~torch.isnan(want)
@@ -60,7 +67,7 @@ def exactness(dev) -> dict:
         for shift in range(4):  # rotate so each byte visits each position of its 4-byte group
             src = torch.roll(codes, shift).contiguous()
             dst = torch.empty(256, dtype=torch.float16, device=dev)
-            _widen_probe[(1,)](src.view(torch.float8_e4m3fn), dst, N=256, WIDEN=widen)
+            probe[(1,)](src.view(torch.float8_e4m3fn), dst, N=256, WIDEN=widen)
             got = dst.float() * (1.0 if widen == 0 else 256.0)
             ref = torch.roll(want, shift)
             ok = torch.roll(finite, shift)
@@ -109,8 +116,7 @@ def main(argv=None) -> int:
         if m not in FP8_WIDEN_MODES:
             p.error(f"--modes: unknown {m!r}; choose from {sorted(FP8_WIDEN_MODES)}")
     if not torch.cuda.is_available():
-        print("benchmarks/fp8_widen.py needs a CUDA GPU", file=sys.stderr)
-        return 2
+        raise SystemExit("fp8_widen.py needs a CUDA GPU")
     dev = torch.device("cuda")
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"env": environment(dev), "exactness": exactness(dev), "gemms": [], "moe": [], "sweeps": {}}
