@@ -45,12 +45,12 @@ def cases():
     for fmt, wty, bn, bk, stages in (("bf16", "*bf16", 64, 128, 4), ("fp8", "*fp8e4nv", 32, 256, 4)):
         for epi, split in ((skinny.STORE, 1), (skinny.SWIGLU, 1), (skinny.GATED_RESIDUAL, 4)):
             c = dict(HAS_WSCALE=fmt == "fp8", HAS_BIAS=False, EPILOGUE=epi, SPLIT_K=split, BLOCK_M=16, BLOCK_N=bn,
-                     BLOCK_K=bk, UPCAST=False, PDL=0, PF_TILES=0, W_BYTES=1 if fmt == "fp8" else 2)
+                     BLOCK_K=bk, UPCAST=False, PDL=0, PF_TILES=0, W_BYTES=1 if fmt == "fp8" else 2, WIDEN=0)
             out.append((f"skinny {fmt} epilogue {epi} split {split}", skinny._skinny_kernel, dict(sk, w_ptr=wty), c,
                         dict(num_warps=4, num_stages=stages)))
     for fmt, wty, act, bn, bk in (("bf16", "*bf16", "*bf16", 32, 256), ("fp8", "*fp8e4nv", "*fp16", 32, 256),
                                   ("fp8 64-row tiles", "*fp8e4nv", "*fp16", 64, 128)):
-        c = dict(TOPK=6, HAS_SCALE=fmt.startswith("fp8"), BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PDL=0)
+        c = dict(TOPK=6, HAS_SCALE=fmt.startswith("fp8"), BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PDL=0, WIDEN=0)
         gu = dict(x_ptr="*bf16", ids_ptr="*i32", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,
                   H="i32", I="i32", stride_x="i32")
         dn = dict(act_ptr=act, ids_ptr="*i32", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32",
@@ -66,7 +66,8 @@ def cases():
         for rows in (2, 16, 64):
             c = dict(TOPK=6, HAS_SCALE=fmt == "fp8", BLOCK_S=max(16, 1 << (rows * 6 - 1).bit_length()),
                      BLOCK_M=max(16, 1 << (rows - 1).bit_length()), BLOCK_N=moe.GROUPED_DEFAULT["BLOCK_N"],
-                     BLOCK_K=moe.GROUPED_DEFAULT["BLOCK_K"], BY_SLOT=rows * 6 < 64, UPCAST=False, PDL=0)  # 64 experts
+                     BLOCK_K=moe.GROUPED_DEFAULT["BLOCK_K"], BY_SLOT=rows * 6 < 64, UPCAST=False, PDL=0,
+                     WIDEN=0)  # 64 experts
             gu = dict(x_ptr="*bf16", ids_ptr="*i64", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,
                       S="i32", H="i32", I="i32", stride_x="i32")
             dn = dict(act_ptr=act, ids_ptr="*i64", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32",
