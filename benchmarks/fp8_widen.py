@@ -67,7 +67,8 @@ def exactness(dev) -> dict:
         for shift in range(4):  # rotate so each byte visits each position of its 4-byte group
             src = torch.roll(codes, shift).contiguous()
             dst = torch.empty(256, dtype=torch.float16, device=dev)
-            probe[(1,)](src.view(torch.float8_e4m3fn), dst, N=256, WIDEN=widen)
+            # one warp: 8 consecutive bytes per thread, so the inline asm sees all four positions of a register
+            probe[(1,)](src.view(torch.float8_e4m3fn), dst, N=256, WIDEN=widen, num_warps=1)
             got = dst.float() * (1.0 if widen == 0 else 256.0)
             ref = torch.roll(want, shift)
             ok = torch.roll(finite, shift)
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
         ws, scales = moe_weights(llm, "fp8")
         g = torch.Generator().manual_seed(1)
         id_sets = [torch.randperm(e, generator=g)[:k].repeat(2, 1).to(dev) for _ in range(12)]  # rotate past L2
-        x = torch.randn(2, llm.hidden_size, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(2, llm.hidden_size, device=dev, dtype=torch.float16)  # as the runtime hands FP8 kernels rows
         topw = torch.rand(2, k, device=dev)
         out = torch.empty(2, llm.hidden_size, device=dev)
         for grouped in (True, False):

@@ -85,21 +85,21 @@ def shapes(cfg, prompts: int = 1):
     mt = cfg.mingtok
     sem_hidden = swiglu_hidden(mt.semantic_dim, mt.mlp_ratio)
     # name, rows, N (outputs), K, epilogue, the rows' dtype next to FP8 weights in the runtime; swiglu: N is the
-    # hidden width, W has 2N rows. FP8 kernels multiply fp16 rows (kernels._triton.mma): the flow head's own
-    # scratch rows, its adaLN input (rounded once per token) and the SwiGLU outputs are fp16 already, the rest
-    # come as bf16 (the LLM's norms and attention output) and are converted inside the kernel's main loop.
+    # hidden width, W has 2N rows. FP8 kernels multiply fp16 rows (kernels._triton.mma), and since session 11
+    # every caller hands them fp16 (kernels.fp8.fp16_rows; in the LLM and semantic decoder when compiled, as
+    # the fast path is). bench_skinny also times bf16-fed rows when given them (the in-loop conversion).
     r = 2 * prompts
-    bf, hf = torch.bfloat16, torch.float16
+    hf = torch.float16
     return [
         ("flow w12 + SwiGLU", r, hid, w, SWIGLU, hf),
         ("flow w3 gated residual", r, w, hid, GATED_RESIDUAL, hf),
         (f"flow adaLN ({s} steps x {r} rows)", min(r * s, MAX_ROWS), 3 * w, w, STORE, hf),
-        ("llm query_key_value", r, qkv, llm.hidden_size, STORE, bf),
-        ("llm dense", r, llm.hidden_size, llm.num_heads * llm.head_dim, STORE, bf),
-        ("llm shared gate/up", r, shared, llm.hidden_size, STORE, bf),
-        ("llm shared gate+up + SwiGLU (fp8 path)", r, shared, llm.hidden_size, SWIGLU, bf),
+        ("llm query_key_value", r, qkv, llm.hidden_size, STORE, hf),
+        ("llm dense", r, llm.hidden_size, llm.num_heads * llm.head_dim, STORE, hf),
+        ("llm shared gate/up", r, shared, llm.hidden_size, STORE, hf),
+        ("llm shared gate+up + SwiGLU (fp8 path)", r, shared, llm.hidden_size, SWIGLU, hf),
         ("llm shared down", r, llm.hidden_size, shared, STORE, hf),
-        ("semantic w12 + SwiGLU (fp8 path)", prompts, sem_hidden, mt.semantic_dim, SWIGLU, bf),
+        ("semantic w12 + SwiGLU (fp8 path)", prompts, sem_hidden, mt.semantic_dim, SWIGLU, hf),
         ("semantic w3", prompts, mt.semantic_dim, sem_hidden, STORE, hf),
     ]
 
@@ -170,7 +170,8 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
     g = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(rows)]).to(dev)  # distinct per row
     topw = torch.rand(rows, k, device=dev)
-    x = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
+    # the rows as the runtime hands them: fp16 next to FP8 weights (kernels.fp8.fp16_rows), else bf16
+    x = torch.randn(rows, h, device=dev, dtype=torch.float16 if fmt == "fp8" else torch.bfloat16)
     used = len(set(ids.flatten().tolist()))
     nbytes = used * 3 * i * h * (1 if fmt == "fp8" else 2)
     # the routed experts of one layer are 18 MB (bf16): rotate 12 layers' worth of expert ids to leave L2
@@ -178,9 +179,9 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
     act = torch.empty(rows * k, i, device=dev, dtype=torch.float16 if fmt == "fp8" else torch.bfloat16)  # as moe_decode
     out = torch.empty(rows, h, device=dev)
 
-    def run(config, rows=x, grouped=False):
+    def run(config, grouped=False):
         # the per-slot kernels, whose table this tunes (benchmarks/moe_grouped.py times the grouped ones)
-        return graph_time_us(lambda j: moe_decode(rows, id_sets[j], topw, *ws, scales, act=act, out=out,
+        return graph_time_us(lambda j: moe_decode(x, id_sets[j], topw, *ws, scales, act=act, out=out,
                                                   config=config, grouped=grouped), len(id_sets), reps)
 
     default = moe_pick(h, i, fmt == "fp8")
@@ -193,11 +194,7 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
         table["moe"][f"h{h}_i{i}_{fmt}"] = best[1]
     t_us = min(row["us"], row.get("best_us", row["us"]))
     row["tbps"] = nbytes / (t_us * 1e-6) / 1e12
-    row["grouped_us"] = run(None, grouped=True)  # at its default tile (these rows choose distinct experts)
-    if fmt == "fp8":  # the rows converted to fp16 beforehand: what the kernels' in-loop conversion costs
-        x16 = x.to(torch.float16)
-        row["us_fp16_rows"] = run(row.get("best_config", default), x16)
-        row["grouped_us_fp16_rows"] = run(None, x16, grouped=True)
+    row["grouped_us"] = run(None, grouped=True)  # at its default tile (each row draws its experts independently)
     if fmt == "bf16":  # the gather dispatch the graph used before (copies the routed weights)
         wg, wu, wd = ws
 
@@ -210,8 +207,6 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
         row["gather_us"] = graph_time_us(gather, len(id_sets), reps)
     print(f"{row['name']:34s} {fmt:5s} {row['weight_mb']:8.1f} MB  {t_us:8.1f} us  {row['tbps']:5.2f} TB/s"
           + f"   grouped {row['grouped_us']:8.1f} us"
-          + (f"   fp16 rows {row['us_fp16_rows']:8.1f} / grouped {row['grouped_us_fp16_rows']:8.1f} us"
-             if "us_fp16_rows" in row else "")
           + (f"   gather {row['gather_us']:8.1f} us" if "gather_us" in row else ""), flush=True)
     return row
 

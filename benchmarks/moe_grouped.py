@@ -88,15 +88,16 @@ def main(argv=None) -> int:
         expert_bytes = 3 * i * h * (1 if fmt == "fp8" else 2)
         default, default_grouped = (pick_config(h, i, fmt == "fp8", grouped) for grouped in (False, True))
         for rows in (int(r) for r in a.rows.split(",")):
-            x = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16)
+            # the rows as the runtime hands them: fp16 next to FP8 weights (kernels.fp8.fp16_rows), else bf16
+            x = torch.randn(rows, h, device="cuda", dtype=torch.float16 if fmt == "fp8" else torch.bfloat16)
             topw = torch.rand(rows, k, device="cuda")
             out = torch.empty(rows, h, device="cuda")
             for pattern in ("independent", "cfg pairs"):
                 id_sets = routings(e, k, rows, pattern, g)
                 distinct = sum(len(torch.unique(s)) for s in id_sets) / len(id_sets)
 
-                def run(config, grouped, rows=x):
-                    return graph_time_us(lambda j: moe_decode(rows, id_sets[j], topw, *ws, scales, out=out, config=config,
+                def run(config, grouped, xs=x):
+                    return graph_time_us(lambda j: moe_decode(xs, id_sets[j], topw, *ws, scales, out=out, config=config,
                                                               grouped=grouped), len(id_sets), a.reps)
 
                 per_slot = moe_decode(x, id_sets[0], topw, *ws, scales, config=default, grouped=False).clone()
@@ -107,12 +108,14 @@ def main(argv=None) -> int:
                        "grouped_repeats": bool(torch.equal(grouped[0], grouped[1])),
                        "grouped_vs_per_slot_max_abs": float((grouped[0] - per_slot).abs().max()),
                        "per_slot_us": run(default, False), "grouped_us": run(default_grouped, True)}
-                if fmt == "fp8":  # the rows rounded to fp16 beforehand (the FP8 kernels' operand): no in-loop conversion
-                    x16 = x.float().clamp(-65504.0, 65504.0).to(torch.float16)
-                    row["per_slot_fp16_rows_us"] = run(default, False, x16)
-                    row["grouped_fp16_rows_us"] = run(default_grouped, True, x16)
-                    row["fp16_rows_same_bits"] = bool(torch.equal(
-                        moe_decode(x16, id_sets[0], topw, *ws, scales, config=default_grouped, grouped=True), grouped[0]))
+                if fmt == "fp8":  # bf16 rows, which the kernels convert in their main loops (before session 11)
+                    xb = x.to(torch.bfloat16)  # compared below with its own fp16 rounding
+                    row["per_slot_bf16_rows_us"] = run(default, False, xb)
+                    row["grouped_bf16_rows_us"] = run(default_grouped, True, xb)
+                    row["bf16_rows_same_bits"] = bool(torch.equal(
+                        moe_decode(x.to(torch.bfloat16).to(torch.float16), id_sets[0], topw, *ws, scales,
+                                   config=default_grouped, grouped=True),
+                        moe_decode(xb, id_sets[0], topw, *ws, scales, config=default_grouped, grouped=True)))
                 if a.sweep_fine and pattern == "cfg pairs":
                     row["grouped_sweep"] = fine_sweep(default_grouped, lambda c: run(c, True))
                 elif a.sweep:
@@ -129,8 +132,8 @@ def main(argv=None) -> int:
                       f"grouped {row['grouped_us']:7.1f} us"
                       + (f" (best {row['grouped_best_us']:.1f})" if "grouped_best_us" in row else "")
                       + f"  repeats {row['grouped_repeats']}  max|diff| {row['grouped_vs_per_slot_max_abs']:.2e}"
-                      + (f"  fp16 rows: per-slot {row['per_slot_fp16_rows_us']:.1f} grouped {row['grouped_fp16_rows_us']:.1f} us"
-                         f" same bits {row['fp16_rows_same_bits']}" if "per_slot_fp16_rows_us" in row else ""), flush=True)
+                      + (f"  bf16 rows: per-slot {row['per_slot_bf16_rows_us']:.1f} grouped {row['grouped_bf16_rows_us']:.1f} us"
+                         f" same bits {row['bf16_rows_same_bits']}" if "per_slot_bf16_rows_us" in row else ""), flush=True)
     print(f"wrote {path}")
     return 0
 

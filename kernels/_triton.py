@@ -252,9 +252,10 @@ if triton is not None:
 
     # E4M3 bytes b0..b3 of one 32-bit register -> fp16 pairs (b0, b1), (b2, b3) holding w * 2**-8, three
     # integer instructions a pair: prmt makes each 16-bit half [sign byte | byte] (selector nibbles 8-B
-    # replicate a byte's sign); shifted left by 7, the sign lands on bit 15 and exponent and mantissa in
-    # fp16's fields (denormals included); the mask clears what the sign byte left on bits 14 and 6..0
-    # (benchmarks/fp8_widen.py checks all 256 bytes against torch)
+    # replicate a byte's sign); shifted left by 7, the sign byte's low bit lands on bit 15 and the byte's
+    # exponent and mantissa in fp16's fields (denormals included); the mask clears the byte's own sign bit
+    # (now bit 14) and, in the high half, the low half's sign bits shifted into bits 6..0
+    # (benchmarks/fp8_widen.py checks the 254 non-NaN bytes against torch)
     _E4M3_PAIR_BITS = "prmt.b32 {a}, $2, 0, {sel}; shl.b32 {a}, {a}, 7; and.b32 {out}, {a}, 0xBF80BF80;"
     _E4M3_BITS_ASM = tl.constexpr("{ .reg .b32 a, b; " + _E4M3_PAIR_BITS.format(a="a", sel="0x9180", out="$0")
                                   + " " + _E4M3_PAIR_BITS.format(a="b", sel="0xB3A2", out="$1") + " }")

@@ -50,8 +50,9 @@ def fp16_rows(x: torch.Tensor) -> torch.Tensor:
     clamped to fp16's range: kernels._triton.mma), so the results keep their bits. Done before the launch it is
     one small pass (inside a compiled step Inductor fuses it into whatever made x) instead of once per program
     in every GEMM's main loop: at 2 rows that cost the LLM's FP8 linears 0.7-2.1 us each and at the flow head's
-    32 adaLN rows 25 against 14.5 us (H200, benchmarks/results/h200_session11.md). Triton's interpreter
-    multiplies fp32 and gets x as it is."""
+    32 adaLN rows 27 against 14.7 us (H200, benchmarks/results/h200_session11.md). Triton's interpreter
+    multiplies fp32 and gets x as it is. NaN is the one exception to "the same bits": the kernel's min/max
+    turn it into -65504, torch.clamp keeps it (a NaN row is a bug upstream either way)."""
     if x.dtype == torch.float16 or interpreting():
         return x
     return x.float().clamp(-F16_MAX, F16_MAX).to(torch.float16)
@@ -69,5 +70,4 @@ def gpu_supports_fp8(device=None) -> tuple[bool, str]:
 
 
 __all__ = ["E4M3_MAX", "F16_MAX", "FP8_MIN_CAPABILITY", "QMAX", "WEIGHT_FORMATS", "dequantize_rows_fp8", "fp16_rows",
-           "gpu_supports_fp8",
-           "quantize_channels", "quantize_rows_fp8"]
+           "gpu_supports_fp8", "quantize_channels", "quantize_rows_fp8"]

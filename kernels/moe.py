@@ -396,5 +396,6 @@ def split_config(config: dict) -> tuple[dict, dict]:
     return up, down
 
 
-__all__ = ["GROUPED_DEFAULT", "GROUPED_MIN_ROWS", "GROUPED_MIN_ROWS_FP8", "grouped_min_rows", "moe_decode", "candidate_configs", "down_candidates", "pick_config",
-           "grouped_supported", "reserve_scratch", "reserve_tickets", "split_config"]
+__all__ = ["GROUPED_DEFAULT", "GROUPED_MIN_ROWS", "GROUPED_MIN_ROWS_FP8", "candidate_configs", "down_candidates",
+           "grouped_min_rows", "grouped_supported", "moe_decode", "pick_config", "reserve_scratch", "reserve_tickets",
+           "split_config"]

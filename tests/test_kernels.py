@@ -361,9 +361,13 @@ def test_grouped_moe_each_expert_once(ids):
 
 
 def test_grouped_min_rows_from_the_environment(monkeypatch):
+    import os
+
     from kernels import moe
     from kernels.moe import GROUPED_MIN_ROWS_ENV, _grouped_min_rows, grouped_min_rows
 
+    if not os.environ.get(GROUPED_MIN_ROWS_ENV):  # the shipped choice (read at import): FP8's 2 CFG rows per slot
+        assert (grouped_min_rows(False), grouped_min_rows(True)) == (2, 3)
     monkeypatch.delenv(GROUPED_MIN_ROWS_ENV, raising=False)
     assert (_grouped_min_rows(2), _grouped_min_rows(3)) == (2, 3)
     monkeypatch.setenv(GROUPED_MIN_ROWS_ENV, "4")
@@ -955,3 +959,9 @@ def test_fp8_kernels_round_bf16_rows_as_fp16_rows_on_gpu(epilogue):
         args = (ids, tw, wg[0], wu[0], wd[0], (wg[1], wu[1], wd[1]))
         want = moe_decode(xm, *args, grouped=grouped)
         assert torch.equal(moe_decode(fp16_rows(xm), *args, grouped=grouped), want), grouped
+        try:
+            for mode in FP8_WIDEN_MODES:
+                set_fp8_widen(mode)
+                assert torch.equal(moe_decode(xm, *args, grouped=grouped), want), (grouped, mode)
+        finally:
+            set_fp8_widen(None)

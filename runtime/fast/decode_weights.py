@@ -56,9 +56,16 @@ class FusedMoEDecode(nn.Module):
                             torch.float16 if weights == "fp8" else moe.w_down.dtype, MAX_ROWS)
 
     def forward(self, x, ids, w):
-        if self.sg is not None:  # FP8: the rows as the kernels multiply them (kernels.fp8.fp16_rows)
-            x = fp16_rows(x)
+        if self.sg is not None:  # FP8: the rows as the kernels multiply them
+            x = _rows_for_fp8(x)
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
+
+
+def _rows_for_fp8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16 for the FP8 kernels when compiling (torch.compile, torch.export): Inductor fuses the
+    rounding into the kernel that made x, and the GEMMs skip their in-loop conversion (kernels.fp8.fp16_rows).
+    Uncompiled it would be three extra launches per call; the kernels then convert, to the same bits."""
+    return fp16_rows(x) if torch.compiler.is_compiling() else x
 
 
 def _decode_rows(x, in_features: int) -> int:
@@ -86,8 +93,8 @@ class FP8Linear(nn.Module):
     def forward(self, x):
         rows = _decode_rows(x, self.in_features)
         if rows:
-            y = skinny_linear_op(fp16_rows(x.reshape(rows, self.in_features)), self.weight_fp8, self.scale, self.bias,
-                                 self.out_dtype)
+            y = skinny_linear_op(_rows_for_fp8(x.reshape(rows, self.in_features)), self.weight_fp8, self.scale,
+                                 self.bias, self.out_dtype)
             return y.view(*x.shape[:-1], self.out_features)
         return self.reference(x)
 
@@ -121,8 +128,8 @@ class FusedSwiGLUDecode(nn.Module):
     def forward(self, x):
         rows = _decode_rows(x, self.in_features)
         if rows:
-            act = skinny_swiglu_op(fp16_rows(x.reshape(rows, self.in_features)), self.w12_fp8, self.scale12, self.bias12,
-                                   torch.float16)  # (rows, I)
+            act = skinny_swiglu_op(_rows_for_fp8(x.reshape(rows, self.in_features)), self.w12_fp8, self.scale12,
+                                   self.bias12, torch.float16)  # (rows, I)
             return self.down(act).view(*x.shape[:-1], -1)
         return self.reference(x)
 
