@@ -37,6 +37,10 @@ sys.path.insert(0, str(ROOT))
 def cases():
     """(name, jit function, signature, constexprs, options) at the configs the released shapes use."""
     from kernels import attention, flow_chain, moe, skinny
+    from models import full_config
+
+    llm = full_config().llm
+    top_k, experts = llm.num_experts_per_tok, llm.num_experts  # the released model's routing (6 of 64)
 
     sk = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", wscale_ptr="*fp32", bias_ptr="*fp32", y_ptr="*bf16", gate_ptr="*fp32",
               part_ptr="*fp32", ticket_ptr="*i32", M="i32", N="i32", K="i32", row_div="i32", stride_xm="i32",
@@ -50,13 +54,13 @@ def cases():
                         dict(num_warps=4, num_stages=stages)))
     for fmt, wty, act, bn, bk in (("bf16", "*bf16", "*bf16", 32, 256), ("fp8", "*fp8e4nv", "*fp16", 32, 256),
                                   ("fp8 64-row tiles", "*fp8e4nv", "*fp16", 64, 128)):
-        c = dict(TOPK=6, HAS_SCALE=fmt.startswith("fp8"), BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PDL=0, WIDEN=0)
+        c = dict(TOPK=top_k, HAS_SCALE=fmt.startswith("fp8"), BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PDL=0, WIDEN=0)
         gu = dict(x_ptr="*bf16", ids_ptr="*i32", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,
                   H="i32", I="i32", stride_x="i32")
         dn = dict(act_ptr=act, ids_ptr="*i32", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32",
                   part_ptr="*fp32", ticket_ptr="*i32", H="i32", I="i32", stride_y="i32")
         out.append((f"moe gate_up {fmt}", moe._gate_up_kernel, gu, c, dict(num_warps=4, num_stages=3)))
-        for split in (1, 6):
+        for split in (1, top_k):
             out.append((f"moe down {fmt} expert split {split}", moe._down_kernel, dn, dict(c, SPLIT_E=split),
                         dict(num_warps=4, num_stages=3)))
     # the grouped MoE kernels at their default tiles: 2 rows (BLOCK_M 16, a program per slot), 16 rows, 64 rows
@@ -64,10 +68,10 @@ def cases():
     # the ids load
     for fmt, wty, act in (("bf16", "*bf16", "*bf16"), ("fp8", "*fp8e4nv", "*fp16")):
         for rows in (2, 16, 64):
-            c = dict(TOPK=6, HAS_SCALE=fmt == "fp8", BLOCK_S=max(16, 1 << (rows * 6 - 1).bit_length()),
+            c = dict(TOPK=top_k, HAS_SCALE=fmt == "fp8", BLOCK_S=max(16, 1 << (rows * top_k - 1).bit_length()),
                      BLOCK_M=max(16, 1 << (rows - 1).bit_length()), BLOCK_N=moe.GROUPED_DEFAULT["BLOCK_N"],
-                     BLOCK_K=moe.GROUPED_DEFAULT["BLOCK_K"], BY_SLOT=rows * 6 < 64, UPCAST=False, PDL=0,
-                     WIDEN=0)  # 64 experts
+                     BLOCK_K=moe.GROUPED_DEFAULT["BLOCK_K"], BY_SLOT=rows * top_k < experts, UPCAST=False, PDL=0,
+                     WIDEN=0)
             gu = dict(x_ptr="*bf16", ids_ptr="*i64", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,
                       S="i32", H="i32", I="i32", stride_x="i32")
             dn = dict(act_ptr=act, ids_ptr="*i64", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32",

@@ -56,10 +56,7 @@ def full_model_on_gpu(script: str, out: Path):
 def flow_head(model, fmt: str, runs: int, dev) -> dict:
     cfg = model.cfg
     kfh = KernelFlowHead(model, weights=fmt)
-    g = torch.Generator().manual_seed(1)
-    hid = torch.randn(1, 2, cfg.llm.hidden_size, generator=g).to(dev, torch.bfloat16)
-    noise = torch.randn(1, cfg.mingtok.latent_dim, generator=g).to(dev)
-    sc = [torch.tensor([v], device=dev) for v in (3.0, 1.1, 1.0)]
+    hid, noise, sc = flow_head_inputs(model, dev)  # the other flow-head checks' inputs (before session 11: its own)
     out = torch.empty(1, cfg.mingtok.latent_dim, device=dev)
     res, first = {}, None
     for name, (on, tiles, trigger) in VARIANTS.items():

@@ -24,16 +24,18 @@ class PatchEmbed(nn.Module):
     sums (each output is one patch dotted with one filter) in another order; the convolution took an
     implicit-GEMM fallback there, 226 us at 512 px on an H200 (benchmarks/results/
     tokenizer_modes_h200_s8_start.json).
-    On the CPU it stays the convolution upstream ran, which the golden fixtures were made with."""
+    On the CPU it stays the convolution upstream ran, which the golden fixtures were made with, and so does
+    every export (ONNX, torch.export) on any device: an exported graph does not depend on where it was made,
+    and TensorRT / onnxruntime get the Conv they have their own kernels for."""
 
     def __init__(self, patch_size: int, dim: int):
         super().__init__()
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if not image.is_cuda:
-            return self.proj(image).flatten(2).transpose(1, 2)  # (B, 3, H, W) -> (B, gh*gw, D), raster order
-        return self.as_gemm(image)
+        if image.is_cuda and not torch.compiler.is_exporting():
+            return self.as_gemm(image)
+        return self.proj(image).flatten(2).transpose(1, 2)  # (B, 3, H, W) -> (B, gh*gw, D), raster order
 
     def as_gemm(self, image: torch.Tensor) -> torch.Tensor:
         b, c, h, w = image.shape

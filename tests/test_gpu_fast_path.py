@@ -209,3 +209,6 @@ def test_patch_embedding_runs_as_a_gemm_on_the_gpu():
     conv = m.proj(img).flatten(2).transpose(1, 2)
     assert got.shape == conv.shape == (2, 256, 768)
     assert (got.float() - conv.float()).abs().max().item() <= 2e-2 * conv.float().abs().max().item()
+    # an export keeps the convolution on the GPU too: the graph does not depend on the device it was made on
+    targets = {str(n.target) for n in torch.export.export(m, (img,)).graph.nodes if n.op == "call_function"}
+    assert any("convolution" in t for t in targets) and not any("linear" in t or ".mm" in t for t in targets), targets
