@@ -21,6 +21,7 @@
 #   KERNELS_ARGS="..."  first run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep);
 #                       KERNELS_INSTALL=1 then copies the swept table into kernels/configs/ for the runs below
 #   SKIP_EXPORTS=1      no full-size exports; FP8_PIECES / BF16_PIECES / FP8_TIMEOUT / BF16_TIMEOUT choose them
+#   STEP_BATCHES_ARGS="--formats fp8 --batches 1,8"   also run benchmarks/step_batches.py (batch ratio in one process)
 #   TAR=1               at the end, pack OUT_DIR into OUT_DIR.tgz (the device tool returns at most 8 files)
 set -u
 OUT=${1:?output folder}
@@ -69,6 +70,10 @@ fi
 if [ -n "${DETERMINISM_ARGS:-}" ]; then
   timeout "${DETERMINISM_TIMEOUT:-240}" python3 benchmarks/determinism_check.py --out "$OUT" $DETERMINISM_ARGS > "$OUT/determinism.log" 2>&1
   tail -4 "$OUT/determinism.log"
+fi
+if [ -n "${STEP_BATCHES_ARGS:-}" ]; then
+  timeout "${STEP_BATCHES_TIMEOUT:-240}" python3 benchmarks/step_batches.py --out "$OUT" $STEP_BATCHES_ARGS > "$OUT/step_batches.log" 2>&1
+  grep -E "batch" "$OUT/step_batches.log" | grep -v Warn | tail -6
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_step.py --out "$OUT" > "$OUT/profile_step.log" 2>&1
