@@ -32,12 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kernels import L2_BYTES, graph_time_us, moe_weights, shapes, time_configs  # noqa: E402
+from benchmarks.kernels import graph_time_us, moe_weights, shapes, skinny_case, time_configs  # noqa: E402
 from benchmarks.speed import environment  # noqa: E402
 from kernels._triton import FP8_WIDEN_MODES, require, set_fp8_widen  # noqa: E402
-from kernels.fp8 import quantize_rows_fp8  # noqa: E402
 from kernels.moe import moe_decode  # noqa: E402
-from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, candidate_configs, pick_config, skinny_gemm  # noqa: E402
+from kernels.skinny import candidate_configs, pick_config, skinny_gemm  # noqa: E402
 from models import full_config  # noqa: E402
 
 SHORT = {"w12": "flow w12 + SwiGLU", "w3": "flow w3 gated residual", "adaln": "flow adaLN"}
@@ -78,24 +77,17 @@ def exactness(dev) -> dict:
     return out
 
 
-def gemm_case(name, m, n, k, epi, rows_dtype, dev):
-    """Weights (rotating copies past L2), rows and outputs for one FP8 GEMM of shapes()."""
-    w_rows = 2 * n if epi == SWIGLU else n
-    g = torch.Generator(device=dev).manual_seed(0)
-    wq, sc = quantize_rows_fp8(torch.randn(w_rows, k, device=dev, generator=g) * 0.02)
-    copies = max(1, min(16, -(-3 * L2_BYTES // wq.numel())))
-    ws = [wq] + [wq.clone() for _ in range(copies - 1)]
-    x = torch.randn(m, k, device=dev, generator=g).to(rows_dtype)
-    gate = (torch.randn(m, n, device=dev, generator=g) * 0.1) if epi == GATED_RESIDUAL else None
-    return dict(name=name, m=m, n=n, k=k, epi=epi, ws=ws, sc=sc, x=x, gate=gate, copies=copies,
-                mb=(wq.numel() + sc.numel() * 4) / 1e6, work=Workspace(n, m, dev))
+def gemm_case(name, m, n, k, epi, dev):
+    """One FP8 GEMM of shapes() with its operands (benchmarks/kernels.skinny_case)."""
+    c = skinny_case(m, n, k, epi, "fp8", dev)
+    return dict(c, name=name, m=m, n=n, k=k, epi=epi, mb=c["nbytes"] / 1e6)
 
 
 def run_gemm(c, config, widen_mode, reps):
     """(us per launch, one launch's output on a fresh output buffer) for one way of widening."""
     set_fp8_widen(widen_mode)
     out = torch.zeros(c["m"], c["n"], device=c["x"].device)
-    kw = dict(w_scale=c["sc"], epilogue=c["epi"], gate=c["gate"], workspace=c["work"], config=config)
+    kw = dict(c["kw"], config=config)
     skinny_gemm(c["x"], c["ws"][0], out, **kw)
     ref = out.clone()
     us = graph_time_us(lambda i: skinny_gemm(c["x"], c["ws"][i], out, **kw), c["copies"], reps)
@@ -124,7 +116,7 @@ def main(argv=None) -> int:
     save = lambda: (a.out / "fp8_widen.json").write_text(json.dumps(res, indent=1))  # noqa: E731
     save()
     cfg = full_config()
-    cases = [gemm_case(name, m, n, k, epi, rows_dtype, dev) for name, m, n, k, epi, rows_dtype in shapes(cfg)]
+    cases = [gemm_case(name, m, n, k, epi, dev) for name, m, n, k, epi in shapes(cfg)]
     for c in cases:
         base = pick_config(c["m"], c["n"], c["k"], True, c["epi"], dev)
         ref = None

@@ -84,31 +84,27 @@ def shapes(cfg, prompts: int = 1):
     shared = llm.moe_intermediate_size * llm.num_shared_experts
     mt = cfg.mingtok
     sem_hidden = swiglu_hidden(mt.semantic_dim, mt.mlp_ratio)
-    # name, rows, N (outputs), K, epilogue, the rows' dtype next to FP8 weights in the runtime; swiglu: N is the
-    # hidden width, W has 2N rows. FP8 kernels multiply fp16 rows (kernels._triton.mma), and since session 11
-    # every caller hands them fp16 (kernels.fp8.fp16_rows; in the LLM and semantic decoder when compiled, as
-    # the fast path is). bench_skinny also times bf16-fed rows when given them (the in-loop conversion).
+    # name, rows, N (outputs), K, epilogue; swiglu: N is the hidden width, W has 2N rows
     r = 2 * prompts
-    hf = torch.float16
     return [
-        ("flow w12 + SwiGLU", r, hid, w, SWIGLU, hf),
-        ("flow w3 gated residual", r, w, hid, GATED_RESIDUAL, hf),
-        (f"flow adaLN ({s} steps x {r} rows)", min(r * s, MAX_ROWS), 3 * w, w, STORE, hf),
-        ("llm query_key_value", r, qkv, llm.hidden_size, STORE, hf),
-        ("llm dense", r, llm.hidden_size, llm.num_heads * llm.head_dim, STORE, hf),
-        ("llm shared gate/up", r, shared, llm.hidden_size, STORE, hf),
-        ("llm shared gate+up + SwiGLU (fp8 path)", r, shared, llm.hidden_size, SWIGLU, hf),
-        ("llm shared down", r, llm.hidden_size, shared, STORE, hf),
-        ("semantic w12 + SwiGLU (fp8 path)", prompts, sem_hidden, mt.semantic_dim, SWIGLU, hf),
-        ("semantic w3", prompts, mt.semantic_dim, sem_hidden, STORE, hf),
+        ("flow w12 + SwiGLU", r, hid, w, SWIGLU),
+        ("flow w3 gated residual", r, w, hid, GATED_RESIDUAL),
+        (f"flow adaLN ({s} steps x {r} rows)", min(r * s, MAX_ROWS), 3 * w, w, STORE),
+        ("llm query_key_value", r, qkv, llm.hidden_size, STORE),
+        ("llm dense", r, llm.hidden_size, llm.num_heads * llm.head_dim, STORE),
+        ("llm shared gate/up", r, shared, llm.hidden_size, STORE),
+        ("llm shared gate+up + SwiGLU (fp8 path)", r, shared, llm.hidden_size, SWIGLU),
+        ("llm shared down", r, llm.hidden_size, shared, STORE),
+        ("semantic w12 + SwiGLU (fp8 path)", prompts, sem_hidden, mt.semantic_dim, SWIGLU),
+        ("semantic w3", prompts, mt.semantic_dim, sem_hidden, STORE),
     ]
 
 
-def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=(4,), fp8_rows=torch.float16):
-    """One GEMM at its default config (and the sweep's best), its rows in the dtype the runtime feeds
-    (`fp8_rows` next to FP8 weights, bf16 next to bf16 ones). FP8 with bf16 rows also times the same GEMM on
-    rows converted to fp16 beforehand (`us_fp16_rows`: what the kernel's in-loop conversion costs)."""
-    dev = "cuda"
+def skinny_case(m: int, n: int, k: int, epi: int, fmt: str, dev="cuda") -> dict:
+    """Operands of one decode GEMM for timing: random weights (bf16, or FP8 with per-channel scales) in enough
+    copies to leave L2 (`ws`, `copies`), rows as the runtime hands them (fp16 next to FP8 weights, since
+    kernels.fp8.fp16_rows, else bf16), the gated residual's gate (a column slice of the modulations, as in the
+    flow head), the skinny_gemm keywords (`kw`) and the bytes one launch streams."""
     w_rows = 2 * n if epi == SWIGLU else n
     wb = torch.randn(w_rows, k, device=dev, dtype=torch.bfloat16) * 0.02
     if fmt == "fp8":
@@ -117,20 +113,24 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=
     else:
         wq, sc, nbytes = wb, None, wb.numel() * 2
     copies = max(1, min(16, -(-3 * L2_BYTES // nbytes)))
-    ws = [wq] + [wq.clone() for _ in range(copies - 1)]
-    x = torch.randn(m, k, device=dev, dtype=fp8_rows if fmt == "fp8" else torch.bfloat16)
-    out = torch.zeros(m, n, device=dev)
-    mods = torch.randn(m, 3 * n, device=dev) * 0.1
-    work = Workspace(n, m, dev)
-    kw = dict(w_scale=sc, epilogue=epi, workspace=work)
+    kw = dict(w_scale=sc, epilogue=epi, workspace=Workspace(n, m, dev))
     if epi == GATED_RESIDUAL:
-        kw.update(gate=mods[:, 2 * n:])
+        kw.update(gate=(torch.randn(m, 3 * n, device=dev) * 0.1)[:, 2 * n:])
+    return dict(ws=[wq] + [wq.clone() for _ in range(copies - 1)], copies=copies, w_rows=w_rows, nbytes=nbytes, kw=kw,
+                x=torch.randn(m, k, device=dev, dtype=torch.float16 if fmt == "fp8" else torch.bfloat16))
 
-    def run(config, rows=x):
-        return graph_time_us(lambda i: skinny_gemm(rows, ws[i], out, config=config, **kw), copies, reps)
+
+def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=(4,)):
+    """One GEMM at its default config (and the sweep's best)."""
+    c = skinny_case(m, n, k, epi, fmt)
+    ws, copies, nbytes, x, kw = c["ws"], c["copies"], c["nbytes"], c["x"], c["kw"]
+    out = torch.zeros(m, n, device=x.device)
+
+    def run(config):
+        return graph_time_us(lambda i: skinny_gemm(x, ws[i], out, config=config, **kw), copies, reps)
 
     default = pick_config(m, n, k, fmt == "fp8", epi)
-    row = {"name": name, "rows": m, "N": w_rows, "K": k, "fmt": fmt, "rows_dtype": str(x.dtype).split(".")[-1],
+    row = {"name": name, "rows": m, "N": c["w_rows"], "K": k, "fmt": fmt, "rows_dtype": str(x.dtype).split(".")[-1],
            "weight_mb": nbytes / 1e6, "default_config": default, "us": run(default)}
     if sweep:
         best = fastest(time_configs(candidate_configs(n, k, fmt == "fp8", wide, warps), run), (row["us"], default))
@@ -138,14 +138,11 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=
         table["skinny"][config_key(m, n, k, fmt == "fp8", epi)] = best[1]
     t_us = min(row["us"], row.get("best_us", row["us"]))
     row["tbps"] = nbytes / (t_us * 1e-6) / 1e12
-    if fmt == "fp8" and x.dtype != torch.float16:
-        row["us_fp16_rows"] = run(row.get("best_config", default), x.to(torch.float16))
     if fmt == "bf16":  # cuBLAS at the same shape, for reference
         xb = x.to(torch.bfloat16)
         row["cublas_us"] = graph_time_us(lambda i: F.linear(xb, ws[i]), copies, reps)
         row["cublas_tbps"] = nbytes / (row["cublas_us"] * 1e-6) / 1e12
     print(f"{name:34s} {fmt:5s} {row['weight_mb']:8.1f} MB  {t_us:8.1f} us  {row['tbps']:5.2f} TB/s"
-          + (f"   fp16 rows {row['us_fp16_rows']:8.1f} us" if "us_fp16_rows" in row else "")
           + (f"   cuBLAS {row['cublas_us']:8.1f} us {row['cublas_tbps']:5.2f} TB/s" if "cublas_us" in row else ""), flush=True)
     return row
 
@@ -213,17 +210,13 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
 
 def markdown(res) -> str:
     lines = [f"# Decode kernels on {res['env'].get('gpu')} (effective HBM bandwidth; peak {res['peak_tbps']} TB/s)", "",
-             "FP8 rows come in the dtype the runtime feeds (bf16 or fp16); 'fp16 rows' times bf16-fed ones",
-             "converted beforehand.", "",
-             "| GEMM | rows | weight | format | ours (us) | ours TB/s | fp16 rows (us) | cuBLAS bf16 (us) | cuBLAS TB/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| GEMM | rows | weight | format | ours (us) | ours TB/s | cuBLAS bf16 (us) | cuBLAS TB/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         t = min(r["us"], r.get("best_us", r["us"]))
         ref = f"{r['cublas_us']:.1f} | {r['cublas_tbps']:.2f}" if "cublas_us" in r else (
             f"gather {r['gather_us']:.1f} | -" if "gather_us" in r else "- | -")
-        fp16 = f"{r['us_fp16_rows']:.1f}" if "us_fp16_rows" in r else "-"
-        lines.append(f"| {r['name']} | {r.get('rows', 2)} | {r['weight_mb']:.1f} MB | {r['fmt']} | {t:.1f} | {r['tbps']:.2f} | "
-                     f"{fp16} | {ref} |")
+        lines.append(f"| {r['name']} | {r.get('rows', 2)} | {r['weight_mb']:.1f} MB | {r['fmt']} | {t:.1f} | {r['tbps']:.2f} | {ref} |")
     return "\n".join(lines) + "\n"
 
 
@@ -272,13 +265,13 @@ def main(argv=None) -> int:
         res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table))
         if a.sweep:
             (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
-    for idx, (name, m, n, k, epi, fp8_rows) in enumerate(() if a.only_moe else shapes(cfg, a.prompts)):
+    for idx, (name, m, n, k, epi) in enumerate(() if a.only_moe else shapes(cfg, a.prompts)):
         for fmt in formats:
             # the LLM's and semantic decoder's linears use the kernel only with FP8 weights (cuBLAS for bf16)
             # (the fused SwiGLU of the LLM / semantic MLPs exists only with FP8 weights)
             sweep = a.sweep and idx < a.sweep_shapes and (fmt == "fp8" or name.startswith("flow"))
             res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, sweep, table, a.wide,
-                                            tuple(int(w) for w in a.warps.split(",")), fp8_rows))
+                                            tuple(int(w) for w in a.warps.split(","))))
             (a.out / "kernels.json").write_text(json.dumps(res, indent=1))
             if a.sweep:  # after every shape: a run cut short keeps what it found
                 (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))

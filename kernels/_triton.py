@@ -247,7 +247,7 @@ def next_pow2(n: int) -> int:
 
 
 if triton is not None:
-    F16_MAX = tl.constexpr(65504.0)  # a jit function reads only constexpr globals
+    F16_MAX = tl.constexpr(torch.finfo(torch.float16).max)  # a jit function reads only constexpr globals
     E4M3_UNSCALE = tl.constexpr(FP8_BITS_UNSCALE)
 
     # E4M3 bytes b0..b3 of one 32-bit register -> fp16 pairs (b0, b1), (b2, b3) holding w * 2**-8, three

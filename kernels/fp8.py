@@ -10,7 +10,7 @@ import torch
 from ._triton import interpreting
 
 E4M3_MAX = 448.0
-F16_MAX = 65504.0
+F16_MAX = torch.finfo(torch.float16).max  # 65504
 FP8_MIN_CAPABILITY = (8, 9)  # E4M3 hardware: Ada, Hopper, Blackwell (one constant for the build, runtime, doctor)
 WEIGHT_FORMATS = ("bf16", "fp8")  # what the decode kernels stream (runtime decode_weights, CLI --decode-weights)
 

@@ -274,8 +274,8 @@ def pick_config(h: int, i: int, fp8: bool, grouped: bool = False) -> dict:
 # FP8 weights: 3. Session 10 had moved 2 rows to the grouped kernels too (37.8 against 40.8 us); since the
 # FP8 rows come rounded to fp16 (kernels.fp8.fp16_rows) the per-slot kernels take 29.7 us against the
 # grouped 37.2 (2 rows choosing the same experts), and the FP8 token step 9.39 against 9.52 ms in one
-# process (h200_session11.md). From 4 rows the grouped kernels win by far (FP8 43.5 against 74.9 us,
-# session 10); 3 rows (one prompt with text and image guidance) were not measured. H200 measurements only.
+# process (h200_session11.md). From 4 rows the grouped kernels won by far in session 10 (FP8 43.5 against
+# 74.9 us, bf16-fed rows; not remeasured with fp16 rows); 3 rows (one prompt with text and image guidance) were not measured. H200 measurements only.
 # MINGRT_MOE_GROUPED_MIN_ROWS overrides both (benchmarking the forms in whole steps), read at import.
 GROUPED_MIN_ROWS_ENV = "MINGRT_MOE_GROUPED_MIN_ROWS"
 

@@ -95,18 +95,24 @@ def test_gpu_only_benchmarks_refuse_a_cpu_machine(tmp_path, script):
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_kernel_ir_check_compiles_the_decode_kernels():
-    """kernel_ir_check passes every constexpr a kernel declares (a compile from source takes no defaults):
-    an FP8 skinny GEMM and a grouped MoE kernel compile for Hopper and run the FP8 converts on mma.sync."""
+def _ir_check(expr: str):
+    """json of `expr`, evaluated in a fresh process (real compiles, not Triton's interpreter) with
+    benchmarks/kernel_ir_check.py imported as c and t = the sm_90 target."""
     pytest.importorskip("triton")
     code = ("import sys; sys.path.insert(0, 'benchmarks'); sys.path.insert(0, '.');"
             "import json, kernel_ir_check as c; from triton.backends.compiler import GPUTarget;"
-            "t = GPUTarget('cuda', 90, 32); want = ('skinny fp8 epilogue 1 split 1', 'moe grouped gate_up fp8 2 rows');"
-            "print(json.dumps({n: c.inspect(fn, sig, k, o, t) for n, fn, sig, k, o in c.cases() if n in want}, default=str))")
+            f"t = GPUTarget('cuda', 90, 32); print(json.dumps({expr}, default=str))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_kernel_ir_check_compiles_the_decode_kernels():
+    """kernel_ir_check passes every constexpr a kernel declares (a compile from source takes no defaults):
+    an FP8 skinny GEMM and a grouped MoE kernel compile for Hopper and run the FP8 converts on mma.sync."""
+    want = ("skinny fp8 epilogue 1 split 1", "moe grouped gate_up fp8 2 rows")
+    got = _ir_check(f"{{n: c.inspect(fn, sig, k, o, t) for n, fn, sig, k, o in c.cases() if n in {want!r}}}")
     assert set(got) == {"skinny fp8 epilogue 1 split 1", "moe grouped gate_up fp8 2 rows"}
     skinny = got["skinny fp8 epilogue 1 split 1"]
     assert skinny["pipelined"] and skinny["mma_sync"] > 0 and skinny["fp8_cvt"] > 0
@@ -116,15 +122,8 @@ def test_kernel_ir_check_compiles_with_the_jit_alignment_facts():
     """Compiled for Hopper without a GPU, the control matmul's K loop is software-pipelined (cp.async into
     several shared buffers) only when the compile gets the 16-byte alignment facts the JIT specializes on:
     a bare compile reports nothing pipelined, which is what misled the first version of the check."""
-    pytest.importorskip("triton")
-    code = ("import sys; sys.path.insert(0, 'benchmarks'); sys.path.insert(0, '.');"
-            "import json, kernel_ir_check as c; from triton.backends.compiler import GPUTarget;"
-            "name, fn, sig, consts, opts = c.textbook_matmul(); t = GPUTarget('cuda', 90, 32);"
-            "print(json.dumps([c.inspect(fn, sig, consts, opts, t), c.inspect(fn, sig, consts, opts, t, odd=tuple(sig))]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    aligned, bare = json.loads(proc.stdout.strip().splitlines()[-1])
+    m = "c.textbook_matmul()"
+    aligned, bare = _ir_check(f"[c.inspect(*{m}[1:], t), c.inspect(*{m}[1:], t, odd=tuple({m}[2]))]")
     assert aligned["pipelined"] and aligned["cp_async"] > 0 and aligned["shared_bytes"] > bare["shared_bytes"]
     assert not bare["pipelined"] and bare["cp_async"] == 0
 

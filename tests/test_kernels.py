@@ -920,11 +920,10 @@ def test_fp16_rows_rounds_as_the_fp8_kernels_do(monkeypatch):
 @pytest.mark.parametrize("epilogue", [0, SWIGLU, GATED_RESIDUAL])
 def test_fp8_kernels_round_bf16_rows_as_fp16_rows_on_gpu(epilogue):
     """Rounding the rows beforehand (kernels.fp8.fp16_rows, what the runtime now does) keeps every bit of the
-    FP8 GEMMs and of the fused MoE against their in-loop conversion of bf16 rows; so do the other ways of
-    widening the weights (kernels._triton.FP8_WIDEN_MODES) and 2 warps instead of 4 at the same tile."""
+    FP8 GEMMs against their in-loop conversion of bf16 rows; so do the other ways of widening the weights
+    (kernels._triton.FP8_WIDEN_MODES) and 2 warps instead of 4 at the same tile."""
     from kernels._triton import FP8_WIDEN_MODES, set_fp8_widen
     from kernels.fp8 import fp16_rows
-    from kernels.moe import moe_decode
 
     g = torch.Generator().manual_seed(11)
     m, n, k = 2, 384, 1024
@@ -948,7 +947,18 @@ def test_fp8_kernels_round_bf16_rows_as_fp16_rows_on_gpu(epilogue):
             assert torch.equal(run(x), ref), mode
     finally:
         set_fp8_widen(None)
-    # the fused MoE, both kernel forms
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_fused_moe_rounds_bf16_rows_as_fp16_rows_on_gpu():
+    """The fused MoE, both kernel forms: rows rounded beforehand and every way of widening the weights keep
+    every bit of the in-loop conversion of bf16 rows (as the GEMMs above)."""
+    from kernels._triton import FP8_WIDEN_MODES, set_fp8_widen
+    from kernels.fp8 import fp16_rows
+    from kernels.moe import moe_decode
+
+    g = torch.Generator().manual_seed(12)
     e, top, h, i = 8, 2, 256, 128
     wg, wu = (quantize_rows_fp8(torch.randn(e, i, h, generator=g).to(DEV) * 0.1) for _ in range(2))
     wd = quantize_rows_fp8(torch.randn(e, h, i, generator=g).to(DEV) * 0.1)

@@ -17,7 +17,8 @@ Above MAX_ROWS modulation rows (S*M > 64: three prompts or more with 2 CFG rows,
 GEMMs go to cuBLAS instead (`_mods_cublas`; torch >= 2.8, whose mm takes an fp32 out_dtype; older torches
 keep the 64-row passes). At 8 prompts they are 256 rows: compute-bound, where the skinny kernel's four
 64-row passes read the weights four times and run its fp16 dot products well below the tensor cores' rate
-(H200: 4 x 25 us FP8, 4 x 24 us bf16 per block, against 17 us for one 64-row cuBLAS pass). Same operands and
+(H200, session 10: 4 x 25 us FP8 with bf16-fed rows, 4 x 24 us bf16 per block, against 17 us for one 64-row
+cuBLAS pass). Same operands and
 fp32 accumulation as the kernel; FP8 weights are widened once into an fp16 copy (2 bytes per modulation
 weight, made with the scratch of the first such row count, at its warm-up) and their per-channel scale
 applied after the product.
