@@ -16,8 +16,6 @@
 #   PROFILE=1           also run benchmarks/profile_step.py (every kernel of the FP8 token step, by part)
 #   FLOW_CHAIN=1        first run benchmarks/flow_chain_check.py (the experimental one-launch Euler step);
 #                       FLOW_CHAIN_ARGS="--sweep --formats fp8" its flags
-#   FUSED_MLP=1         first run benchmarks/fused_mlp_ab.py (the flow head's fused MLP blocks against the launches),
-#                       FUSED_MLP_ARGS="--sweep --formats fp8" its flags
 #   FLOW_ABLATION=1     first run benchmarks/flow_ablation.py --formats fp8,bf16 (each launch kind's cost in the head)
 #   TOKENIZER=1         first run benchmarks/tokenizer_modes.py --modes graph,compile and attention_backends.py
 #   KERNELS_ARGS="..."  first run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep);
@@ -41,10 +39,6 @@ if [ "${FLOW_CHAIN:-0}" = 1 ]; then
   timeout "${FLOW_CHAIN_TIMEOUT:-$chain_limit}" python3 benchmarks/flow_chain_check.py --out "$OUT" ${FLOW_CHAIN_ARGS:-} \
       > "$OUT/flow_chain_check.log" 2>&1
   tail -12 "$OUT/flow_chain_check.log"
-fi
-if [ "${FUSED_MLP:-0}" = 1 ]; then
-  timeout "${FUSED_MLP_TIMEOUT:-240}" python3 benchmarks/fused_mlp_ab.py --out "$OUT" ${FUSED_MLP_ARGS:-} > "$OUT/fused_mlp_ab.log" 2>&1
-  grep -v Warn "$OUT/fused_mlp_ab.log" | tail -6
 fi
 if [ "${FLOW_ABLATION:-0}" = 1 ]; then
   timeout 150 python3 benchmarks/flow_ablation.py --out "$OUT" --formats fp8,bf16 > "$OUT/flow_ablation.log" 2>&1

@@ -87,25 +87,6 @@ def cases():
         out.append((f"decode attention splits {splits}", attention._decode_attention_kernel, att,
                     dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, D=128, SPLITS=splits, HAS_LAST=True, UPCAST=False, PDL=0),
                     dict(num_warps=4, num_stages=3)))
-    from kernels import fused_mlp, layernorm
-
-    ln = dict(x_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", shift_ptr="*fp32", scale_ptr="*fp32", out_ptr="*fp16", K="i32",
-              stride_x="i32", stride_mod="i32", stride_out="i32", eps="fp32")
-    out.append(("layernorm modulate fp16 rows", layernorm._ln_modulate_kernel, ln, dict(AFFINE=True, BLOCK=4096, PDL=0),
-                dict(num_warps=8)))
-    for fmt, wty, rows in (("bf16", "*bf16", "*bf16"), ("fp8", "*fp8e4nv", "*fp16")):
-        fm = dict(x_ptr=rows, w12_ptr=wty, s12_ptr="*fp32", b12_ptr="*fp32", w3_ptr=wty, part_ptr="*fp32", M="i32",
-                  W="i32", HID="i32", stride_xm="i32")
-        cfg = fused_mlp.default_config(3072, 8192, fmt == "fp8")
-        opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-        out.append((f"fused mlp partials {fmt}", fused_mlp._swiglu_partials_kernel, fm,
-                    dict(cfg, HAS_S12=fmt == "fp8", HAS_B12=True, BLOCK_M=16, UPCAST=False, PDL=0, WIDEN=0), opts))
-    rl = dict(part_ptr="*fp32", s3_ptr="*fp32", b3_ptr="*fp32", gate_ptr="*fp32", h_ptr="*fp32", ticket_ptr="*i32",
-              lnw_ptr="*fp32", lnb_ptr="*fp32", shift_ptr="*fp32", scale_ptr="*fp32", out_ptr="*fp16", P="i32", M="i32",
-              W="i32", stride_gate="i32", stride_mod="i32", stride_out="i32", eps="fp32")
-    out.append(("fused mlp residual + layernorm", fused_mlp._residual_ln_kernel, rl,
-                dict(HAS_S3=True, HAS_B3=True, AFFINE=True, BLOCK_P=fused_mlp.RESIDUAL_BLOCK_P,
-                     BLOCK_C=fused_mlp.RESIDUAL_BLOCK_C, BLOCK_W=4096, PDL=0), dict(num_warps=4)))
     chain = dict(h_ptr="*fp32", xn_ptr="*fp16", act_ptr="*fp16", part_ptr="*fp32", mods_ptr="*fp32", lnw_ptr="*fp32",
                  lnb_ptr="*fp32", w12_ptr="*fp8e4nv", s12_ptr="*fp32", b12_ptr="*fp32", w3_ptr="*fp8e4nv", s3_ptr="*fp32",
                  b3_ptr="*fp32", bar_ptr="*i32", err_ptr="*i32", M="i32", W="i32", HID="i32", DEPTH="i32",
@@ -191,7 +172,7 @@ def jit_attrs(fn, sig: dict, odd: tuple[str, ...]) -> dict:
             if n not in odd and ty != "constexpr" and not ty.startswith("fp")}
 
 
-def inspect(fn, sig, consts, opts, target, odd=("M", "row_div", "scale", "DEPTH", "eps", "P")) -> dict:
+def inspect(fn, sig, consts, opts, target, odd=("M", "row_div", "scale", "DEPTH", "eps")) -> dict:
     import triton
     from triton.compiler import ASTSource
 

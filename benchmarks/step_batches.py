@@ -1,6 +1,6 @@
 """benchmarks/step_batches.py: the kernel path's image-token step at several batch sizes, in one process.
 
-    python benchmarks/step_batches.py --out OUT [--formats fp8] [--batches 1,8] [--moe-min-rows 2,3] [--fused-mlp default]
+    python benchmarks/step_batches.py --out OUT [--formats fp8] [--batches 1,8] [--moe-min-rows 2,3]
 
 Full-size shapes, random weights, 2 CFG rows per prompt. One generator per weight format; for each batch
 size a seeded prefill, one text-to-image request (captures the bucket's graph), then the token graph's
@@ -8,8 +8,6 @@ median over --runs replays after 1 s of warm-up. The batch ratio then divides tw
 and one warm GPU, not two runs (speed.py's batch section times more and takes minutes). --moe-min-rows
 also times batch 1 with the fused MoE's grouped kernels from each of these row counts (GROUPED_MIN_ROWS and
 GROUPED_MIN_ROWS_FP8, recaptured): the per-slot against the grouped kernels at 2 rows in one process.
---fused-mlp times batch 1 again with the flow head's fused MLP blocks (kernels/fused_mlp.py), with its default
-tiles ("default") or each format's config from a JSON file (benchmarks/fused_mlp_ab.py's fused_mlp_best.json).
 Writes OUT/step_batches.json.
 """
 from __future__ import annotations
@@ -40,7 +38,6 @@ def main(argv=None) -> int:
     p.add_argument("--formats", default="fp8")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--moe-min-rows", default="", help="batch 1 again with the grouped MoE from each of these row counts")
-    p.add_argument("--fused-mlp", default="", help="batch 1 again with the fused MLP blocks: 'default' or a JSON of configs")
     p.add_argument("--runs", type=int, default=30)
     a = p.parse_args(argv)
     dev, model = full_model_on_gpu("step_batches.py", a.out)
@@ -84,18 +81,6 @@ def main(argv=None) -> int:
                 g.reset_graphs()
             print(f"{fmt} batch {first}, grouped MoE from {n} rows: {row[f'batch {first}, moe grouped from {n} rows']:.3f} ms",
                   flush=True)
-        if a.fused_mlp:
-            config = None if a.fused_mlp == "default" else json.loads(Path(a.fused_mlp).read_text()).get(fmt)
-            was = g.flow.fused_mlp, g.flow.fused_mlp_config
-            g.flow.set_fused_mlp(True, config)
-            try:
-                g.reset_graphs()
-                row[f"batch {first}, fused MLP"] = time_step(g, first)
-                row["fused MLP config"] = config or "default"
-            finally:
-                g.flow.set_fused_mlp(*was)
-                g.reset_graphs()
-            print(f"{fmt} batch {first}, fused MLP: {row[f'batch {first}, fused MLP']:.3f} ms", flush=True)
         (a.out / "step_batches.json").write_text(json.dumps(res, indent=1))
         del g
         torch.cuda.empty_cache()

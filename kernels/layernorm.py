@@ -15,18 +15,6 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def ln_modulate_row(x, rk, ok, K, w_ptr, b_ptr, shift_row_ptr, scale_row_ptr, eps, AFFINE: tl.constexpr):
-        """One fp32 row x (masked lanes 0) -> (LN(x) [* w + b]) * (1 + scale) + shift (also kernels/fused_mlp.py)."""
-        mean = tl.sum(x, axis=0) / K
-        d = tl.where(ok, x - mean, 0.0)
-        y = d / tl.sqrt(tl.sum(d * d, axis=0) / K + eps)
-        if AFFINE:
-            y = y * tl.load(w_ptr + rk, mask=ok, other=0.0).to(tl.float32) + tl.load(b_ptr + rk, mask=ok, other=0.0).to(tl.float32)
-        sh = tl.load(shift_row_ptr + rk, mask=ok, other=0.0).to(tl.float32)
-        sc = tl.load(scale_row_ptr + rk, mask=ok, other=0.0).to(tl.float32)
-        return y * (1.0 + sc) + sh
-
-    @triton.jit
     def _ln_modulate_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, K, stride_x, stride_mod, stride_out,
                             eps, AFFINE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         pdl_enter(PDL)
@@ -34,17 +22,14 @@ if triton is not None:
         rk = tl.arange(0, BLOCK)
         ok = rk < K
         x = tl.load(x_ptr + m * stride_x + rk, mask=ok, other=0.0).to(tl.float32)
-        y = ln_modulate_row(x, rk, ok, K, w_ptr, b_ptr, shift_ptr + m * stride_mod, scale_ptr + m * stride_mod, eps,
-                            AFFINE)
-        store_cast(out_ptr + m * stride_out + rk, y, ok)
-
-
-def check_modulation(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight, bias) -> None:
-    """The operand layout both LayerNorm + modulation kernels take (ValueError otherwise)."""
-    if shift.stride(0) != scale.stride(0) or shift.stride(-1) != 1 or scale.stride(-1) != 1 or x.stride(-1) != 1:
-        raise ValueError("ln_modulate: shift and scale must share a row stride; all rows contiguous")
-    if (weight is None) != (bias is None):
-        raise ValueError("ln_modulate: give both LayerNorm weight and bias, or neither")
+        mean = tl.sum(x, axis=0) / K
+        d = tl.where(ok, x - mean, 0.0)
+        y = d / tl.sqrt(tl.sum(d * d, axis=0) / K + eps)
+        if AFFINE:
+            y = y * tl.load(w_ptr + rk, mask=ok, other=0.0).to(tl.float32) + tl.load(b_ptr + rk, mask=ok, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + m * stride_mod + rk, mask=ok, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + m * stride_mod + rk, mask=ok, other=0.0).to(tl.float32)
+        store_cast(out_ptr + m * stride_out + rk, y * (1.0 + sc) + sh, ok)
 
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, *, weight=None,
@@ -52,7 +37,10 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: 
     """x (M, K); shift/scale (M, K) views sharing a row stride; weight/bias (K,) or None; out (M, K)."""
     require()
     m, k = x.shape
-    check_modulation(x, shift, scale, weight, bias)
+    if shift.stride(0) != scale.stride(0) or shift.stride(-1) != 1 or scale.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError("ln_modulate: shift and scale must share a row stride; all rows contiguous")
+    if (weight is None) != (bias is None):
+        raise ValueError("ln_modulate: give both LayerNorm weight and bias, or neither")
     affine = weight is not None
     _ln_modulate_kernel[(m,)](x, weight if affine else x, bias if affine else x, shift, scale, out, k, x.stride(0),
                               shift.stride(0), out.stride(0), eps, AFFINE=affine, BLOCK=next_pow2(k), num_warps=8,
@@ -60,4 +48,4 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: 
     return out
 
 
-__all__ = ["check_modulation", "ln_modulate"]
+__all__ = ["ln_modulate"]

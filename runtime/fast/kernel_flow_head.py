@@ -26,7 +26,6 @@ applied after the product.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import torch
@@ -35,7 +34,6 @@ from torch import nn
 
 from kernels import interpreting
 from kernels.fp8 import WEIGHT_FORMATS, fp16_rows, quantize_rows_fp8
-from kernels.fused_mlp import FUSED_MLP_MAX_ROWS, FusedMLPScratch, residual_ln_modulate, swiglu_partials
 from kernels.guidance import guide_euler_
 from kernels.layernorm import ln_modulate
 from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, Workspace, skinny_gemm
@@ -45,9 +43,6 @@ from .flow_head import FastFlowHead
 
 logger = logging.getLogger(__name__)
 
-
-FUSED_MLP_DEFAULT = False  # kernels/fused_mlp.py: off until a GPU measures it faster
-FUSED_MLP_ENV = "MINGRT_FUSED_MLP"  # "1" / "0": the default for heads built without fused_mlp=
 
 # torch.mm(a, b, out_dtype=torch.float32) for 16-bit a, b: torch >= 2.8
 MM_FP32_OUT = "dtype_out" in torch.ops.aten.mm.overloads()
@@ -80,19 +75,11 @@ class PackedLinear:
 
 class KernelFlowHead(nn.Module):
     def __init__(self, model: MingUniVision, *, weights: str = "bf16", time_shift: float | None = None,
-                 renorm: bool = False, chain: bool = False, fused_mlp: bool | None = None):
+                 renorm: bool = False, chain: bool = False):
         """chain (EXPERIMENTAL, kernels/flow_chain.py): each Euler step's blocks in one persistent launch,
-        from a second, stacked copy of the block weights; benchmarks/flow_chain_check.py measures it.
-        fused_mlp (kernels/fused_mlp.py): up to FUSED_MLP_MAX_ROWS rows, each block's SwiGLU MLP in one
-        launch and its residual with the next LayerNorm in another (None: $MINGRT_FUSED_MLP if set, else
-        FUSED_MLP_DEFAULT)."""
+        from a second, stacked copy of the block weights; benchmarks/flow_chain_check.py measures it."""
         super().__init__()
         self.chain, self.chain_config = chain, None
-        if fused_mlp is None:
-            env = os.environ.get(FUSED_MLP_ENV)
-            fused_mlp = FUSED_MLP_DEFAULT if env is None else env == "1"
-        self.fused_mlp = bool(fused_mlp)
-        self.fused_mlp_config: dict | None = None
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
         self.hoisted = FastFlowHead(model, time_shift=time_shift, renorm=renorm)  # vis_head, temb, dts
@@ -114,14 +101,6 @@ class KernelFlowHead(nn.Module):
         scratch (and any captured graph using it: GraphImageGenerator.reset_graphs) must be made again."""
         self.chain, self.chain_config = bool(on), config
         self._scratch.clear()
-
-    def set_fused_mlp(self, on: bool, config: dict | None = None) -> None:
-        """Switch the fused MLP path on or off (config: launch 1's tiles, kernels.fused_mlp.default_config's
-        keys). Graphs captured earlier keep the launches they captured."""
-        self.fused_mlp, self.fused_mlp_config = bool(on), config
-
-    def uses_fused_mlp(self, rows: int) -> bool:
-        return self.fused_mlp and not self.chain and rows <= FUSED_MLP_MAX_ROWS
 
     def chains(self) -> list:
         """The FlowChain of each row count run so far (chain=True): its barrier, error flag and grid."""
@@ -221,30 +200,12 @@ class KernelFlowHead(nn.Module):
             self._gemm_rows(sy, self.final_ada, buf["fmod"], buf["ws_mod"])
         h, xn, act, v = buf["h"], buf["xn"], buf["act"], buf["v"]
         x = noise.float() * temperature  # (B, C)
-        fused, blk0_ln = self.uses_fused_mlp(m), self.blocks[0]["ln"]
-        if fused and "fused" not in buf:  # the partials, made at the first fused call (a warm-up, not a capture)
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("KernelFlowHead: run the fused MLP path once before capturing it (warm-up)")
-            buf["fused"] = FusedMLPScratch(m, w, self.blocks[0]["w3"].weight.shape[1], h.device)
         for k in range(s):
             skinny_gemm(x, self.input_proj.weight, h, w_scale=self.input_proj.scale, bias=self.input_proj.bias,
                         row_div=r, workspace=buf["ws_in"])  # (M, W): each prompt's rows share its state
             mods_k = buf["mods_all"][:, k * m:(k + 1) * m]  # (D, M, 3W) = [shift | scale | gate] per block
-            fk = buf["fmod"][k * m:(k + 1) * m]
             if self.chain:  # every block in one launch
                 buf["chain"].step(h, xn, mods_k, self.eps)
-            elif fused:  # two launches a block; each residual launch also writes the next block's rows
-                mk = mods_k[0]
-                ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk0_ln[0], bias=blk0_ln[1], eps=self.eps)
-                for j, (blk, mk) in enumerate(zip(self.blocks, mods_k)):
-                    parts = swiglu_partials(xn, blk["w12"].weight, blk["w3"].weight, buf["fused"],
-                                            s12=blk["w12"].scale, b12=blk["w12"].bias, config=self.fused_mlp_config)
-                    if j + 1 < len(self.blocks):  # the next block's LayerNorm and modulation
-                        nxt, (lw, lb) = mods_k[j + 1], self.blocks[j + 1]["ln"]
-                    else:  # the final layer's (no affine)
-                        nxt, (lw, lb) = fk, (None, None)
-                    residual_ln_modulate(buf["fused"], parts, h, mk[:, 2 * w:], nxt[:, :w], nxt[:, w:2 * w], xn,
-                                         s3=blk["w3"].scale, b3=blk["w3"].bias, weight=lw, bias=lb, eps=self.eps)
             else:
                 for blk, mk in zip(self.blocks, mods_k):
                     ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk["ln"][0], bias=blk["ln"][1], eps=self.eps)
@@ -252,8 +213,8 @@ class KernelFlowHead(nn.Module):
                                 epilogue=SWIGLU, workspace=buf["ws_up"])
                     skinny_gemm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias,
                                 gate=mk[:, 2 * w:], epilogue=GATED_RESIDUAL, workspace=buf["ws_down"])
-            if not fused:
-                ln_modulate(h, fk[:, :w], fk[:, w:], xn, eps=self.eps)
+            fk = buf["fmod"][k * m:(k + 1) * m]
+            ln_modulate(h, fk[:, :w], fk[:, w:], xn, eps=self.eps)
             skinny_gemm(xn, self.final.weight, v, w_scale=self.final.scale, bias=self.final.bias,
                         workspace=buf["ws_final"])
             guide_euler_(x, v, fh.dts, k, text_cfg, image_cfg, self.renorm)
