@@ -104,9 +104,9 @@ def token_inputs(model, dev, prompts: int = 1):
     return cache, t2i_kwargs(cfg, ids, gen, dev)
 
 
-def token_step(model, fmt: str, runs: int, dev, inductor_pdl: bool = False) -> dict:
+def token_step(model, fmt: str, runs: int, dev, inductor_pdl: bool = False, only: tuple[str, ...] = ()) -> dict:
     """inductor_pdl: compile the LLM/semantic steps with Inductor's PDL switch (MINGRT_INDUCTOR_PDL=1) and
-    time only the PDL variants."""
+    time only the PDL variants. only: these VARIANTS alone (default: all)."""
     cache, kw = token_inputs(model, dev)
     t0 = time.perf_counter()
     if inductor_pdl:
@@ -117,7 +117,7 @@ def token_step(model, fmt: str, runs: int, dev, inductor_pdl: bool = False) -> d
         os.environ.pop("MINGRT_INDUCTOR_PDL", None)
     p_len = cache.kv[0].shape[2]
     res, first = {"setup_seconds": None}, None
-    variants = {k: v for k, v in VARIANTS.items() if v[0] or not inductor_pdl}
+    variants = {k: v for k, v in VARIANTS.items() if (v[0] or not inductor_pdl) and (not only or k in only)}
     for name, (on, tiles, trigger) in variants.items():
         set_pdl(on, tiles, trigger)
         g.reset_graphs()
@@ -142,7 +142,11 @@ def main(argv=None) -> int:
     p.add_argument("--inductor-pdl", action="store_true",
                    help="also the token steps compiled with Inductor's own PDL (one more compile per format)")
     p.add_argument("--skip-flow-head", action="store_true")
+    p.add_argument("--variants", default="", help=f"the token step's variants to time, separated by ; (default: all of {list(VARIANTS)})")
     a = p.parse_args(argv)
+    only = tuple(v for v in a.variants.split(";") if v)
+    if any(v not in VARIANTS for v in only):
+        p.error(f"--variants: choose from {list(VARIANTS)}")
     dev, model = full_model_on_gpu("pdl_check", a.out)
     results = {"env": environment(dev), "variants": {k: list(v) for k, v in VARIANTS.items()}}
     path = a.out / "pdl_check.json"
@@ -151,10 +155,10 @@ def main(argv=None) -> int:
             results[f"flow_head_{fmt}"] = flow_head(model, fmt, a.runs, dev)
             path.write_text(json.dumps(results, indent=1))
         for fmt in [f for f in a.token_step_formats.split(",") if f]:
-            results[f"token_step_{fmt}"] = token_step(model, fmt, a.runs, dev)
+            results[f"token_step_{fmt}"] = token_step(model, fmt, a.runs, dev, only=only)
             path.write_text(json.dumps(results, indent=1))
             if a.inductor_pdl:
-                results[f"token_step_{fmt}_inductor_pdl"] = token_step(model, fmt, a.runs, dev, inductor_pdl=True)
+                results[f"token_step_{fmt}_inductor_pdl"] = token_step(model, fmt, a.runs, dev, inductor_pdl=True, only=only)
                 path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")
     return 0
