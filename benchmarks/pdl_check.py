@@ -105,12 +105,12 @@ def token_inputs(model, dev, prompts: int = 1):
 
 
 def token_step(model, fmt: str, runs: int, dev, inductor_pdl: bool = False, only: tuple[str, ...] = ()) -> dict:
-    """inductor_pdl: compile the LLM/semantic steps with Inductor's PDL switch (MINGRT_INDUCTOR_PDL=1) and
-    time only the PDL variants. only: these VARIANTS alone (default: all)."""
+    """Without inductor_pdl the LLM/semantic steps compile without Inductor's PDL switch (MINGRT_INDUCTOR_PDL=0,
+    the default before session 12); with it, with the switch, timing only the PDL variants. only: these
+    VARIANTS alone (default: all)."""
     cache, kw = token_inputs(model, dev)
     t0 = time.perf_counter()
-    if inductor_pdl:
-        os.environ["MINGRT_INDUCTOR_PDL"] = "1"
+    os.environ["MINGRT_INDUCTOR_PDL"] = "1" if inductor_pdl else "0"
     try:
         g = GraphImageGenerator(model, kernels=True, weights=fmt)
     finally:

@@ -83,16 +83,18 @@ def test_cuda_graph_bf16_close_to_fp32_reference():
     assert psnr(out.image.float(), ref.image) > 25
 
 
-def test_inductor_pdl_is_opt_in_and_needs_our_pdl(monkeypatch):
-    """MINGRT_INDUCTOR_PDL=1 asks torch.compile for Inductor's PDL switch, only where our kernels use PDL."""
+def test_inductor_pdl_follows_our_pdl_unless_turned_off(monkeypatch):
+    """torch.compile gets Inductor's PDL switch wherever our kernels use PDL (and this torch has the switch),
+    unless MINGRT_INDUCTOR_PDL=0."""
     import torch._inductor.config as inductor_config
 
+    monkeypatch.delenv("MINGRT_INDUCTOR_PDL", raising=False)
     gen = GraphImageGenerator(build(tiny_config(), seed=0), kernels=False, compile=False)
-    assert gen.pdl is False and gen._inductor_options() is None
-    monkeypatch.setenv("MINGRT_INDUCTOR_PDL", "1")
-    assert gen._inductor_options() is None  # our kernels do not launch with PDL here
+    assert gen.pdl is False and gen._inductor_options() is None  # our kernels do not launch with PDL here
     gen.pdl = True
     want = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else None
+    assert gen._inductor_options() == want
+    monkeypatch.setenv("MINGRT_INDUCTOR_PDL", "1")
     assert gen._inductor_options() == want
     monkeypatch.setenv("MINGRT_INDUCTOR_PDL", "0")
     assert gen._inductor_options() is None

@@ -101,14 +101,16 @@ class GraphImageGenerator:
         self._pixels = GraphedCall(model.vision.decode_pixels, name="pixel_decoder") if self.use_graph else model.vision.decode_pixels
 
     def _inductor_options(self) -> dict | None:
-        """MINGRT_INDUCTOR_PDL=1 (opt-in, not yet measured): Inductor's own kernels around ours launch with
-        PDL too, where this torch has the switch and our kernels use PDL."""
-        if os.environ.get("MINGRT_INDUCTOR_PDL") != "1" or not self.pdl:
+        """Inductor's own kernels around ours launch with PDL too (its triton.enable_pdl), where this torch has
+        the switch and our kernels use PDL: on the H200 the FP8 token step took 9.07 against 9.41 ms and bf16
+        11.92 against 12.24 (one process each, benchmarks/results/pdl_check_h200_s12_inductor.json), the gaps
+        between the compiled steps' small kernels. MINGRT_INDUCTOR_PDL=0 turns it off."""
+        if os.environ.get("MINGRT_INDUCTOR_PDL", "1") == "0" or not self.pdl:
             return None
         import torch._inductor.config as inductor_config
 
         if not hasattr(inductor_config.triton, "enable_pdl"):
-            logger.warning("MINGRT_INDUCTOR_PDL=1, but torch %s's Inductor has no PDL switch: ignored", torch.__version__)
+            logger.info("torch %s's Inductor has no PDL switch: its kernels launch without PDL", torch.__version__)
             return None
         return {"triton.enable_pdl": True}
 
