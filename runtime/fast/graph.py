@@ -103,7 +103,7 @@ class GraphImageGenerator:
     def _inductor_options(self) -> dict | None:
         """Inductor's own kernels around ours launch with PDL too (its triton.enable_pdl), where this torch has
         the switch and our kernels use PDL: on the H200 the FP8 token step took 9.07 against 9.41 ms and bf16
-        11.92 against 12.24 (one process each, benchmarks/results/pdl_check_h200_s12_inductor.json), the gaps
+        12.57 against 12.68 (one process each: benchmarks/results/pdl_check_h200_s12_inductor*.json), the gaps
         between the compiled steps' small kernels. MINGRT_INDUCTOR_PDL=0 turns it off."""
         if os.environ.get("MINGRT_INDUCTOR_PDL", "1") == "0" or not self.pdl:
             return None
