@@ -121,9 +121,9 @@ def main(argv=None) -> int:
                 elif a.sweep:
                     row["grouped_sweep"] = time_configs(SWEEP, lambda c: run(c, True))
                 if "grouped_sweep" in row:
-                    best = min((s for s in row["grouped_sweep"] if "us" in s), key=lambda s: s["us"], default=None)
-                    if best:
-                        row["grouped_best_us"], row["grouped_best_config"] = best["us"], best["config"]
+                    us, config = fastest(row["grouped_sweep"], (float("inf"), None))
+                    if config is not None:
+                        row["grouped_best_us"], row["grouped_best_config"] = us, config
                 for key in ("per_slot", "grouped"):
                     row[f"{key}_tbps_over_distinct"] = distinct * expert_bytes / (row[f"{key}_us"] * 1e-6) / 1e12
                 res["rows"].append(row)

@@ -110,11 +110,15 @@ def token_step(model, fmt: str, runs: int, dev, inductor_pdl: bool = False, only
     VARIANTS alone (default: all)."""
     cache, kw = token_inputs(model, dev)
     t0 = time.perf_counter()
+    was = os.environ.get("MINGRT_INDUCTOR_PDL")
     os.environ["MINGRT_INDUCTOR_PDL"] = "1" if inductor_pdl else "0"
     try:
         g = GraphImageGenerator(model, kernels=True, weights=fmt)
-    finally:
-        os.environ.pop("MINGRT_INDUCTOR_PDL", None)
+    finally:  # the caller's setting back
+        if was is None:
+            os.environ.pop("MINGRT_INDUCTOR_PDL")
+        else:
+            os.environ["MINGRT_INDUCTOR_PDL"] = was
     p_len = cache.kv[0].shape[2]
     res, first = {"setup_seconds": None}, None
     variants = {k: v for k, v in VARIANTS.items() if (v[0] or not inductor_pdl) and (not only or k in only)}
@@ -154,9 +158,9 @@ def main(argv=None) -> int:
         for fmt in () if a.skip_flow_head else ("bf16", "fp8"):
             results[f"flow_head_{fmt}"] = flow_head(model, fmt, a.runs, dev)
             path.write_text(json.dumps(results, indent=1))
-        # bf16 first: an FP8 generator swaps the model's decode linears for FP8 ones in place (prepare_decode), so
-        # a bf16 step after it would stream a mix (session 12's first --inductor-pdl run timed such a bf16 step)
-        for fmt in sorted((f for f in a.token_step_formats.split(",") if f), key=lambda f: f == "fp8"):
+        # (session 12's run 5 timed its bf16 step after the FP8 one, when prepare_decode still left the FP8
+        # linears in place: a mix; a bf16 generator now puts the original linears back)
+        for fmt in [f for f in a.token_step_formats.split(",") if f]:
             results[f"token_step_{fmt}"] = token_step(model, fmt, a.runs, dev, only=only)
             path.write_text(json.dumps(results, indent=1))
             if a.inductor_pdl:

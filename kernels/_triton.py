@@ -279,6 +279,14 @@ if triton is not None:
         return out
 
     @triton.jit
+    def unwiden(acc, WIDEN: tl.constexpr):
+        """A sum of products with weights from widen_e4m3: WIDEN > 0 widened them to w * 2**-8, exact to undo here
+        (before the per-channel scale)."""
+        if WIDEN > 0:
+            acc = acc * E4M3_UNSCALE
+        return acc
+
+    @triton.jit
     def mma(w, x, UPCAST: tl.constexpr, WIDEN: tl.constexpr = 0):
         """w (BN, BK) @ x (BK, BM) with fp32 accumulation, operands chosen by the weight's dtype:
         FP8 (E4M3) weights widen to fp16 (one cvt per pair on SM 8.9+, exact: E4M3 fits in fp16),

@@ -33,7 +33,7 @@ import torch
 from ._triton import fp8_widen, interpreting, next_pow2, pdl_launch, require, scratch, tickets, tl, triton
 
 if triton is not None:
-    from ._triton import E4M3_UNSCALE, arrive, mma, pdl_enter, pdl_main_loop_done, rearm, store_cast
+    from ._triton import arrive, mma, pdl_enter, pdl_main_loop_done, rearm, store_cast, unwiden
 
     @triton.jit
     def _gate_up_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, H, I, stride_x,
@@ -62,9 +62,7 @@ if triton is not None:
         pdl_main_loop_done(PDL)
         g = tl.sum(acc_g, axis=1)
         u = tl.sum(acc_u, axis=1)
-        if WIDEN > 0:  # FP8 widened to w * 2**-8 (kernels/_triton.widen_e4m3): exact to undo
-            g = g * E4M3_UNSCALE
-            u = u * E4M3_UNSCALE
+        g, u = unwiden(g, WIDEN), unwiden(u, WIDEN)
         if HAS_SCALE:
             g = g * tl.load(sg_ptr + e * I + rn, mask=n_ok, other=0.0)
             u = u * tl.load(su_ptr + e * I + rn, mask=n_ok, other=0.0)
@@ -96,8 +94,7 @@ if triton is not None:
                 acc += mma(tl.load(wd_ptr + rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0),
                            at, UPCAST, WIDEN)
             part = tl.sum(acc, axis=1)
-            if WIDEN > 0:
-                part = part * E4M3_UNSCALE
+            part = unwiden(part, WIDEN)
             if HAS_SCALE:
                 part = part * tl.load(sd_ptr + e * H + rn, mask=n_ok, other=0.0)
             y += tl.load(topw_ptr + s).to(tl.float32) * part
@@ -170,9 +167,7 @@ if triton is not None:
                 acc_g += mma(tl.load(wg_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST, WIDEN)
                 acc_u += mma(tl.load(wu_ptr + rows[:, None] + kk[None, :], mask=ok, other=0.0), xt, UPCAST, WIDEN)
             pdl_main_loop_done(PDL)
-            if WIDEN > 0:
-                acc_g = acc_g * E4M3_UNSCALE
-                acc_u = acc_u * E4M3_UNSCALE
+            acc_g, acc_u = unwiden(acc_g, WIDEN), unwiden(acc_u, WIDEN)
             if HAS_SCALE:
                 acc_g = acc_g * tl.load(sg_ptr + e * I + rn, mask=n_ok, other=0.0)[:, None]
                 acc_u = acc_u * tl.load(su_ptr + e * I + rn, mask=n_ok, other=0.0)[:, None]
@@ -204,8 +199,7 @@ if triton is not None:
                 acc += mma(tl.load(wd_ptr + rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0),
                            at, UPCAST, WIDEN)
             pdl_main_loop_done(PDL)
-            if WIDEN > 0:
-                acc = acc * E4M3_UNSCALE
+            acc = unwiden(acc, WIDEN)
             if HAS_SCALE:
                 acc = acc * tl.load(sd_ptr + e * H + rn, mask=n_ok, other=0.0)[:, None]
             acc = acc * tl.load(topw_ptr + slot, mask=used, other=0.0).to(tl.float32)[None, :]

@@ -24,7 +24,7 @@ import torch
 from ._triton import fp8_widen, interpreting, next_pow2, pdl_launch, pdl_prefetch_tiles, require, tl, triton
 
 if triton is not None:
-    from ._triton import E4M3_UNSCALE, arrive, mma, pdl_enter, pdl_main_loop_done, prefetch_l2, rearm, store_cast
+    from ._triton import arrive, mma, pdl_enter, pdl_main_loop_done, prefetch_l2, rearm, store_cast, unwiden
 
 # epilogues
 STORE, SWIGLU, GATED_RESIDUAL = 0, 1, 2
@@ -97,9 +97,7 @@ if triton is not None:
                                     cache_modifier=".cg")
             rearm(ticket_ptr + pid_n, last)
 
-        if WIDEN > 0:  # the weights were widened to w * 2**-8: exact to undo before the scale
-            acc = acc * E4M3_UNSCALE
-            acc2 = acc2 * E4M3_UNSCALE
+        acc, acc2 = unwiden(acc, WIDEN), unwiden(acc2, WIDEN)
         if HAS_WSCALE:
             acc = acc * tl.load(wscale_ptr + rn, mask=n_ok, other=0.0)[:, None]
             if EPILOGUE == 1:

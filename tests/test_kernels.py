@@ -975,3 +975,22 @@ def test_fused_moe_rounds_bf16_rows_as_fp16_rows_on_gpu():
                 assert torch.equal(moe_decode(xm, *args, grouped=grouped), want), (grouped, mode)
         finally:
             set_fp8_widen(None)
+
+
+@torch.no_grad()
+def test_prepare_decode_bf16_after_fp8_puts_the_original_linears_back():
+    """A model prepared for FP8 and then for bf16 (a second generator, a benchmark timing both formats) streams
+    bf16 again: no FP8 wrapper is left, the very modules of the checkpoint are back, and FP8 again wraps them anew."""
+    from runtime.fast.decode_weights import FP8Linear, FusedSwiGLUDecode, prepare_decode
+
+    model = build(tiny_config(), seed=0)
+    before = dict(model.named_modules())
+    fp8 = prepare_decode(model, "fp8")
+    wrapped = fp8["fp8_linear_params"] + fp8["fp8_fused_swiglu_params"]
+    assert wrapped > 0 and fp8["fp8_params_restored"] == 0
+    bf16 = prepare_decode(model, "bf16")
+    assert bf16["fp8_params_restored"] == wrapped
+    assert not any(isinstance(m, (FP8Linear, FusedSwiGLUDecode)) for m in model.modules())
+    after = dict(model.named_modules())
+    assert all(after.get(k) is m for k, m in before.items())  # (prepare_decode adds the MoEs' fused_decode)
+    assert prepare_decode(model, "fp8")["fp8_linear_params"] == fp8["fp8_linear_params"]

@@ -159,13 +159,28 @@ def _swap_linears(module: nn.Module, names: tuple[str, ...]) -> int:
     return swapped
 
 
+def _unwrap_fp8(module: nn.Module) -> int:
+    """Put back the original module of every FP8 wrapper under `module` (a model prepared for FP8 before, now
+    for bf16); returns the weights restored, counted as prepare_decode counts the converted ones."""
+    restored = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, (FusedSwiGLUDecode, FP8Linear)):
+            setattr(module, name, child.reference)
+            restored += child.params if isinstance(child, FusedSwiGLUDecode) else child.reference.weight.numel()
+        else:
+            restored += _unwrap_fp8(child)
+    return restored
+
+
 # decode-time linears by attribute name (LLM attention, ViT attention, GELU MLPs); the SwiGLU MLPs'
 # gate_proj/up_proj/down_proj and w12/w3 are converted whole first (FusedSwiGLUDecode)
 FP8_LINEAR_NAMES = ("query_key_value", "dense", "qkv", "proj", "fc1", "fc2")
 
 
 def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
-    """Install the decode kernels on `model` (in place). Returns what was converted, in parameters."""
+    """Install the decode kernels on `model` (in place). Returns what was converted, in parameters. A model
+    prepared before for the other format is switched over: bf16 after FP8 puts the original linears back, so
+    a bf16 generator never streams a previous FP8 generator's copies."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
@@ -180,12 +195,15 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     dev = next(model.parameters()).device
     if attns and dev.type == "cuda":  # the split merge's tickets, before any capture
         reserve_attention_tickets(dev)
-    report = {"moe_layers": len(moes), "decode_attention_layers": len(attns), "fp8_linear_params": 0, "fp8_fused_swiglu_params": 0}
-    if weights == "fp8":
-        for stack in (model.model.model.layers, model.vision.semantic_decoder.blocks):
-            for layer in stack:
+    report = {"moe_layers": len(moes), "decode_attention_layers": len(attns), "fp8_linear_params": 0,
+              "fp8_fused_swiglu_params": 0, "fp8_params_restored": 0}
+    for stack in (model.model.model.layers, model.vision.semantic_decoder.blocks):
+        for layer in stack:
+            if weights == "fp8":
                 report["fp8_fused_swiglu_params"] += _fuse_swiglu(layer)
                 report["fp8_linear_params"] += _swap_linears(layer, FP8_LINEAR_NAMES)
+            else:
+                report["fp8_params_restored"] += _unwrap_fp8(layer)
     logger.info("decode weights %s: %s", weights, report)
     return report
 
