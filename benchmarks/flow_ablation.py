@@ -26,18 +26,26 @@ from benchmarks.speed import capture, settle, timed  # noqa: E402
 from kernels._triton import set_pdl  # noqa: E402
 from kernels.skinny import GATED_RESIDUAL, SWIGLU  # noqa: E402
 
-REAL_LN, REAL_GEMM = kfh_module.ln_modulate, kfh_module.skinny_gemm
+REAL = kfh_module.ln_modulate, kfh_module.skinny_gemm, kfh_module.skinny_partials
 
 
 def patched(skip: set[str]):
-    """(ln_modulate, skinny_gemm) that leave out the launch kinds in `skip`."""
+    """(ln_modulate, skinny_gemm, skinny_partials) that leave out the launch kinds in `skip` (w3 is a
+    skinny_partials launch with the head's deferred residual, a gated-residual skinny_gemm without)."""
+    real_ln, real_gemm, real_partials = REAL
+
     def ln(x, shift, scale, out, **kw):
-        return out if "ln" in skip else REAL_LN(x, shift, scale, out, **kw)
+        if "w3" in skip:  # no partials were written: nothing to merge
+            kw["residual"] = None
+        return out if "ln" in skip else real_ln(x, shift, scale, out, **kw)
 
     def gemm(x, w, out, **kw):
         kind = {SWIGLU: "w12", GATED_RESIDUAL: "w3"}.get(kw.get("epilogue"), "other")
-        return out if kind in skip else REAL_GEMM(x, w, out, **kw)
-    return ln, gemm
+        return out if kind in skip else real_gemm(x, w, out, **kw)
+
+    def partials(x, w, parts, **kw):
+        return 1 if "w3" in skip else real_partials(x, w, parts, **kw)
+    return ln, gemm, partials
 
 
 VARIANTS = {"full": set(), "no_ln": {"ln"}, "no_w12": {"w12"}, "no_w3": {"w3"}, "gemms_only_w12_w3": {"ln", "other"}}
@@ -60,14 +68,14 @@ def main(argv=None) -> int:
         variants = dict(VARIANTS, **({"full_no_pdl": set()} if a.no_pdl_too else {}))
         settle(lambda: head(hid, noise, *sc), dev)
         for name, skip in [*variants.items()] * a.rounds:  # rounds: each variant's best median
-            kfh_module.ln_modulate, kfh_module.skinny_gemm = patched(skip)
+            kfh_module.ln_modulate, kfh_module.skinny_gemm, kfh_module.skinny_partials = patched(skip)
             set_pdl(False if name == "full_no_pdl" else None)
             try:
                 replay = capture(lambda: out.copy_(head(hid, noise, *sc)))
                 ms = timed(replay, dev, warmup=3, runs=30)["median_ms"]
                 row[name] = min(ms, row.get(name, ms))
             finally:
-                kfh_module.ln_modulate, kfh_module.skinny_gemm = REAL_LN, REAL_GEMM
+                kfh_module.ln_modulate, kfh_module.skinny_gemm, kfh_module.skinny_partials = REAL
                 set_pdl(None)
             print(fmt, name, f"{ms:.3f} ms", flush=True)
         row["saving_ms"] = {k: row["full"] - v for k, v in row.items() if k != "full"}

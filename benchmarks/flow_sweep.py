@@ -10,6 +10,11 @@ full-size shapes, random weights) is captured and timed: w3's candidates with w1
 then w12's with the best w3. --install writes the table with the winners into OUT/<gpu>.json (copy it to
 kernels/configs/ to adopt it). Each variant's latent is compared with the tabled configs' (relative L2:
 split-K changes the summation order, nothing else).
+
+First, at the tabled configs, the head with w3 merging its own splits (a ticket, `deferred_residual=False`)
+against the default, where the next LayerNorm merges them (w3 stores raw partials, table key `..._e3`, which
+falls back to the ticket GEMM's `_e2` config when untabled): both times and whether the latents are equal.
+The sweep then tunes the default head (--merge-in-w3: the ticket head). --only w3 sweeps w3 alone.
 """
 from __future__ import annotations
 
@@ -27,17 +32,17 @@ import kernels.skinny as skinny  # noqa: E402
 from benchmarks.pdl_check import flow_head_bench  # noqa: E402
 from benchmarks.speed import capture, settle, timed  # noqa: E402
 from kernels._triton import set_pdl  # noqa: E402
-from kernels.skinny import GATED_RESIDUAL, SWIGLU, candidate_configs, config_key, gpu_slug  # noqa: E402
+from kernels.skinny import GATED_RESIDUAL, PARTIALS, SWIGLU, candidate_configs, config_key, gpu_slug  # noqa: E402
 from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
 
 
-def shapes(model, fmt: str, rows: int) -> dict[str, tuple[str, int, int]]:
+def shapes(model, fmt: str, rows: int, deferred: bool = True) -> dict[str, tuple[str, int, int]]:
     """{'w12': (table key, N, K), 'w3': ...} of the head's block GEMMs."""
     fh = model.cfg.flow_head
     hidden = model.model.diffloss.net.res_blocks[0].mlp.w3.weight.shape[1]
     fp8 = fmt == "fp8"
     return {"w12": (config_key(rows, hidden, fh.width, fp8, SWIGLU), hidden, fh.width),
-            "w3": (config_key(rows, fh.width, hidden, fp8, GATED_RESIDUAL), fh.width, hidden)}
+            "w3": (config_key(rows, fh.width, hidden, fp8, PARTIALS if deferred else GATED_RESIDUAL), fh.width, hidden)}
 
 
 def main(argv=None) -> int:
@@ -47,30 +52,49 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--wide", action="store_true", help="FP8: also the wide candidates (kernels.skinny.candidate_configs)")
     p.add_argument("--install", action="store_true", help="write the table with the winners to OUT/<gpu>.json")
+    p.add_argument("--merge-in-w3", action="store_true", help="tune the head whose w3 merges its own splits")
+    p.add_argument("--only", choices=("w3", "w12"), help="sweep this GEMM alone")
     a = p.parse_args(argv)
+    deferred = not a.merge_in_w3
     rows = 2
     dev, model, (hid, noise, sc), res = flow_head_bench("flow_sweep.py", a.out, rows)
     cfg = model.cfg
     table = skinny.tuned_configs_for("skinny")  # the live table pick_config reads
     out_path = a.out / "flow_sweep.json"
     for fmt in a.formats.split(","):
-        head = KernelFlowHead(model, weights=fmt)
+        heads = {d: KernelFlowHead(model, weights=fmt, deferred_residual=d) for d in (True, False)}
+        head = heads[deferred]
         out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)
-        head(hid, noise, *sc)  # scratch before any capture
+        for h in heads.values():
+            h(hid, noise, *sc)  # scratch before any capture
 
-        def run() -> tuple[float, torch.Tensor]:
-            replay = capture(lambda: out.copy_(head(hid, noise, *sc)))
+        def run(h=None) -> tuple[float, torch.Tensor]:
+            h = h or head
+            replay = capture(lambda: out.copy_(h(hid, noise, *sc)))
             return timed(replay, dev, warmup=3, runs=a.runs)["median_ms"], out.clone()
 
         settle(lambda: head(hid, noise, *sc), dev)
-        keys = shapes(model, fmt, rows)
-        tabled = {name: table.get(key) for name, (key, _, _) in keys.items()}
         run()  # the first graph timed in a process reads up to 10% slow on the H200, warm GPU or not
+        merge, latents = {}, {}
+        for _ in range(2):  # in turn, twice: each placement's best
+            for d, h in heads.items():
+                ms, latents[d] = run(h)
+                name = "merge_in_next_layernorm_ms" if d else "merge_in_w3_ms"
+                merge[name] = min(ms, merge.get(name, ms))
+        merge["latents_equal"] = torch.equal(latents[True], latents[False])
+        merge["latent_rel_l2"] = float((latents[True] - latents[False]).norm() / latents[False].norm())
+        print(fmt, "w3 split-K merge:", merge, flush=True)
+        keys = shapes(model, fmt, rows, deferred)
+        tabled = {name: table.get(key) for name, (key, _, _) in keys.items()}
+        in_use = {name: skinny.pick_config(rows, n, k, fmt == "fp8", PARTIALS if name == "w3" and deferred else
+                                           (SWIGLU if name == "w12" else GATED_RESIDUAL), dev)
+                  for name, (_, n, k) in keys.items()}  # untabled e3: the e2 config
         base_ms, ref = run()
-        row = {"tabled": tabled, "tabled_ms": base_ms, "candidates": {}}
-        print(fmt, "tabled", tabled, f"{base_ms:.3f} ms", flush=True)
+        row = {"merge_placement": merge, "deferred_residual": deferred, "tabled": tabled, "in_use": in_use, "tabled_ms": base_ms,
+               "candidates": {}}
+        print(fmt, "tabled", tabled, "in use", in_use, f"{base_ms:.3f} ms", flush=True)
         best, best_ms = dict(tabled), base_ms
-        for name in ("w3", "w12"):
+        for name in ("w3", "w12") if a.only is None else (a.only,):
             key, n, k = keys[name]
             tried = row["candidates"][name] = []
             for c in candidate_configs(n, k, fp8=fmt == "fp8", wide=a.wide and fmt == "fp8"):

@@ -17,6 +17,9 @@
 #   FLOW_CHAIN=1        first run benchmarks/flow_chain_check.py (the experimental one-launch Euler step);
 #                       FLOW_CHAIN_ARGS="--sweep --formats fp8" its flags
 #   FLOW_ABLATION=1     first run benchmarks/flow_ablation.py --formats fp8,bf16 (each launch kind's cost in the head)
+#   FLOW_SWEEP_ARGS="--formats fp8 --only w3 --install"   first run benchmarks/flow_sweep.py with these flags
+#                       (configs timed inside the head's graph); FLOW_SWEEP_INSTALL=1 then copies its table into
+#                       kernels/configs/ for the runs below
 #   TOKENIZER=1         first run benchmarks/tokenizer_modes.py --modes graph,compile and attention_backends.py
 #   KERNELS_ARGS="..."  first run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep);
 #                       KERNELS_INSTALL=1 then copies the swept table into kernels/configs/ for the runs below
@@ -39,6 +42,13 @@ if [ "${FLOW_CHAIN:-0}" = 1 ]; then
   timeout "${FLOW_CHAIN_TIMEOUT:-$chain_limit}" python3 benchmarks/flow_chain_check.py --out "$OUT" ${FLOW_CHAIN_ARGS:-} \
       > "$OUT/flow_chain_check.log" 2>&1
   tail -12 "$OUT/flow_chain_check.log"
+fi
+if [ -n "${FLOW_SWEEP_ARGS:-}" ]; then
+  timeout "${FLOW_SWEEP_TIMEOUT:-300}" python3 benchmarks/flow_sweep.py --out "$OUT" $FLOW_SWEEP_ARGS > "$OUT/flow_sweep.log" 2>&1
+  grep -E "merge|tabled|best" "$OUT/flow_sweep.log" | tail -8
+  if [ "${FLOW_SWEEP_INSTALL:-0}" = 1 ]; then
+    for f in "$OUT"/NVIDIA_*.json; do [ -e "$f" ] && cp "$f" kernels/configs/ && echo "installed $f"; done
+  fi
 fi
 if [ "${FLOW_ABLATION:-0}" = 1 ]; then
   timeout 150 python3 benchmarks/flow_ablation.py --out "$OUT" --formats fp8,bf16 > "$OUT/flow_ablation.log" 2>&1

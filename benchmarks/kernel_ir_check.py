@@ -47,7 +47,7 @@ def cases():
               stride_ym="i32", stride_gate="i32")
     out = []
     for fmt, wty, bn, bk, stages in (("bf16", "*bf16", 64, 128, 4), ("fp8", "*fp8e4nv", 32, 256, 4)):
-        for epi, split in ((skinny.STORE, 1), (skinny.SWIGLU, 1), (skinny.GATED_RESIDUAL, 4)):
+        for epi, split in ((skinny.STORE, 1), (skinny.SWIGLU, 1), (skinny.GATED_RESIDUAL, 4), (skinny.PARTIALS, 4)):
             c = dict(HAS_WSCALE=fmt == "fp8", HAS_BIAS=False, EPILOGUE=epi, SPLIT_K=split, BLOCK_M=16, BLOCK_N=bn,
                      BLOCK_K=bk, UPCAST=False, PDL=0, PF_TILES=0, W_BYTES=1 if fmt == "fp8" else 2, WIDEN=0)
             out.append((f"skinny {fmt} epilogue {epi} split {split}", skinny._skinny_kernel, dict(sk, w_ptr=wty), c,

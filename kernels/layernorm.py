@@ -2,8 +2,14 @@
 
 out[m] = (LN(x[m]) [* w + b]) * (1 + scale[m]) + shift[m], statistics in fp32 over the whole row
 (two passes over registers: the row, up to 8192 values, is loaded once).
+
+With `residual` the kernel first finishes the previous GEMM of the flow head's block (w3, launched with
+kernels.skinny.skinny_partials): x[m] += gate[m] * (sum_s parts[s, m] * w_scale + bias), the splits summed
+in order from zero, as the GEMM's own ticket merge does, and x is written back before its LayerNorm.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -12,16 +18,40 @@ from ._triton import next_pow2, pdl_launch, require, tl, triton
 if triton is not None:
     from ._triton import pdl_enter, store_cast
 
+
+class PendingResidual(NamedTuple):
+    """A GEMM's unmerged split-K sums and what turns them into x += gate * (x_in @ W^T * scale + bias)."""
+
+    parts: torch.Tensor  # (S_max, M, K) fp32, rows s < splits written
+    splits: int
+    gate: torch.Tensor  # (M, K), contiguous columns
+    w_scale: torch.Tensor | None = None  # (K,) fp32 per output channel
+    bias: torch.Tensor | None = None  # (K,)
+
+
 if triton is not None:
 
     @triton.jit
-    def _ln_modulate_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, K, stride_x, stride_mod, stride_out,
-                            eps, AFFINE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _ln_modulate_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, part_ptr, gate_ptr, pscale_ptr,
+                            pbias_ptr, K, stride_x, stride_mod, stride_out, stride_gate, eps,
+                            AFFINE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr,
+                            HAS_PSCALE: tl.constexpr, HAS_PBIAS: tl.constexpr):
         pdl_enter(PDL)
         m = tl.program_id(0)
         rk = tl.arange(0, BLOCK)
         ok = rk < K
         x = tl.load(x_ptr + m * stride_x + rk, mask=ok, other=0.0).to(tl.float32)
+        if SPLITS > 0:  # finish the previous GEMM: x += gate * (sum of its splits * scale + bias), in place
+            rows = tl.num_programs(0)
+            acc = tl.zeros((BLOCK,), tl.float32)
+            for s in tl.static_range(SPLITS):  # fixed order: deterministic
+                acc += tl.load(part_ptr + (s * rows + m) * K + rk, mask=ok, other=0.0)
+            if HAS_PSCALE:
+                acc = acc * tl.load(pscale_ptr + rk, mask=ok, other=0.0)
+            if HAS_PBIAS:
+                acc = acc + tl.load(pbias_ptr + rk, mask=ok, other=0.0).to(tl.float32)
+            x = x + tl.load(gate_ptr + m * stride_gate + rk, mask=ok, other=0.0).to(tl.float32) * acc
+            tl.store(x_ptr + m * stride_x + rk, x, mask=ok)
         mean = tl.sum(x, axis=0) / K
         d = tl.where(ok, x - mean, 0.0)
         y = d / tl.sqrt(tl.sum(d * d, axis=0) / K + eps)
@@ -33,19 +63,34 @@ if triton is not None:
 
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, *, weight=None,
-                bias=None, eps: float = 1e-6) -> torch.Tensor:
-    """x (M, K); shift/scale (M, K) views sharing a row stride; weight/bias (K,) or None; out (M, K)."""
+                bias=None, eps: float = 1e-6, residual: PendingResidual | None = None) -> torch.Tensor:
+    """x (M, K); shift/scale (M, K) views sharing a row stride; weight/bias (K,) or None; out (M, K).
+    residual: first x += the pending GEMM's gated output, in place (x must then be fp32)."""
     require()
     m, k = x.shape
     if shift.stride(0) != scale.stride(0) or shift.stride(-1) != 1 or scale.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError("ln_modulate: shift and scale must share a row stride; all rows contiguous")
     if (weight is None) != (bias is None):
         raise ValueError("ln_modulate: give both LayerNorm weight and bias, or neither")
+    r = residual
+    if r is not None:
+        if (x.dtype != torch.float32 or r.parts.dtype != torch.float32 or not r.parts.is_contiguous()
+                or r.parts.shape[1:] != (m, k) or not 0 < r.splits <= r.parts.shape[0]
+                or r.gate.shape != (m, k) or r.gate.stride(-1) != 1):
+            raise ValueError(f"ln_modulate: the pending residual needs fp32 x (M, K) = {(m, k)}, contiguous fp32 partials "
+                             f"(S, M, K) with 1..S splits and a gate (M, K); got x {x.dtype}, partials "
+                             f"{r.parts.dtype} {tuple(r.parts.shape)}, {r.splits} splits, gate {tuple(r.gate.shape)}")
     affine = weight is not None
-    _ln_modulate_kernel[(m,)](x, weight if affine else x, bias if affine else x, shift, scale, out, k, x.stride(0),
-                              shift.stride(0), out.stride(0), eps, AFFINE=affine, BLOCK=next_pow2(k), num_warps=8,
+    _ln_modulate_kernel[(m,)](x, weight if affine else x, bias if affine else x, shift, scale, out,
+                              r.parts if r else x, r.gate if r else x,
+                              r.w_scale if r is not None and r.w_scale is not None else x,
+                              r.bias if r is not None and r.bias is not None else x,
+                              k, x.stride(0), shift.stride(0), out.stride(0), r.gate.stride(0) if r else 0, eps,
+                              AFFINE=affine, BLOCK=next_pow2(k), num_warps=8, SPLITS=r.splits if r else 0,
+                              HAS_PSCALE=r is not None and r.w_scale is not None,
+                              HAS_PBIAS=r is not None and r.bias is not None,
                               **pdl_launch(x.device, trigger_at_start=True))
     return out
 
 
-__all__ = ["ln_modulate"]
+__all__ = ["PendingResidual", "ln_modulate"]

@@ -15,7 +15,11 @@ bf16; padded `torch._scaled_mm` ~2.1. This kernel is built for that regime:
 * fused epilogues for the flow head's residual block: SwiGLU (both halves of w12 in one program)
   and `h += gate * y` (in place, fp32 residual). The LayerNorm + adaLN modulation before w12 is a
   separate one-program-per-row kernel (kernels/layernorm.py): fused into this one, every program
-  recomputed the row statistics before its first weight load, which cost ~30% at the real shapes.
+  recomputed the row statistics before its first weight load, which cost ~30% at the real shapes;
+* a PARTIALS epilogue that only stores each split's raw sums, (SPLIT_K, M, N) fp32, without the ticket:
+  the flow head's next launch (kernels/layernorm.py, one program per row) sums them in split order and
+  applies the scale, bias and gated residual there, so the GEMM ends when its last program's main loop
+  does, not after a fence, an atomic and a dependent read of the partials.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ if triton is not None:
     from ._triton import arrive, mma, pdl_enter, pdl_main_loop_done, prefetch_l2, rearm, store_cast, unwiden
 
 # epilogues
-STORE, SWIGLU, GATED_RESIDUAL = 0, 1, 2
+STORE, SWIGLU, GATED_RESIDUAL, PARTIALS = 0, 1, 2, 3
 MAX_ROWS = 64
 
 if triton is not None:
@@ -77,6 +81,20 @@ if triton is not None:
 
         pdl_main_loop_done(PDL)  # the next kernel's programs may start during our epilogue
         out_ok = n_ok[:, None] & m_ok[None, :]
+        if EPILOGUE == 3:  # raw partial sums, part[pid_k, m, n]: the consumer merges them (no ticket)
+            tl.store(part_ptr + (pid_k * M + rm[None, :]).to(tl.int64) * N + rn[:, None], unwiden(acc, WIDEN),
+                     mask=out_ok)
+        else:
+            _epilogue(acc, acc2, rn, rm, n_ok, out_ok, pid_n, pid_k, wscale_ptr, bias_ptr, y_ptr, gate_ptr,
+                      part_ptr, ticket_ptr, N, stride_ym, stride_gate, HAS_WSCALE, HAS_BIAS, EPILOGUE, SPLIT_K,
+                      BLOCK_M, BLOCK_N, WIDEN)
+
+    @triton.jit
+    def _epilogue(acc, acc2, rn, rm, n_ok, out_ok, pid_n, pid_k, wscale_ptr, bias_ptr, y_ptr, gate_ptr, part_ptr,
+                  ticket_ptr, N, stride_ym, stride_gate, HAS_WSCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  EPILOGUE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  WIDEN: tl.constexpr):
+        """STORE, SWIGLU and GATED_RESIDUAL: merge the splits (the last to arrive), scale, bias, write."""
         if SPLIT_K > 1:
             # partials: (SPLIT_K, 2, N_blocks * BLOCK_N, BLOCK_M) fp32
             n_pad = tl.num_programs(0) * BLOCK_N
@@ -184,7 +202,10 @@ def config_key(m: int, n: int, k: int, fp8: bool, epilogue: int) -> str:
 def pick_config(m: int, n: int, k: int, fp8: bool, epilogue: int, device=None) -> dict:
     if interpreting():
         return {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1}  # few, wide programs: the interpreter runs them one by one
-    found = tuned_configs_for("skinny").get(config_key(m, n, k, fp8, epilogue))
+    table = tuned_configs_for("skinny")
+    found = table.get(config_key(m, n, k, fp8, epilogue))
+    if found is None and epilogue == PARTIALS:  # untabled: the ticket-merged GEMM's config, same main loop
+        found = table.get(config_key(m, n, k, fp8, GATED_RESIDUAL))
     if found is not None:
         return dict(found)
     cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
@@ -254,10 +275,38 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
         raise ValueError("the gated-residual epilogue needs a gate (M, N) with contiguous columns, and only it does")
     if workspace is None:
         workspace = shared_workspace(n, m, out.device)
+    _launch(x, w, out, m, n, k, epilogue, row_div, w_scale, bias, gate, workspace.partials, workspace.tickets,
+            out.stride(0), config)
+    return out
+
+
+def skinny_partials(x: torch.Tensor, w: torch.Tensor, parts: torch.Tensor, *, config: dict | None = None) -> int:
+    """parts[s, m, :] = x[m] @ W^T summed over split s's share of K, raw (no scale, no bias): the splits'
+    partial sums for a consumer to merge in split order (kernels/layernorm.ln_modulate's `residual`).
+
+    x (M, K) as for skinny_gemm; w (N, K); parts (S_max, M, N) fp32 contiguous. Returns the number of
+    splits S written (the config's SPLIT_K, S <= S_max); rows s >= S are left as they are.
+    """
+    require()
+    _, m, n = parts.shape
+    k = w.shape[1]
+    if m > MAX_ROWS or x.shape[0] != m or x.shape[-1] != k or x.stride(-1) != 1 or not w.is_contiguous():
+        raise ValueError(f"bad operands: x {tuple(x.shape)}, w {tuple(w.shape)} for partials {tuple(parts.shape)}")
+    if w.shape[0] != n or parts.dtype != torch.float32 or not parts.is_contiguous():
+        raise ValueError(f"partials must be contiguous fp32 (S, M, {w.shape[0]}), got {parts.dtype} {tuple(parts.shape)}")
+    if config is None:
+        config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, PARTIALS, parts.device)
+    if config["SPLIT_K"] > parts.shape[0]:
+        raise ValueError(f"config splits K {config['SPLIT_K']} ways, the partials hold {parts.shape[0]}")
+    _launch(x, w, parts, m, n, k, PARTIALS, 1, None, None, None, parts, parts, 0, config)
+    return config["SPLIT_K"]
+
+
+def _launch(x, w, out, m, n, k, epilogue, row_div, w_scale, bias, gate, partials, tickets, stride_out, config):
     dummy = out
     args = (x, w, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, out,
-            gate if gate is not None else dummy, workspace.partials, workspace.tickets,
-            m, n, k, row_div, x.stride(0), out.stride(0), gate.stride(0) if gate is not None else 0)
+            gate if gate is not None else dummy, partials, tickets,
+            m, n, k, row_div, x.stride(0), stride_out, gate.stride(0) if gate is not None else 0)
     block_m = max(16, next_pow2(m))
     pdl = pdl_launch(out.device)
     flags = dict(HAS_WSCALE=w_scale is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=block_m,
@@ -268,7 +317,6 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
     config = fit_stages(config, w.element_size(), epilogue == SWIGLU, block_m, x.element_size())
     grid = (triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
     _skinny_kernel[grid](*args, **flags, **config)
-    return out
 
 
-__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "pick_config", "shared_workspace", "skinny_gemm"]
+__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "PARTIALS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "pick_config", "shared_workspace", "skinny_gemm", "skinny_partials"]

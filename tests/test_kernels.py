@@ -19,8 +19,8 @@ from conftest import assert_close
 from kernels import interpreting
 from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8
 from kernels.guidance import guide_euler_
-from kernels.layernorm import ln_modulate
-from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, skinny_gemm
+from kernels.layernorm import PendingResidual, ln_modulate
+from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, skinny_gemm, skinny_partials
 from models import build, tiny_config
 from models.flow_head import guide
 from models.pieces import FlowHeadPiece
@@ -111,6 +111,73 @@ def test_skinny_gated_residual_in_place(split):
     ref = h + mods[:, 2 * n:] * (act.float() @ dequantize_rows_fp8(wq, s).T + b)
     skinny_gemm(act, wq, h, w_scale=s, bias=b, gate=mods[:, 2 * n:], epilogue=GATED_RESIDUAL, config=_cfg(split))
     _check(f"kernels/skinny_gated_residual_split{split}", h, ref)
+
+
+@pytest.mark.parametrize("split", [s for s in SPLITS if s is not None])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_deferred_residual_equals_the_gemms_own_merge(split, fmt):
+    """w3 storing raw split-K partials (skinny_partials) and the next LayerNorm merging them (ln_modulate's
+    residual) give the gated-residual GEMM's h and the LayerNorm's rows: the same sums in the same order
+    (bit for bit in the interpreter; on a GPU within a rounding of fp32, in case the compiler contracts
+    differently). Checked against plain PyTorch too, and a merge that skipped a split would fail."""
+    g = torch.Generator().manual_seed(4)
+    m, n, k = 3, 48, 160
+    h0 = torch.randn(m, n, generator=g).to(DEV)
+    act = torch.randn(m, k, generator=g).to(torch.float16 if fmt == "fp8" else torch.bfloat16).to(DEV)
+    if fmt == "fp8":
+        wq, s = quantize_rows_fp8(torch.randn(n, k, generator=g))
+        wq, s = wq.to(DEV), s.to(DEV)
+        wref = dequantize_rows_fp8(wq, s)
+    else:
+        wq, s = torch.randn(n, k, generator=g).to(torch.bfloat16).to(DEV), None
+        wref = wq.float()
+    b = torch.randn(n, generator=g).to(DEV)
+    mods = torch.randn(m, 3 * n, generator=g).to(DEV) * 0.5
+    lnw, lnb = torch.randn(n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV)
+    cfg = _cfg(split)
+
+    h_ref, xn_ref = h0.clone(), torch.empty(m, n, device=DEV)
+    skinny_gemm(act, wq, h_ref, w_scale=s, bias=b, gate=mods[:, 2 * n:], epilogue=GATED_RESIDUAL, config=cfg)
+    ln_modulate(h_ref, mods[:, :n], mods[:, n:2 * n], xn_ref, weight=lnw, bias=lnb)
+
+    parts = torch.full((4, m, n), float("nan"), device=DEV)  # rows beyond the splits are never read
+    assert skinny_partials(act, wq, parts, config=cfg) == split
+    h, xn = h0.clone(), torch.empty(m, n, device=DEV)
+    ln_modulate(h, mods[:, :n], mods[:, n:2 * n], xn, weight=lnw, bias=lnb,
+                residual=PendingResidual(parts, split, mods[:, 2 * n:], s, b))
+    if interpreting():
+        assert torch.equal(h, h_ref) and torch.equal(xn, xn_ref)
+    else:
+        assert_close(f"kernels/deferred_residual_{fmt}_split{split}_h", h, h_ref, 1e-6 * h_ref.abs().max().item())
+        assert_close(f"kernels/deferred_residual_{fmt}_split{split}_xn", xn, xn_ref, 1e-5 * xn_ref.abs().max().item())
+    _check(f"kernels/deferred_residual_{fmt}_split{split}_vs_torch", h,
+           h0 + mods[:, 2 * n:] * (_act(act, fmt) @ wref.T + b))
+    assert torch.isnan(parts[split:]).all()
+    if split > 1:  # the merge reads every split: without the last one h differs
+        h_short = h0.clone()
+        ln_modulate(h_short, mods[:, :n], mods[:, n:2 * n], xn, weight=lnw, bias=lnb,
+                    residual=PendingResidual(parts, split - 1, mods[:, 2 * n:], s, b))
+        assert not torch.allclose(h_short, h_ref)
+
+
+def test_deferred_residual_rejects_bad_operands():
+    x = torch.randn(3, 32, device=DEV)
+    w = torch.randn(8, 32, device=DEV).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="partials"):
+        skinny_partials(x, w, torch.empty(2, 3, 8, device=DEV, dtype=torch.float16))
+    with pytest.raises(ValueError, match="bad operands"):
+        skinny_partials(x[:2], w, torch.empty(2, 3, 8, device=DEV))
+    with pytest.raises(ValueError, match="splits K 4 ways"):
+        skinny_partials(x, w, torch.empty(2, 3, 8, device=DEV), config={"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 4})
+    h, mods = torch.randn(3, 8, device=DEV), torch.randn(3, 24, device=DEV)
+    parts = torch.zeros(2, 3, 8, device=DEV)
+    for bad in (PendingResidual(parts, 3, mods[:, 16:]), PendingResidual(parts, 1, mods[:2, 16:]),
+                PendingResidual(parts[:, :2], 1, mods[:, 16:])):
+        with pytest.raises(ValueError, match="pending residual"):
+            ln_modulate(h, mods[:, :8], mods[:, 8:16], torch.empty(3, 8, device=DEV), residual=bad)
+    with pytest.raises(ValueError, match="pending residual"):  # x must be the fp32 residual stream
+        ln_modulate(h.half(), mods[:, :8], mods[:, 8:16], torch.empty(3, 8, device=DEV),
+                    residual=PendingResidual(parts, 1, mods[:, 16:]))
 
 
 def test_skinny_rejects_bad_operands():
@@ -494,6 +561,13 @@ def test_kernel_flow_head_close_to_reference(fmt):
     bound = 5e-3 if interpreting() else 3e-2
     assert rel < bound, f"kernel flow head ({fmt}) rel L2 {rel:.2e} >= {bound}"
     assert head.nbytes_per_step() > 0
+    # w3 merging its own splits (a ticket) instead of the next LayerNorm: the same latent (module docstring)
+    assert head.deferred_residual
+    merged_in_w3 = KernelFlowHead(model, weights=fmt, deferred_residual=False)(hid, noise, *s)
+    if interpreting():
+        assert torch.equal(merged_in_w3, got)
+    else:
+        assert_close(f"kernels/flow_head_{fmt}_deferred_residual", got, merged_in_w3, 1e-5 * merged_in_w3.abs().max().item())
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])

@@ -9,6 +9,9 @@ adaLN modulations in one GEMM per block), laid out for the memory-bound decode r
               act = SwiGLU(w12 @ xn)                             launch 2: both halves in one program
               h  += gate * (w3 @ act)                            launch 3: in place, fp32
               v   = final(modulate(LN(h)))                       (M, C)
+With `deferred_residual` (the default) launch 3 only stores its split-K partial sums and the next launch 1
+(the next block's, or the final layer's) merges them into h before its LayerNorm: same arithmetic in the same
+order as launch 3's own merge, without its fence, ticket and dependent reads at the end of every w3.
               x  += dt * guide(v)                                one launch
 with M = B*R rows. The residual stream and the modulations stay fp32 (the reference rounds them to
 bf16 at each op); the GEMM operands are bf16 (bf16 weights) or fp16 (FP8 weights widened exactly to fp16).
@@ -35,8 +38,8 @@ from torch import nn
 from kernels import interpreting
 from kernels.fp8 import WEIGHT_FORMATS, fp16_rows, quantize_rows_fp8
 from kernels.guidance import guide_euler_
-from kernels.layernorm import ln_modulate
-from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, Workspace, skinny_gemm
+from kernels.layernorm import PendingResidual, ln_modulate
+from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, Workspace, skinny_gemm, skinny_partials
 from models.univision import MingUniVision
 
 from .flow_head import FastFlowHead
@@ -46,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 # torch.mm(a, b, out_dtype=torch.float32) for 16-bit a, b: torch >= 2.8
 MM_FP32_OUT = "dtype_out" in torch.ops.aten.mm.overloads()
+MAX_SPLITS = 8  # of w3's K with a deferred residual (kernels.skinny.candidate_configs go up to 8)
 
 
 def _mm_fp32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
@@ -75,10 +79,13 @@ class PackedLinear:
 
 class KernelFlowHead(nn.Module):
     def __init__(self, model: MingUniVision, *, weights: str = "bf16", time_shift: float | None = None,
-                 renorm: bool = False, chain: bool = False):
+                 renorm: bool = False, chain: bool = False, deferred_residual: bool = True):
         """chain (EXPERIMENTAL, kernels/flow_chain.py): each Euler step's blocks in one persistent launch,
-        from a second, stacked copy of the block weights; benchmarks/flow_chain_check.py measures it."""
+        from a second, stacked copy of the block weights; benchmarks/flow_chain_check.py measures it.
+        deferred_residual: w3's split-K merge and gated residual run in the next LayerNorm's launch (module
+        docstring); False merges them in w3's launch (a ticket), as before session 13."""
         super().__init__()
+        self.deferred_residual = deferred_residual
         self.chain, self.chain_config = chain, None
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
@@ -128,6 +135,7 @@ class KernelFlowHead(nn.Module):
                 fmod=torch.empty(s * m, 2 * w, dtype=torch.float32, device=dev),
                 ws_up=Workspace(hidden, m, dev), ws_down=Workspace(w, m, dev), ws_in=Workspace(w, m, dev),
                 ws_final=Workspace(c, m, dev),
+                parts=torch.empty(MAX_SPLITS, m, w, dtype=torch.float32, device=dev),  # w3's split-K sums (deferred)
             )
             if s * m > self.cublas_mods_above:  # the modulations go to cuBLAS: their weights, not a workspace
                 self._wide_mods()
@@ -204,17 +212,24 @@ class KernelFlowHead(nn.Module):
             skinny_gemm(x, self.input_proj.weight, h, w_scale=self.input_proj.scale, bias=self.input_proj.bias,
                         row_div=r, workspace=buf["ws_in"])  # (M, W): each prompt's rows share its state
             mods_k = buf["mods_all"][:, k * m:(k + 1) * m]  # (D, M, 3W) = [shift | scale | gate] per block
+            pending = None  # (deferred_residual) the last w3's partials, merged into h by the next LayerNorm
             if self.chain:  # every block in one launch
                 buf["chain"].step(h, xn, mods_k, self.eps)
             else:
                 for blk, mk in zip(self.blocks, mods_k):
-                    ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk["ln"][0], bias=blk["ln"][1], eps=self.eps)
+                    ln_modulate(h, mk[:, :w], mk[:, w:2 * w], xn, weight=blk["ln"][0], bias=blk["ln"][1], eps=self.eps,
+                                residual=pending)
                     skinny_gemm(xn, blk["w12"].weight, act, w_scale=blk["w12"].scale, bias=blk["w12"].bias,
                                 epilogue=SWIGLU, workspace=buf["ws_up"])
-                    skinny_gemm(act, blk["w3"].weight, h, w_scale=blk["w3"].scale, bias=blk["w3"].bias,
-                                gate=mk[:, 2 * w:], epilogue=GATED_RESIDUAL, workspace=buf["ws_down"])
+                    w3 = blk["w3"]
+                    if self.deferred_residual:
+                        splits = skinny_partials(act, w3.weight, buf["parts"])
+                        pending = PendingResidual(buf["parts"], splits, mk[:, 2 * w:], w3.scale, w3.bias)
+                    else:
+                        skinny_gemm(act, w3.weight, h, w_scale=w3.scale, bias=w3.bias, gate=mk[:, 2 * w:],
+                                    epilogue=GATED_RESIDUAL, workspace=buf["ws_down"])
             fk = buf["fmod"][k * m:(k + 1) * m]
-            ln_modulate(h, fk[:, :w], fk[:, w:], xn, eps=self.eps)
+            ln_modulate(h, fk[:, :w], fk[:, w:], xn, eps=self.eps, residual=pending)
             skinny_gemm(xn, self.final.weight, v, w_scale=self.final.scale, bias=self.final.bias,
                         workspace=buf["ws_final"])
             guide_euler_(x, v, fh.dts, k, text_cfg, image_cfg, self.renorm)
