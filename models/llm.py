@@ -249,15 +249,17 @@ class MoE(nn.Module):
             record.setdefault("router_logits", []).append(logits.view(b, n, -1))
             record.setdefault("topk_idx", []).append(idx.view(b, n, -1))
             record.setdefault("topk_weight", []).append(w.view(b, n, -1))
+        shared_done = False
         if mode == "fused":
             fused = getattr(self, "fused_decode", None)
             if fused is None:
                 raise RuntimeError("MoE mode 'fused' needs a kernel: runtime.fast.decode_weights.prepare_decode(model)")
             y = fused(flat, idx, w).to(x.dtype).view(b, n, h)
+            shared_done = getattr(fused, "shared_slots", 0) > 0  # the kernel ran the shared experts as slots
         else:
             outs = self.routed_outputs(flat, idx, mode)
             y = (outs.float() * w[..., None]).sum(dim=1).to(x.dtype).view(b, n, h)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and not shared_done:
             y = y + self.shared_experts(x)
         return y
 

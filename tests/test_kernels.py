@@ -153,10 +153,11 @@ def test_deferred_residual_equals_the_gemms_own_merge(split, fmt):
     _check(f"kernels/deferred_residual_{fmt}_split{split}_vs_torch", h,
            h0 + mods[:, 2 * n:] * (_act(act, fmt) @ wref.T + b))
     assert torch.isnan(parts[split:]).all()
-    if split > 1:  # the merge reads every split: without the last one h differs
-        h_short = h0.clone()
+    if split > 1:  # the merge reads the splits it is given: with the first one zeroed h differs
+        h_short, zeroed = h0.clone(), parts.clone()
+        zeroed[0] = 0
         ln_modulate(h_short, mods[:, :n], mods[:, n:2 * n], xn, weight=lnw, bias=lnb,
-                    residual=PendingResidual(parts, split - 1, mods[:, 2 * n:], s, b))
+                    residual=PendingResidual(zeroed, split, mods[:, 2 * n:], s, b))
         assert not torch.allclose(h_short, h_ref)
 
 
@@ -262,11 +263,18 @@ def test_fused_moe_equals_reference_moe(fmt):
     model = build(tiny_config(), seed=0, device=DEV)
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     x = torch.randn(1, 5, model.cfg.llm.hidden_size, device=DEV)
-    if fmt == "fp8":  # the reference runs on the dequantized weights
+    if fmt == "fp8":  # the reference runs on the dequantized weights, the shared experts' too
         fused = FusedMoEDecode(moe, "fp8")
+        n_sh, e = fused.shared_slots, moe.num_experts
+        assert n_sh == model.cfg.llm.num_shared_experts and fused.wg.shape[0] == e + n_sh
+        sh = moe.shared_experts
         with torch.no_grad():
-            for p, q, s in zip((moe.w_gate, moe.w_up, moe.w_down), (fused.wg, fused.wu, fused.wd), (fused.sg, fused.su, fused.sd)):
-                p.copy_(dequantize_rows_fp8(q, s))
+            deq = [dequantize_rows_fp8(q, s) for q, s in zip((fused.wg, fused.wu, fused.wd), (fused.sg, fused.su, fused.sd))]
+            for p, d in zip((moe.w_gate, moe.w_up, moe.w_down), deq):
+                p.copy_(d[:e])
+            sh.gate_proj.weight.copy_(deq[0][e:].reshape(-1, deq[0].shape[-1]))
+            sh.up_proj.weight.copy_(deq[1][e:].reshape(-1, deq[1].shape[-1]))
+            sh.down_proj.weight.copy_(deq[2][e:].transpose(0, 1).reshape(deq[2].shape[1], -1))
     else:
         fused = FusedMoEDecode(moe, "bf16")  # keeps the model's own (here fp32) tensors: no copy
         assert fused.wg.data_ptr() == moe.w_gate.data_ptr()
@@ -276,6 +284,52 @@ def test_fused_moe_equals_reference_moe(fmt):
     # FP8: the SwiGLU activations between the two GEMMs are kept in fp16 (11 significant bits)
     rel = 2e-3 if fmt == "fp8" else 2e-5
     assert_close(f"kernels/moe_fused_{fmt}", got, ref, rel * max(1.0, ref.abs().max().item()))
+
+
+@torch.no_grad()
+def test_fp8_moe_runs_the_shared_experts_as_slots(monkeypatch):
+    """With FP8 the shared experts ride in the MoE kernels as extra slots of weight 1: the fused MoE's
+    output equals routed + shared computed apart (both from the same FP8 weights), the separate shared
+    MLP is not called, and MINGRT_MOE_SHARED=0 (or shared=False) keeps it separate."""
+    from models.llm import MoE
+    from runtime.fast.decode_weights import SHARED_IN_MOE_ENV, FusedMoEDecode, FusedSwiGLUDecode
+
+    model = build(tiny_config(), seed=0, device=DEV)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    x = torch.randn(1, 4, model.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(9)).to(DEV)
+    apart = FusedMoEDecode(moe, "fp8", shared=False)
+    folded = FusedMoEDecode(moe, "fp8")
+    assert apart.shared_slots == 0 and folded.shared_slots == model.cfg.llm.num_shared_experts
+    assert torch.equal(folded.wg[:moe.num_experts], apart.wg) and torch.equal(folded.wd[:moe.num_experts], apart.wd)
+    shared_mlp = moe.shared_experts
+    # the shared MLP with the folded FP8 weights (dequantized), called apart
+    fp8_shared = type(shared_mlp)(shared_mlp.gate_proj.in_features, shared_mlp.gate_proj.out_features).to(DEV)
+    e = moe.num_experts
+    fp8_shared.gate_proj.weight.copy_(dequantize_rows_fp8(folded.wg[e:], folded.sg[e:]).reshape(-1, x.shape[-1]))
+    fp8_shared.up_proj.weight.copy_(dequantize_rows_fp8(folded.wu[e:], folded.su[e:]).reshape(-1, x.shape[-1]))
+    fp8_shared.down_proj.weight.copy_(dequantize_rows_fp8(folded.wd[e:], folded.sd[e:]).transpose(0, 1).reshape(x.shape[-1], -1))
+    calls = []
+    fp8_shared.register_forward_hook(lambda *_: calls.append(1))
+    moe.shared_experts = fp8_shared
+    moe.fused_decode = apart
+    ref = moe(x, mode="fused")
+    assert len(calls) == 1
+    moe.fused_decode = folded
+    got = moe(x, mode="fused")
+    assert len(calls) == 1  # not called again: the kernel ran it
+    assert_close("kernels/moe_shared_as_slots", got.float(), ref.float(), 2e-3 * max(1.0, ref.abs().max().item()))
+    flat = x.reshape(-1, x.shape[-1])
+    routed_only = apart(flat, *moe.route(flat, None)[:2]).view_as(got)
+    assert not torch.allclose(got.float(), routed_only, atol=1e-3)  # the shared experts' share is in there
+    monkeypatch.setenv(SHARED_IN_MOE_ENV, "0")
+    assert FusedMoEDecode(moe, "fp8").shared_slots == 0
+    assert FusedMoEDecode(moe, "bf16", shared=True).shared_slots == 0  # bf16 reads the stacked parameters in place
+    monkeypatch.setenv(SHARED_IN_MOE_ENV, "2")
+    with pytest.raises(ValueError, match="expected 0 or 1"):
+        FusedMoEDecode(moe, "fp8")
+    monkeypatch.delenv(SHARED_IN_MOE_ENV)
+    moe.shared_experts = FusedSwiGLUDecode(shared_mlp)  # prepared for FP8 before: the original weights are found
+    assert torch.equal(FusedMoEDecode(moe, "fp8").wg, folded.wg)
 
 
 def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):

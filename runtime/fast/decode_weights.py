@@ -7,7 +7,10 @@ loaded: the FP8 copies and the stacked routers are snapshots of them):
     steps in moe_mode "fused" (the LLM) or built with fused=True (SemanticDecoderStatic);
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
     stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales; and its two
-    routers (text and image) one stacked weight, `fused_router`, so a decode step routes in one GEMM;
+    routers (text and image) one stacked weight, `fused_router`, so a decode step routes in one GEMM.
+    With FP8 the shared experts join the stacked FP8 copies as extra experts that every row takes with
+    weight 1 (FusedMoEDecode.shared_slots): their GEMMs ride in the routed experts' two launches instead
+    of two launches of their own (MINGRT_MOE_SHARED=0: separate, as before session 13);
   * weights="fp8" also wraps the SwiGLU MLPs (shared experts, dense FFNs, the semantic decoder's
     w12/w3) in FusedSwiGLUDecode (gate and up in one launch with the SiLU-product epilogue, then the
     down projection) and the other decode-time linears (attention, GELU MLPs) in FP8Linear. Kept high
@@ -19,6 +22,7 @@ The flow head has its own packed weights (runtime.fast.kernel_flow_head).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -36,28 +40,72 @@ from models.vit_layers import SelfAttention, SwiGLUFFN
 logger = logging.getLogger(__name__)
 
 
+SHARED_IN_MOE_ENV = "MINGRT_MOE_SHARED"  # "0": FP8 shared experts keep their own launches
+
+
+def shared_in_moe_default() -> bool:
+    raw = os.environ.get(SHARED_IN_MOE_ENV, "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{SHARED_IN_MOE_ENV}={raw!r}: expected 0 or 1")
+    return raw == "1"
+
+
+def _shared_as_experts(moe: MoE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The shared experts' weights cut into routed-expert shapes, (n, I, H) gate and up and (n, H, I) down
+    (n = their intermediate size / I), or None when it is not a whole number of experts. Exact: SiLU(g) * u
+    is per intermediate channel, and the down projection is the sum of its column blocks' products."""
+    if moe.shared_experts is None:
+        return None
+    mlp = getattr(moe.shared_experts, "reference", moe.shared_experts)  # a model prepared for FP8 before
+    e, i, h = moe.w_gate.shape
+    inter = mlp.gate_proj.out_features
+    if inter % i or mlp.gate_proj.in_features != h:
+        return None
+    n = inter // i
+    return (mlp.gate_proj.weight.detach().view(n, i, h), mlp.up_proj.weight.detach().view(n, i, h),
+            mlp.down_proj.weight.detach().view(h, n, i).transpose(0, 1))
+
+
 class FusedMoEDecode(nn.Module):
     """Installed as MoE.fused_decode: (x (T, H), ids (T, k), w (T, k)) -> (T, H) fp32.
 
     A module with non-persistent buffers (checkpoints are unchanged) so that torch.export sees the
-    expert weights as named constants, which AOTInductor packages take from the live model."""
+    expert weights as named constants, which AOTInductor packages take from the live model.
 
-    def __init__(self, moe: MoE, weights: str):
+    shared (FP8 only; default MINGRT_MOE_SHARED, on): the shared experts are stacked after the E routed ones
+    and every row takes them as `shared_slots` more routing slots with weight 1, so the call returns routed +
+    shared, summed in fp32 (MoE.forward then skips its own shared-expert call). Their down projection's
+    FP8 scales are per row of each I-column block, a little finer than the separate FP8 GEMM's per row."""
+
+    def __init__(self, moe: MoE, weights: str, shared: bool | None = None):
         super().__init__()
+        stacked = [moe.w_gate.detach(), moe.w_up.detach(), moe.w_down.detach()]
+        extra = _shared_as_experts(moe) if weights == "fp8" and (shared_in_moe_default() if shared is None else shared) else None
+        self.shared_slots = 0
+        if extra is not None:
+            stacked = [torch.cat([p, q.to(p.dtype)]) for p, q in zip(stacked, extra)]
+            self.shared_slots = extra[0].shape[0]
         if weights == "fp8":
-            (wg, sg), (wu, su), (wd, sd) = (quantize_rows_fp8(p) for p in (moe.w_gate, moe.w_up, moe.w_down))
+            (wg, sg), (wu, su), (wd, sd) = (quantize_rows_fp8(p) for p in stacked)
         else:  # the stacked parameters themselves (no copy: they are contiguous)
-            (wg, wu, wd), (sg, su, sd) = (p.detach().contiguous() for p in (moe.w_gate, moe.w_up, moe.w_down)), (None,) * 3
+            (wg, wu, wd), (sg, su, sd) = (p.contiguous() for p in stacked), (None,) * 3
         for name, t in dict(wg=wg, wu=wu, wd=wd, sg=sg, su=su, sd=sd).items():
             self.register_buffer(name, t, persistent=False)
+        e = moe.w_gate.shape[0]
+        self.register_buffer("shared_ids", torch.arange(e, e + self.shared_slots, device=moe.w_gate.device),
+                             persistent=False)
         if moe.w_down.is_cuda:  # the kernels' tickets and scratch, before any capture
-            e, h, i = moe.w_down.shape
-            reserve_scratch(moe.w_down.device, h, i, moe.gate.top_k,
+            _, h, i = moe.w_down.shape
+            reserve_scratch(moe.w_down.device, h, i, moe.gate.top_k + self.shared_slots,
                             torch.float16 if weights == "fp8" else moe.w_down.dtype, MAX_ROWS)
 
     def forward(self, x, ids, w):
         if self.sg is not None:  # FP8: the rows as the kernels multiply them
             x = _rows_for_fp8(x)
+        if self.shared_slots:  # every row's shared experts, after its routed ones: (T, k + n)
+            t = ids.shape[0]
+            ids = torch.cat([ids, self.shared_ids.to(ids.dtype).expand(t, -1)], dim=1)
+            w = torch.cat([w, w.new_ones(t, self.shared_slots)], dim=1)
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
 
 
@@ -208,4 +256,4 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     return report
 
 
-__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "prepare_decode"]
+__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "SHARED_IN_MOE_ENV", "prepare_decode"]
