@@ -83,7 +83,7 @@ def layers_part(model, dev, runs: int, rounds: int) -> dict:
             print(f"{name:40s} {ms:7.3f} ms ({row['per_layer_us']:.1f} us a layer)  rel {row['rel_l2_to_apart']:.1e}",
                   flush=True)
     moe_table.pop(key, None)
-    del apart, slots
+    apart.clear(), slots.clear()  # their FP8 copies
     torch.cuda.empty_cache()
     return {"layers": len(moes), "rows": 2, "slots_per_row": k, "variants": res}
 
