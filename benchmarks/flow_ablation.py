@@ -57,11 +57,13 @@ def main(argv=None) -> int:
     p.add_argument("--formats", default="fp8")
     p.add_argument("--rounds", type=int, default=2, help="time the variants this many times in turn, keep the best")
     p.add_argument("--no-pdl-too", action="store_true", help="also time the full head without PDL")
+    p.add_argument("--merge-in-w3", action="store_true", help="the head whose w3 merges its own split-K sums (a ticket)")
     a = p.parse_args(argv)
     dev, model, (hid, noise, sc), res = flow_head_bench("flow_ablation.py", a.out)
+    res["deferred_residual"] = not a.merge_in_w3
     cfg = model.cfg
     for fmt in a.formats.split(","):
-        head = kfh_module.KernelFlowHead(model, weights=fmt)
+        head = kfh_module.KernelFlowHead(model, weights=fmt, deferred_residual=not a.merge_in_w3)
         out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)
         head(hid, noise, *sc)  # scratch before any capture
         row = {}
