@@ -6,6 +6,12 @@ out[m] = (LN(x[m]) [* w + b]) * (1 + scale[m]) + shift[m], statistics in fp32 ov
 With `residual` the kernel first finishes the previous GEMM of the flow head's block (w3, launched with
 kernels.skinny.skinny_partials): x[m] += gate[m] * (sum_s parts[s, m] * w_scale + bias), the splits summed
 in order from zero, as the GEMM's own ticket merge does, and x is written back before its LayerNorm.
+
+With EARLY_LOADS (default) the operands that the previous launch does not write (the LayerNorm's weights,
+the modulation rows, the gate, the GEMM's scale and bias) are loaded before the kernel waits for that
+launch (PDL), so only x and the partials are read after it. The modulations were written by kernels that
+finished before it: every kernel of the flow head waits for its predecessor before letting the next one
+launch, except this one, which lets the next GEMM launch first but reads nothing that GEMM writes.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from ._triton import next_pow2, pdl_launch, require, tl, triton
 
 if triton is not None:
     from ._triton import pdl_enter, store_cast
+
+EARLY_LOADS = True  # module docstring; benchmarks/flow_ablation.py times both
 
 
 class PendingResidual(NamedTuple):
@@ -35,11 +43,19 @@ if triton is not None:
     def _ln_modulate_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, part_ptr, gate_ptr, pscale_ptr,
                             pbias_ptr, K, stride_x, stride_mod, stride_out, stride_gate, eps,
                             AFFINE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr,
-                            HAS_PSCALE: tl.constexpr, HAS_PBIAS: tl.constexpr):
-        pdl_enter(PDL)
+                            HAS_PSCALE: tl.constexpr, HAS_PBIAS: tl.constexpr, EARLY: tl.constexpr):
         m = tl.program_id(0)
         rk = tl.arange(0, BLOCK)
         ok = rk < K
+        if EARLY:  # operands the previous launch does not write (module docstring), before waiting for it
+            lnw, lnb, sh, sc, g, ps, pb = _operands(w_ptr, b_ptr, shift_ptr, scale_ptr, gate_ptr, pscale_ptr, pbias_ptr,
+                                                    m, rk, ok, stride_mod, stride_gate, AFFINE, SPLITS, HAS_PSCALE,
+                                                    HAS_PBIAS)
+        pdl_enter(PDL)
+        if not EARLY:
+            lnw, lnb, sh, sc, g, ps, pb = _operands(w_ptr, b_ptr, shift_ptr, scale_ptr, gate_ptr, pscale_ptr, pbias_ptr,
+                                                    m, rk, ok, stride_mod, stride_gate, AFFINE, SPLITS, HAS_PSCALE,
+                                                    HAS_PBIAS)
         x = tl.load(x_ptr + m * stride_x + rk, mask=ok, other=0.0).to(tl.float32)
         if SPLITS > 0:  # finish the previous GEMM: x += gate * (sum of its splits * scale + bias), in place
             rows = tl.num_programs(0)
@@ -47,19 +63,37 @@ if triton is not None:
             for s in tl.static_range(SPLITS):  # fixed order: deterministic
                 acc += tl.load(part_ptr + (s * rows + m) * K + rk, mask=ok, other=0.0)
             if HAS_PSCALE:
-                acc = acc * tl.load(pscale_ptr + rk, mask=ok, other=0.0)
+                acc = acc * ps
             if HAS_PBIAS:
-                acc = acc + tl.load(pbias_ptr + rk, mask=ok, other=0.0).to(tl.float32)
-            x = x + tl.load(gate_ptr + m * stride_gate + rk, mask=ok, other=0.0).to(tl.float32) * acc
+                acc = acc + pb
+            x = x + g * acc
             tl.store(x_ptr + m * stride_x + rk, x, mask=ok)
         mean = tl.sum(x, axis=0) / K
         d = tl.where(ok, x - mean, 0.0)
         y = d / tl.sqrt(tl.sum(d * d, axis=0) / K + eps)
         if AFFINE:
-            y = y * tl.load(w_ptr + rk, mask=ok, other=0.0).to(tl.float32) + tl.load(b_ptr + rk, mask=ok, other=0.0).to(tl.float32)
+            y = y * lnw + lnb
+        store_cast(out_ptr + m * stride_out + rk, y * (1.0 + sc) + sh, ok)
+
+    @triton.jit
+    def _operands(w_ptr, b_ptr, shift_ptr, scale_ptr, gate_ptr, pscale_ptr, pbias_ptr, m, rk, ok, stride_mod,
+                  stride_gate, AFFINE: tl.constexpr, SPLITS: tl.constexpr, HAS_PSCALE: tl.constexpr,
+                  HAS_PBIAS: tl.constexpr):
+        """The row's fp32 operands besides x and the partials (zeros where a flag leaves one out)."""
+        zero = tl.zeros(rk.shape, tl.float32)
+        lnw, lnb, g, ps, pb = zero, zero, zero, zero, zero
+        if AFFINE:
+            lnw = tl.load(w_ptr + rk, mask=ok, other=0.0).to(tl.float32)
+            lnb = tl.load(b_ptr + rk, mask=ok, other=0.0).to(tl.float32)
         sh = tl.load(shift_ptr + m * stride_mod + rk, mask=ok, other=0.0).to(tl.float32)
         sc = tl.load(scale_ptr + m * stride_mod + rk, mask=ok, other=0.0).to(tl.float32)
-        store_cast(out_ptr + m * stride_out + rk, y * (1.0 + sc) + sh, ok)
+        if SPLITS > 0:
+            g = tl.load(gate_ptr + m * stride_gate + rk, mask=ok, other=0.0).to(tl.float32)
+            if HAS_PSCALE:
+                ps = tl.load(pscale_ptr + rk, mask=ok, other=0.0)
+            if HAS_PBIAS:
+                pb = tl.load(pbias_ptr + rk, mask=ok, other=0.0).to(tl.float32)
+        return lnw, lnb, sh, sc, g, ps, pb
 
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, *, weight=None,
@@ -88,7 +122,7 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: 
                               k, x.stride(0), shift.stride(0), out.stride(0), r.gate.stride(0) if r else 0, eps,
                               AFFINE=affine, BLOCK=next_pow2(k), num_warps=8, SPLITS=r.splits if r else 0,
                               HAS_PSCALE=r is not None and r.w_scale is not None,
-                              HAS_PBIAS=r is not None and r.bias is not None,
+                              HAS_PBIAS=r is not None and r.bias is not None, EARLY=EARLY_LOADS,
                               **pdl_launch(x.device, trigger_at_start=True))
     return out
 
