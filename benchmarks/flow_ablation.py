@@ -6,9 +6,8 @@ Full-size flow head (random weights of the released shapes), 2 CFG rows, the who
 CUDA graph. Each variant leaves one kind of launch out of the capture (the LayerNorm + modulation, the
 w12 GEMMs, the w3 GEMMs) and times what is left, after 2 s of warm-up (an idle GPU reads ~10% slow
 at first), the variants in turn, --rounds times, keeping each one's best median. The saving is an upper bound on what fusing that launch
-away could give. The variants' latents are wrong by construction; only the full one is a result, and the
-"full" variants that only move work in time (full_late_loads: the LayerNorm reads all its operands after its
-PDL wait, as before session 13; full_no_pdl with --no-pdl-too) must give its latent bit for bit.
+away could give. The variants' latents are wrong by construction; only the full one is a result, and
+full_no_pdl (--no-pdl-too), which only moves launches in time, must give its latent bit for bit.
 """
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import kernels.layernorm as layernorm  # noqa: E402
 import runtime.fast.kernel_flow_head as kfh_module  # noqa: E402
 from benchmarks.pdl_check import flow_head_bench  # noqa: E402
 from benchmarks.speed import capture, settle, timed  # noqa: E402
@@ -70,12 +68,11 @@ def main(argv=None) -> int:
         out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)
         head(hid, noise, *sc)  # scratch before any capture
         row, latents = {}, {}
-        variants = dict(VARIANTS, **({"full_no_pdl": set()} if a.no_pdl_too else {}), full_late_loads=set())
+        variants = dict(VARIANTS, **({"full_no_pdl": set()} if a.no_pdl_too else {}))
         settle(lambda: head(hid, noise, *sc), dev)
         for name, skip in [*variants.items()] * a.rounds:  # rounds: each variant's best median
             kfh_module.ln_modulate, kfh_module.skinny_gemm, kfh_module.skinny_partials = patched(skip)
             set_pdl(False if name == "full_no_pdl" else None)
-            layernorm.EARLY_LOADS = name != "full_late_loads"  # the LayerNorm's operands read after its PDL wait
             try:
                 replay = capture(lambda: out.copy_(head(hid, noise, *sc)))
                 ms = timed(replay, dev, warmup=3, runs=30)["median_ms"]
@@ -83,7 +80,6 @@ def main(argv=None) -> int:
             finally:
                 kfh_module.ln_modulate, kfh_module.skinny_gemm, kfh_module.skinny_partials = REAL
                 set_pdl(None)
-                layernorm.EARLY_LOADS = True
             if name.startswith("full"):  # real latents: they must agree bit for bit
                 latents.setdefault(name, out.clone())
             print(fmt, name, f"{ms:.3f} ms", flush=True)

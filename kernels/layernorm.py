@@ -7,11 +7,11 @@ With `residual` the kernel first finishes the previous GEMM of the flow head's b
 kernels.skinny.skinny_partials): x[m] += gate[m] * (sum_s parts[s, m] * w_scale + bias), the splits summed
 in order from zero, as the GEMM's own ticket merge does, and x is written back before its LayerNorm.
 
-With EARLY_LOADS (default) the operands that the previous launch does not write (the LayerNorm's weights,
-the modulation rows, the gate, the GEMM's scale and bias) are loaded before the kernel waits for that
-launch (PDL), so only x and the partials are read after it. The modulations were written by kernels that
-finished before it: every kernel of the flow head waits for its predecessor before letting the next one
-launch, except this one, which lets the next GEMM launch first but reads nothing that GEMM writes.
+Every operand is loaded right after the PDL wait, before any arithmetic: one round of memory latency,
+where loading the LayerNorm's weights and the modulation rows after the statistics took a second one
+(H200, session 13, benchmarks/results/h200_session13.md: FP8 flow head 5.88 -> 5.50 ms; bf16 8.73, with w3
+merging its own splits, -> 8.37). Loading the operands that no earlier launch of the head writes before the
+wait instead measured no faster with FP8 (5.54 ms) and slower with bf16 (8.66).
 """
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ from ._triton import next_pow2, pdl_launch, require, tl, triton
 
 if triton is not None:
     from ._triton import pdl_enter, store_cast
-
-EARLY_LOADS = True  # module docstring; benchmarks/flow_ablation.py times both
 
 
 class PendingResidual(NamedTuple):
@@ -43,19 +41,14 @@ if triton is not None:
     def _ln_modulate_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, part_ptr, gate_ptr, pscale_ptr,
                             pbias_ptr, K, stride_x, stride_mod, stride_out, stride_gate, eps,
                             AFFINE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr,
-                            HAS_PSCALE: tl.constexpr, HAS_PBIAS: tl.constexpr, EARLY: tl.constexpr):
+                            HAS_PSCALE: tl.constexpr, HAS_PBIAS: tl.constexpr):
+        pdl_enter(PDL)
         m = tl.program_id(0)
         rk = tl.arange(0, BLOCK)
         ok = rk < K
-        if EARLY:  # operands the previous launch does not write (module docstring), before waiting for it
-            lnw, lnb, sh, sc, g, ps, pb = _operands(w_ptr, b_ptr, shift_ptr, scale_ptr, gate_ptr, pscale_ptr, pbias_ptr,
-                                                    m, rk, ok, stride_mod, stride_gate, AFFINE, SPLITS, HAS_PSCALE,
-                                                    HAS_PBIAS)
-        pdl_enter(PDL)
-        if not EARLY:
-            lnw, lnb, sh, sc, g, ps, pb = _operands(w_ptr, b_ptr, shift_ptr, scale_ptr, gate_ptr, pscale_ptr, pbias_ptr,
-                                                    m, rk, ok, stride_mod, stride_gate, AFFINE, SPLITS, HAS_PSCALE,
-                                                    HAS_PBIAS)
+        # every load first, arithmetic after (module docstring)
+        lnw, lnb, sh, sc, g, ps, pb = _operands(w_ptr, b_ptr, shift_ptr, scale_ptr, gate_ptr, pscale_ptr, pbias_ptr, m,
+                                                rk, ok, stride_mod, stride_gate, AFFINE, SPLITS, HAS_PSCALE, HAS_PBIAS)
         x = tl.load(x_ptr + m * stride_x + rk, mask=ok, other=0.0).to(tl.float32)
         if SPLITS > 0:  # finish the previous GEMM: x += gate * (sum of its splits * scale + bias), in place
             rows = tl.num_programs(0)
@@ -122,7 +115,7 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: 
                               k, x.stride(0), shift.stride(0), out.stride(0), r.gate.stride(0) if r else 0, eps,
                               AFFINE=affine, BLOCK=next_pow2(k), num_warps=8, SPLITS=r.splits if r else 0,
                               HAS_PSCALE=r is not None and r.w_scale is not None,
-                              HAS_PBIAS=r is not None and r.bias is not None, EARLY=EARLY_LOADS,
+                              HAS_PBIAS=r is not None and r.bias is not None,
                               **pdl_launch(x.device, trigger_at_start=True))
     return out
 
