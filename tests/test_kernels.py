@@ -1122,3 +1122,28 @@ def test_prepare_decode_bf16_after_fp8_puts_the_original_linears_back():
     after = dict(model.named_modules())
     assert all(after.get(k) is m for k, m in before.items())  # (prepare_decode adds the MoEs' fused_decode)
     assert prepare_decode(model, "fp8")["fp8_linear_params"] == fp8["fp8_linear_params"]
+
+
+@torch.no_grad()
+def test_prepare_decode_fp8_leaves_shared_experts_to_the_moe(monkeypatch):
+    """With the shared experts as MoE slots (FP8 default) prepare_decode does not wrap them in FusedSwiGLUDecode
+    (no second FP8 copy; the MoE's other modes keep them exact) and counts them apart; with MINGRT_MOE_SHARED=0
+    they are wrapped, and a later FP8 preparation with the slots unwraps them again."""
+    from models.llm import ExpertMLP, MoE
+    from runtime.fast.decode_weights import SHARED_IN_MOE_ENV, FusedSwiGLUDecode, prepare_decode
+
+    model = build(tiny_config(), seed=0)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    originals = [m.shared_experts for m in moes]
+    folded = prepare_decode(model, "fp8")
+    per_moe = 3 * model.cfg.llm.hidden_size * model.cfg.llm.moe_intermediate_size * model.cfg.llm.num_shared_experts
+    assert folded["fp8_moe_shared_params"] == len(moes) * per_moe
+    assert all(m.shared_experts is o and m.fused_decode.shared_slots for m, o in zip(moes, originals))
+    monkeypatch.setenv(SHARED_IN_MOE_ENV, "0")
+    apart = prepare_decode(model, "fp8")
+    assert apart["fp8_moe_shared_params"] == 0
+    assert apart["fp8_fused_swiglu_params"] == len(moes) * per_moe  # the only modules not wrapped yet
+    assert all(isinstance(m.shared_experts, FusedSwiGLUDecode) for m in moes)
+    monkeypatch.delenv(SHARED_IN_MOE_ENV)
+    prepare_decode(model, "fp8")
+    assert all(m.shared_experts is o and isinstance(o, ExpertMLP) for m, o in zip(moes, originals))

@@ -182,10 +182,21 @@ class FusedSwiGLUDecode(nn.Module):
         return self.reference(x)
 
 
+def _shared_in_moe(module: nn.Module) -> bool:
+    """Whether `module` is a MoE whose fused decode runs its shared experts as slots."""
+    return isinstance(module, MoE) and getattr(getattr(module, "fused_decode", None), "shared_slots", 0) > 0
+
+
 def _fuse_swiglu(module: nn.Module) -> int:
-    """Replace every ExpertMLP / SwiGLUFFN under `module` by FusedSwiGLUDecode; returns the parameters covered."""
+    """Replace every ExpertMLP / SwiGLUFFN under `module` by FusedSwiGLUDecode (except shared experts that the
+    MoE kernels run: no second FP8 copy, and the MoE's other modes keep them exact like its routed experts);
+    returns the parameters covered."""
     fused = 0
     for name, child in list(module.named_children()):
+        if name == "shared_experts" and _shared_in_moe(module):
+            if isinstance(child, FusedSwiGLUDecode):  # wrapped by an earlier FP8 preparation
+                setattr(module, name, child.reference)
+            continue
         if isinstance(child, (ExpertMLP, SwiGLUFFN)):
             setattr(module, name, FusedSwiGLUDecode(child))
             fused += getattr(module, name).params
@@ -244,7 +255,9 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     if attns and dev.type == "cuda":  # the split merge's tickets, before any capture
         reserve_attention_tickets(dev)
     report = {"moe_layers": len(moes), "decode_attention_layers": len(attns), "fp8_linear_params": 0,
-              "fp8_fused_swiglu_params": 0, "fp8_params_restored": 0}
+              "fp8_fused_swiglu_params": 0, "fp8_params_restored": 0,
+              "fp8_moe_shared_params": sum(sum(p.numel() for p in m.shared_experts.parameters() if p.dim() == 2)
+                                           for m in moes if _shared_in_moe(m))}
     for stack in (model.model.model.layers, model.vision.semantic_decoder.blocks):
         for layer in stack:
             if weights == "fp8":
