@@ -11,8 +11,8 @@ loaded: the FP8 copies and the stacked routers are snapshots of them):
     With FP8 the shared experts join the stacked FP8 copies as extra experts that every row takes with
     weight 1 (FusedMoEDecode.shared_slots): their GEMMs ride in the routed experts' two launches instead
     of two launches of their own (MINGRT_MOE_SHARED=0: separate, as before session 13);
-  * weights="fp8" also wraps the SwiGLU MLPs (shared experts, dense FFNs, the semantic decoder's
-    w12/w3) in FusedSwiGLUDecode (gate and up in one launch with the SiLU-product epilogue, then the
+  * weights="fp8" also wraps the SwiGLU MLPs (dense FFNs, shared experts the MoE does not run, the semantic
+    decoder's w12/w3) in FusedSwiGLUDecode (gate and up in one launch with the SiLU-product epilogue, then the
     down projection) and the other decode-time linears (attention, GELU MLPs) in FP8Linear. Kept high
     precision, as in quant/policy.py: embeddings, norms, the router, lm_head, vis_head, the connector and
     everything the prefill-only pieces use. Prefills keep the exact weights (the MoE's stacked experts,
