@@ -309,6 +309,8 @@ def main(argv=None) -> int:
             rec("pieces", f"pixel_decoder {mt.image_size}px", lambda: model.vision.decode_pixels(feats))
             img = torch.rand(1, 3, mt.image_size, mt.image_size, device=device, dtype=dtype) * 2 - 1
             rec("pieces", f"encoder {mt.image_size}px", lambda: model.vision.encode(img))
+            # the latents alone (image -> tokens, as an SD-VAE encode): `encode` adds the semantic features
+            rec("pieces", f"encoder to latents {mt.image_size}px", lambda: model.vision.encode_latents(img))
             if device.type == "cuda":  # as the runtime runs them on a GPU (runtime/fast/graphed.py)
                 from runtime.fast.graphed import GraphedCall
 
@@ -316,12 +318,14 @@ def main(argv=None) -> int:
                     how = "CUDA graph" + (" + torch.compile" if compiled else "")
                     gdec = GraphedCall(model.vision.decode_pixels, name="pixel_decoder", compile=compiled)
                     genc = GraphedCall(model.vision.encode, name="encoder", compile=compiled)
+                    glat = GraphedCall(model.vision.encode_latents, name="encoder_latents", compile=compiled)
                     t = time.perf_counter()
-                    gdec(feats), genc(img)  # capture (and compile)
+                    gdec(feats), genc(img), glat(img)  # capture (and compile)
                     results[f"tokenizer_capture_seconds_{'compiled' if compiled else 'graph'}"] = time.perf_counter() - t
                     rec("pieces", f"pixel_decoder {mt.image_size}px, {how}", lambda: gdec(feats))
                     rec("pieces", f"encoder {mt.image_size}px, {how}", lambda: genc(img))
-                    del gdec, genc
+                    rec("pieces", f"encoder to latents {mt.image_size}px, {how}", lambda: glat(img))
+                    del gdec, genc, glat
 
 
         # --- token step and text-to-image ---------------------------------------------------------
@@ -607,6 +611,7 @@ def sdvae(results, device, runs, warmup, rec, model, compile_decode: bool):
             g = size // model.cfg.mingtok.patch_size
             pos = model.vision.low_level_encoder.position_embedding(g, g).detach()
         rec("sdvae", f"MingTok encode {size}px bf16 eager", lambda: model.vision.encode(img, pos))
+        rec("sdvae", f"MingTok encode to latents {size}px bf16 eager", lambda: model.vision.encode_latents(img, pos))
     if not compile_decode:
         return
     try:

@@ -3,7 +3,9 @@
     python benchmarks/tokenizer_modes.py --out OUT [--modes graph,compile,autotune]    # a GPU
 
 Full-size MingTok (random weights of the released shapes, bf16), batch 1: the encoder (low-level encoder
-+ the semantic decoder's causal pass, 257 tokens) and the pixel decoder (1024 tokens) from a CUDA graph
++ the semantic decoder's causal pass, 257 tokens: latents and semantic features, as understanding and
+editing need them), the low-level encoder alone ("encoder_latents": image -> latents, what an SD-VAE encode
+gives) and the pixel decoder (1024 tokens) from a CUDA graph
 (runtime/fast/graphed.py's capture), with the modules as they are ("graph"), torch.compile'd ("compile"),
 or compiled with max-autotune's GEMM search ("autotune", no compiler graphs: ours wraps it). Median of
 --runs replays after 2 s of warm-up, plus the ten kernels that take the most time in the "graph" form
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
     g = torch.Generator(device=dev).manual_seed(0)
     img = (torch.rand(1, 3, mt.image_size, mt.image_size, device=dev, generator=g) * 2 - 1).to(torch.bfloat16)
     feats = torch.randn(1, mt.num_tokens, mt.semantic_dim, device=dev, generator=g).to(torch.bfloat16)
-    pieces = {"encoder": (model.vision.encode, img), "pixel_decoder": (model.vision.decode_pixels, feats)}
+    pieces = {"encoder": (model.vision.encode, img), "encoder_latents": (model.vision.encode_latents, img),
+              "pixel_decoder": (model.vision.decode_pixels, feats)}
     res = {"env": environment(dev), "image_size": mt.image_size, "pieces": {}}
     with torch.no_grad():
         for piece, (fn, x) in pieces.items():

@@ -188,6 +188,11 @@ class MingTok(nn.Module):
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.cfg.scaling_factor + self.cfg.mean
 
+    def encode_latents(self, image: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """Image (B, 3, H, W) in [-1, 1] -> normalised latents (B, N + 1, C), cls last: the tokenizer's encode
+        alone (what an SD-VAE encode gives), without the semantic features that `encode` adds."""
+        return self.normalize(self.low_level_encoder(image, pos_embed))
+
     def encode(self, image: torch.Tensor, pos_embed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Image (B, 3, H, W) in [-1, 1] -> normalised latents (cls last) and patch features.
 

@@ -23,6 +23,8 @@ def test_speed_smoke(tmp_path):
     step = res["pipelines"]["image-token step: one CUDA graph"]
     assert step["runs"] == 3 and 0 < step["median_ms"] <= step["p90_ms"]
     assert res["pieces"]["flow_head hoisted invariants"]["median_ms"] > 0
+    size = tiny_config().mingtok.image_size  # the tokenizer's encode timed whole and to the latents alone
+    assert res["pieces"][f"encoder {size}px"]["median_ms"] > 0 and res["pieces"][f"encoder to latents {size}px"]["median_ms"] > 0
     assert res["floor"]["bytes_per_token"]["total"] > 0
     assert "| pipelines |" in (tmp_path / "speed_smoke.md").read_text()
     # the batch of 2 prompts (smoke size): routed experts measured, the floor raised by exactly that

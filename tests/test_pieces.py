@@ -33,6 +33,7 @@ def test_encoder_piece(tiny_model, pieces):
     assert latents.shape == (2, 17, 16) and feats.shape == (2, 16, 128) and embeds.shape == (2, 16, 256)
     assert_close("pieces/encoder_latents", latents, ref["latent"], ATOL)
     assert_close("pieces/encoder_embeds", embeds, tiny_model.linear_proj(ref["features"]), ATOL)
+    assert torch.equal(tiny_model.vision.encode_latents(img), ref["latent"])  # the latents alone, same ops
 
 
 @torch.no_grad()
