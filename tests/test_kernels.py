@@ -85,6 +85,30 @@ def test_ln_modulate(affine):
         ln_modulate(h, mods[:, :k], mods[:, k:2 * k], out, weight=lnw)
 
 
+@pytest.mark.parametrize("warps", [4, 16])
+def test_ln_modulate_welford_statistics(monkeypatch, warps):
+    """The Welford form of the row statistics (kernels.layernorm.LAUNCH, one reduction) gives the LayerNorm
+    within fp32 rounding of the two-pass form, at other warp counts too, and of PyTorch; with a large
+    mean against the spread, where a sum of squares would cancel. (The interpreter folds the reduction one
+    element at a time, so the merge of two many-element summaries runs only on a GPU.)"""
+    from kernels import layernorm
+
+    g = torch.Generator().manual_seed(12)
+    m, k = 3, 200
+    h = torch.randn(m, k, generator=g).to(DEV) * 0.5 + 40.0
+    lnw, lnb = torch.randn(k, generator=g).to(DEV), torch.randn(k, generator=g).to(DEV)
+    mods = torch.randn(m, 3 * k, generator=g).to(DEV) * 0.5
+    two_pass, welford = torch.empty(m, k, device=DEV), torch.empty(m, k, device=DEV)
+    ln_modulate(h, mods[:, :k], mods[:, k:2 * k], two_pass, weight=lnw, bias=lnb)
+    monkeypatch.setitem(layernorm.LAUNCH, "welford", True)
+    monkeypatch.setitem(layernorm.LAUNCH, "num_warps", warps)
+    ln_modulate(h, mods[:, :k], mods[:, k:2 * k], welford, weight=lnw, bias=lnb)
+    ref = F.layer_norm(h.double(), (k,), lnw.double(), lnb.double(), 1e-6) * (1 + mods[:, k:2 * k]) + mods[:, :k]
+    bound = 1e-4 * ref.abs().max().item()
+    assert_close(f"kernels/ln_modulate_welford_{warps}w", welford, ref.float(), bound)
+    assert_close(f"kernels/ln_modulate_welford_{warps}w_vs_two_pass", welford, two_pass, bound)
+
+
 @pytest.mark.parametrize("split", SPLITS)
 def test_skinny_swiglu(split):
     g = torch.Generator().manual_seed(2)
