@@ -33,6 +33,7 @@ from kernels.moe import pick_config as moe_pick
 from kernels.skinny import (
     GATED_RESIDUAL,
     MAX_ROWS,
+    PARTIALS,
     STORE,
     SWIGLU,
     Workspace,
@@ -41,6 +42,7 @@ from kernels.skinny import (
     gpu_slug,
     pick_config,
     skinny_gemm,
+    skinny_partials,
 )
 from models import full_config
 from models.config import swiglu_hidden
@@ -90,6 +92,7 @@ def shapes(cfg, prompts: int = 1):
         ("flow w12 + SwiGLU", r, hid, w, SWIGLU),
         ("flow w3 gated residual", r, w, hid, GATED_RESIDUAL),
         (f"flow adaLN ({s} steps x {r} rows)", min(r * s, MAX_ROWS), 3 * w, w, STORE),
+        ("flow w3 partials (the next LayerNorm merges)", r, w, hid, PARTIALS),
         ("llm query_key_value", r, qkv, llm.hidden_size, STORE),
         ("llm dense", r, llm.hidden_size, llm.num_heads * llm.head_dim, STORE),
         ("llm shared gate/up", r, shared, llm.hidden_size, STORE),
@@ -127,7 +130,11 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=
     out = torch.zeros(m, n, device=x.device)
 
     def run(config):
+        if epi == PARTIALS:  # raw split-K sums only (the runtime's w3: kernels.skinny.skinny_partials)
+            return graph_time_us(lambda i: skinny_partials(x, ws[i], parts, config=config), copies, reps)
         return graph_time_us(lambda i: skinny_gemm(x, ws[i], out, config=config, **kw), copies, reps)
+
+    parts = torch.zeros(8, m, n, device=x.device) if epi == PARTIALS else None
 
     default = pick_config(m, n, k, fmt == "fp8", epi)
     row = {"name": name, "rows": m, "N": c["w_rows"], "K": k, "fmt": fmt, "rows_dtype": str(x.dtype).split(".")[-1],
