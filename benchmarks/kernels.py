@@ -10,6 +10,12 @@ launches (no CPU launch gaps, as in the token graph) that cycle through enough w
 exceed the L2 cache, so every launch streams from HBM. Median of --reps graph replays.
 --sweep times every candidate config of the heaviest shapes and writes the best to
 <out>/<gpu>.json, the file kernels/ reads from kernels/configs/ (copy it there to use it).
+
+Since session 13 the FP8 fast path runs the LLM's shared experts as two more slots of the fused MoE
+(runtime.fast.decode_weights, MINGRT_MOE_SHARED): the MoE rows here time the 6 routed slots and the
+"llm shared ... (fp8 path)" rows the shared experts' own launches, which is the MINGRT_MOE_SHARED=0 path
+(and what the MoE entry `h..._fp8` is for). The 8-slot entry (`h..._fp8_k8`) is measured by
+benchmarks/moe_shared_ab.py.
 """
 from __future__ import annotations
 

@@ -261,6 +261,9 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
     table (kernels/configs/) or a heuristic picks it.
     """
     require()
+    if epilogue not in (STORE, SWIGLU, GATED_RESIDUAL):
+        raise ValueError(f"skinny_gemm epilogue must be STORE, SWIGLU or GATED_RESIDUAL, got {epilogue} "
+                         "(the raw partials: skinny_partials)")
     m, n = out.shape
     k = w.shape[1]
     if m > MAX_ROWS:

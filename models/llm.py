@@ -160,7 +160,8 @@ class MoE(nn.Module):
       * "gather": gathers the routed experts' weights per token (decode: reads only those weights);
       * "dense": runs every expert on every token and keeps the routed ones (static shapes, prefill export);
       * "fused": hands (x, ids, weights) to `self.fused_decode`, a kernel installed by the GPU fast path
-        (runtime.fast.decode_weights) that returns the weighted sum (T, H) reading only routed experts;
+        (runtime.fast.decode_weights) that returns the weighted sum (T, H) reading only routed experts
+        (with FP8 weights the shared experts too, as extra slots: forward then skips its own call of them);
         rows are then routed with the stacked [gate; image_gate] weight `fused_router` when installed
         (one GEMM for both routers; the same choices up to the GEMM's rounding).
     """

@@ -157,3 +157,17 @@ def test_a_crashing_loader_is_caught_in_a_child_process(tmp_path, monkeypatch):
     monkeypatch.setattr(cs, "_PROBED", {})
     assert cs.probe_load(pkg, torch.device("cuda", 0)) == "AOTInductor's loader failed: bad archive"
     assert cs.probe_load(pkg, torch.device("cpu")) is None  # CPU packages load in-process
+
+
+def test_the_fp8_fingerprint_follows_the_shared_expert_setting(monkeypatch):
+    """MINGRT_MOE_SHARED changes the FP8 LLM step's graph: an FP8 package built under one setting is out of
+    date under the other (rebuilt, not refused at load); bf16 packages do not depend on it."""
+    from export.compiled_steps import fingerprint
+    from runtime.fast.decode_weights import SHARED_IN_MOE_ENV
+
+    def fp(precision, setting):
+        monkeypatch.setenv(SHARED_IN_MOE_ENV, setting)
+        return fingerprint(precision, "weights", "source", torch.device("cpu"), 64)
+
+    assert fp("fp8", "1") != fp("fp8", "0") and fp("fp8", "1") == fp("fp8", "1")
+    assert fp("bf16", "1") == fp("bf16", "0")

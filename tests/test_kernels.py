@@ -164,7 +164,7 @@ def test_deferred_residual_equals_the_gemms_own_merge(split, fmt):
     skinny_gemm(act, wq, h_ref, w_scale=s, bias=b, gate=mods[:, 2 * n:], epilogue=GATED_RESIDUAL, config=cfg)
     ln_modulate(h_ref, mods[:, :n], mods[:, n:2 * n], xn_ref, weight=lnw, bias=lnb)
 
-    parts = torch.full((4, m, n), float("nan"), device=DEV)  # rows beyond the splits are never read
+    parts = torch.full((split + 1, m, n), float("nan"), device=DEV)  # the row beyond the splits is never read
     assert skinny_partials(act, wq, parts, config=cfg) == split
     h, xn = h0.clone(), torch.empty(m, n, device=DEV)
     ln_modulate(h, mods[:, :n], mods[:, n:2 * n], xn, weight=lnw, bias=lnb,
@@ -186,8 +186,12 @@ def test_deferred_residual_equals_the_gemms_own_merge(split, fmt):
 
 
 def test_deferred_residual_rejects_bad_operands():
+    from kernels.skinny import PARTIALS
+
     x = torch.randn(3, 32, device=DEV)
     w = torch.randn(8, 32, device=DEV).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="skinny_partials"):  # its layout is not `out`'s
+        skinny_gemm(x, w, torch.empty(3, 8, device=DEV), epilogue=PARTIALS)
     with pytest.raises(ValueError, match="partials"):
         skinny_partials(x, w, torch.empty(2, 3, 8, device=DEV, dtype=torch.float16))
     with pytest.raises(ValueError, match="bad operands"):
@@ -280,9 +284,11 @@ def test_fused_swiglu_decode_equals_its_fp8_reference(kind):
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "fp8"])
-def test_fused_moe_equals_reference_moe(fmt):
+def test_fused_moe_equals_reference_moe(fmt, monkeypatch):
     from models.llm import MoE
-    from runtime.fast.decode_weights import FusedMoEDecode
+    from runtime.fast.decode_weights import SHARED_IN_MOE_ENV, FusedMoEDecode
+
+    monkeypatch.delenv(SHARED_IN_MOE_ENV, raising=False)  # the default: FP8 shared experts as slots
 
     model = build(tiny_config(), seed=0, device=DEV)
     moe = next(m for m in model.modules() if isinstance(m, MoE))
@@ -318,6 +324,7 @@ def test_fp8_moe_runs_the_shared_experts_as_slots(monkeypatch):
     from models.llm import MoE
     from runtime.fast.decode_weights import SHARED_IN_MOE_ENV, FusedMoEDecode, FusedSwiGLUDecode
 
+    monkeypatch.delenv(SHARED_IN_MOE_ENV, raising=False)  # the default: FP8 shared experts as slots
     model = build(tiny_config(), seed=0, device=DEV)
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     x = torch.randn(1, 4, model.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(9)).to(DEV)
@@ -354,6 +361,34 @@ def test_fp8_moe_runs_the_shared_experts_as_slots(monkeypatch):
     monkeypatch.delenv(SHARED_IN_MOE_ENV)
     moe.shared_experts = FusedSwiGLUDecode(shared_mlp)  # prepared for FP8 before: the original weights are found
     assert torch.equal(FusedMoEDecode(moe, "fp8").wg, folded.wg)
+
+
+def test_table_lookups_for_the_new_launch_forms(monkeypatch):
+    """The launch-config tables as a GPU reads them (not the interpreter's fixed configs): the partials GEMM
+    (e3) takes its own entry, else the gated-residual GEMM's (e2); the MoE with 8 slots a row takes its _k8
+    entry, else the 6-slot entry with DOWN_SPLIT lowered to a divisor of 8; 6 slots keep theirs."""
+    from kernels import moe as moe_module
+    from kernels import skinny as skinny_module
+    from kernels.skinny import PARTIALS, config_key
+
+    monkeypatch.setattr(skinny_module, "interpreting", lambda: False)
+    monkeypatch.setattr(moe_module, "interpreting", lambda: False)
+    e2 = {"BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 4, "num_warps": 2}
+    e3 = {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4}
+    six = {"BLOCK_N": 32, "BLOCK_K": 256, "DOWN_SPLIT": 6}
+    table = {"skinny": {config_key(2, 3072, 8192, True, GATED_RESIDUAL): e2},
+             "moe": {"h2048_i1408_fp8": six}}
+    monkeypatch.setattr(skinny_module, "_TUNED", table)
+    assert skinny_module.pick_config(2, 3072, 8192, True, PARTIALS) == e2
+    table["skinny"][config_key(2, 3072, 8192, True, PARTIALS)] = e3
+    assert skinny_module.pick_config(2, 3072, 8192, True, PARTIALS) == e3
+    assert skinny_module.pick_config(2, 3072, 8192, True, GATED_RESIDUAL) == e2
+    assert moe_module.pick_config(2048, 1408, True, k=6) == six
+    assert moe_module.pick_config(2048, 1408, True, k=8) == dict(six, DOWN_SPLIT=4)
+    assert moe_module.pick_config(2048, 1408, True, k=7) == dict(six, DOWN_SPLIT=1)
+    table["moe"]["h2048_i1408_fp8_k8"] = dict(six, DOWN_SPLIT=8)
+    assert moe_module.pick_config(2048, 1408, True, k=8)["DOWN_SPLIT"] == 8
+    assert table["moe"]["h2048_i1408_fp8"] == six  # the lookups copy, never change the table
 
 
 def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):
@@ -1156,6 +1191,7 @@ def test_prepare_decode_fp8_leaves_shared_experts_to_the_moe(monkeypatch):
     from models.llm import ExpertMLP, MoE
     from runtime.fast.decode_weights import SHARED_IN_MOE_ENV, FusedSwiGLUDecode, prepare_decode
 
+    monkeypatch.delenv(SHARED_IN_MOE_ENV, raising=False)  # the default: FP8 shared experts as slots
     model = build(tiny_config(), seed=0)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     originals = [m.shared_experts for m in moes]

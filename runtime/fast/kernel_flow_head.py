@@ -9,11 +9,10 @@ adaLN modulations in one GEMM per block), laid out for the memory-bound decode r
               act = SwiGLU(w12 @ xn)                             launch 2: both halves in one program
               h  += gate * (w3 @ act)                            launch 3: in place, fp32
               v   = final(modulate(LN(h)))                       (M, C)
-With `deferred_residual` (the default) launch 3 only stores its split-K partial sums and the next launch 1
-(the next block's, or the final layer's) merges them into h before its LayerNorm: same arithmetic in the same
-order as launch 3's own merge, without its fence, ticket and dependent reads at the end of every w3.
               x  += dt * guide(v)                                one launch
-with M = B*R rows. The residual stream and the modulations stay fp32 (the reference rounds them to
+with M = B*R rows. With `deferred_residual` (the default) launch 3 only stores its split-K partial sums and the
+next launch 1 (the next block's, or the final layer's) merges them into h before its LayerNorm: same arithmetic
+in the same order as launch 3's own merge, without its fence, ticket and dependent reads at the end of every w3. The residual stream and the modulations stay fp32 (the reference rounds them to
 bf16 at each op); the GEMM operands are bf16 (bf16 weights) or fp16 (FP8 weights widened exactly to fp16).
 
 Above MAX_ROWS modulation rows (S*M > 64: three prompts or more with 2 CFG rows, two with 3) the modulation
