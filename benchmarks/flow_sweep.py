@@ -36,13 +36,13 @@ from kernels.skinny import GATED_RESIDUAL, PARTIALS, SWIGLU, candidate_configs, 
 from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
 
 
-def shapes(model, fmt: str, rows: int, deferred: bool = True) -> dict[str, tuple[str, int, int]]:
-    """{'w12': (table key, N, K), 'w3': ...} of the head's block GEMMs."""
+def shapes(model, fmt: str, rows: int, deferred: bool = True) -> dict[str, tuple[str, int, int, int]]:
+    """{'w12': (table key, N, K, epilogue), 'w3': ...} of the head's block GEMMs."""
     fh = model.cfg.flow_head
     hidden = model.model.diffloss.net.res_blocks[0].mlp.w3.weight.shape[1]
     fp8 = fmt == "fp8"
-    return {"w12": (config_key(rows, hidden, fh.width, fp8, SWIGLU), hidden, fh.width),
-            "w3": (config_key(rows, fh.width, hidden, fp8, PARTIALS if deferred else GATED_RESIDUAL), fh.width, hidden)}
+    gemms = {"w12": (hidden, fh.width, SWIGLU), "w3": (fh.width, hidden, PARTIALS if deferred else GATED_RESIDUAL)}
+    return {name: (config_key(rows, n, k, fp8, epi), n, k, epi) for name, (n, k, epi) in gemms.items()}
 
 
 def main(argv=None) -> int:
@@ -85,17 +85,16 @@ def main(argv=None) -> int:
         merge["latent_rel_l2"] = float((latents[True] - latents[False]).norm() / latents[False].norm())
         print(fmt, "w3 split-K merge:", merge, flush=True)
         keys = shapes(model, fmt, rows, deferred)
-        tabled = {name: table.get(key) for name, (key, _, _) in keys.items()}
-        in_use = {name: skinny.pick_config(rows, n, k, fmt == "fp8", PARTIALS if name == "w3" and deferred else
-                                           (SWIGLU if name == "w12" else GATED_RESIDUAL), dev)
-                  for name, (_, n, k) in keys.items()}  # untabled e3: the e2 config
+        tabled = {name: table.get(key) for name, (key, _, _, _) in keys.items()}
+        in_use = {name: skinny.pick_config(rows, n, k, fmt == "fp8", epi, dev)
+                  for name, (_, n, k, epi) in keys.items()}  # untabled e3: the e2 config
         base_ms, ref = run()
         row = {"merge_placement": merge, "deferred_residual": deferred, "tabled": tabled, "in_use": in_use, "tabled_ms": base_ms,
                "candidates": {}}
         print(fmt, "tabled", tabled, "in use", in_use, f"{base_ms:.3f} ms", flush=True)
         best, best_ms = dict(tabled), base_ms
         for name in ("w3", "w12") if a.only is None else (a.only,):
-            key, n, k = keys[name]
+            key, n, k, _ = keys[name]
             tried = row["candidates"][name] = []
             for c in candidate_configs(n, k, fp8=fmt == "fp8", wide=a.wide and fmt == "fp8"):
                 table[key] = c

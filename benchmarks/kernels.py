@@ -39,6 +39,7 @@ from kernels.moe import pick_config as moe_pick
 from kernels.skinny import (
     GATED_RESIDUAL,
     MAX_ROWS,
+    MAX_SPLIT_K,
     PARTIALS,
     STORE,
     SWIGLU,
@@ -140,7 +141,7 @@ def bench_skinny(name, m, n, k, epi, fmt, reps, sweep, table, wide=False, warps=
             return graph_time_us(lambda i: skinny_partials(x, ws[i], parts, config=config), copies, reps)
         return graph_time_us(lambda i: skinny_gemm(x, ws[i], out, config=config, **kw), copies, reps)
 
-    parts = torch.zeros(8, m, n, device=x.device) if epi == PARTIALS else None
+    parts = torch.zeros(MAX_SPLIT_K, m, n, device=x.device) if epi == PARTIALS else None
 
     default = pick_config(m, n, k, fmt == "fp8", epi)
     row = {"name": name, "rows": m, "N": c["w_rows"], "K": k, "fmt": fmt, "rows_dtype": str(x.dtype).split(".")[-1],

@@ -32,6 +32,7 @@ if triton is not None:
 
 # epilogues
 STORE, SWIGLU, GATED_RESIDUAL, PARTIALS = 0, 1, 2, 3
+MAX_SPLIT_K = 8  # the most splits of K a config may take: the workspaces and partial buffers hold this many
 MAX_ROWS = 64
 
 if triton is not None:
@@ -138,14 +139,14 @@ SM_COUNT_DEFAULT = 132  # H100 SXM
 
 def candidate_configs(n: int, k: int, fp8: bool = False, wide: bool = False, warps: tuple[int, ...] = (4,)) -> list[dict]:
     """The launch configs worth timing for an (N, K) weight (benchmarks/kernels.py sweeps these):
-    K tiles of 256-1024 bytes per weight row, 16-64 rows per program, splits of K up to 8.
+    K tiles of 256-1024 bytes per weight row, 16-64 rows per program, splits of K up to MAX_SPLIT_K.
     wide (FP8): also 128-wide K tiles (the padded 16-row activation tile is then a smaller share of each
     stage) and 6 pipeline stages (more weight bytes in flight per program), at splits up to 4.
     warps: each config with each of these warp counts (8: twice the threads issuing one tile's loads)."""
     out = []
     for bn in (16, 32, 64):
         for bk in ((256, 512) if fp8 else (128, 256)):
-            for split in (1, 2, 4, 8):
+            for split in (1, 2, 4, MAX_SPLIT_K):
                 if bn > max(16, next_pow2(n)) or bk > max(32, next_pow2(k)) or (split > 1 and split * bk > k):
                     continue
                 out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4,
@@ -168,7 +169,7 @@ def heuristic_config(n: int, k: int, fp8: bool, sm_count: int = SM_COUNT_DEFAULT
     bk = min(bk, max(32, next_pow2(k)))
     bn = min(bn, max(16, next_pow2(n)))
     split = 1
-    while triton.cdiv(n, bn) * split < sm_count and split * 2 * bk <= k and split < 8:
+    while triton.cdiv(n, bn) * split < sm_count and split * 2 * bk <= k and split < MAX_SPLIT_K:
         split *= 2
     return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
 
@@ -217,7 +218,7 @@ class Workspace:
     """Split-K partials and tickets for one call site (tickets must start at zero and are re-armed
     by the kernel; one workspace must not be used by two streams at once)."""
 
-    def __init__(self, n: int, rows: int, device, max_split: int = 8):
+    def __init__(self, n: int, rows: int, device, max_split: int = MAX_SPLIT_K):
         block_m = max(16, next_pow2(rows))
         self.partials = torch.empty(max_split * 2 * (n + 64) * block_m, dtype=torch.float32, device=device)
         self.tickets = torch.zeros((n + 15) // 16 + 1, dtype=torch.int32, device=device)
@@ -322,4 +323,4 @@ def _launch(x, w, out, m, n, k, epilogue, row_div, w_scale, bias, gate, partials
     _skinny_kernel[grid](*args, **flags, **config)
 
 
-__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "PARTIALS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "pick_config", "shared_workspace", "skinny_gemm", "skinny_partials"]
+__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "MAX_SPLIT_K", "PARTIALS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "pick_config", "shared_workspace", "skinny_gemm", "skinny_partials"]

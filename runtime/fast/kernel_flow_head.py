@@ -12,7 +12,8 @@ adaLN modulations in one GEMM per block), laid out for the memory-bound decode r
               x  += dt * guide(v)                                one launch
 with M = B*R rows. With `deferred_residual` (the default) launch 3 only stores its split-K partial sums and the
 next launch 1 (the next block's, or the final layer's) merges them into h before its LayerNorm: same arithmetic
-in the same order as launch 3's own merge, without its fence, ticket and dependent reads at the end of every w3. The residual stream and the modulations stay fp32 (the reference rounds them to
+in the same order as launch 3's own merge, without its fence, ticket and dependent reads at the end of every w3.
+The residual stream and the modulations stay fp32 (the reference rounds them to
 bf16 at each op); the GEMM operands are bf16 (bf16 weights) or fp16 (FP8 weights widened exactly to fp16).
 
 Above MAX_ROWS modulation rows (S*M > 64: three prompts or more with 2 CFG rows, two with 3) the modulation
@@ -38,7 +39,7 @@ from kernels import interpreting
 from kernels.fp8 import WEIGHT_FORMATS, fp16_rows, quantize_rows_fp8
 from kernels.guidance import guide_euler_
 from kernels.layernorm import PendingResidual, ln_modulate
-from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, SWIGLU, Workspace, skinny_gemm, skinny_partials
+from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, MAX_SPLIT_K, SWIGLU, Workspace, skinny_gemm, skinny_partials
 from models.univision import MingUniVision
 
 from .flow_head import FastFlowHead
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 # torch.mm(a, b, out_dtype=torch.float32) for 16-bit a, b: torch >= 2.8
 MM_FP32_OUT = "dtype_out" in torch.ops.aten.mm.overloads()
-MAX_SPLITS = 8  # of w3's K with a deferred residual (kernels.skinny.candidate_configs go up to 8)
 
 
 def _mm_fp32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
@@ -134,7 +134,7 @@ class KernelFlowHead(nn.Module):
                 fmod=torch.empty(s * m, 2 * w, dtype=torch.float32, device=dev),
                 ws_up=Workspace(hidden, m, dev), ws_down=Workspace(w, m, dev), ws_in=Workspace(w, m, dev),
                 ws_final=Workspace(c, m, dev),
-                parts=torch.empty(MAX_SPLITS, m, w, dtype=torch.float32, device=dev),  # w3's split-K sums (deferred)
+                parts=torch.empty(MAX_SPLIT_K, m, w, dtype=torch.float32, device=dev),  # w3's split-K sums (deferred)
             )
             if s * m > self.cublas_mods_above:  # the modulations go to cuBLAS: their weights, not a workspace
                 self._wide_mods()
