@@ -8,8 +8,6 @@ w12 GEMMs, the w3 GEMMs) and times what is left, after 2 s of warm-up (an idle G
 at first), the variants in turn, --rounds times, keeping each one's best median. The saving is an upper bound on what fusing that launch
 away could give. The variants' latents are wrong by construction; only the full one is a result, and
 full_no_pdl (--no-pdl-too), which only moves launches in time, must give its latent bit for bit.
---ln-variants times the full head with other LayerNorm launches (kernels.layernorm.LAUNCH: warps, Welford
-statistics), whose latents differ by rounding (relative L2 reported).
 """
 from __future__ import annotations
 
@@ -23,7 +21,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import kernels.layernorm as layernorm  # noqa: E402
 import runtime.fast.kernel_flow_head as kfh_module  # noqa: E402
 from benchmarks.pdl_check import flow_head_bench  # noqa: E402
 from benchmarks.speed import capture, settle, timed  # noqa: E402
@@ -52,23 +49,6 @@ def patched(skip: set[str]):
     return ln, gemm, partials
 
 
-LN_DEFAULT = dict(layernorm.LAUNCH)
-
-
-def ln_launch(name: str) -> dict:
-    """kernels.layernorm.LAUNCH for a variant name: full_ln_welford+warps4 -> welford, 4 warps."""
-    out = dict(LN_DEFAULT)
-    if name.startswith("full_ln_"):
-        for part in name[len("full_ln_"):].split("+"):
-            if part == "welford":
-                out["welford"] = True
-            elif part.startswith("warps") and part[5:].isdigit():
-                out["num_warps"] = int(part[5:])
-            else:
-                raise SystemExit(f"--ln-variants: unknown {part!r} (warpsN, welford)")
-    return out
-
-
 VARIANTS = {"full": set(), "no_ln": {"ln"}, "no_w12": {"w12"}, "no_w3": {"w3"}, "gemms_only_w12_w3": {"ln", "other"}}
 
 
@@ -79,8 +59,6 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="time the variants this many times in turn, keep the best")
     p.add_argument("--no-pdl-too", action="store_true", help="also time the full head without PDL")
     p.add_argument("--merge-in-w3", action="store_true", help="the head whose w3 merges its own split-K sums (a ticket)")
-    p.add_argument("--ln-variants", default="", help="also the full head with these LayerNorm launches, comma-separated: "
-                   "warpsN (N warps a row), welford (one-reduction statistics), or both joined by + (welford+warps4)")
     a = p.parse_args(argv)
     dev, model, (hid, noise, sc), res = flow_head_bench("flow_ablation.py", a.out)
     res["deferred_residual"] = not a.merge_in_w3
@@ -90,13 +68,11 @@ def main(argv=None) -> int:
         out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)
         head(hid, noise, *sc)  # scratch before any capture
         row, latents = {}, {}
-        variants = dict(VARIANTS, **({"full_no_pdl": set()} if a.no_pdl_too else {}),
-                        **{f"full_ln_{v}": set() for v in a.ln_variants.split(",") if v})
+        variants = dict(VARIANTS, **({"full_no_pdl": set()} if a.no_pdl_too else {}))
         settle(lambda: head(hid, noise, *sc), dev)
         for name, skip in [*variants.items()] * a.rounds:  # rounds: each variant's best median
             kfh_module.ln_modulate, kfh_module.skinny_gemm, kfh_module.skinny_partials = patched(skip)
             set_pdl(False if name == "full_no_pdl" else None)
-            layernorm.LAUNCH.update(ln_launch(name))
             try:
                 replay = capture(lambda: out.copy_(head(hid, noise, *sc)))
                 ms = timed(replay, dev, warmup=3, runs=30)["median_ms"]
@@ -104,8 +80,7 @@ def main(argv=None) -> int:
             finally:
                 kfh_module.ln_modulate, kfh_module.skinny_gemm, kfh_module.skinny_partials = REAL
                 set_pdl(None)
-                layernorm.LAUNCH.update(LN_DEFAULT)
-            if name.startswith("full"):  # real latents: the same bits, but for other LayerNorm statistics
+            if name.startswith("full"):  # real latents: must be the same bits
                 latents.setdefault(name, out.clone())
             print(fmt, name, f"{ms:.3f} ms", flush=True)
         row["saving_ms"] = {k: row["full"] - v for k, v in row.items() if k != "full"}

@@ -13,11 +13,9 @@ where loading the LayerNorm's weights and the modulation rows after the statisti
 merging its own splits, -> 8.37). Loading the operands that no earlier launch of the head writes before the
 wait instead measured no faster with FP8 (5.54 ms) and slower with bf16 (8.66).
 
-Two launch choices are left to measure (session 13 ran none of them on a GPU): `LAUNCH["num_warps"]` (8)
-and `LAUNCH["welford"]` (False): True takes the row's mean and variance in one reduction of Welford triples
-instead of a mean and then a sum of squared deviations, two dependent reductions on the critical path.
-The two statistics then round differently (not the same bits). benchmarks/flow_ablation.py --ln-variants
-times them.
+Other launches measured no faster in the whole head (H200, session 14, flow_ablation_h200_s14_ln.json:
+FP8 5.53 ms as launched): 4 or 16 warps a row (5.59 / 5.53) and the row statistics in one Welford reduction
+instead of two dependent ones (5.57; 5.60-5.70 with 4 or 16 warps). Not kept.
 """
 from __future__ import annotations
 
@@ -29,9 +27,6 @@ from ._triton import next_pow2, pdl_launch, require, tl, triton
 
 if triton is not None:
     from ._triton import pdl_enter, store_cast
-
-
-LAUNCH = {"num_warps": 8, "welford": False}  # module docstring
 
 
 class PendingResidual(NamedTuple):
@@ -50,7 +45,7 @@ if triton is not None:
     def _ln_modulate_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, out_ptr, part_ptr, gate_ptr, pscale_ptr,
                             pbias_ptr, K, stride_x, stride_mod, stride_out, stride_gate, eps,
                             AFFINE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr,
-                            HAS_PSCALE: tl.constexpr, HAS_PBIAS: tl.constexpr, WELFORD: tl.constexpr = False):
+                            HAS_PSCALE: tl.constexpr, HAS_PBIAS: tl.constexpr):
         pdl_enter(PDL)
         m = tl.program_id(0)
         rk = tl.arange(0, BLOCK)
@@ -70,25 +65,12 @@ if triton is not None:
                 acc = acc + pb
             x = x + g * acc
             tl.store(x_ptr + m * stride_x + rk, x, mask=ok)
-        if WELFORD:  # (mean, M2, count) of the row in one reduction
-            mean, m2, _ = tl.reduce((tl.where(ok, x, 0.0), tl.zeros_like(x), ok.to(tl.float32)), 0, _welford_combine)
-            d = tl.where(ok, x - mean, 0.0)
-            y = d / tl.sqrt(m2 / K + eps)
-        else:
-            mean = tl.sum(x, axis=0) / K
-            d = tl.where(ok, x - mean, 0.0)
-            y = d / tl.sqrt(tl.sum(d * d, axis=0) / K + eps)
+        mean = tl.sum(x, axis=0) / K
+        d = tl.where(ok, x - mean, 0.0)
+        y = d / tl.sqrt(tl.sum(d * d, axis=0) / K + eps)
         if AFFINE:
             y = y * lnw + lnb
         store_cast(out_ptr + m * stride_out + rk, y * (1.0 + sc) + sh, ok)
-
-    @triton.jit
-    def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
-        """Chan et al.'s merge of two (mean, sum of squared deviations, count) summaries."""
-        n = n_a + n_b
-        w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
-        delta = mean_b - mean_a
-        return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
 
     @triton.jit
     def _operands(w_ptr, b_ptr, shift_ptr, scale_ptr, gate_ptr, pscale_ptr, pbias_ptr, m, rk, ok, stride_mod,
@@ -135,7 +117,7 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: 
                               r.w_scale if r is not None and r.w_scale is not None else x,
                               r.bias if r is not None and r.bias is not None else x,
                               k, x.stride(0), shift.stride(0), out.stride(0), r.gate.stride(0) if r else 0, eps,
-                              AFFINE=affine, BLOCK=next_pow2(k), num_warps=LAUNCH["num_warps"], WELFORD=LAUNCH["welford"],
+                              AFFINE=affine, BLOCK=next_pow2(k), num_warps=8,
                               SPLITS=r.splits if r else 0,
                               HAS_PSCALE=r is not None and r.w_scale is not None,
                               HAS_PBIAS=r is not None and r.bias is not None,
@@ -143,4 +125,4 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: 
     return out
 
 
-__all__ = ["LAUNCH", "PendingResidual", "ln_modulate"]
+__all__ = ["PendingResidual", "ln_modulate"]

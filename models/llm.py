@@ -163,7 +163,8 @@ class MoE(nn.Module):
         (runtime.fast.decode_weights) that returns the weighted sum (T, H) reading only routed experts
         (with FP8 weights the shared experts too, as extra slots: forward then skips its own call of them);
         rows are then routed with the stacked [gate; image_gate] weight `fused_router` when installed
-        (one GEMM for both routers; the same choices up to the GEMM's rounding).
+        (one GEMM for both routers; the same choices up to the GEMM's rounding), and the router GEMMs
+        go through `router_linear` (x, weight) -> logits when installed (the skinny kernel).
     """
 
     PARTS = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
@@ -203,14 +204,19 @@ class MoE(nn.Module):
 
     def route(self, x, image_mask, fused: bool = False):
         both = getattr(self, "fused_router", None) if fused else None  # (2E, H): [gate; image_gate], prepare_decode's
+        linear = (getattr(self, "router_linear", None) if fused else None) or F.linear  # prepare_decode's kernel
         if both is not None and image_mask is not None:
             # one GEMM and one softmax-sort for both routers (the decode step is launch-bound)
-            logits2 = F.linear(x, both).view(x.shape[0], 2, -1)  # (T, 2, E)
+            logits2 = linear(x, both).view(x.shape[0], 2, -1)  # (T, 2, E)
             idx2, w2 = self.gate.select(logits2)
             m = image_mask.reshape(-1, 1).bool()
             return (torch.where(m, idx2[:, 1], idx2[:, 0]), torch.where(m, w2[:, 1], w2[:, 0]),
                     torch.where(m, logits2[:, 1], logits2[:, 0]))
-        idx, w, logits = self.gate(x)
+        if linear is not F.linear:
+            logits = linear(x, self.gate.weight)  # (T, E)
+            idx, w = self.gate.select(logits)
+        else:
+            idx, w, logits = self.gate(x)
         if image_mask is not None and hasattr(self, "image_gate"):
             i_idx, i_w, i_logits = self.image_gate(x)
             m = image_mask.reshape(-1, 1).bool()

@@ -85,30 +85,6 @@ def test_ln_modulate(affine):
         ln_modulate(h, mods[:, :k], mods[:, k:2 * k], out, weight=lnw)
 
 
-@pytest.mark.parametrize("warps", [4, 16])
-def test_ln_modulate_welford_statistics(monkeypatch, warps):
-    """The Welford form of the row statistics (kernels.layernorm.LAUNCH, one reduction) gives the LayerNorm
-    within fp32 rounding of the two-pass form, at other warp counts too, and of PyTorch; with a large
-    mean against the spread, where a sum of squares would cancel. (The interpreter folds the reduction one
-    element at a time, so the merge of two many-element summaries runs only on a GPU.)"""
-    from kernels import layernorm
-
-    g = torch.Generator().manual_seed(12)
-    m, k = 3, 200
-    h = torch.randn(m, k, generator=g).to(DEV) * 0.5 + 40.0
-    lnw, lnb = torch.randn(k, generator=g).to(DEV), torch.randn(k, generator=g).to(DEV)
-    mods = torch.randn(m, 3 * k, generator=g).to(DEV) * 0.5
-    two_pass, welford = torch.empty(m, k, device=DEV), torch.empty(m, k, device=DEV)
-    ln_modulate(h, mods[:, :k], mods[:, k:2 * k], two_pass, weight=lnw, bias=lnb)
-    monkeypatch.setitem(layernorm.LAUNCH, "welford", True)
-    monkeypatch.setitem(layernorm.LAUNCH, "num_warps", warps)
-    ln_modulate(h, mods[:, :k], mods[:, k:2 * k], welford, weight=lnw, bias=lnb)
-    ref = F.layer_norm(h.double(), (k,), lnw.double(), lnb.double(), 1e-6) * (1 + mods[:, k:2 * k]) + mods[:, :k]
-    bound = 1e-4 * ref.abs().max().item()
-    assert_close(f"kernels/ln_modulate_welford_{warps}w", welford, ref.float(), bound)
-    assert_close(f"kernels/ln_modulate_welford_{warps}w_vs_two_pass", welford, two_pass, bound)
-
-
 @pytest.mark.parametrize("split", SPLITS)
 def test_skinny_swiglu(split):
     g = torch.Generator().manual_seed(2)
@@ -1005,6 +981,46 @@ def test_fused_router_routes_as_the_two_routers():
         assert_close("kernels/fused_router_logits", got[2].float(), ref[2].float(), 1e-5)
         text = m.gate(x)  # the image rows really took the image router's choice
         assert not torch.equal(text[0][image[:, 0]], got[0][image[:, 0]])
+
+
+@torch.no_grad()
+def test_router_gemm_runs_on_the_skinny_kernel_for_decode_rows(monkeypatch):
+    """prepare_decode's router_linear: a fused route of decode rows (a generated image token has no image mask,
+    so the text router picks) takes its logits from the skinny kernel, the same experts and weights as
+    F.linear's; more rows than the kernel takes, or a route that is not fused, stay on F.linear."""
+    import runtime.fast.decode_weights as dw
+    from kernels.skinny import MAX_ROWS
+    from models.llm import MoE
+
+    # bf16 on a GPU: the kernel takes half-precision weights there (fp32 ones stay on F.linear)
+    dtype = torch.float32 if interpreting() else torch.bfloat16
+    model = build(tiny_config(), seed=0, device=DEV, dtype=dtype)
+    dw.prepare_decode(model)
+    moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
+    assert moes and all(m.router_linear is dw.router_logits for m in moes)
+    calls = []
+    real = dw.skinny_linear_op
+    monkeypatch.setattr(dw, "skinny_linear_op", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    h = model.cfg.llm.hidden_size
+    g = torch.Generator().manual_seed(9)
+    for rows in (2, MAX_ROWS + 1):
+        x = torch.randn(rows, h, generator=g).to(DEV, dtype)
+        for m in moes:
+            calls.clear()
+            got = m.route(x, None, fused=True)
+            assert calls == ([rows] if rows <= MAX_ROWS else [])
+            ref = m.route(x, None)
+            assert calls == ([rows] if rows <= MAX_ROWS else [])  # the unfused route did not call it
+            idx, w = m.gate.select(got[2])  # the route chose from the logits it returns
+            assert torch.equal(got[0], idx) and torch.equal(got[1], w)
+            # fp32 sums of the same products: equal in the interpreter, the last bf16 bit on a GPU
+            _check("kernels/router_on_skinny_logits", got[2], ref[2])
+            if interpreting():
+                assert torch.equal(got[0], ref[0])
+                assert_close("kernels/router_on_skinny_weights", got[1], ref[1], 1e-6)
+    monkeypatch.setattr(dw, "ROUTER_ON_KERNEL", False)
+    dw.prepare_decode(model)  # the switch takes it out again
+    assert not any(hasattr(m, "router_linear") for m in moes)
 
 
 @torch.no_grad()

@@ -6,8 +6,10 @@ loaded: the FP8 copies and the stacked routers are snapshots of them):
     launch per layer for the one-query decode over the static cache, in a fixed order, used by static
     steps in moe_mode "fused" (the LLM) or built with fused=True (SemanticDecoderStatic);
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
-    stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales; and its two
-    routers (text and image) one stacked weight, `fused_router`, so a decode step routes in one GEMM.
+    stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales; its two
+    routers (text and image) one stacked weight, `fused_router`, so a decode step routes in one GEMM;
+    and `router_linear`, which runs the decode rows' router GEMM on the skinny kernel (bf16 weights as
+    they are) instead of cuBLAS.
     With FP8 the shared experts join the stacked FP8 copies as extra experts that every row takes with
     weight 1 (FusedMoEDecode.shared_slots): their GEMMs ride in the routed experts' two launches instead
     of two launches of their own (MINGRT_MOE_SHARED=0: separate, as before session 13);
@@ -25,6 +27,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels import interpreting
@@ -40,6 +43,7 @@ from models.vit_layers import SelfAttention, SwiGLUFFN
 logger = logging.getLogger(__name__)
 
 
+ROUTER_ON_KERNEL = True  # False: the routers' GEMM stays on cuBLAS (benchmarks/router_ab.py times both)
 SHARED_IN_MOE_ENV = "MINGRT_MOE_SHARED"  # "0": FP8 shared experts keep their own launches
 
 
@@ -114,6 +118,19 @@ def _rows_for_fp8(x: torch.Tensor) -> torch.Tensor:
     rounding into the kernel that made x, and the GEMMs skip their in-loop conversion (kernels.fp8.fp16_rows).
     Uncompiled it would be three extra launches per call; the kernels then convert, to the same bits."""
     return fp16_rows(x) if torch.compiler.is_compiling() else x
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits x @ weight^T, (T, E) in x's dtype, as F.linear gives them; the decode rows (<= MAX_ROWS)
+    on the skinny kernel. The router's weight is 256 KB (64 experts x 2048, bf16), and cuBLAS took ~5 us a
+    layer for it on an H200 (profile_step_h200_s12.md), in a kernel that joins no PDL chain. Same fp32 sums
+    of bf16 products rounded once, in another order: a logit can differ from cuBLAS's in its last bit, and so
+    can the choice between two experts whose logits tie. fp32 weights (a model not cast to bf16) stay on
+    F.linear: the kernel would round them to bf16 on a GPU."""
+    rows = _decode_rows(x, weight.shape[1]) if weight.dtype in (torch.bfloat16, torch.float16) or interpreting() else 0
+    if rows:
+        return skinny_linear_op(x.reshape(rows, weight.shape[1]), weight, None, None, x.dtype)
+    return F.linear(x, weight)
 
 
 def _decode_rows(x, in_features: int) -> int:
@@ -245,6 +262,10 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
     for m in moes:
         m.fused_decode = FusedMoEDecode(m, weights)
+        if ROUTER_ON_KERNEL:
+            m.router_linear = router_logits
+        else:
+            m.__dict__.pop("router_linear", None)
         if hasattr(m, "image_gate"):  # both routers in one GEMM (MoE.route); a buffer, so exports see a constant
             m.register_buffer("fused_router", torch.cat([m.gate.weight, m.image_gate.weight]).detach(), persistent=False)
     attns = [m for m in model.model.model.modules() if isinstance(m, Attention)]
