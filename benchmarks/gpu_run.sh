@@ -20,7 +20,8 @@
 #   FLOW_SWEEP_ARGS="--formats fp8 --only w3 --install"   first run benchmarks/flow_sweep.py with these flags
 #                       (configs timed inside the head's graph); FLOW_SWEEP_INSTALL=1 then copies its table into
 #                       kernels/configs/ for the runs below
-#   TOKENIZER=1         first run benchmarks/tokenizer_modes.py --modes graph,compile and attention_backends.py
+#   TOKENIZER=1         first run benchmarks/tokenizer_modes.py --modes graph,compile, tokenizer_layers.py (one
+#                       MingTok layer op by op) and attention_backends.py
 #   KERNELS_ARGS="..."  first run benchmarks/kernels.py with these flags ("" is unset; use "--reps 30" for a sweep);
 #                       KERNELS_INSTALL=1 then copies the swept table into kernels/configs/ for the runs below
 #   SKIP_EXPORTS=1      no full-size exports; FP8_PIECES / BF16_PIECES / FP8_TIMEOUT / BF16_TIMEOUT choose them
@@ -57,6 +58,8 @@ fi
 if [ "${TOKENIZER:-0}" = 1 ]; then
   timeout 150 python3 benchmarks/tokenizer_modes.py --out "$OUT" --modes graph,compile > "$OUT/tokenizer_modes.log" 2>&1
   grep -E "^(encoder|pixel)" "$OUT/tokenizer_modes.log"
+  timeout 120 python3 benchmarks/tokenizer_layers.py --out "$OUT" > "$OUT/tokenizer_layers.log" 2>&1
+  grep -E "^(encoder|pixel) " "$OUT/tokenizer_layers.log"
   timeout 60 python3 benchmarks/attention_backends.py --out "$OUT" > "$OUT/attention_backends.log" 2>&1
   tail -6 "$OUT/attention_backends.log"
 fi
