@@ -85,8 +85,6 @@ def main(argv=None) -> int:
             print(fmt, name, f"{ms:.3f} ms", flush=True)
         row["saving_ms"] = {k: row["full"] - v for k, v in row.items() if k != "full"}
         row["latent_identical_to_full"] = {k: bool(torch.equal(latents["full"], v)) for k, v in latents.items() if k != "full"}
-        row["latent_rel_l2_to_full"] = {k: float((v - latents["full"]).norm() / latents["full"].norm())
-                                        for k, v in latents.items() if k != "full"}
         res["formats"][fmt] = row
         (a.out / "flow_ablation.json").write_text(json.dumps(res, indent=1))
         torch.cuda.empty_cache()

@@ -57,6 +57,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor):
 
 
 def layer_ops(piece: str, dev) -> tuple[Block, torch.Tensor, dict]:
+    """(one full-size block, its input (1, N, D), {op name: a call}) for `piece`."""
     mt = full_config().mingtok
     if piece == "pixel":
         d, n, ffn = mt.pixel_dim, mt.num_tokens * mt.pixel_ratio ** 2, "mlp"
@@ -65,52 +66,65 @@ def layer_ops(piece: str, dev) -> tuple[Block, torch.Tensor, dict]:
     torch.manual_seed(0)
     blk = Block(d, mt.head_dim, mt.mlp_ratio, ffn, mt.norm_eps).to(dev, torch.bfloat16).eval()
     x = torch.randn(1, n, d, device=dev, dtype=torch.bfloat16)
-    a = blk.attn
-    h, hd = a.num_heads, a.head_dim
     xn = blk.norm1(x)
-    qkv = a.qkv(xn).view(1, n, 3, h, hd).permute(2, 0, 3, 1, 4)  # the model's strided views
+    # the *_accumulate_inplace forms add into `res` on every replay: tiny operands keep it finite
+    res = x.clone().view(n, d)
+    ops = {"norm": lambda: blk.norm1(x), **attention_ops(blk, x, xn, res)}
+    ops.update(gelu_mlp_ops(blk, xn, res) if ffn == "mlp" else swiglu_mlp_ops(blk, xn, res))
+    return blk, x, ops
+
+
+def attention_ops(blk: Block, x, xn, res) -> dict:
+    a = blk.attn
+    n, d = xn.shape[1], xn.shape[2]
+    qkv = a.qkv(xn).view(1, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)  # the model's strided views
     q, k, v = qkv[0], qkv[1], qkv[2]
-    o = attention(q, k, v, scale=hd ** -0.5).transpose(1, 2).reshape(1, n, d)
-    res = x.clone()
-    x2, o2 = xn.view(n, d), o.view(n, d)
-    ops = {
-        "norm": lambda: blk.norm1(x),
+    o = attention(q, k, v, scale=a.head_dim ** -0.5).transpose(1, 2).reshape(1, n, d)  # (1, N, D)
+    o_tiny = o.view(n, d) * 1e-4
+    return {
         "qkv": lambda: a.qkv(xn),
-        "attention": lambda: attention(q, k, v, scale=hd ** -0.5),
+        "attention": lambda: attention(q, k, v, scale=a.head_dim ** -0.5),
         "proj": lambda: a.proj(o),
         "residual_add": lambda: x + o,
-        "proj_accumulate_inplace": lambda: res.view(n, d).addmm_(o2, a.proj.weight.t()),
-        "qkv_fp8": fp8_linear(x2, a.qkv.weight),
-        "proj_fp8": fp8_linear(o2, a.proj.weight),
+        "proj_accumulate_inplace": lambda: res.addmm_(o_tiny, a.proj.weight.t()),  # beta = 1, no bias
+        "qkv_fp8": fp8_linear(xn.view(n, d), a.qkv.weight),
+        "proj_fp8": fp8_linear(o.view(n, d), a.proj.weight),
     }
-    if ffn == "mlp":
-        f1, f2 = blk.mlp.fc1, blk.mlp.fc2
-        hid = f1(xn)
-        act = F.gelu(hid)
-        ops.update({
-            "fc1": lambda: f1(xn),
-            "gelu": lambda: F.gelu(hid),
-            "fc1_gelu_tanh_epilogue": lambda: torch._addmm_activation(f1.bias, x2, f1.weight.t(), use_gelu=True),
-            "fc2": lambda: f2(act),
-            "fc2_accumulate_inplace": lambda: res.view(n, d).addmm_(act.view(n, -1), f2.weight.t()),
-            "fc1_fp8": fp8_linear(x2, f1.weight),
-            "fc2_fp8": fp8_linear(act.view(n, -1), f2.weight),
-        })
-    else:
-        w12, w3 = blk.mlp.w12, blk.mlp.w3
-        hid = w12(xn)
-        g, val = hid.chunk(2, dim=-1)
-        act = F.silu(g) * val
-        assert act.shape[-1] == swiglu_hidden(d, mt.mlp_ratio)
-        ops.update({
-            "w12": lambda: w12(xn),
-            "silu_mul": lambda: F.silu(g) * val,
-            "w3": lambda: w3(act),
-            "w3_accumulate_inplace": lambda: res.view(n, d).addmm_(act.view(n, -1), w3.weight.t()),
-            "w12_fp8": fp8_linear(x2, w12.weight),
-            "w3_fp8": fp8_linear(act.view(n, -1), w3.weight.contiguous()),
-        })
-    return blk, x, ops
+
+
+def gelu_mlp_ops(blk: Block, xn, res) -> dict:
+    f1, f2 = blk.mlp.fc1, blk.mlp.fc2
+    n, d = xn.shape[1], xn.shape[2]
+    x2 = xn.view(n, d)
+    hid = f1(xn)  # (1, N, 4D)
+    act = F.gelu(hid)
+    act_tiny = act.view(n, -1) * 1e-4
+    return {
+        "fc1": lambda: f1(xn),
+        "gelu": lambda: F.gelu(hid),
+        "fc1_gelu_tanh_epilogue": lambda: torch._addmm_activation(f1.bias, x2, f1.weight.t(), use_gelu=True),
+        "fc2": lambda: f2(act),
+        "fc2_accumulate_inplace": lambda: res.addmm_(act_tiny, f2.weight.t()),
+        "fc1_fp8": fp8_linear(x2, f1.weight),
+        "fc2_fp8": fp8_linear(act.view(n, -1), f2.weight),
+    }
+
+
+def swiglu_mlp_ops(blk: Block, xn, res) -> dict:
+    w12, w3 = blk.mlp.w12, blk.mlp.w3
+    n, d = xn.shape[1], xn.shape[2]
+    hid = w12(xn)  # (1, N, 2 * hidden): [gate | value]
+    g, val = hid.chunk(2, dim=-1)
+    act = F.silu(g) * val
+    act_tiny = act.view(n, -1) * 1e-4
+    return {
+        "w12": lambda: w12(xn),
+        "silu_mul": lambda: F.silu(g) * val,
+        "w3": lambda: w3(act),
+        "w3_accumulate_inplace": lambda: res.addmm_(act_tiny, w3.weight.t()),
+        "w12_fp8": fp8_linear(xn.view(n, d), w12.weight),
+        "w3_fp8": fp8_linear(act.view(n, -1), w3.weight),
+    }
 
 
 def gemm_tflops(piece: str, op: str, n: int, d: int) -> float | None:

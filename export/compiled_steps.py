@@ -42,13 +42,15 @@ def plan(precision: str, device: str) -> dict:
 
 
 def fingerprint(precision: str, model_hash: str, src_hash: str, device: torch.device, max_sequence: int) -> str:
+    from runtime.fast import decode_weights
     from runtime.fast.compiled_steps import SCHEMA, device_key
-    from runtime.fast.decode_weights import shared_in_moe_default
 
-    # MINGRT_MOE_SHARED changes the FP8 LLM step's graph (its shared experts as MoE slots or apart)
-    extra = {"moe_shared_slots": shared_in_moe_default()} if precision == "fp8" else {}
+    # MINGRT_MOE_SHARED changes the FP8 LLM step's graph (its shared experts as MoE slots or apart), and
+    # decode_weights.ROUTER_ON_KERNEL both steps' router GEMMs
+    extra = {"moe_shared_slots": decode_weights.shared_in_moe_default()} if precision == "fp8" else {}
     return mf.sha256_json({"aoti": SCHEMA, "precision": precision, "weights": model_hash, "source": src_hash,
-                           "torch": torch.__version__, **device_key(device), "max_sequence": max_sequence, **extra})
+                           "torch": torch.__version__, **device_key(device), "max_sequence": max_sequence,
+                           "router_on_kernel": decode_weights.ROUTER_ON_KERNEL, **extra})
 
 
 def up_to_date(folder: Path, old: dict | None, fp: str) -> bool:

@@ -117,8 +117,7 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: 
                               r.w_scale if r is not None and r.w_scale is not None else x,
                               r.bias if r is not None and r.bias is not None else x,
                               k, x.stride(0), shift.stride(0), out.stride(0), r.gate.stride(0) if r else 0, eps,
-                              AFFINE=affine, BLOCK=next_pow2(k), num_warps=8,
-                              SPLITS=r.splits if r else 0,
+                              AFFINE=affine, BLOCK=next_pow2(k), num_warps=8, SPLITS=r.splits if r else 0,
                               HAS_PSCALE=r is not None and r.w_scale is not None,
                               HAS_PBIAS=r is not None and r.bias is not None,
                               **pdl_launch(x.device, trigger_at_start=True))

@@ -212,11 +212,8 @@ class MoE(nn.Module):
             m = image_mask.reshape(-1, 1).bool()
             return (torch.where(m, idx2[:, 1], idx2[:, 0]), torch.where(m, w2[:, 1], w2[:, 0]),
                     torch.where(m, logits2[:, 1], logits2[:, 0]))
-        if linear is not F.linear:
-            logits = linear(x, self.gate.weight)  # (T, E)
-            idx, w = self.gate.select(logits)
-        else:
-            idx, w, logits = self.gate(x)
+        logits = linear(x, self.gate.weight)  # (T, E), as Router.forward
+        idx, w = self.gate.select(logits)
         if image_mask is not None and hasattr(self, "image_gate"):
             i_idx, i_w, i_logits = self.image_gate(x)
             m = image_mask.reshape(-1, 1).bool()
@@ -329,7 +326,8 @@ class BailingMoeModel(nn.Module):
                        image_mask=None, moe_mode: str = "gather"):
         """Static-cache form: attention_mask (B, S_max) covers every slot of the preallocated buffers.
         moe_mode "fused" (the GPU fast path) also runs one-token attention on the installed kernel and routes
-        with both routers' stacked weight (`fused_router`) when prepare_decode installed them."""
+        with both routers' stacked weight (`fused_router`), through `router_linear`, when prepare_decode
+        installed them."""
         mask = attention_mask_4d(attention_mask, cache_position)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
         x = inputs_embeds

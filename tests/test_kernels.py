@@ -984,43 +984,85 @@ def test_fused_router_routes_as_the_two_routers():
 
 
 @torch.no_grad()
-def test_router_gemm_runs_on_the_skinny_kernel_for_decode_rows(monkeypatch):
-    """prepare_decode's router_linear: a fused route of decode rows (a generated image token has no image mask,
-    so the text router picks) takes its logits from the skinny kernel, the same experts and weights as
-    F.linear's; more rows than the kernel takes, or a route that is not fused, stay on F.linear."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_gemm_runs_on_the_skinny_kernel_for_decode_rows(monkeypatch, dtype):
+    """prepare_decode's router_linear: a fused route of decode rows takes its logits from the skinny kernel,
+    as the decode step routes (an image mask given, all False for generated tokens: both routers stacked, 2E
+    logits a row) and without a mask (E); the logits match F.linear's, and so do the experts where the two
+    agree exactly (fp32 products). More rows than the kernel takes, or a route that is not fused, stay on
+    F.linear; ROUTER_ON_KERNEL=False takes the kernel out again."""
     import runtime.fast.decode_weights as dw
     from kernels.skinny import MAX_ROWS
     from models.llm import MoE
 
-    # bf16 on a GPU: the kernel takes half-precision weights there (fp32 ones stay on F.linear)
-    dtype = torch.float32 if interpreting() else torch.bfloat16
     model = build(tiny_config(), seed=0, device=DEV, dtype=dtype)
     dw.prepare_decode(model)
     moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
     assert moes and all(m.router_linear is dw.router_logits for m in moes)
+    e = moes[0].num_experts
     calls = []
     real = dw.skinny_linear_op
-    monkeypatch.setattr(dw, "skinny_linear_op", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(dw, "skinny_linear_op", lambda *a: calls.append(tuple(a[1].shape)) or real(*a))
     h = model.cfg.llm.hidden_size
     g = torch.Generator().manual_seed(9)
-    for rows in (2, MAX_ROWS + 1):
+    for rows in (3, MAX_ROWS + 1):
         x = torch.randn(rows, h, generator=g).to(DEV, dtype)
-        for m in moes:
-            calls.clear()
-            got = m.route(x, None, fused=True)
-            assert calls == ([rows] if rows <= MAX_ROWS else [])
-            ref = m.route(x, None)
-            assert calls == ([rows] if rows <= MAX_ROWS else [])  # the unfused route did not call it
-            idx, w = m.gate.select(got[2])  # the route chose from the logits it returns
-            assert torch.equal(got[0], idx) and torch.equal(got[1], w)
-            # fp32 sums of the same products: equal in the interpreter, the last bf16 bit on a GPU
-            _check("kernels/router_on_skinny_logits", got[2], ref[2])
-            if interpreting():
-                assert torch.equal(got[0], ref[0])
-                assert_close("kernels/router_on_skinny_weights", got[1], ref[1], 1e-6)
+        image = (torch.arange(rows, device=DEV) % 2 == 0)[:, None]  # mixed rows: each router's choice is used
+        for mask, n in ((torch.zeros_like(image), 2 * e), (image, 2 * e), (None, e)):
+            for m in moes:
+                calls.clear()
+                got = m.route(x, mask, fused=True)
+                ref = m.route(x, mask)  # not fused: F.linear
+                assert calls == ([(n, h)] if rows <= MAX_ROWS else [])
+                # bf16 logits: the two sums may round to neighbouring values (a bf16 ulp is 2^-8 relative)
+                rel = 2.0 ** -7 if dtype == torch.bfloat16 else REL
+                assert_close("kernels/router_on_skinny_logits", got[2].float(), ref[2].float(),
+                             rel * max(1.0, ref[2].abs().max().item()))
+                if dtype == torch.float32 or rows > MAX_ROWS:  # the same products and sums: the same choices
+                    assert torch.equal(got[0], ref[0])
+                    assert_close("kernels/router_on_skinny_weights", got[1], ref[1], 1e-5)
     monkeypatch.setattr(dw, "ROUTER_ON_KERNEL", False)
-    dw.prepare_decode(model)  # the switch takes it out again
+    dw.prepare_decode(model)
     assert not any(hasattr(m, "router_linear") for m in moes)
+
+
+@torch.no_grad()
+def test_generators_refuse_a_model_prepared_again():
+    """prepare_decode leaves a model prepared the same way as it is (generators share its kernels and copies),
+    and the stacked routers stay one buffer across formats. A preparation for the other format, or after a
+    weight load, replaces what earlier generators' graphs read: those refuse to run, with an error that says
+    why, instead of reading freed weights. A generator without the kernels minds only FP8 preparations."""
+    from test_gpu_fast_path import _setup
+
+    from models.llm import MoE
+    from runtime.fast import preparation
+    from runtime.fast.decode_weights import prepare_decode
+    from runtime.fast.graph import GraphImageGenerator
+
+    model, backend, cfg, cache, kw = _setup(DEV, batch=1)
+    opts = dict(use_graph=False, compile=False)
+    plain = GraphImageGenerator(model, kernels=False, **opts)
+    a = GraphImageGenerator(model, kernels=True, **opts)
+    prep = preparation.current(model)
+    moe = next(m for m in model.model.model.modules() if isinstance(m, MoE))
+    router = moe.fused_router
+    b = GraphImageGenerator(model, kernels=True, **opts)
+    assert preparation.current(model) is prep and moe.fused_router is router
+    for gen in (plain, a, b):
+        gen._check_preparation()
+    fp8 = GraphImageGenerator(model, kernels=True, weights="fp8", **opts)
+    assert preparation.current(model) is not prep and moe.fused_router is router  # refreshed in place
+    for gen in (plain, a, b):
+        with pytest.raises(RuntimeError, match="prepared again for decode weights='fp8'"):
+            gen.generate(cache, **kw)
+    fp8._check_preparation()
+    next(model.parameters()).mul_(1.0)  # a weight written in place: the next preparation is a new one
+    prepare_decode(model, "fp8")
+    with pytest.raises(RuntimeError, match="prepared again"):
+        fp8.generate(cache, **kw)
+    prepare_decode(model, "bf16")
+    GraphImageGenerator(model, kernels=False, **opts)._check_preparation()
+    plain._check_preparation()  # no FP8 linears again: what it was made with
 
 
 @torch.no_grad()

@@ -40,6 +40,8 @@ from models.llm import Attention, ExpertMLP, MoE
 from models.univision import MingUniVision
 from models.vit_layers import SelfAttention, SwiGLUFFN
 
+from . import preparation
+
 logger = logging.getLogger(__name__)
 
 
@@ -121,15 +123,16 @@ def _rows_for_fp8(x: torch.Tensor) -> torch.Tensor:
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Router logits x @ weight^T, (T, E) in x's dtype, as F.linear gives them; the decode rows (<= MAX_ROWS)
-    on the skinny kernel. The router's weight is 256 KB (64 experts x 2048, bf16), and cuBLAS took ~5 us a
-    layer for it on an H200 (profile_step_h200_s12.md), in a kernel that joins no PDL chain. Same fp32 sums
-    of bf16 products rounded once, in another order: a logit can differ from cuBLAS's in its last bit, and so
-    can the choice between two experts whose logits tie. fp32 weights (a model not cast to bf16) stay on
-    F.linear: the kernel would round them to bf16 on a GPU."""
-    rows = _decode_rows(x, weight.shape[1]) if weight.dtype in (torch.bfloat16, torch.float16) or interpreting() else 0
+    """Router logits x @ weight^T, (..., E) in x's dtype, as F.linear gives them; the decode rows (<= MAX_ROWS)
+    on the skinny kernel. A decode step routes with both routers stacked (`fused_router`, 128 x 2048 bf16,
+    512 KB: the step passes an image mask, all False for generated tokens), and cuBLAS took ~5 us a layer for
+    that GEMM on an H200 (profile_step_h200_s12.md), in a kernel that joins no PDL chain. The same fp32 sums of
+    the same products in another order: a logit can differ from cuBLAS's in its last bit, which moves the
+    expert weights' rounding and can turn a near tie to the other expert."""
+    rows = _decode_rows(x, weight.shape[1])
     if rows:
-        return skinny_linear_op(x.reshape(rows, weight.shape[1]), weight, None, None, x.dtype)
+        y = skinny_linear_op(x.reshape(rows, weight.shape[1]), weight, None, None, x.dtype)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
@@ -248,6 +251,16 @@ def _unwrap_fp8(module: nn.Module) -> int:
     return restored
 
 
+def _set_fused_router(moe: MoE, both: torch.Tensor) -> None:
+    """Refresh the stacked routers in place where they exist: the same for either format, so a graph an earlier
+    generator captured keeps reading a live buffer (a new one would free the old under it)."""
+    old = getattr(moe, "fused_router", None)
+    if old is not None and (old.shape, old.dtype, old.device) == (both.shape, both.dtype, both.device):
+        old.copy_(both)
+    else:
+        moe.register_buffer("fused_router", both, persistent=False)
+
+
 # decode-time linears by attribute name (LLM attention, ViT attention, GELU MLPs); the SwiGLU MLPs'
 # gate_proj/up_proj/down_proj and w12/w3 are converted whole first (FusedSwiGLUDecode)
 FP8_LINEAR_NAMES = ("query_key_value", "dense", "qkv", "proj", "fc1", "fc2")
@@ -255,10 +268,16 @@ FP8_LINEAR_NAMES = ("query_key_value", "dense", "qkv", "proj", "fc1", "fc2")
 
 def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     """Install the decode kernels on `model` (in place). Returns what was converted, in parameters. A model
-    prepared before for the other format is switched over: bf16 after FP8 puts the original linears back, so
-    a bf16 generator never streams a previous FP8 generator's copies."""
+    already prepared so (same format and settings) is left as it is. A model prepared before for the other
+    format is switched over: bf16 after FP8 puts the original linears back, so a bf16 generator never streams a
+    previous FP8 generator's copies; the generators made before then refuse to run (runtime.fast.preparation),
+    since their captured graphs read the kernels' weight copies this replaces."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    settings = (shared_in_moe_default() if weights == "fp8" else None, ROUTER_ON_KERNEL, preparation.weights_version(model))
+    done = preparation.current(model)
+    if done is not None and (done.weights, done.settings) == (weights, settings):
+        return done.report  # already so, on the same weights: generators share the installed kernels and copies
     moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
     for m in moes:
         m.fused_decode = FusedMoEDecode(m, weights)
@@ -267,7 +286,7 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
         else:
             m.__dict__.pop("router_linear", None)
         if hasattr(m, "image_gate"):  # both routers in one GEMM (MoE.route); a buffer, so exports see a constant
-            m.register_buffer("fused_router", torch.cat([m.gate.weight, m.image_gate.weight]).detach(), persistent=False)
+            _set_fused_router(m, torch.cat([m.gate.weight, m.image_gate.weight]).detach())
     attns = [m for m in model.model.model.modules() if isinstance(m, Attention)]
     attns += [m for m in model.vision.semantic_decoder.modules() if isinstance(m, SelfAttention)]
     for m in attns:
@@ -287,7 +306,9 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
             else:
                 report["fp8_params_restored"] += _unwrap_fp8(layer)
     logger.info("decode weights %s: %s", weights, report)
+    preparation.record(model, preparation.Preparation(weights, settings, report))
     return report
 
 
-__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "SHARED_IN_MOE_ENV", "prepare_decode"]
+__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "ROUTER_ON_KERNEL", "SHARED_IN_MOE_ENV",
+           "prepare_decode", "router_logits"]

@@ -24,6 +24,7 @@ from models.prompting import generation_rows
 from models.univision import MingUniVision
 
 from ..loop import LLMCache, LoopImage, drive
+from . import preparation
 from .flow_head import FastFlowHead
 from .graphed import GraphedCall, capture_graph
 
@@ -88,6 +89,7 @@ class GraphImageGenerator:
             self.flow = KernelFlowHead(model, weights=weights)
         else:
             self.flow = FastFlowHead(model)
+        self._preparation = preparation.current(model)  # what our graphs will read (steps() checks it)
         self.llm = LLMHiddenStatic(model, moe_mode=self.moe_mode)
         self.sem = SemanticDecoderStatic(model, fused=use_kernels)
         self.compiled = (use_kernels and self.device.type == "cuda") if compile is None else compile
@@ -161,6 +163,24 @@ class GraphImageGenerator:
         k.feats.index_copy_(1, k.step, feats)
         self._advance(k, emb)
 
+    def _check_preparation(self) -> None:
+        """Refuse to run after the model was prepared again for other decode weights (another generator, or
+        prepare_decode after a weight load): the kernels and weight copies this generator's graphs and compiled
+        steps read were replaced. Without the kernels only an FP8 preparation matters: it swaps the decode
+        linears this generator's steps call."""
+        now = preparation.current(self.model)
+        was = self._preparation
+        if self.kernels:
+            stale = now is not was
+        else:
+            stale = (now is not None and now.weights == "fp8") != (was is not None and was.weights == "fp8")
+        if stale:
+            raise RuntimeError(
+                f"this generator (kernels={self.kernels}, weights={self.weights!r}) was made before the model was "
+                f"prepared again for decode weights={getattr(now, 'weights', None)!r} (another GraphImageGenerator, or "
+                "prepare_decode after a weight load): its graphs would read replaced kernels and weight copies. "
+                "Keep one weight format per model, and make the generator again after loading weights.")
+
     def _llm_hidden(self, k: _Bucket) -> torch.Tensor:
         """One LLM step of every CFG row on the bucket's static caches: last hidden (B*R, 1, H)."""
         return self._llm_step(k.embeds, k.mask, k.positions, k.no_image, k.cache_pos, *k.llm_caches)
@@ -206,6 +226,7 @@ class GraphImageGenerator:
         """Generator form (as runtime.loop.generate_image_steps): yields tokens done, returns a LoopImage."""
         from ..errors import Cancelled
 
+        self._check_preparation()
         cfg, dev = self.cfg, self.device
         b, p = cache.kv[0].shape[0], cache.kv[0].shape[2]
         n = cfg.num_image_tokens
