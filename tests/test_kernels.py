@@ -1063,6 +1063,10 @@ def test_generators_refuse_a_model_prepared_again():
     prepare_decode(model, "bf16")
     GraphImageGenerator(model, kernels=False, **opts)._check_preparation()
     plain._check_preparation()  # no FP8 linears again: what it was made with
+    was = preparation.current(model)
+    model.to(torch.bfloat16)  # new storage, as a move gives too: prepared anew, not taken as done
+    prepare_decode(model, "bf16")
+    assert was is not None and preparation.current(model) is not was
 
 
 @torch.no_grad()

@@ -268,15 +268,17 @@ FP8_LINEAR_NAMES = ("query_key_value", "dense", "qkv", "proj", "fc1", "fc2")
 
 def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     """Install the decode kernels on `model` (in place). Returns what was converted, in parameters. A model
-    already prepared so (same format and settings) is left as it is. A model prepared before for the other
+    already prepared so (same format and settings, its parameters not moved, cast or written since) is left as
+    it is. A model prepared before for the other
     format is switched over: bf16 after FP8 puts the original linears back, so a bf16 generator never streams a
     previous FP8 generator's copies; the generators made before then refuse to run (runtime.fast.preparation),
     since their captured graphs read the kernels' weight copies this replaces."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-    settings = (shared_in_moe_default() if weights == "fp8" else None, ROUTER_ON_KERNEL, preparation.weights_version(model))
+    state = preparation.weights_state(model)
+    settings = (shared_in_moe_default() if weights == "fp8" else None, ROUTER_ON_KERNEL, state)
     done = preparation.current(model)
-    if done is not None and (done.weights, done.settings) == (weights, settings):
+    if done is not None and state is not None and (done.weights, done.settings) == (weights, settings):
         return done.report  # already so, on the same weights: generators share the installed kernels and copies
     moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
     for m in moes:

@@ -19,11 +19,12 @@ class Preparation:
     report: dict = field(default_factory=dict)
 
 
-def weights_version(model: nn.Module) -> int | None:
-    """A number that changes when the model's parameters are written in place (load_state_dict, copy_): the
-    sum of their version counters. None where a parameter has none (made under torch.inference_mode)."""
+def weights_state(model: nn.Module) -> int | None:
+    """A number that changes when the model's parameters are moved, cast or replaced (their storage) or written in
+    place (load_state_dict, copy_: their version counters). None where a parameter has no version counter (made
+    under torch.inference_mode): then every preparation counts as new."""
     try:
-        return sum(p._version for p in model.parameters())
+        return hash(tuple((p.data_ptr(), p._version) for p in model.parameters()))
     except RuntimeError:
         return None
 
@@ -36,4 +37,4 @@ def record(model: nn.Module, prep: Preparation) -> None:
     model.__dict__[_ATTR] = prep  # a plain attribute: neither a buffer nor a submodule, invisible to state dicts
 
 
-__all__ = ["Preparation", "current", "record", "weights_version"]
+__all__ = ["Preparation", "current", "record", "weights_state"]
