@@ -8,8 +8,8 @@ loaded: the FP8 copies and the stacked routers are snapshots of them):
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
     stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales; its two
     routers (text and image) one stacked weight, `fused_router`, so a decode step routes in one GEMM;
-    and `router_linear`, which runs the decode rows' router GEMM on the skinny kernel (bf16 weights as
-    they are) instead of cuBLAS.
+    and `router_linear`, which runs the decode rows' router GEMM on the skinny kernel (the routers' weights
+    as they are) instead of cuBLAS.
     With FP8 the shared experts join the stacked FP8 copies as extra experts that every row takes with
     weight 1 (FusedMoEDecode.shared_slots): their GEMMs ride in the routed experts' two launches instead
     of two launches of their own (MINGRT_MOE_SHARED=0: separate, as before session 13);
@@ -269,10 +269,10 @@ FP8_LINEAR_NAMES = ("query_key_value", "dense", "qkv", "proj", "fc1", "fc2")
 def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     """Install the decode kernels on `model` (in place). Returns what was converted, in parameters. A model
     already prepared so (same format and settings, its parameters not moved, cast or written since) is left as
-    it is. A model prepared before for the other
-    format is switched over: bf16 after FP8 puts the original linears back, so a bf16 generator never streams a
-    previous FP8 generator's copies; the generators made before then refuse to run (runtime.fast.preparation),
-    since their captured graphs read the kernels' weight copies this replaces."""
+    it is. A model prepared before for the other format is switched over: bf16 after FP8 puts the original
+    linears back, so a bf16 generator never streams a previous FP8 generator's copies; the generators made
+    before then refuse to run (runtime.fast.preparation), since their captured graphs read the kernels' weight
+    copies this replaces."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     state = preparation.weights_state(model)
