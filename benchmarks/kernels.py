@@ -16,6 +16,10 @@ Since session 13 the FP8 fast path runs the LLM's shared experts as two more slo
 "llm shared ... (fp8 path)" rows the shared experts' own launches, which is the MINGRT_MOE_SHARED=0 path
 (and what the MoE entry `h..._fp8` is for). The 8-slot entry (`h..._fp8_k8`) is measured by
 benchmarks/moe_shared_ab.py.
+
+The last row is the LLM routers' stacked GEMM, which the fast path runs on the kernel with their bf16
+weights in either format (runtime.fast.decode_weights.router_logits, session 14): timed and swept in bf16
+only; its table entry is the `_bf16` key of its shape.
 """
 from __future__ import annotations
 
@@ -82,6 +86,9 @@ def fastest(tried: list[dict], best: tuple[float, dict]) -> tuple[float, dict]:
     return min([best] + [(r["us"], r["config"]) for r in tried if "us" in r], key=lambda p: p[0])
 
 
+ROUTER_ROW = "llm routers, stacked (bf16 weights with either format)"
+
+
 def shapes(cfg, prompts: int = 1):
     """The decode GEMMs of one image token for `prompts` prompts (2 CFG rows each). The adaLN's steps x
     rows are capped at MAX_ROWS here: up to that the flow head runs them on the kernel, above it on cuBLAS
@@ -107,6 +114,7 @@ def shapes(cfg, prompts: int = 1):
         ("llm shared down", r, llm.hidden_size, shared, STORE),
         ("semantic w12 + SwiGLU (fp8 path)", prompts, sem_hidden, mt.semantic_dim, SWIGLU),
         ("semantic w3", prompts, mt.semantic_dim, sem_hidden, STORE),
+        (ROUTER_ROW, r, 2 * llm.num_experts, llm.hidden_size, STORE),
     ]
 
 
@@ -281,9 +289,11 @@ def main(argv=None) -> int:
             (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
     for idx, (name, m, n, k, epi) in enumerate(() if a.only_moe else shapes(cfg, a.prompts)):
         for fmt in formats:
+            if name == ROUTER_ROW and fmt != "bf16":  # the routers keep their bf16 weights (router_logits)
+                continue
             # the LLM's and semantic decoder's linears use the kernel only with FP8 weights (cuBLAS for bf16)
-            # (the fused SwiGLU of the LLM / semantic MLPs exists only with FP8 weights)
-            sweep = a.sweep and idx < a.sweep_shapes and (fmt == "fp8" or name.startswith("flow"))
+            # (the fused SwiGLU of the LLM / semantic MLPs exists only with FP8 weights); the routers with either
+            sweep = a.sweep and idx < a.sweep_shapes and (fmt == "fp8" or name.startswith("flow") or name == ROUTER_ROW)
             res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, sweep, table, a.wide,
                                             tuple(int(w) for w in a.warps.split(","))))
             (a.out / "kernels.json").write_text(json.dumps(res, indent=1))
