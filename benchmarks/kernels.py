@@ -253,6 +253,7 @@ def main(argv=None) -> int:
                                                               "the table is keyed by rows, so batch-1 entries stay)")
     p.add_argument("--skip-moe", action="store_true", help="no fused-MoE rows (its table entries are kept)")
     p.add_argument("--only-moe", action="store_true", help="only the fused-MoE rows (the GEMMs' table entries are kept)")
+    p.add_argument("--only", default="", help="only the GEMM rows whose name contains this, e.g. 'router' (with --skip-moe)")
     p.add_argument("--wide", action="store_true", help="FP8: also sweep 128-wide K tiles and 6 pipeline stages")
     p.add_argument("--warps", default="4", help="warp counts to sweep each GEMM config with (comma-separated, e.g. 4,8)")
     p.add_argument("--peak-tbps", type=float, default=None, help="HBM peak (default: by GPU name, speed.HBM_TBPS)")
@@ -288,6 +289,8 @@ def main(argv=None) -> int:
         if a.sweep:
             (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
     for idx, (name, m, n, k, epi) in enumerate(() if a.only_moe else shapes(cfg, a.prompts)):
+        if a.only not in name:
+            continue
         for fmt in formats:
             if name == ROUTER_ROW and fmt != "bf16":  # the routers keep their bf16 weights (router_logits)
                 continue
