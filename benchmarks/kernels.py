@@ -86,12 +86,11 @@ def fastest(tried: list[dict], best: tuple[float, dict]) -> tuple[float, dict]:
     return min([best] + [(r["us"], r["config"]) for r in tried if "us" in r], key=lambda p: p[0])
 
 
-ROUTER_ROW = "llm routers, stacked (bf16 weights with either format)"
-
-
 def shapes(cfg, prompts: int = 1):
-    """The decode GEMMs of one image token for `prompts` prompts (2 CFG rows each). The adaLN's steps x
-    rows are capped at MAX_ROWS here: up to that the flow head runs them on the kernel, above it on cuBLAS
+    """The decode GEMMs of one image token for `prompts` prompts (2 CFG rows each), with the weight formats in
+    which the fast path runs each on the skinny kernel (the LLM's and semantic decoder's linears only with FP8
+    weights, cuBLAS for bf16; the routers keep bf16 weights with either format). The adaLN's steps x rows are
+    capped at MAX_ROWS here: up to that the flow head runs them on the kernel, above it on cuBLAS
     (runtime/fast/kernel_flow_head.py), so the capped row shows one 64-row pass."""
     f, llm = cfg.flow_head, cfg.llm
     w, hid = f.width, f.mlp_hidden
@@ -100,21 +99,22 @@ def shapes(cfg, prompts: int = 1):
     shared = llm.moe_intermediate_size * llm.num_shared_experts
     mt = cfg.mingtok
     sem_hidden = swiglu_hidden(mt.semantic_dim, mt.mlp_ratio)
-    # name, rows, N (outputs), K, epilogue; swiglu: N is the hidden width, W has 2N rows
+    # name, rows, N (outputs), K, epilogue, kernel formats; swiglu: N is the hidden width, W has 2N rows
     r = 2 * prompts
+    both, fp8, bf16 = ("bf16", "fp8"), ("fp8",), ("bf16",)
     return [
-        ("flow w12 + SwiGLU", r, hid, w, SWIGLU),
-        ("flow w3 gated residual", r, w, hid, GATED_RESIDUAL),
-        (f"flow adaLN ({s} steps x {r} rows)", min(r * s, MAX_ROWS), 3 * w, w, STORE),
-        ("flow w3 partials (the next LayerNorm merges)", r, w, hid, PARTIALS),
-        ("llm query_key_value", r, qkv, llm.hidden_size, STORE),
-        ("llm dense", r, llm.hidden_size, llm.num_heads * llm.head_dim, STORE),
-        ("llm shared gate/up", r, shared, llm.hidden_size, STORE),
-        ("llm shared gate+up + SwiGLU (fp8 path)", r, shared, llm.hidden_size, SWIGLU),
-        ("llm shared down", r, llm.hidden_size, shared, STORE),
-        ("semantic w12 + SwiGLU (fp8 path)", prompts, sem_hidden, mt.semantic_dim, SWIGLU),
-        ("semantic w3", prompts, mt.semantic_dim, sem_hidden, STORE),
-        (ROUTER_ROW, r, 2 * llm.num_experts, llm.hidden_size, STORE),
+        ("flow w12 + SwiGLU", r, hid, w, SWIGLU, both),
+        ("flow w3 gated residual", r, w, hid, GATED_RESIDUAL, both),
+        (f"flow adaLN ({s} steps x {r} rows)", min(r * s, MAX_ROWS), 3 * w, w, STORE, both),
+        ("flow w3 partials (the next LayerNorm merges)", r, w, hid, PARTIALS, both),
+        ("llm query_key_value", r, qkv, llm.hidden_size, STORE, fp8),
+        ("llm dense", r, llm.hidden_size, llm.num_heads * llm.head_dim, STORE, fp8),
+        ("llm shared gate/up", r, shared, llm.hidden_size, STORE, fp8),
+        ("llm shared gate+up + SwiGLU (fp8 path)", r, shared, llm.hidden_size, SWIGLU, fp8),
+        ("llm shared down", r, llm.hidden_size, shared, STORE, fp8),
+        ("semantic w12 + SwiGLU (fp8 path)", prompts, sem_hidden, mt.semantic_dim, SWIGLU, fp8),
+        ("semantic w3", prompts, mt.semantic_dim, sem_hidden, STORE, fp8),
+        ("llm routers, stacked (bf16 weights with either format)", r, 2 * llm.num_experts, llm.hidden_size, STORE, bf16),
     ]
 
 
@@ -288,15 +288,13 @@ def main(argv=None) -> int:
         res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table))
         if a.sweep:
             (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
-    for idx, (name, m, n, k, epi) in enumerate(() if a.only_moe else shapes(cfg, a.prompts)):
+    for idx, (name, m, n, k, epi, kernel_formats) in enumerate(() if a.only_moe else shapes(cfg, a.prompts)):
         if a.only not in name:
             continue
         for fmt in formats:
-            if name == ROUTER_ROW and fmt != "bf16":  # the routers keep their bf16 weights (router_logits)
+            if fmt not in kernel_formats and fmt != "bf16":  # bf16 stays as the cuBLAS comparison
                 continue
-            # the LLM's and semantic decoder's linears use the kernel only with FP8 weights (cuBLAS for bf16)
-            # (the fused SwiGLU of the LLM / semantic MLPs exists only with FP8 weights); the routers with either
-            sweep = a.sweep and idx < a.sweep_shapes and (fmt == "fp8" or name.startswith("flow") or name == ROUTER_ROW)
+            sweep = a.sweep and idx < a.sweep_shapes and fmt in kernel_formats
             res["rows"].append(bench_skinny(name, m, n, k, epi, fmt, a.reps, sweep, table, a.wide,
                                             tuple(int(w) for w in a.warps.split(","))))
             (a.out / "kernels.json").write_text(json.dumps(res, indent=1))

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels.skinny as skinny  # noqa: E402
-from benchmarks.pdl_check import full_model_on_gpu, token_inputs  # noqa: E402
-from benchmarks.speed import capture, environment, settle, step_of, timed  # noqa: E402
+from benchmarks.pdl_check import full_model_on_gpu, token_step_ab  # noqa: E402
+from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
 from models.llm import MoE  # noqa: E402
 from runtime.fast.decode_weights import SHARED_IN_MOE_ENV, FusedMoEDecode, FusedSwiGLUDecode  # noqa: E402
 
@@ -92,36 +91,18 @@ def layers_part(model, dev, runs: int, rounds: int) -> dict:
 
 
 def token_step_part(model, dev, runs: int, rounds: int) -> dict:
-    from runtime.fast.graph import GraphImageGenerator
-
-    cache, kw = token_inputs(model, dev)
-    p_len = cache.kv[0].shape[2]
     was = os.environ.get(SHARED_IN_MOE_ENV)
-    gens, res = {}, {}
+
+    def shared(flag: str):
+        return lambda: os.environ.__setitem__(SHARED_IN_MOE_ENV, flag)
+
     try:
-        for flag in ("1", "0"):
-            os.environ[SHARED_IN_MOE_ENV] = flag
-            t0 = time.perf_counter()
-            g = GraphImageGenerator(model, kernels=True, weights="fp8")
-            k = g.bucket_for(1, 2, p_len)
-            image = g.generate(cache, **kw).image
-            # the next prepare_decode installs other FusedMoEDecode modules: keep these (and so the weights this
-            # generator's captured graphs read) alive
-            gens[flag] = (g, k, [m.fused_decode for m in model.model.model.modules() if isinstance(m, MoE)])
-            res[f"shared as slots={flag}"] = {"setup_seconds": time.perf_counter() - t0,
-                                              "repeats": bool(torch.equal(image, g.generate(cache, **kw).image))}
+        return token_step_ab(model, dev, "fp8", {f"shared as slots={f}": shared(f) for f in ("1", "0")}, runs, rounds)
     finally:
         if was is None:
             os.environ.pop(SHARED_IN_MOE_ENV, None)
         else:
             os.environ[SHARED_IN_MOE_ENV] = was
-    for _ in range(rounds):
-        for flag, (g, k, _) in gens.items():
-            ms = timed(step_of(g, k, p_len), dev, 3, runs)["median_ms"]
-            row = res[f"shared as slots={flag}"]
-            row["median_ms"] = min(ms, row.get("median_ms", ms))
-            print(f"token step fp8, shared as slots={flag}: {ms:.3f} ms", flush=True)
-    return res
 
 
 def main(argv=None) -> int:

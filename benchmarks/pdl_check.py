@@ -104,6 +104,36 @@ def token_inputs(model, dev, prompts: int = 1):
     return cache, t2i_kwargs(cfg, ids, gen, dev)
 
 
+def token_step_ab(model, dev, fmt: str, variants: dict, runs: int, rounds: int) -> dict:
+    """The compiled image-token step (batch 1, its 2 CFG rows) built once per variant in one process ({name: a
+    callable that sets the variant up before its build}), then timed in `rounds` rounds in turn (every round's
+    median kept, and the best). Each build's MoE kernels are kept alive: the next build's prepare_decode replaces
+    them, and the earlier graph must still read live weights. Each variant's image from one seed is made twice
+    (`repeats`); `identical`: every variant's image equals the first's."""
+    from models.llm import MoE
+
+    cache, kw = token_inputs(model, dev)
+    p_len = cache.kv[0].shape[2]
+    gens, res, images = {}, {}, []
+    for name, setup in variants.items():
+        setup()
+        t0 = time.perf_counter()
+        g = GraphImageGenerator(model, kernels=True, weights=fmt)
+        k = g.bucket_for(1, 2, p_len)
+        images.append(g.generate(cache, **kw).image)
+        gens[name] = (g, k, [m.fused_decode for m in model.model.model.modules() if isinstance(m, MoE)])
+        res[name] = {"setup_seconds": time.perf_counter() - t0,
+                     "repeats": bool(torch.equal(images[-1], g.generate(cache, **kw).image))}
+    res["identical"] = all(torch.equal(images[0], im) for im in images[1:])
+    for _ in range(rounds):
+        for name, (g, k, _) in gens.items():
+            ms = timed(step_of(g, k, p_len), dev, 3, runs)["median_ms"]
+            res[name].setdefault("round_medians_ms", []).append(ms)
+            res[name]["median_ms"] = min(res[name]["round_medians_ms"])
+            print(f"token step {fmt}, {name}: {ms:.3f} ms", flush=True)
+    return res
+
+
 def token_step(model, fmt: str, runs: int, dev, inductor_pdl: bool = False, only: tuple[str, ...] = ()) -> dict:
     """Without inductor_pdl the LLM/semantic steps compile without Inductor's PDL switch (MINGRT_INDUCTOR_PDL=0,
     the default before session 12); with it, with the switch, timing only the PDL variants. only: these

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,40 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import runtime.fast.decode_weights as decode_weights  # noqa: E402
-from benchmarks.pdl_check import full_model_on_gpu, token_inputs  # noqa: E402
-from benchmarks.speed import environment, step_of, timed  # noqa: E402
-from models.llm import MoE  # noqa: E402
+from benchmarks import pdl_check  # noqa: E402
+from benchmarks.speed import environment  # noqa: E402
 
 
 def token_step_ab(model, dev, fmt: str, runs: int, rounds: int) -> dict:
-    from runtime.fast.graph import GraphImageGenerator
+    def on_kernel(on: bool):
+        return lambda: setattr(decode_weights, "ROUTER_ON_KERNEL", on)
 
-    cache, kw = token_inputs(model, dev)
-    p_len = cache.kv[0].shape[2]
-    gens, res, images = {}, {}, {}
     try:
-        for on in (True, False):
-            decode_weights.ROUTER_ON_KERNEL = on
-            name = "router on the skinny kernel" if on else "router on cuBLAS"
-            t0 = time.perf_counter()
-            g = GraphImageGenerator(model, kernels=True, weights=fmt)
-            k = g.bucket_for(1, 2, p_len)
-            images[name] = g.generate(cache, **kw).image
-            # the next prepare_decode installs other MoE kernels: keep these (the weights the graphs read) alive
-            gens[name] = (g, k, [m.fused_decode for m in model.model.model.modules() if isinstance(m, MoE)])
-            res[name] = {"setup_seconds": time.perf_counter() - t0,
-                         "repeats": bool(torch.equal(images[name], g.generate(cache, **kw).image))}
+        return pdl_check.token_step_ab(model, dev, fmt, {"router on the skinny kernel": on_kernel(True),
+                                                         "router on cuBLAS": on_kernel(False)}, runs, rounds)
     finally:
         decode_weights.ROUTER_ON_KERNEL = True
-    a, b = images.values()
-    res["identical"] = bool(torch.equal(a, b))
-    for _ in range(rounds):
-        for name, (g, k, _) in gens.items():
-            ms = timed(step_of(g, k, p_len), dev, 3, runs)["median_ms"]
-            res[name].setdefault("round_medians_ms", []).append(ms)
-            res[name]["median_ms"] = min(res[name]["round_medians_ms"])
-            print(f"token step {fmt}, {name}: {ms:.3f} ms", flush=True)
-    return res
 
 
 def main(argv=None) -> int:
@@ -70,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
-    dev, model = full_model_on_gpu("router_ab.py", a.out)
+    dev, model = pdl_check.full_model_on_gpu("router_ab.py", a.out)
     res = {"env": environment(dev)}
     path = a.out / "router_ab.json"
     with torch.no_grad():

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.speed import environment, settle, timed  # noqa: E402
 from models import full_config  # noqa: E402
-from models.config import swiglu_hidden  # noqa: E402
 from models.sdpa import attention  # noqa: E402
 from models.vit_layers import Block  # noqa: E402
 from runtime.fast.graphed import capture_graph  # noqa: E402
@@ -127,16 +127,11 @@ def swiglu_mlp_ops(blk: Block, xn, res) -> dict:
     }
 
 
-def gemm_tflops(piece: str, op: str, n: int, d: int) -> float | None:
-    """FLOPs / 1e12 of a GEMM op (None for the others)."""
-    mt = full_config().mingtok
-    hid = int(d * mt.mlp_ratio) if piece == "pixel" else swiglu_hidden(d, mt.mlp_ratio)
-    shapes = {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, hid), "fc2": (hid, d), "w12": (d, 2 * hid), "w3": (hid, d)}
+def gemm_tflop(blk: Block, op: str, n: int) -> float | None:
+    """TFLOP of a GEMM op over n tokens, from the weight it multiplies (qkv_fp8 -> attn.qkv); None for the others."""
     base = op.split("_")[0]
-    if base not in shapes:
-        return None
-    k, nn_ = shapes[base]
-    return 2 * n * k * nn_ / 1e12
+    lin = getattr(blk.attn, base, None) or getattr(blk.mlp, base, None)
+    return 2 * n * lin.weight.numel() / 1e12 if isinstance(lin, nn.Linear) else None
 
 
 def main(argv=None) -> int:
@@ -164,7 +159,7 @@ def main(argv=None) -> int:
             for name, fn in ops.items():
                 us = per_call_us(fn, dev, a.reps, a.runs)
                 row["ops_us"][name] = us
-                fl = gemm_tflops(piece, name, n, d)
+                fl = gemm_tflop(blk, name, n)
                 if fl is not None:
                     row["tflops"][name] = fl / (us * 1e-6)
                 print(f"{piece:8s} {name:26s} {us:8.2f} us" + (f"  {row['tflops'][name]:6.0f} TFLOP/s" if fl else ""), flush=True)

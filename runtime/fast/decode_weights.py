@@ -202,26 +202,18 @@ class FusedSwiGLUDecode(nn.Module):
         return self.reference(x)
 
 
-def _shared_in_moe(module: nn.Module) -> bool:
-    """Whether `module` is a MoE whose fused decode runs its shared experts as slots."""
-    return isinstance(module, MoE) and getattr(getattr(module, "fused_decode", None), "shared_slots", 0) > 0
-
-
-def _fuse_swiglu(module: nn.Module) -> int:
-    """Replace every ExpertMLP / SwiGLUFFN under `module` by FusedSwiGLUDecode (except shared experts that the
-    MoE kernels run: no second FP8 copy, and the MoE's other modes keep them exact like its routed experts);
+def _fuse_swiglu(module: nn.Module, keep: frozenset = frozenset()) -> int:
+    """Replace every ExpertMLP / SwiGLUFFN under `module` by FusedSwiGLUDecode, except the modules in `keep`;
     returns the parameters covered."""
     fused = 0
     for name, child in list(module.named_children()):
-        if name == "shared_experts" and _shared_in_moe(module):
-            if isinstance(child, FusedSwiGLUDecode):  # wrapped by an earlier FP8 preparation
-                setattr(module, name, child.reference)
+        if child in keep:
             continue
         if isinstance(child, (ExpertMLP, SwiGLUFFN)):
             setattr(module, name, FusedSwiGLUDecode(child))
             fused += getattr(module, name).params
         elif not isinstance(child, (FusedSwiGLUDecode, FP8Linear)):
-            fused += _fuse_swiglu(child)
+            fused += _fuse_swiglu(child, keep)
     return fused
 
 
@@ -283,6 +275,8 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
     for m in moes:
         m.fused_decode = FusedMoEDecode(m, weights)
+        if m.fused_decode.shared_slots and isinstance(m.shared_experts, FusedSwiGLUDecode):
+            m.shared_experts = m.shared_experts.reference  # wrapped by an earlier FP8 preparation
         if ROUTER_ON_KERNEL:
             m.router_linear = router_logits
         else:
@@ -299,11 +293,14 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     report = {"moe_layers": len(moes), "decode_attention_layers": len(attns), "fp8_linear_params": 0,
               "fp8_fused_swiglu_params": 0, "fp8_params_restored": 0,
               "fp8_moe_shared_params": sum(sum(p.numel() for p in m.shared_experts.parameters() if p.dim() == 2)
-                                           for m in moes if _shared_in_moe(m))}
+                                           for m in moes if m.fused_decode.shared_slots)}
+    # shared experts the MoE kernels run: no second FP8 copy, and the MoE's other modes keep them exact like
+    # its routed experts
+    in_moe = frozenset(m.shared_experts for m in moes if m.fused_decode.shared_slots)
     for stack in (model.model.model.layers, model.vision.semantic_decoder.blocks):
         for layer in stack:
             if weights == "fp8":
-                report["fp8_fused_swiglu_params"] += _fuse_swiglu(layer)
+                report["fp8_fused_swiglu_params"] += _fuse_swiglu(layer, keep=in_moe)
                 report["fp8_linear_params"] += _swap_linears(layer, FP8_LINEAR_NAMES)
             else:
                 report["fp8_params_restored"] += _unwrap_fp8(layer)
