@@ -12,6 +12,8 @@ import torch
 
 from .attention import decode_attention
 from .moe import moe_decode
+from .rope import rope_kv_write
+from .routing import route_topk
 from .skinny import SWIGLU, skinny_gemm
 
 
@@ -68,4 +70,33 @@ def _decode_attention_fake(q, k, v, mask, scale, last=None):
     return q.new_empty(q.shape)
 
 
-__all__ = ["decode_attention_op", "moe_decode_op", "skinny_linear_op", "skinny_swiglu_op"]
+@torch.library.custom_op("mingrt::route_decode", mutates_args=())
+def route_decode_op(logits: torch.Tensor, image_mask: Optional[torch.Tensor], top_k: int, renormalize: bool,
+                    shared_first: int, shared_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode rows' MoE routing in one launch: logits (T, G, E) -> ids (T, k + S) int64, weights fp32
+    (kernels.routing.route_topk)."""
+    return route_topk(logits.contiguous(), image_mask, top_k, renormalize, shared_first, shared_slots)
+
+
+@route_decode_op.register_fake
+def _route_decode_fake(logits, image_mask, top_k, renormalize, shared_first, shared_slots):
+    t = logits.shape[0]
+    return (logits.new_empty(t, top_k + shared_slots, dtype=torch.int64),
+            logits.new_empty(t, top_k + shared_slots, dtype=torch.float32))
+
+
+@torch.library.custom_op("mingrt::rope_kv_write", mutates_args=("k_cache", "v_cache"))
+def rope_kv_write_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_position: torch.Tensor) -> torch.Tensor:
+    """One decode token's RoPE and KV-cache write: qkv (B, 1, (H + 2 Hkv) D) -> rotated q (B, H, 1, D); the new
+    key and value written into the caches (B, Hkv, S, D) at cache_position (kernels.rope.rope_kv_write)."""
+    return rope_kv_write(qkv.contiguous(), cos, sin, k_cache, v_cache, cache_position)
+
+
+@rope_kv_write_op.register_fake
+def _rope_kv_write_fake(qkv, cos, sin, k_cache, v_cache, cache_position):
+    b, hkv, _, d = k_cache.shape
+    return qkv.new_empty(b, qkv.shape[-1] // d - 2 * hkv, 1, d)
+
+
+__all__ = ["decode_attention_op", "moe_decode_op", "rope_kv_write_op", "route_decode_op", "skinny_linear_op", "skinny_swiglu_op"]

@@ -105,7 +105,13 @@ class Attention(nn.Module):
         return self.attend(q, k, v, mask), k, v
 
     def forward_static(self, x, cos, sin, mask, k_cache, v_cache, cache_position, fused: bool = False):
-        """fused: a one-token step may use the decode-attention kernel prepare_decode installed."""
+        """fused: a one-token step may use the decode-attention kernel prepare_decode installed, and its
+        `fused_rope_write` (qkv, cos, sin, k_cache, v_cache, cache_position) -> q, RoPE and the cache write in one
+        kernel."""
+        rope_write = getattr(self, "fused_rope_write", None) if fused and x.shape[1] == 1 else None
+        if rope_write is not None:
+            q = rope_write(self.query_key_value(x), cos, sin, k_cache, v_cache, cache_position)
+            return self.attend(q, k_cache, v_cache, mask, fused, cache_position)
         q, k, v = self.project(x, cos, sin)
         k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
         v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))
@@ -163,9 +169,10 @@ class MoE(nn.Module):
         (runtime.fast.decode_weights) that returns the weighted sum (T, H) reading only routed experts
         (with FP8 weights the shared experts too, as extra slots: forward then skips its own call of them);
         rows are then routed with the stacked [gate; image_gate] weight `fused_router` when installed
-        (one GEMM for both routers; the same choices up to the GEMM's rounding), and the router GEMMs
-        go through `router_linear` (x, weight) -> logits when installed (the skinny kernel).
-    """
+        (one GEMM for both routers; the same choices up to the GEMM's rounding), the router GEMMs
+        go through `router_linear` (x, weight) -> logits when installed (the skinny kernel), and the
+        softmax and top-k through `fused_route` (logits (T, G, E), mask) -> (ids, weights) when installed
+        (one kernel; its slots may end with the shared experts', which `fused_decode` then takes as they are)."""
 
     PARTS = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
 
@@ -205,14 +212,19 @@ class MoE(nn.Module):
     def route(self, x, image_mask, fused: bool = False):
         both = getattr(self, "fused_router", None) if fused else None  # (2E, H): [gate; image_gate], prepare_decode's
         linear = (getattr(self, "router_linear", None) if fused else None) or F.linear  # prepare_decode's kernel
+        kernel = getattr(self, "fused_route", None) if fused else None  # (logits, mask) -> slots, prepare_decode's
         if both is not None and image_mask is not None:
             # one GEMM and one softmax-sort for both routers (the decode step is launch-bound)
             logits2 = linear(x, both).view(x.shape[0], 2, -1)  # (T, 2, E)
-            idx2, w2 = self.gate.select(logits2)
             m = image_mask.reshape(-1, 1).bool()
-            return (torch.where(m, idx2[:, 1], idx2[:, 0]), torch.where(m, w2[:, 1], w2[:, 0]),
-                    torch.where(m, logits2[:, 1], logits2[:, 0]))
+            logits = torch.where(m, logits2[:, 1], logits2[:, 0])
+            if kernel is not None:  # choice, softmax, top-k (and the FP8 shared-expert slots) in one launch
+                return (*kernel(logits2, m), logits)
+            idx2, w2 = self.gate.select(logits2)
+            return torch.where(m, idx2[:, 1], idx2[:, 0]), torch.where(m, w2[:, 1], w2[:, 0]), logits
         logits = linear(x, self.gate.weight)  # (T, E), as Router.forward
+        if kernel is not None and (image_mask is None or not hasattr(self, "image_gate")):
+            return (*kernel(logits, None), logits)
         idx, w = self.gate.select(logits)
         if image_mask is not None and hasattr(self, "image_gate"):
             i_idx, i_w, i_logits = self.image_gate(x)
@@ -249,10 +261,11 @@ class MoE(nn.Module):
         b, n, h = x.shape
         flat = x.reshape(-1, h)
         idx, w, logits = self.route(flat, image_mask, fused=mode == "fused")
-        if record is not None:
+        if record is not None:  # the routed slots (a fused route may append the shared experts as more)
+            k = self.gate.top_k
             record.setdefault("router_logits", []).append(logits.view(b, n, -1))
-            record.setdefault("topk_idx", []).append(idx.view(b, n, -1))
-            record.setdefault("topk_weight", []).append(w.view(b, n, -1))
+            record.setdefault("topk_idx", []).append(idx[:, :k].reshape(b, n, -1))
+            record.setdefault("topk_weight", []).append(w[:, :k].reshape(b, n, -1))
         shared_done = False
         if mode == "fused":
             fused = getattr(self, "fused_decode", None)

@@ -173,15 +173,17 @@ def test_the_fp8_fingerprint_follows_the_shared_expert_setting(monkeypatch):
     assert fp("bf16", "1") == fp("bf16", "0")
 
 
-def test_the_fingerprint_follows_the_router_setting(monkeypatch):
-    """decode_weights.ROUTER_ON_KERNEL changes both formats' LLM step (the router GEMMs on the skinny kernel or
-    on F.linear): a package built with one setting is out of date with the other."""
+@pytest.mark.parametrize("setting", ["ROUTER_ON_KERNEL", "ROUTE_ON_KERNEL", "ROPE_ON_KERNEL"])
+def test_the_fingerprint_follows_the_router_settings(monkeypatch, setting):
+    """decode_weights.ROUTER_ON_KERNEL (the router GEMMs on the skinny kernel or on F.linear), ROUTE_ON_KERNEL
+    (the softmax-top-k in one kernel or in Inductor's) and ROPE_ON_KERNEL (RoPE and the cache write likewise)
+    change both formats' LLM step: a package built with one setting is out of date with the other."""
     import runtime.fast.decode_weights as dw
     from export.compiled_steps import fingerprint
 
     for precision in ("bf16", "fp8"):
         on = fingerprint(precision, "weights", "source", torch.device("cpu"), 64)
-        monkeypatch.setattr(dw, "ROUTER_ON_KERNEL", False)
+        monkeypatch.setattr(dw, setting, False)
         off = fingerprint(precision, "weights", "source", torch.device("cpu"), 64)
-        monkeypatch.setattr(dw, "ROUTER_ON_KERNEL", True)
+        monkeypatch.setattr(dw, setting, True)
         assert on != off and on == fingerprint(precision, "weights", "source", torch.device("cpu"), 64)

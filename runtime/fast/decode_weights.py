@@ -34,7 +34,15 @@ from kernels import interpreting
 from kernels.attention import reserve_tickets as reserve_attention_tickets
 from kernels.fp8 import WEIGHT_FORMATS, fp16_rows, quantize_rows_fp8
 from kernels.moe import reserve_scratch
-from kernels.ops import decode_attention_op, moe_decode_op, skinny_linear_op, skinny_swiglu_op
+from kernels.ops import (
+    decode_attention_op,
+    moe_decode_op,
+    rope_kv_write_op,
+    route_decode_op,
+    skinny_linear_op,
+    skinny_swiglu_op,
+)
+from kernels.routing import route_reference
 from kernels.skinny import MAX_ROWS
 from models.llm import Attention, ExpertMLP, MoE
 from models.univision import MingUniVision
@@ -46,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 
 ROUTER_ON_KERNEL = True  # False: the routers' GEMM stays on cuBLAS (benchmarks/router_ab.py times both)
+ROUTE_ON_KERNEL = True  # False: the softmax and top-k stay PyTorch ops, compiled by Inductor (router_ab.py --setting route)
+ROPE_ON_KERNEL = True  # False: the LLM's RoPE and KV-cache write stay PyTorch ops (router_ab.py --setting rope)
 SHARED_IN_MOE_ENV = "MINGRT_MOE_SHARED"  # "0": FP8 shared experts keep their own launches
 
 
@@ -100,6 +110,7 @@ class FusedMoEDecode(nn.Module):
         e = moe.w_gate.shape[0]
         self.register_buffer("shared_ids", torch.arange(e, e + self.shared_slots, device=moe.w_gate.device),
                              persistent=False)
+        self.num_routed, self.top_k, self.renormalize = e, moe.gate.top_k, moe.gate.renormalize
         if moe.w_down.is_cuda:  # the kernels' tickets and scratch, before any capture
             _, h, i = moe.w_down.shape
             reserve_scratch(moe.w_down.device, h, i, moe.gate.top_k + self.shared_slots,
@@ -108,11 +119,20 @@ class FusedMoEDecode(nn.Module):
     def forward(self, x, ids, w):
         if self.sg is not None:  # FP8: the rows as the kernels multiply them
             x = _rows_for_fp8(x)
-        if self.shared_slots:  # every row's shared experts, after its routed ones: (T, k + n)
+        if self.shared_slots and ids.shape[1] == self.top_k:  # each row's shared experts after its routed ones: (T, k + n)
             t = ids.shape[0]
             ids = torch.cat([ids, self.shared_ids.to(ids.dtype).expand(t, -1)], dim=1)
             w = torch.cat([w, w.new_ones(t, self.shared_slots)], dim=1)
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
+
+    def route(self, logits: torch.Tensor, image_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Installed as MoE.fused_route: router logits (T, G, E) and the image mask picking a router per row ->
+        this kernel's slots, ids (T, k + shared_slots) and fp32 weights, in one launch (kernels.routing); in
+        PyTorch ops where the kernel cannot run (the CPU without Triton's interpreter)."""
+        args = (self.top_k, self.renormalize, self.num_routed, self.shared_slots)
+        if logits.is_cuda or interpreting():
+            return route_decode_op(logits, image_mask, *args)
+        return route_reference(logits, image_mask, *args)
 
 
 def _rows_for_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -268,7 +288,8 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     state = preparation.weights_state(model)
-    settings = (shared_in_moe_default() if weights == "fp8" else None, ROUTER_ON_KERNEL, state)
+    settings = (shared_in_moe_default() if weights == "fp8" else None, ROUTER_ON_KERNEL, ROUTE_ON_KERNEL, ROPE_ON_KERNEL,
+                state)
     done = preparation.current(model)
     if done is not None and state is not None and (done.weights, done.settings) == (weights, settings):
         return done.report  # already so, on the same weights: generators share the installed kernels and copies
@@ -281,13 +302,21 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
             m.router_linear = router_logits
         else:
             m.__dict__.pop("router_linear", None)
+        if ROUTE_ON_KERNEL:
+            m.fused_route = m.fused_decode.route
+        else:
+            m.__dict__.pop("fused_route", None)
         if hasattr(m, "image_gate"):  # both routers in one GEMM (MoE.route); a buffer, so exports see a constant
             _set_fused_router(m, torch.cat([m.gate.weight, m.image_gate.weight]).detach())
     attns = [m for m in model.model.model.modules() if isinstance(m, Attention)]
     attns += [m for m in model.vision.semantic_decoder.modules() if isinstance(m, SelfAttention)]
+    dev = next(model.parameters()).device
     for m in attns:
         m.fused_decode_attention = decode_attention_op  # (q, k, v, mask, scale, last): fused one-token steps
-    dev = next(model.parameters()).device
+        if isinstance(m, Attention) and ROPE_ON_KERNEL and (dev.type == "cuda" or interpreting()):
+            m.fused_rope_write = rope_kv_write_op  # the LLM's: RoPE and the cache write in one launch
+        else:
+            m.__dict__.pop("fused_rope_write", None)
     if attns and dev.type == "cuda":  # the split merge's tickets, before any capture
         reserve_attention_tickets(dev)
     report = {"moe_layers": len(moes), "decode_attention_layers": len(attns), "fp8_linear_params": 0,
@@ -309,5 +338,5 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     return report
 
 
-__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "ROUTER_ON_KERNEL", "SHARED_IN_MOE_ENV",
+__all__ = ["FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode", "ROPE_ON_KERNEL", "ROUTER_ON_KERNEL", "ROUTE_ON_KERNEL", "SHARED_IN_MOE_ENV",
            "prepare_decode", "router_logits"]
