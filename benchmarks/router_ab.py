@@ -1,6 +1,6 @@
 """benchmarks/router_ab.py: the LLM routing on our kernels against the libraries', in the token step.
 
-    python benchmarks/router_ab.py --out OUT [--formats fp8,bf16] [--setting gemm|route|rope[,...]] [--table NEW.json]
+    python benchmarks/router_ab.py --out OUT [--formats fp8,bf16] [--setting gemm|route|rope|rows[,...]] [--table NEW.json]
                                                # a GPU; writes OUT/router_ab_SETTINGS.json
 
 Every MoE layer routes the decode rows with both routers stacked (`fused_router`, 128 x 2048 bf16). Settings
@@ -11,7 +11,9 @@ of runtime.fast.decode_weights, each timed on against off:
         (`fused_route`, kernels/routing.py), or as PyTorch ops compiled by Inductor (a sort and 2-3 more
         launches, outside the PDL chain);
   rope  (ROPE_ON_KERNEL) the LLM attention's RoPE and KV-cache write in one kernel (`fused_rope_write`,
-        kernels/rope.py), or as PyTorch ops compiled by Inductor (three launches a layer).
+        kernels/rope.py), or as PyTorch ops compiled by Inductor (three launches a layer);
+  rows  (ATTENTION_FP8_ROWS, FP8 only) the decode-attention kernel writes its output as the FP8 output
+        projection's fp16 rows, or Inductor converts it in a launch of its own.
 Both builds read the same `fused_router` buffer (prepare_decode refreshes it in place),
 and the first build's MoE kernels are kept alive, so the first graph still reads live weights when timed. The whole image-token step
 (runtime.fast.graph, compiled; full-size shapes, random weights, batch 1 with its 2 CFG rows) is built
@@ -39,7 +41,8 @@ from kernels import skinny  # noqa: E402
 
 SETTINGS = {"gemm": ("ROUTER_ON_KERNEL", "router on the skinny kernel", "router on cuBLAS"),
             "route": ("ROUTE_ON_KERNEL", "softmax-top-k in one kernel", "softmax-top-k by Inductor"),
-            "rope": ("ROPE_ON_KERNEL", "RoPE + cache write in one kernel", "RoPE + cache write by Inductor")}
+            "rope": ("ROPE_ON_KERNEL", "RoPE + cache write in one kernel", "RoPE + cache write by Inductor"),
+            "rows": ("ATTENTION_FP8_ROWS", "attention writes FP8 rows", "FP8 rows converted apart")}
 
 
 def token_step_ab(model, dev, fmt: str, runs: int, rounds: int, settings: tuple[str, ...] = ("gemm",),

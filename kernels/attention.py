@@ -35,7 +35,16 @@ def reserve_tickets(device) -> torch.Tensor:
     return tickets("decode_attention", device, MAX_TICKETS)
 
 if triton is not None:
-    from ._triton import arrive, mma, pdl_enter, rearm
+    from ._triton import arrive, mma, pdl_enter, rearm, store_cast
+
+    @triton.jit
+    def _store_output(o_ptrs, out, q_ptr, mask, ROWS_F16: tl.constexpr):
+        """The output in q's dtype; ROWS_F16: then as an FP8 linear's rows (kernels.fp8.fp16_rows: fp16, clamped to
+        its range), the same bits as that conversion of the q-dtype output, without its launch."""
+        if ROWS_F16:
+            store_cast(o_ptrs, out.to(q_ptr.dtype.element_ty).to(tl.float32), mask)
+        else:
+            tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _decode_attention_kernel(
@@ -43,7 +52,7 @@ if triton is not None:
         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb,
         stride_ob, stride_oh,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-        HAS_LAST: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+        HAS_LAST: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, ROWS_F16: tl.constexpr = False,
     ):
         pdl_enter(PDL)
         b = tl.program_id(0)
@@ -82,7 +91,7 @@ if triton is not None:
         o_ptrs = o_ptr + b * stride_ob + heads[:, None] * stride_oh + rd[None, :]
         if SPLITS == 1:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that sees no key gets zeros, not NaN
-            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+            _store_output(o_ptrs, out, q_ptr, g_ok[:, None], ROWS_F16)
         else:
             # partials (B, kv heads, SPLITS, BLOCK_G, D + 2) fp32: the output, then max and sum
             first = (b * tl.num_programs(1) + hk) * SPLITS * BLOCK_G
@@ -107,8 +116,7 @@ if triton is not None:
                     l_sum += w * tl.load(part_ptr + r * (D + 2) + D + 1, mask=g_ok, other=0.0, cache_modifier=".cg")
                     out += w[:, None] * tl.load(part_ptr + r[:, None] * (D + 2) + rd[None, :], mask=g_ok[:, None],
                                                 other=0.0, cache_modifier=".cg")
-                tl.store(o_ptrs, (out / tl.where(l_sum > 0, l_sum, 1.0)[:, None]).to(o_ptr.dtype.element_ty),
-                         mask=g_ok[:, None])
+                _store_output(o_ptrs, out / tl.where(l_sum > 0, l_sum, 1.0)[:, None], q_ptr, g_ok[:, None], ROWS_F16)
                 rearm(slot, None)
 
 
@@ -117,13 +125,15 @@ def decode_splits(slots: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                     splits: int | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
+                     splits: int | None = None, last: torch.Tensor | None = None, fp16_rows: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale, hidden keys excluded) v for one query per row.
 
     q (B, H, 1, D); k, v (B, Hkv, S, D) of q's dtype, H a multiple of Hkv, contiguous D; mask bool over the
     S slots, one row per batch row or one for all ((B or 1, 1, 1, S) or (1, S)), True = visible (a row that sees no key gets zeros). Returns (B, H, 1, D) in q's dtype.
     splits: programs per KV head (default: one per SLOTS_PER_SPLIT slots, at most MAX_SPLITS);
-    last: (1,) int tensor, the query's own cache slot: slots after it are skipped (the mask must hide them)."""
+    last: (1,) int tensor, the query's own cache slot: slots after it are skipped (the mask must hide them).
+    fp16_rows: return the output as the rows an FP8 linear multiplies instead (fp16, kernels.fp8.fp16_rows of the
+    q-dtype output, bit for bit), written by the kernel: the conversion's own launch is saved."""
     require()
     b, h, n, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -148,7 +158,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     splits = decode_splits(s) if splits is None else int(splits)
     if splits < 1:
         raise ValueError(f"decode_attention: splits must be >= 1, got {splits}")
-    out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(b, h, 1, d, dtype=torch.float16 if fp16_rows else q.dtype, device=q.device)
     if splits > 1:  # the splits' partials, and the arrival tickets of the merge
         if b * hkv > MAX_TICKETS:
             raise ValueError(f"decode_attention: {b} rows x {hkv} KV heads > {MAX_TICKETS} with {splits} splits")
@@ -161,7 +171,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, BLOCK_S=64, D=d, SPLITS=splits, HAS_LAST=last is not None,
-        UPCAST=interpreting(), **pdl_launch(q.device, trigger_at_start=True))
+        UPCAST=interpreting(), ROWS_F16=bool(fp16_rows), **pdl_launch(q.device, trigger_at_start=True))
     return out
 
 

@@ -173,6 +173,19 @@ def test_the_fp8_fingerprint_follows_the_shared_expert_setting(monkeypatch):
     assert fp("bf16", "1") == fp("bf16", "0")
 
 
+def test_the_fp8_fingerprint_follows_the_attention_rows_setting(monkeypatch):
+    """decode_weights.ATTENTION_FP8_ROWS changes the FP8 steps only (which attention kernel feeds an FP8 output
+    projection); bf16 packages do not depend on it."""
+    import runtime.fast.decode_weights as dw
+    from export.compiled_steps import fingerprint
+
+    fp = {}
+    for on in (True, False):
+        monkeypatch.setattr(dw, "ATTENTION_FP8_ROWS", on)
+        fp[on] = {p: fingerprint(p, "weights", "source", torch.device("cpu"), 64) for p in ("fp8", "bf16")}
+    assert fp[True]["fp8"] != fp[False]["fp8"] and fp[True]["bf16"] == fp[False]["bf16"]
+
+
 @pytest.mark.parametrize("setting", ["ROUTER_ON_KERNEL", "ROUTE_ON_KERNEL", "ROPE_ON_KERNEL"])
 def test_the_fingerprint_follows_the_router_settings(monkeypatch, setting):
     """decode_weights.ROUTER_ON_KERNEL (the router GEMMs on the skinny kernel or on F.linear), ROUTE_ON_KERNEL

@@ -958,6 +958,51 @@ def test_rope_kv_write_equals_the_attention_projection(dtype, mrope):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention_writes_fp8_rows(splits):
+    """fp16_rows=True: the kernel's output is kernels.fp8.fp16_rows of its usual output, bit for bit (rounded to
+    q's dtype first, then fp16, clamped to its range: here a value channel beyond fp16's range)."""
+    from kernels.attention import decode_attention
+    from kernels.fp8 import F16_MAX
+
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 8, 1, 32, generator=g).to(DEV, torch.bfloat16)
+    k = torch.randn(2, 2, 150, 32, generator=g).to(DEV, torch.bfloat16)
+    v = torch.randn(2, 2, 150, 32, generator=g).to(DEV, torch.bfloat16)
+    v[:, :, :, 0] = 1e6  # the output's channel 0 is ~1e6: clamped to 65504
+    mask = torch.ones(2, 1, 1, 150, dtype=torch.bool, device=DEV)
+    mask[1, ..., 100:] = False
+    plain = decode_attention(q, k, v, mask, 0.2, splits=splits)
+    rows = decode_attention(q, k, v, mask, 0.2, splits=splits, fp16_rows=True)
+    assert plain.dtype == torch.bfloat16 and rows.dtype == torch.float16
+    assert torch.equal(rows, plain.float().clamp(-F16_MAX, F16_MAX).half())
+    assert (rows[..., 0] == F16_MAX).all() and (plain[..., 0] > F16_MAX).all()
+
+
+@torch.no_grad()
+def test_fp8_preparation_gives_the_attentions_fp8_rows(monkeypatch):
+    """prepare_decode with FP8 weights: on a GPU every attention whose output projection became an FP8Linear runs
+    the kernel that writes that linear's rows (decode_attention_fp16_rows); in Triton's interpreter (which
+    multiplies rows as given), with bf16 weights and with ATTENTION_FP8_ROWS off, the plain kernel."""
+    import runtime.fast.decode_weights as dw
+    from models.llm import Attention
+    from models.vit_layers import SelfAttention
+
+    model = build(tiny_config(), seed=0, device=DEV)
+    attns = [m for m in model.modules() if isinstance(m, (Attention, SelfAttention))]
+    dw.prepare_decode(model, "fp8")
+    decoding = [m for m in attns if hasattr(m, "fused_decode_attention")]
+    assert decoding and all(isinstance(m.dense if isinstance(m, Attention) else m.proj, dw.FP8Linear) for m in decoding)
+    want = dw.decode_attention_fp16_rows if DEV == "cuda" else dw.decode_attention_op
+    assert all(m.fused_decode_attention is want for m in decoding)
+    dw.prepare_decode(model, "bf16")
+    assert all(m.fused_decode_attention is dw.decode_attention_op for m in decoding)
+    monkeypatch.setattr(dw, "ATTENTION_FP8_ROWS", False)  # the switch: the conversion in a launch of its own
+    dw.prepare_decode(model, "fp8")
+    assert all(m.fused_decode_attention is dw.decode_attention_op for m in decoding)
+
+
+@torch.no_grad()
 def test_llm_decode_uses_the_attention_kernel_once_installed():
     """prepare_decode installs the kernel on every LLM attention; a one-token static step in moe_mode
     "fused" then runs through it (and matches the model without it); a longer step, or a step in another
