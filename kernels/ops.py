@@ -57,17 +57,18 @@ def _skinny_swiglu_fake(x, weight, scale, bias, out_dtype):
 
 
 @torch.library.custom_op("mingrt::decode_attention", mutates_args=())
-def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                        last: Optional[torch.Tensor] = None, fp16_rows: bool = False) -> torch.Tensor:
-    """One query per row over a static cache: q (B, H, 1, D), k/v (B, Hkv, S, D), mask (B or 1, 1, 1, S) bool;
-    last (1,): the query's cache slot (later slots, hidden by the mask, are skipped); fp16_rows: the output as an
-    FP8 linear's rows (kernels.attention.decode_attention)."""
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                        last: Optional[torch.Tensor] = None, fp16_rows: bool = False, key_mask: bool = False) -> torch.Tensor:
+    """One query per row over a static cache: q (B, H, 1, D), k/v (B, Hkv, S, D), mask (B or 1, 1, 1, S) bool or
+    None (causal by `last` alone); last (1,): the query's cache slot (later slots, hidden by the mask, are skipped);
+    fp16_rows: the output as an FP8 linear's rows; key_mask: mask is a (B or 1, S) key mask made causal by `last`
+    (kernels.attention.decode_attention)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel takes any other strides
-    return decode_attention(q, k, v, mask, scale, last=last, fp16_rows=fp16_rows)
+    return decode_attention(q, k, v, mask, scale, last=last, fp16_rows=fp16_rows, key_mask=key_mask)
 
 
 @decode_attention_op.register_fake
-def _decode_attention_fake(q, k, v, mask, scale, last=None, fp16_rows=False):
+def _decode_attention_fake(q, k, v, mask, scale, last=None, fp16_rows=False, key_mask=False):
     return q.new_empty(q.shape, dtype=torch.float16 if fp16_rows else q.dtype)
 
 
@@ -87,10 +88,10 @@ def _route_decode_fake(logits, image_mask, top_k, renormalize, shared_first, sha
 
 
 @torch.library.custom_op("mingrt::rope_kv_write", mutates_args=("k_cache", "v_cache"))
-def rope_kv_write_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     cache_position: torch.Tensor) -> torch.Tensor:
-    """One decode token's RoPE and KV-cache write: qkv (B, 1, (H + 2 Hkv) D) -> rotated q (B, H, 1, D); the new
-    key and value written into the caches (B, Hkv, S, D) at cache_position (kernels.rope.rope_kv_write)."""
+def rope_kv_write_op(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """One decode token's RoPE (none without cos/sin) and KV-cache write: qkv (B, 1, (H + 2 Hkv) D) -> q (B, H, 1, D);
+    the new key and value written into the caches (B, Hkv, S, D) at cache_position (kernels.rope.rope_kv_write)."""
     return rope_kv_write(qkv.contiguous(), cos, sin, k_cache, v_cache, cache_position)
 
 

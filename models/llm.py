@@ -106,11 +106,11 @@ class Attention(nn.Module):
 
     def forward_static(self, x, cos, sin, mask, k_cache, v_cache, cache_position, fused: bool = False):
         """fused: a one-token step may use the decode-attention kernel prepare_decode installed, and its
-        `fused_rope_write` (qkv, cos, sin, k_cache, v_cache, cache_position) -> q, RoPE and the cache write in one
+        `fused_kv_write` (qkv, cos, sin, k_cache, v_cache, cache_position) -> q, RoPE and the cache write in one
         kernel."""
-        rope_write = getattr(self, "fused_rope_write", None) if fused and x.shape[1] == 1 else None
-        if rope_write is not None:
-            q = rope_write(self.query_key_value(x), cos, sin, k_cache, v_cache, cache_position)
+        kv_write = getattr(self, "fused_kv_write", None) if fused and x.shape[1] == 1 else None
+        if kv_write is not None:
+            q = kv_write(self.query_key_value(x), cos, sin, k_cache, v_cache, cache_position)
             return self.attend(q, k_cache, v_cache, mask, fused, cache_position)
         q, k, v = self.project(x, cos, sin)
         k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
@@ -338,10 +338,14 @@ class BailingMoeModel(nn.Module):
     def forward_static(self, inputs_embeds, attention_mask, position_ids, k_caches, v_caches, cache_position,
                        image_mask=None, moe_mode: str = "gather"):
         """Static-cache form: attention_mask (B, S_max) covers every slot of the preallocated buffers.
-        moe_mode "fused" (the GPU fast path) also runs one-token attention on the installed kernel and routes
-        with both routers' stacked weight (`fused_router`), through `router_linear`, when prepare_decode
-        installed them."""
-        mask = attention_mask_4d(attention_mask, cache_position)
+        moe_mode "fused" (the GPU fast path) also runs one-token attention on the installed kernel (handed the key
+        mask as it is when the kernel says `key_mask`) and routes with both routers' stacked weight
+        (`fused_router`), through `router_linear`, when prepare_decode installed them."""
+        kernel = getattr(self.layers[0].attention, "fused_decode_attention", None)
+        if moe_mode == "fused" and inputs_embeds.shape[1] == 1 and getattr(kernel, "key_mask", False):
+            mask = attention_mask  # the kernel applies attention_mask_4d's rule to the key mask itself
+        else:
+            mask = attention_mask_4d(attention_mask, cache_position)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
         x = inputs_embeds
         for layer, kc, vc in zip(self.layers, k_caches, v_caches):

@@ -54,7 +54,8 @@ class SelfAttention(nn.Module):
         concatenated (present) keys and values;
       * `forward_static(x, k_cache, v_cache, cache_position, fused)`: writes into preallocated buffers in
         place (CUDA-graph style) and attends over every slot up to each query's own; with fused=True a
-        one-token step goes through the decode-attention kernel prepare_decode installed, if any.
+        one-token step goes through the decode-attention kernel prepare_decode installed, if any (and through
+        its `fused_kv_write` kernel for the cache writes, if installed).
     Keys are cached unscaled, as upstream does.
     """
 
@@ -91,6 +92,13 @@ class SelfAttention(nn.Module):
         return self._attend(q, k, v, mask=mask), k, v
 
     def forward_static(self, x, k_cache, v_cache, cache_position, fused: bool = False):
+        decode = getattr(self, "fused_decode_attention", None) if fused else None
+        kv_write = getattr(self, "fused_kv_write", None) if decode is not None and x.shape[1] == 1 else None
+        if kv_write is not None:  # (qkv, cos, sin, k_cache, v_cache, cache_position) -> q: the cache writes in one kernel
+            q = kv_write(self.qkv(x), None, None, k_cache, v_cache, cache_position)
+            # causal by the query's own slot alone, which bounds the kernel's keys: no mask to build
+            return self._attend(q, k_cache.to(q.dtype), v_cache.to(q.dtype), cache_position=cache_position,
+                                decode_kernel=decode)
         q, k, v = self._split(x)
         k_cache.index_copy_(2, cache_position, k.to(k_cache.dtype))
         v_cache.index_copy_(2, cache_position, v.to(v_cache.dtype))

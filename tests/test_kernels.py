@@ -885,7 +885,7 @@ def test_decode_attention_splits_agree_and_refuse_bad_inputs():
         decode_attention(q[:, :7], k, v, mask, 0.2)
     with pytest.raises(ValueError, match="bool"):
         decode_attention(q, k, v, mask.float(), 0.2)
-    with pytest.raises(ValueError, match="bool"):
+    with pytest.raises(ValueError, match="must bound the keys"):  # no mask: only `last` can make it causal
         decode_attention(q, k, v, None, 0.2)
     with pytest.raises(ValueError, match="one dtype"):
         decode_attention(q, k.double(), v, mask, 0.2)
@@ -959,6 +959,41 @@ def test_rope_kv_write_equals_the_attention_projection(dtype, mrope):
 
 @torch.no_grad()
 @pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention_builds_the_masks_itself(splits):
+    """The kernel without a 4-D mask: mask=None is causal by `last` alone (the semantic decoder's causal_mask), and
+    key_mask=True takes the LLM's (B, S) key mask as it is, with attention_mask_4d's rule (causal by `last`, keys
+    whose mask is set, the query's own slot always): the same bits as the kernel given the masks built."""
+    from kernels.attention import decode_attention
+    from models.llm import attention_mask_4d
+    from models.vit_layers import causal_mask
+
+    g = torch.Generator().manual_seed(13)
+    b, s, last = 3, 150, 97
+    q = torch.randn(b, 8, 1, 32, generator=g).to(DEV, torch.bfloat16)
+    k = torch.randn(b, 2, s, 32, generator=g).to(DEV, torch.bfloat16)
+    v = torch.randn(b, 2, s, 32, generator=g).to(DEV, torch.bfloat16)
+    at = torch.tensor([last], device=DEV)
+    keys = (torch.rand(b, s, generator=g) > 0.3).long().to(DEV)
+    keys[2] = 0  # a row whose mask hides every key: only its own slot is seen
+    keys[1, last] = 0  # a query whose own slot is unmarked still sees itself
+    built = attention_mask_4d(keys, at)  # (B, 1, 1, S)
+    want = decode_attention(q, k, v, built, 0.2, splits=splits, last=at)
+    assert torch.equal(decode_attention(q, k, v, keys, 0.2, splits=splits, last=at, key_mask=True), want)
+    assert torch.equal(decode_attention(q, k, v, keys.bool(), 0.2, splits=splits, last=at, key_mask=True), want)
+    assert torch.equal(want[2], v[2, :, last].repeat_interleave(4, 0)[:, None])  # row 2: its own value alone
+    causal = causal_mask(at, s, DEV)  # (1, S)
+    assert torch.equal(decode_attention(q, k, v, None, 0.2, splits=splits, last=at),
+                       decode_attention(q, k, v, causal, 0.2, splits=splits, last=at))
+    with pytest.raises(ValueError, match="must bound the keys"):
+        decode_attention(q, k, v, None, 0.2)
+    with pytest.raises(ValueError, match="must bound the keys"):
+        decode_attention(q, k, v, keys, 0.2, key_mask=True)
+    with pytest.raises(ValueError, match="key mask"):
+        decode_attention(q, k, v, keys.float(), 0.2, last=at, key_mask=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("splits", [1, 3])
 def test_decode_attention_writes_fp8_rows(splits):
     """fp16_rows=True: the kernel's output is kernels.fp8.fp16_rows of its usual output, bit for bit (rounded to
     q's dtype first, then fp16, clamped to its range: here a value channel beyond fp16's range)."""
@@ -982,8 +1017,8 @@ def test_decode_attention_writes_fp8_rows(splits):
 @torch.no_grad()
 def test_fp8_preparation_gives_the_attentions_fp8_rows(monkeypatch):
     """prepare_decode with FP8 weights: on a GPU every attention whose output projection became an FP8Linear runs
-    the kernel that writes that linear's rows (decode_attention_fp16_rows); in Triton's interpreter (which
-    multiplies rows as given), with bf16 weights and with ATTENTION_FP8_ROWS off, the plain kernel."""
+    the kernel that writes that linear's rows (DecodeAttention(fp16_rows=True)); in Triton's interpreter (which
+    multiplies rows as given), with bf16 weights and with ATTENTION_FP8_ROWS off, the output stays in q's dtype."""
     import runtime.fast.decode_weights as dw
     from models.llm import Attention
     from models.vit_layers import SelfAttention
@@ -993,11 +1028,18 @@ def test_fp8_preparation_gives_the_attentions_fp8_rows(monkeypatch):
     dw.prepare_decode(model, "fp8")
     decoding = [m for m in attns if hasattr(m, "fused_decode_attention")]
     assert decoding and all(isinstance(m.dense if isinstance(m, Attention) else m.proj, dw.FP8Linear) for m in decoding)
-    want = dw.decode_attention_fp16_rows if DEV == "cuda" else dw.decode_attention_op
-    assert all(m.fused_decode_attention is want for m in decoding)
+    def rows():
+        return [getattr(m.fused_decode_attention, "fp16_rows", False) for m in decoding]
+
+    assert rows() == [DEV == "cuda"] * len(decoding)
+    llm = [m.fused_decode_attention for m in decoding if isinstance(m, Attention)]
+    assert llm and all(k.key_mask for k in llm)  # and the LLM's keep their key mask
     dw.prepare_decode(model, "bf16")
-    assert all(m.fused_decode_attention is dw.decode_attention_op for m in decoding)
+    assert not any(rows())
     monkeypatch.setattr(dw, "ATTENTION_FP8_ROWS", False)  # the switch: the conversion in a launch of its own
+    dw.prepare_decode(model, "fp8")
+    assert not any(rows())
+    monkeypatch.setattr(dw, "KEY_MASK_IN_KERNEL", False)  # and the plain kernel, given the 4-D mask
     dw.prepare_decode(model, "fp8")
     assert all(m.fused_decode_attention is dw.decode_attention_op for m in decoding)
 
@@ -1005,8 +1047,9 @@ def test_fp8_preparation_gives_the_attentions_fp8_rows(monkeypatch):
 @torch.no_grad()
 def test_llm_decode_uses_the_attention_kernel_once_installed():
     """prepare_decode installs the kernel on every LLM attention; a one-token static step in moe_mode
-    "fused" then runs through it (and matches the model without it); a longer step, or a step in another
-    mode (a generator without kernels on the same model), keeps torch's attention."""
+    "fused" then runs through it (handed the key mask itself) and through the RoPE + cache-write kernel (and
+    matches the model without them, caches included); a longer step, or a step in another mode (a generator
+    without kernels on the same model), keeps torch's attention."""
     import runtime.fast.decode_weights as dw
     from models.llm import Attention
     from runtime.fast.decode_weights import prepare_decode
@@ -1029,14 +1072,18 @@ def test_llm_decode_uses_the_attention_kernel_once_installed():
     report = prepare_decode(model)
     assert report["decode_attention_layers"] == cfg.num_layers + model.cfg.mingtok.semantic_depth
     attns = [m for m in llm.modules() if isinstance(m, Attention)]
-    assert all(m.fused_decode_attention is dw.decode_attention_op for m in attns)
-    assert all(m.fused_rope_write is dw.rope_kv_write_op for m in attns)
+    kernel = attns[0].fused_decode_attention  # bf16 weights: the key mask in the kernel, the output in q's dtype
+    assert isinstance(kernel, dw.DecodeAttention) and kernel.key_mask and not kernel.fp16_rows
+    assert all(m.fused_kv_write is dw.rope_kv_write_op for m in attns)
     calls, writes = [], []
     for m in attns:  # count the kernels' calls, and what slot bound they get
-        m.fused_decode_attention = lambda *a: calls.append(a) or dw.decode_attention_op(*a)
-        m.fused_rope_write = lambda *a: writes.append(a[5]) or dw.rope_kv_write_op(*a)
+        count = lambda *a, kernel=m.fused_decode_attention: calls.append(a) or kernel(*a)  # noqa: E731
+        count.key_mask = True  # what the model reads: it hands the kernel the key mask as it is
+        m.fused_decode_attention = count
+        m.fused_kv_write = lambda *a: writes.append(a[5]) or dw.rope_kv_write_op(*a)
     got = llm.forward_static(x, mask, pos, k_c, v_c, at, moe_mode="fused")
     assert len(calls) == cfg.num_layers and all(c[5] is at for c in calls)  # the query's slot bounds the keys
+    assert all(c[3] is mask for c in calls)  # the (B, S) key mask, no 4-D mask built
     assert len(writes) == cfg.num_layers and all(w is at for w in writes)
     for name, caches, want in (("k", k_c, ref_k), ("v", v_c, ref_v)):  # the kernel wrote the new slot, only it
         for i, (c, r) in enumerate(zip(caches, want)):
@@ -1241,12 +1288,12 @@ def test_generators_refuse_a_model_prepared_again():
 
 @torch.no_grad()
 def test_semantic_decoder_step_uses_the_attention_kernel_when_fused():
-    """SemanticDecoderStatic(fused=True) runs one-token steps through the installed kernel (once per block)
-    and matches the torch attention step by step over a cache it fills itself; fused=False, or a
-    several-token step, keeps torch's attention."""
+    """SemanticDecoderStatic(fused=True) runs one-token steps through the installed kernels (once per block: the
+    cache writes, then the attention, causal by the query's slot without a mask) and matches the torch attention
+    step by step over a cache it fills itself; fused=False, or a several-token step, keeps torch's attention."""
     from models.pieces import SemanticDecoderStatic
     from models.vit_layers import SelfAttention
-    from runtime.fast.decode_weights import decode_attention_op, prepare_decode
+    from runtime.fast.decode_weights import decode_attention_op, prepare_decode, rope_kv_write_op
 
     model = build(tiny_config(), seed=0, device=DEV)
     mt = model.cfg.mingtok
@@ -1255,17 +1302,24 @@ def test_semantic_decoder_step_uses_the_attention_kernel_when_fused():
     calls = []
     attns = [m for m in model.vision.semantic_decoder.modules() if isinstance(m, SelfAttention)]
     assert len(attns) == depth and all(m.fused_decode_attention is decode_attention_op for m in attns)
+    assert all(m.fused_kv_write is rope_kv_write_op for m in attns)
+    writes = []
     for m in attns:
         m.fused_decode_attention = lambda *a: calls.append(a) or decode_attention_op(*a)
+        m.fused_kv_write = lambda *a: writes.append(a) or rope_kv_write_op(*a)
     z = torch.randn(2, 6, mt.latent_dim, generator=torch.Generator().manual_seed(3)).to(DEV)
     caches = {f: tuple(torch.zeros(2, heads, 9, mt.head_dim, device=DEV) for _ in range(2 * depth)) for f in (0, 1)}
     outs = {f: [SemanticDecoderStatic(model, fused=bool(f))(z[:, i:i + 1], torch.tensor([i], device=DEV), *caches[f])
                 for i in range(6)] for f in (0, 1)}
-    assert len(calls) == 6 * depth  # the fused steps only
+    assert len(calls) == len(writes) == 6 * depth  # the fused steps only
     assert [int(c[5]) for c in calls] == [i for i in range(6) for _ in range(depth)]  # each step's own slot
+    assert all(c[3] is None for c in calls)  # causal by that slot alone: no mask built
+    assert all(w[1] is None and w[2] is None for w in writes)  # no RoPE in the semantic decoder
     for i in range(6):
         assert_close(f"kernels/semantic_step_{i}", outs[1][i][0], outs[0][i][0], 1e-4 if interpreting() else 3e-2)
         assert_close(f"kernels/semantic_step_{i}_connector", outs[1][i][1], outs[0][i][1], 1e-4 if interpreting() else 3e-2)
+    for a, b in zip(caches[1], caches[0]):  # the kernel's cache writes
+        assert_close("kernels/semantic_step_caches", a, b, 1e-4 if interpreting() else 3e-2)
     SemanticDecoderStatic(model, fused=True)(z[:, :2], torch.tensor([0, 1], device=DEV), *caches[1])
     assert len(calls) == 6 * depth
 
