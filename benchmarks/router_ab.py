@@ -1,6 +1,6 @@
 """benchmarks/router_ab.py: the LLM routing on our kernels against the libraries', in the token step.
 
-    python benchmarks/router_ab.py --out OUT [--formats fp8,bf16] [--setting gemm|route|kv|keymask|rows[,...]] [--table NEW.json]
+    python benchmarks/router_ab.py --out OUT [--formats fp8,bf16] [--setting gemm|route|kv|rows[,...]] [--table NEW.json]
                                                # a GPU; writes OUT/router_ab_SETTINGS.json
 
 Every MoE layer routes the decode rows with both routers stacked (`fused_router`, 128 x 2048 bf16). Settings
@@ -13,8 +13,6 @@ of runtime.fast.decode_weights, each timed on against off:
   kv    (KV_WRITE_ON_KERNEL) the LLM attention's RoPE and KV-cache write in one kernel (`fused_kv_write`,
         kernels/rope.py), or as PyTorch ops compiled by Inductor (three launches a layer), and the semantic
         decoder's cache writes likewise (two launches a layer, and its causal mask: none needed then);
-  keymask (KEY_MASK_IN_KERNEL) the LLM's decode attention applies the key mask itself, or takes the 4-D mask
-        Inductor builds (in a kernel of its own every other layer, profile_step_h200_s15_kernels.md);
   rows  (ATTENTION_FP8_ROWS, FP8 only) the decode-attention kernel writes its output as the FP8 output
         projection's fp16 rows, or Inductor converts it in a launch of its own.
 Both builds read the same `fused_router` buffer (prepare_decode refreshes it in place),
@@ -45,7 +43,6 @@ from kernels import skinny  # noqa: E402
 SETTINGS = {"gemm": ("ROUTER_ON_KERNEL", "router on the skinny kernel", "router on cuBLAS"),
             "route": ("ROUTE_ON_KERNEL", "softmax-top-k in one kernel", "softmax-top-k by Inductor"),
             "kv": ("KV_WRITE_ON_KERNEL", "cache writes (+ RoPE) in one kernel", "cache writes (+ RoPE) by Inductor"),
-            "keymask": ("KEY_MASK_IN_KERNEL", "key mask in the attention kernel", "4-D mask by Inductor"),
             "rows": ("ATTENTION_FP8_ROWS", "attention writes FP8 rows", "FP8 rows converted apart")}
 
 

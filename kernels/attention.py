@@ -53,7 +53,7 @@ if triton is not None:
         stride_ob, stride_oh,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
         HAS_LAST: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, ROWS_F16: tl.constexpr = False,
-        HAS_MASK: tl.constexpr = True, KEY_MASK: tl.constexpr = False,
+        HAS_MASK: tl.constexpr = True,
     ):
         pdl_enter(PDL)
         b = tl.program_id(0)
@@ -77,10 +77,7 @@ if triton is not None:
         for s0 in range(lo, hi, BLOCK_S):
             rs = s0 + tl.arange(0, BLOCK_S)
             s_ok = rs < hi
-            if KEY_MASK:  # the key mask, or the query's own slot; causal: HAS_LAST bounds hi
-                own = rs == tl.load(last_ptr).to(tl.int32)
-                visible = ((tl.load(mask_ptr + b * stride_mb + rs, mask=s_ok, other=0) != 0) | own) & s_ok
-            elif HAS_MASK:
+            if HAS_MASK:
                 visible = (tl.load(mask_ptr + b * stride_mb + rs, mask=s_ok, other=0) != 0) & s_ok
             else:  # every slot up to the query's own (HAS_LAST bounds hi)
                 visible = s_ok
@@ -132,8 +129,7 @@ def decode_splits(slots: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                     splits: int | None = None, last: torch.Tensor | None = None, fp16_rows: bool = False,
-                     key_mask: bool = False) -> torch.Tensor:
+                     splits: int | None = None, last: torch.Tensor | None = None, fp16_rows: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale, hidden keys excluded) v for one query per row.
 
     q (B, H, 1, D); k, v (B, Hkv, S, D) of q's dtype, H a multiple of Hkv, contiguous D; mask bool over the
@@ -141,8 +137,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     key gets zeros), or None: every slot up to `last`. Returns (B, H, 1, D) in q's dtype.
     splits: programs per KV head (default: one per SLOTS_PER_SPLIT slots, at most MAX_SPLITS);
     last: (1,) int tensor, the query's own cache slot: slots after it are skipped (the mask must hide them).
-    key_mask: `mask` is instead a key mask (B or 1, S) of any integer or bool dtype, nonzero = visible, made causal
-    by `last`, the query's own slot always visible (models.llm.attention_mask_4d's rule, without building it).
     fp16_rows: return the output as the rows an FP8 linear multiplies instead (fp16, kernels.fp8.fp16_rows of the
     q-dtype output, bit for bit), written by the kernel: the conversion's own launch is saved."""
     require()
@@ -153,12 +147,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                          "query per row and H a multiple of the KV heads")
     if d != next_pow2(d) or d < 16 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError(f"decode_attention: head size {d} must be a power of two >= 16 with contiguous elements")
-    if (mask is None or key_mask) and last is None:
-        raise ValueError("decode_attention: without a full mask the query's slot `last` must bound the keys")
-    if key_mask and (mask is None or mask.dtype.is_floating_point or mask.shape[-1] != s or mask.numel() not in (s, b * s)):
-        raise ValueError(f"decode_attention: key mask {None if mask is None else (tuple(mask.shape), mask.dtype)}: "
-                         f"need (B or 1, {s}) integer or bool")
-    if mask is not None and not key_mask and (mask.dtype != torch.bool or mask.shape[-1] != s or mask.numel() not in (s, b * s)):
+    if mask is None and last is None:
+        raise ValueError("decode_attention: without a mask the query's slot `last` must bound the keys")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape[-1] != s or mask.numel() not in (s, b * s)):
         raise ValueError(f"decode_attention: mask {(tuple(mask.shape), mask.dtype)}: need (B or 1, 1, 1, {s}) bool")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"decode_attention: q {q.dtype}, k {k.dtype}, v {v.dtype}: one dtype")
@@ -168,7 +159,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if mask is not None:
         mask = mask.reshape(-1, s)
         mask = (mask if mask.stride(-1) == 1 else mask.contiguous()).expand(b, s)
-        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask = mask.view(torch.uint8)
     group = h // hkv
     block_g = max(16, next_pow2(group))
     splits = decode_splits(s) if splits is None else int(splits)
@@ -187,7 +178,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         float(scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), mask.stride(0) if mask is not None else 0, out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, BLOCK_S=64, D=d, SPLITS=splits, HAS_LAST=last is not None,
-        UPCAST=interpreting(), ROWS_F16=bool(fp16_rows), HAS_MASK=mask is not None, KEY_MASK=bool(key_mask),
+        UPCAST=interpreting(), ROWS_F16=bool(fp16_rows), HAS_MASK=mask is not None,
         **pdl_launch(q.device, trigger_at_start=True))
     return out
 

@@ -58,17 +58,16 @@ def _skinny_swiglu_fake(x, weight, scale, bias, out_dtype):
 
 @torch.library.custom_op("mingrt::decode_attention", mutates_args=())
 def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-                        last: Optional[torch.Tensor] = None, fp16_rows: bool = False, key_mask: bool = False) -> torch.Tensor:
+                        last: Optional[torch.Tensor] = None, fp16_rows: bool = False) -> torch.Tensor:
     """One query per row over a static cache: q (B, H, 1, D), k/v (B, Hkv, S, D), mask (B or 1, 1, 1, S) bool or
     None (causal by `last` alone); last (1,): the query's cache slot (later slots, hidden by the mask, are skipped);
-    fp16_rows: the output as an FP8 linear's rows; key_mask: mask is a (B or 1, S) key mask made causal by `last`
-    (kernels.attention.decode_attention)."""
+    fp16_rows: the output as an FP8 linear's rows (kernels.attention.decode_attention)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel takes any other strides
-    return decode_attention(q, k, v, mask, scale, last=last, fp16_rows=fp16_rows, key_mask=key_mask)
+    return decode_attention(q, k, v, mask, scale, last=last, fp16_rows=fp16_rows)
 
 
 @decode_attention_op.register_fake
-def _decode_attention_fake(q, k, v, mask, scale, last=None, fp16_rows=False, key_mask=False):
+def _decode_attention_fake(q, k, v, mask, scale, last=None, fp16_rows=False):
     return q.new_empty(q.shape, dtype=torch.float16 if fp16_rows else q.dtype)
 
 

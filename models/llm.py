@@ -338,14 +338,10 @@ class BailingMoeModel(nn.Module):
     def forward_static(self, inputs_embeds, attention_mask, position_ids, k_caches, v_caches, cache_position,
                        image_mask=None, moe_mode: str = "gather"):
         """Static-cache form: attention_mask (B, S_max) covers every slot of the preallocated buffers.
-        moe_mode "fused" (the GPU fast path) also runs one-token attention on the installed kernel (handed the key
-        mask as it is when the kernel says `key_mask`) and routes with both routers' stacked weight
-        (`fused_router`), through `router_linear`, when prepare_decode installed them."""
-        kernel = getattr(self.layers[0].attention, "fused_decode_attention", None)
-        if moe_mode == "fused" and inputs_embeds.shape[1] == 1 and getattr(kernel, "key_mask", False):
-            mask = attention_mask  # the kernel applies attention_mask_4d's rule to the key mask itself
-        else:
-            mask = attention_mask_4d(attention_mask, cache_position)
+        moe_mode "fused" (the GPU fast path) also runs one-token attention on the installed kernel and routes
+        with both routers' stacked weight (`fused_router`), through `router_linear`, when prepare_decode
+        installed them."""
+        mask = attention_mask_4d(attention_mask, cache_position)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section)
         x = inputs_embeds
         for layer, kc, vc in zip(self.layers, k_caches, v_caches):

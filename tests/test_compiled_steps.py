@@ -186,12 +186,11 @@ def test_the_fp8_fingerprint_follows_the_attention_rows_setting(monkeypatch):
     assert fp[True]["fp8"] != fp[False]["fp8"] and fp[True]["bf16"] == fp[False]["bf16"]
 
 
-@pytest.mark.parametrize("setting", ["ROUTER_ON_KERNEL", "ROUTE_ON_KERNEL", "KV_WRITE_ON_KERNEL", "KEY_MASK_IN_KERNEL"])
+@pytest.mark.parametrize("setting", ["ROUTER_ON_KERNEL", "ROUTE_ON_KERNEL", "KV_WRITE_ON_KERNEL"])
 def test_the_fingerprint_follows_the_router_settings(monkeypatch, setting):
     """decode_weights.ROUTER_ON_KERNEL (the router GEMMs on the skinny kernel or on F.linear), ROUTE_ON_KERNEL
-    (the softmax-top-k in one kernel or in Inductor's), KV_WRITE_ON_KERNEL (the cache writes and RoPE likewise) and
-    KEY_MASK_IN_KERNEL (the attention mask) change both formats' steps: a package built with one setting is out of
-    date with the other."""
+    (the softmax-top-k in one kernel or in Inductor's) and KV_WRITE_ON_KERNEL (the cache writes and RoPE likewise)
+    change both formats' steps: a package built with one setting is out of date with the other."""
     import runtime.fast.decode_weights as dw
     from export.compiled_steps import fingerprint
 

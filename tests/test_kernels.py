@@ -959,12 +959,10 @@ def test_rope_kv_write_equals_the_attention_projection(dtype, mrope):
 
 @torch.no_grad()
 @pytest.mark.parametrize("splits", [1, 3])
-def test_decode_attention_builds_the_masks_itself(splits):
-    """The kernel without a 4-D mask: mask=None is causal by `last` alone (the semantic decoder's causal_mask), and
-    key_mask=True takes the LLM's (B, S) key mask as it is, with attention_mask_4d's rule (causal by `last`, keys
-    whose mask is set, the query's own slot always): the same bits as the kernel given the masks built."""
+def test_decode_attention_without_a_mask_is_causal_by_the_query_slot(splits):
+    """mask=None: every slot up to `last` is visible (the semantic decoder's causal_mask), the same bits as the
+    kernel given that mask built; without `last` nothing would bound the keys, so it is refused."""
     from kernels.attention import decode_attention
-    from models.llm import attention_mask_4d
     from models.vit_layers import causal_mask
 
     g = torch.Generator().manual_seed(13)
@@ -973,23 +971,12 @@ def test_decode_attention_builds_the_masks_itself(splits):
     k = torch.randn(b, 2, s, 32, generator=g).to(DEV, torch.bfloat16)
     v = torch.randn(b, 2, s, 32, generator=g).to(DEV, torch.bfloat16)
     at = torch.tensor([last], device=DEV)
-    keys = (torch.rand(b, s, generator=g) > 0.3).long().to(DEV)
-    keys[2] = 0  # a row whose mask hides every key: only its own slot is seen
-    keys[1, last] = 0  # a query whose own slot is unmarked still sees itself
-    built = attention_mask_4d(keys, at)  # (B, 1, 1, S)
-    want = decode_attention(q, k, v, built, 0.2, splits=splits, last=at)
-    assert torch.equal(decode_attention(q, k, v, keys, 0.2, splits=splits, last=at, key_mask=True), want)
-    assert torch.equal(decode_attention(q, k, v, keys.bool(), 0.2, splits=splits, last=at, key_mask=True), want)
-    assert torch.equal(want[2], v[2, :, last].repeat_interleave(4, 0)[:, None])  # row 2: its own value alone
-    causal = causal_mask(at, s, DEV)  # (1, S)
-    assert torch.equal(decode_attention(q, k, v, None, 0.2, splits=splits, last=at),
-                       decode_attention(q, k, v, causal, 0.2, splits=splits, last=at))
+    got = decode_attention(q, k, v, None, 0.2, splits=splits, last=at)
+    assert torch.equal(got, decode_attention(q, k, v, causal_mask(at, s, DEV), 0.2, splits=splits, last=at))
+    assert not torch.equal(got, decode_attention(q, k, v, torch.ones(1, s, dtype=torch.bool, device=DEV), 0.2,
+                                                 splits=splits))  # the later slots were hidden
     with pytest.raises(ValueError, match="must bound the keys"):
         decode_attention(q, k, v, None, 0.2)
-    with pytest.raises(ValueError, match="must bound the keys"):
-        decode_attention(q, k, v, keys, 0.2, key_mask=True)
-    with pytest.raises(ValueError, match="key mask"):
-        decode_attention(q, k, v, keys.float(), 0.2, last=at, key_mask=True)
 
 
 @torch.no_grad()
@@ -1017,8 +1004,8 @@ def test_decode_attention_writes_fp8_rows(splits):
 @torch.no_grad()
 def test_fp8_preparation_gives_the_attentions_fp8_rows(monkeypatch):
     """prepare_decode with FP8 weights: on a GPU every attention whose output projection became an FP8Linear runs
-    the kernel that writes that linear's rows (DecodeAttention(fp16_rows=True)); in Triton's interpreter (which
-    multiplies rows as given), with bf16 weights and with ATTENTION_FP8_ROWS off, the output stays in q's dtype."""
+    the kernel that writes that linear's rows (decode_attention_fp16_rows); in Triton's interpreter (which
+    multiplies rows as given), with bf16 weights and with ATTENTION_FP8_ROWS off, the plain kernel."""
     import runtime.fast.decode_weights as dw
     from models.llm import Attention
     from models.vit_layers import SelfAttention
@@ -1028,18 +1015,11 @@ def test_fp8_preparation_gives_the_attentions_fp8_rows(monkeypatch):
     dw.prepare_decode(model, "fp8")
     decoding = [m for m in attns if hasattr(m, "fused_decode_attention")]
     assert decoding and all(isinstance(m.dense if isinstance(m, Attention) else m.proj, dw.FP8Linear) for m in decoding)
-    def rows():
-        return [getattr(m.fused_decode_attention, "fp16_rows", False) for m in decoding]
-
-    assert rows() == [DEV == "cuda"] * len(decoding)
-    llm = [m.fused_decode_attention for m in decoding if isinstance(m, Attention)]
-    assert llm and all(k.key_mask for k in llm)  # and the LLM's keep their key mask
+    want = dw.decode_attention_fp16_rows if DEV == "cuda" else dw.decode_attention_op
+    assert all(m.fused_decode_attention is want for m in decoding)
     dw.prepare_decode(model, "bf16")
-    assert not any(rows())
+    assert all(m.fused_decode_attention is dw.decode_attention_op for m in decoding)
     monkeypatch.setattr(dw, "ATTENTION_FP8_ROWS", False)  # the switch: the conversion in a launch of its own
-    dw.prepare_decode(model, "fp8")
-    assert not any(rows())
-    monkeypatch.setattr(dw, "KEY_MASK_IN_KERNEL", False)  # and the plain kernel, given the 4-D mask
     dw.prepare_decode(model, "fp8")
     assert all(m.fused_decode_attention is dw.decode_attention_op for m in decoding)
 
@@ -1047,7 +1027,7 @@ def test_fp8_preparation_gives_the_attentions_fp8_rows(monkeypatch):
 @torch.no_grad()
 def test_llm_decode_uses_the_attention_kernel_once_installed():
     """prepare_decode installs the kernel on every LLM attention; a one-token static step in moe_mode
-    "fused" then runs through it (handed the key mask itself) and through the RoPE + cache-write kernel (and
+    "fused" then runs through it and through the RoPE + cache-write kernel (and
     matches the model without them, caches included); a longer step, or a step in another mode (a generator
     without kernels on the same model), keeps torch's attention."""
     import runtime.fast.decode_weights as dw
@@ -1072,18 +1052,14 @@ def test_llm_decode_uses_the_attention_kernel_once_installed():
     report = prepare_decode(model)
     assert report["decode_attention_layers"] == cfg.num_layers + model.cfg.mingtok.semantic_depth
     attns = [m for m in llm.modules() if isinstance(m, Attention)]
-    kernel = attns[0].fused_decode_attention  # bf16 weights: the key mask in the kernel, the output in q's dtype
-    assert isinstance(kernel, dw.DecodeAttention) and kernel.key_mask and not kernel.fp16_rows
+    assert all(m.fused_decode_attention is dw.decode_attention_op for m in attns)
     assert all(m.fused_kv_write is dw.rope_kv_write_op for m in attns)
     calls, writes = [], []
     for m in attns:  # count the kernels' calls, and what slot bound they get
-        count = lambda *a, kernel=m.fused_decode_attention: calls.append(a) or kernel(*a)  # noqa: E731
-        count.key_mask = True  # what the model reads: it hands the kernel the key mask as it is
-        m.fused_decode_attention = count
+        m.fused_decode_attention = lambda *a: calls.append(a) or dw.decode_attention_op(*a)
         m.fused_kv_write = lambda *a: writes.append(a[5]) or dw.rope_kv_write_op(*a)
     got = llm.forward_static(x, mask, pos, k_c, v_c, at, moe_mode="fused")
     assert len(calls) == cfg.num_layers and all(c[5] is at for c in calls)  # the query's slot bounds the keys
-    assert all(c[3] is mask for c in calls)  # the (B, S) key mask, no 4-D mask built
     assert len(writes) == cfg.num_layers and all(w is at for w in writes)
     for name, caches, want in (("k", k_c, ref_k), ("v", v_c, ref_v)):  # the kernel wrote the new slot, only it
         for i, (c, r) in enumerate(zip(caches, want)):

@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 ROUTER_ON_KERNEL = True  # False: the routers' GEMM stays on cuBLAS ("gemm")
 ROUTE_ON_KERNEL = True  # False: the softmax and top-k stay PyTorch ops, compiled by Inductor ("route")
 KV_WRITE_ON_KERNEL = True  # False: the KV-cache writes (and the LLM's RoPE) stay PyTorch ops ("kv")
-KEY_MASK_IN_KERNEL = True  # False: the LLM's decode attention takes the 4-D mask built per layer ("keymask")
 ATTENTION_FP8_ROWS = True  # False: FP8 output projections convert the attention output in a launch of their own ("rows")
 SHARED_IN_MOE_ENV = "MINGRT_MOE_SHARED"  # "0": FP8 shared experts keep their own launches
 
@@ -160,22 +159,11 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-class DecodeAttention:
-    """The decode-attention kernel as an attention module calls it, (q, k, v, mask, scale, last), with options:
-    fp16_rows: the output projection is an FP8Linear, so the kernel writes its output as that linear's rows (fp16_rows
-    of the q-dtype output, the same bits) and the compiled step has no conversion kernel between the two (one a
-    layer); key_mask: the LLM passes its (R, S) key mask, which the kernel makes causal by `last` itself, instead
-    of a 4-D mask that Inductor rebuilt for every layer."""
-
-    def __init__(self, fp16_rows: bool = False, key_mask: bool = False):
-        self.fp16_rows, self.key_mask = fp16_rows, key_mask
-
-    def __call__(self, q, k, v, mask, scale, last=None):
-        rows = self.fp16_rows and q.shape[0] <= MAX_ROWS  # more rows: the linear runs its reference, on q's dtype
-        return decode_attention_op(q, k, v, mask, scale, last, rows, self.key_mask)
-
-    def __repr__(self) -> str:
-        return f"DecodeAttention(fp16_rows={self.fp16_rows}, key_mask={self.key_mask})"
+def decode_attention_fp16_rows(q, k, v, mask, scale, last=None):
+    """The decode-attention kernel for an attention whose output projection is an FP8Linear: it writes its output
+    as that linear's rows (fp16_rows of the q-dtype output, the same bits), so the compiled step has no conversion
+    kernel between the two (one a layer)."""
+    return decode_attention_op(q, k, v, mask, scale, last, q.shape[0] <= MAX_ROWS)  # more rows: the linear's reference
 
 
 def _decode_rows(x, in_features: int) -> int:
@@ -311,7 +299,7 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     state = preparation.weights_state(model)
     settings = (shared_in_moe_default() if weights == "fp8" else None, ROUTER_ON_KERNEL, ROUTE_ON_KERNEL,
-                KV_WRITE_ON_KERNEL, KEY_MASK_IN_KERNEL, ATTENTION_FP8_ROWS, state)
+                KV_WRITE_ON_KERNEL, ATTENTION_FP8_ROWS, state)
     done = preparation.current(model)
     if done is not None and state is not None and (done.weights, done.settings) == (weights, settings):
         return done.report  # already so, on the same weights: generators share the installed kernels and copies
@@ -333,10 +321,9 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     attns = [m for m in model.model.model.modules() if isinstance(m, Attention)]
     attns += [m for m in model.vision.semantic_decoder.modules() if isinstance(m, SelfAttention)]
     dev = next(model.parameters()).device
-    kernels_run = dev.type == "cuda" or interpreting()
-    for m in attns:  # the attention kernel of fused one-token steps; its options follow the FP8 swap below
+    for m in attns:  # the attention kernel of fused one-token steps (the FP8 swap below may change it)
         m.fused_decode_attention = decode_attention_op
-        if KV_WRITE_ON_KERNEL and kernels_run:  # the cache writes (the LLM's with RoPE) in one launch
+        if KV_WRITE_ON_KERNEL and (dev.type == "cuda" or interpreting()):  # the cache writes (the LLM's with RoPE) in one launch
             m.fused_kv_write = rope_kv_write_op
         else:
             m.__dict__.pop("fused_kv_write", None)
@@ -356,18 +343,16 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
                 report["fp8_linear_params"] += _swap_linears(layer, FP8_LINEAR_NAMES)
             else:
                 report["fp8_params_restored"] += _unwrap_fp8(layer)
-    for m in attns:  # after the swap: an FP8 output projection takes the kernel's output as its rows
-        llm = isinstance(m, Attention)
-        # (the interpreter multiplies an FP8 linear's rows as given: there the kernel keeps q's dtype)
-        rows = ATTENTION_FP8_ROWS and isinstance(m.dense if llm else m.proj, FP8Linear) and dev.type == "cuda"
-        key_mask = llm and KEY_MASK_IN_KERNEL and kernels_run
-        if rows or key_mask:
-            m.fused_decode_attention = DecodeAttention(fp16_rows=rows, key_mask=key_mask)
+    for m in attns:  # after the swap: an FP8 output projection takes the kernel's output as its rows (not in the
+        # interpreter, which multiplies an FP8 linear's rows as given)
+        out_linear = m.dense if isinstance(m, Attention) else m.proj
+        if ATTENTION_FP8_ROWS and isinstance(out_linear, FP8Linear) and dev.type == "cuda":
+            m.fused_decode_attention = decode_attention_fp16_rows
     logger.info("decode weights %s: %s", weights, report)
     preparation.record(model, preparation.Preparation(weights, settings, report))
     return report
 
 
-__all__ = ["ATTENTION_FP8_ROWS", "DecodeAttention", "FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode",
-           "KEY_MASK_IN_KERNEL", "KV_WRITE_ON_KERNEL", "ROUTER_ON_KERNEL", "ROUTE_ON_KERNEL", "SHARED_IN_MOE_ENV",
+__all__ = ["ATTENTION_FP8_ROWS", "FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode",
+           "KV_WRITE_ON_KERNEL", "decode_attention_fp16_rows", "ROUTER_ON_KERNEL", "ROUTE_ON_KERNEL", "SHARED_IN_MOE_ENV",
            "prepare_decode", "router_logits"]
