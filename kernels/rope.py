@@ -55,8 +55,9 @@ if triton is not None:
 
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-    """qkv (B, 1, (H + 2 Hkv) D) or (B, (H + 2 Hkv) D); cos, sin (B, 1, D) fp32, or both None (no RoPE); k_cache,
-    v_cache (B, Hkv, S, D), written in place at slot cache_position (1,) -> q (B, H, 1, D) (module docstring)."""
+    """qkv (B, 1, (H + 2 Hkv) D) or (B, (H + 2 Hkv) D); cos, sin (B, 1, D) fp32, one row per batch row (not
+    broadcast), or both None (no RoPE); k_cache, v_cache (B, Hkv, S, D), written in place at slot cache_position (1,)
+    -> q (B, H, 1, D) (module docstring)."""
     require()
     b, hkv, s, d = k_cache.shape
     n = qkv.shape[-1]

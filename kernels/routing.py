@@ -99,7 +99,7 @@ def route_topk(logits: torch.Tensor, image_mask: torch.Tensor | None, top_k: int
     ids = torch.empty(t, slots, dtype=torch.int64, device=logits.device)
     w = torch.empty(t, slots, dtype=torch.float32, device=logits.device)
     has_mask = groups == 2
-    mask = image_mask.reshape(t) if has_mask else ids  # bool, read as is (a cast would be one more launch)
+    mask = image_mask.reshape(t).contiguous() if has_mask else ids  # bool, read as is (a cast would be one more launch)
     if has_mask and mask.dtype != torch.bool:
         raise ValueError(f"route_topk: image mask must be bool, got {mask.dtype}")
     _route_kernel[(t,)](logits, mask, ids, w, e, logits.stride(0), logits.stride(1), shared_first,

@@ -917,19 +917,23 @@ def test_decode_attention_stops_at_the_last_slot(splits):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32,) * 2, (torch.bfloat16,) * 2,
+                                                (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("mrope", [False, True])
-def test_rope_kv_write_equals_the_attention_projection(dtype, mrope):
+def test_rope_kv_write_equals_the_attention_projection(dtype, cache_dtype, mrope):
     """kernels.rope.rope_kv_write, one launch from the qkv projection: the rotated query equals
-    Attention.project's, the new key (rotated) and value land in the caches' slot as index_copy_ puts them,
-    and every other slot is untouched; bad operands are refused."""
+    Attention.project's, the new key (rotated, rounded to the projection's dtype as apply_rope rounds it, then
+    to the cache's) and value land in the caches' slot as forward_static's index_copy_ puts them, and every
+    other slot is untouched; bad operands are refused."""
     import dataclasses
 
     from kernels.rope import rope_kv_write
     from models.llm import Attention, rope_cos_sin, rope_inv_freq
 
     cfg = dataclasses.replace(tiny_config().llm, mrope_section=(4, 2, 2), head_dim=16)
-    attn = Attention(cfg).to(DEV, dtype)
+    with torch.random.fork_rng(devices=[]):  # the projection's weights, the same every run
+        torch.manual_seed(6)
+        attn = Attention(cfg).to(DEV, dtype)
     b, s, slot = 3, 12, 5
     g = torch.Generator().manual_seed(6)
     x = torch.randn(b, 1, cfg.hidden_size, generator=g).to(DEV, dtype)
@@ -937,17 +941,24 @@ def test_rope_kv_write_equals_the_attention_projection(dtype, mrope):
     positions = torch.stack([positions, positions + 1, positions * 2]) if mrope else positions  # (3, B, 1): M-RoPE
     cos, sin = rope_cos_sin(positions.to(DEV), rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(DEV),
                             cfg.mrope_section)
-    k_c = torch.randn(b, cfg.num_kv_heads, s, cfg.head_dim, generator=g).to(DEV, dtype)
-    v_c = torch.randn(b, cfg.num_kv_heads, s, cfg.head_dim, generator=g).to(DEV, dtype)
+    k_c = torch.randn(b, cfg.num_kv_heads, s, cfg.head_dim, generator=g).to(DEV, cache_dtype)
+    v_c = torch.randn(b, cfg.num_kv_heads, s, cfg.head_dim, generator=g).to(DEV, cache_dtype)
     at = torch.tensor([slot], device=DEV)
     q, k, v = attn.project(x, cos, sin)
-    ref_k, ref_v = k_c.clone().index_copy_(2, at, k), v_c.clone().index_copy_(2, at, v)
+    ref_k = k_c.clone().index_copy_(2, at, k.to(cache_dtype))
+    ref_v = v_c.clone().index_copy_(2, at, v.to(cache_dtype))
     got = rope_kv_write(attn.query_key_value(x), cos, sin, k_c, v_c, at)
     assert got.shape == q.shape and got.dtype == q.dtype
     # fp32: the same products and sums (the GPU may fuse one multiply-add); bf16: at most one rounding step apart
-    tol = (1e-6 if dtype == torch.float32 else 2 ** -7) * max(1.0, q.abs().max().item())
-    assert_close(f"kernels/rope_q_{dtype}", got, q, tol)
-    assert_close(f"kernels/rope_k_{dtype}", k_c, ref_k, tol)
+    # (the interpreter truncates to bf16 where torch rounds to nearest): one ulp is at most 2^-7 of the magnitude
+    def tol(ref):
+        return (1e-6 if dtype == torch.float32 else 2 ** -7) * max(1.0, ref.abs().max().item())
+
+    assert_close(f"kernels/rope_q_{dtype}", got, q, tol(q))
+    assert_close(f"kernels/rope_k_{dtype}_{cache_dtype}", k_c, ref_k, tol(ref_k))
+    new_k = k_c[:, :, slot]
+    assert torch.equal(new_k, new_k.to(dtype).to(cache_dtype))  # rounded to the projection's dtype on the way
+    assert torch.equal(k_c[:, :, :slot], ref_k[:, :, :slot]) and torch.equal(k_c[:, :, slot + 1:], ref_k[:, :, slot + 1:])
     assert torch.equal(v_c, ref_v)
     with pytest.raises(ValueError, match="fp32"):
         rope_kv_write(attn.query_key_value(x), cos.to(dtype) if dtype != torch.float32 else cos.half(), sin, k_c, v_c, at)
@@ -1176,6 +1187,8 @@ def test_route_kernel_routes_as_the_routers(groups, renorm, shared):
     assert torch.equal(ids[:, k:], torch.arange(e, e + shared, device=DEV).expand(t, -1))
     assert torch.equal(w[:, k:], torch.ones(t, shared, device=DEV))
     if groups == 2:
+        both = torch.cat([mask, ~mask], dim=1)  # (T, 2): its first column is a strided mask
+        assert torch.equal(route_topk(logits, both[:, :1], k, renorm, e, shared)[0], ids)
         with pytest.raises(ValueError, match="image mask"):
             route_topk(logits, None, k, renorm)
         with pytest.raises(ValueError, match="must be bool"):

@@ -4,12 +4,15 @@
 loaded: the FP8 copies and the stacked routers are snapshots of them):
   * every LLM and semantic-decoder attention gets `fused_decode_attention` (kernels.attention): one
     launch per layer for the one-query decode over the static cache, in a fixed order, used by static
-    steps in moe_mode "fused" (the LLM) or built with fused=True (SemanticDecoderStatic);
+    steps in moe_mode "fused" (the LLM) or built with fused=True (SemanticDecoderStatic); with an FP8 output
+    projection, on a GPU, it writes that projection's fp16 rows (decode_attention_fp16_rows); and
+    `fused_kv_write` (kernels.rope): the one-token step's cache writes (with the LLM's RoPE) in one launch;
   * every MoE layer gets `fused_decode` (kernels.moe): its routed experts are read straight from the
     stacked tensors, bf16 as they are (no copy) or FP8 with per-(expert, row) scales; its two
     routers (text and image) one stacked weight, `fused_router`, so a decode step routes in one GEMM;
-    and `router_linear`, which runs the decode rows' router GEMM on the skinny kernel (the routers' weights
-    as they are) instead of cuBLAS.
+    `router_linear`, which runs the decode rows' router GEMM on the skinny kernel (the routers' weights
+    as they are) instead of cuBLAS; and `fused_route` (kernels.routing): softmax, top-k, router choice and
+    shared-expert slots in one launch.
     With FP8 the shared experts join the stacked FP8 copies as extra experts that every row takes with
     weight 1 (FusedMoEDecode.shared_slots): their GEMMs ride in the routed experts' two launches instead
     of two launches of their own (MINGRT_MOE_SHARED=0: separate, as before session 13);
@@ -86,7 +89,8 @@ def _shared_as_experts(moe: MoE) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 class FusedMoEDecode(nn.Module):
-    """Installed as MoE.fused_decode: (x (T, H), ids (T, k), w (T, k)) -> (T, H) fp32.
+    """Installed as MoE.fused_decode: (x (T, H), ids (T, k) or (T, k + shared_slots), w likewise) -> (T, H) fp32
+    (ids of k slots get the shared experts' slots appended here; `route` gives them appended already).
 
     A module with non-persistent buffers (checkpoints are unchanged) so that torch.export sees the
     expert weights as named constants, which AOTInductor packages take from the live model.
@@ -298,8 +302,9 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     state = preparation.weights_state(model)
-    settings = (shared_in_moe_default() if weights == "fp8" else None, ROUTER_ON_KERNEL, ROUTE_ON_KERNEL,
-                KV_WRITE_ON_KERNEL, ATTENTION_FP8_ROWS, state)
+    fp8 = weights == "fp8"
+    settings = (shared_in_moe_default() if fp8 else None, ROUTER_ON_KERNEL, ROUTE_ON_KERNEL, KV_WRITE_ON_KERNEL,
+                ATTENTION_FP8_ROWS if fp8 else None, state)
     done = preparation.current(model)
     if done is not None and state is not None and (done.weights, done.settings) == (weights, settings):
         return done.report  # already so, on the same weights: generators share the installed kernels and copies
