@@ -209,7 +209,10 @@ class MoE(nn.Module):
             if all(k in state for k in keys):
                 state[prefix + ours] = torch.stack([state.pop(k) for k in keys])
 
-    def route(self, x, image_mask, fused: bool = False):
+    def route(self, x, image_mask, fused: bool = False, want_logits: bool = True):
+        """x (T, H) -> expert ids (T, k), fp32 weights (T, k), each row's router logits (T, E); a fused route may
+        append the shared experts' slots (`fused_route`) and, without want_logits, give None for the logits it
+        need not select."""
         both = getattr(self, "fused_router", None) if fused else None  # (2E, H): [gate; image_gate], prepare_decode's
         linear = (getattr(self, "router_linear", None) if fused else None) or F.linear  # prepare_decode's kernel
         kernel = getattr(self, "fused_route", None) if fused else None  # (logits, mask) -> slots, prepare_decode's
@@ -217,7 +220,7 @@ class MoE(nn.Module):
             # one GEMM and one softmax-sort for both routers (the decode step is launch-bound)
             logits2 = linear(x, both).view(x.shape[0], 2, -1)  # (T, 2, E)
             m = image_mask.reshape(-1, 1).bool()
-            logits = torch.where(m, logits2[:, 1], logits2[:, 0])
+            logits = torch.where(m, logits2[:, 1], logits2[:, 0]) if want_logits or kernel is None else None
             if kernel is not None:  # choice, softmax, top-k (and the FP8 shared-expert slots) in one launch
                 return (*kernel(logits2, m), logits)
             idx2, w2 = self.gate.select(logits2)
@@ -260,7 +263,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, image_mask=None, mode: str = "loop", record: dict | None = None):
         b, n, h = x.shape
         flat = x.reshape(-1, h)
-        idx, w, logits = self.route(flat, image_mask, fused=mode == "fused")
+        idx, w, logits = self.route(flat, image_mask, fused=mode == "fused", want_logits=record is not None)
         if record is not None:  # the routed slots (a fused route may append the shared experts as more)
             k = self.gate.top_k
             record.setdefault("router_logits", []).append(logits.view(b, n, -1))
