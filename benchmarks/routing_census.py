@@ -32,10 +32,14 @@ class RoutingCensus:
         self.calls = torch.zeros(len(self.moes), dtype=torch.float32, device=dev)
 
     def _counting_route(self, i: int, route):
-        def counted(x, image_mask, fused: bool = False):
-            idx, w, logits = route(x, image_mask, fused)
+        top_k = self.moes[i].gate.top_k
+
+        def counted(x, image_mask, fused: bool = False, want_logits: bool = True):
+            idx, w, logits = route(x, image_mask, fused, want_logits)
             used = torch.zeros(self.num_experts, dtype=torch.float32, device=idx.device)
-            used.index_fill_(0, idx.reshape(-1), 1.0)  # every row of the call: the experts one launch must read
+            # every row of the call: the routed experts one launch must read (a fused route may append the
+            # shared experts' slots, ids past the routed ones: not counted here)
+            used.index_fill_(0, idx[:, :top_k].reshape(-1), 1.0)
             self.distinct[i:i + 1].add_(used.sum())
             self.calls[i:i + 1].add_(1.0)
             return idx, w, logits
