@@ -9,7 +9,7 @@ of runtime.fast.decode_weights, each timed on against off:
         on an H200, in a kernel outside the PDL chain of the kernels around it);
   route (ROUTE_ON_KERNEL) the softmax, top-k, router choice and shared-expert slots in one kernel
         (`fused_route`, kernels/routing.py), or as PyTorch ops compiled by Inductor (a sort and 2-3 more
-        launches, outside the PDL chain);
+        launches);
   kv    (KV_WRITE_ON_KERNEL) the LLM attention's RoPE and KV-cache write in one kernel (`fused_kv_write`,
         kernels/rope.py), or as PyTorch ops compiled by Inductor (three launches a layer), and the semantic
         decoder's cache writes likewise (two launches a layer, and its causal mask: none needed then);
@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import runtime.fast.decode_weights as decode_weights  # noqa: E402
 from benchmarks import pdl_check  # noqa: E402
 from benchmarks.speed import environment  # noqa: E402
+from benchmarks.table_ab import use_table  # noqa: E402
 from kernels import skinny  # noqa: E402
 
 SETTINGS = {"gemm": ("ROUTER_ON_KERNEL", "router on the skinny kernel", "router on cuBLAS"),
@@ -58,7 +59,7 @@ def token_step_ab(model, dev, fmt: str, runs: int, rounds: int, settings: tuple[
         def setup():
             for name in settings:
                 setattr(decode_weights, SETTINGS[name][0], name != off)
-            skinny._TUNED = tuned  # read at launch: each build captures its graph under its own table
+            use_table(tuned)  # read at launch: each build captures its graph under its own table
         return setup
 
     all_on = " + ".join(SETTINGS[n][1] for n in settings)
@@ -71,7 +72,7 @@ def token_step_ab(model, dev, fmt: str, runs: int, rounds: int, settings: tuple[
     finally:
         for name in settings:
             setattr(decode_weights, SETTINGS[name][0], True)
-        skinny._TUNED = installed
+        use_table(installed)
 
 
 def main(argv=None) -> int:

@@ -2,8 +2,8 @@
 
 Between the LLM's qkv GEMM and its decode attention the compiled step ran three Inductor kernels per
 layer (query RoPE, key RoPE + cache write, value cache write: ~4 us together on an H200,
-benchmarks/results/profile_step_h200_s15_start.md), outside the PDL chain of the kernels around them; the
-semantic decoder's step two (its cache writes; it has no RoPE). Here one program per (row, head) does what
+benchmarks/results/profile_step_h200_s15_start.md), each a launch of its own; the semantic decoder's step two
+(its cache writes; it has no RoPE). Here one program per (row, head) does what
 models.llm.Attention.forward_static (or models.vit_layers.SelfAttention.forward_static) does for one new token:
 
   qkv (B, (H + 2 Hkv) D), heads [q; k; v] head-major; cos/sin (B, 1, D) fp32 (rotate-half layout), or none

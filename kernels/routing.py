@@ -2,8 +2,8 @@
 
 What the compiled LLM step ran between the routers' GEMM and the MoE kernel (per layer, FP8 weights,
 H200, benchmarks/results/profile_step_h200_s15_start.md): a softmax + stable sort (4.7 us), the router choice by
-image mask and the shared-expert slots appended (two to three more kernels of 1-3 us), none of them
-in the PDL chain. This kernel does all of it, one program per row, and joins the chain:
+image mask and the shared-expert slots appended (two to three more kernels of 1-3 us). This kernel does all
+of it in one launch, one program per row:
 
   logits (T, G, E), G routers stacked (G = 2: [text; image], the row's image mask picks; G = 1: one)
   p      = softmax(logits[t, g]) in fp32
@@ -13,7 +13,8 @@ in the PDL chain. This kernel does all of it, one program per row, and joins the
   -> ids (T, k + S) int64, weights (T, k + S) fp32
 
 The same choices as the reference wherever the probabilities compare the same; the weights are the same
-fp32 formulas summed in another order (last-bit differences).
+fp32 formulas summed in another order (last-bit differences). Without a kernel (the CPU without Triton's
+interpreter) MoE.route keeps its PyTorch ops: prepare_decode installs this only where it runs.
 """
 from __future__ import annotations
 
@@ -57,28 +58,6 @@ if triton is not None:
         tl.store(w_ptr + t * (TOPK + SHARED) + rs, w, mask=out)
 
 
-def route_reference(logits: torch.Tensor, image_mask: torch.Tensor | None, top_k: int, renormalize: bool,
-                    shared_first: int = 0, shared_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """route_topk in PyTorch ops, as models.llm.Router.select and MoE.route compute it (the tests' reference,
-    and the route where the kernel cannot run)."""
-    if logits.dim() == 2:
-        logits = logits[:, None]
-    w, ids = torch.sort(logits.softmax(dim=-1, dtype=torch.float32), dim=-1, descending=True, stable=True)
-    w, ids = w[..., :top_k], ids[..., :top_k]
-    if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
-    if logits.shape[1] == 2:
-        m = image_mask.reshape(-1, 1).bool()
-        ids, w = torch.where(m, ids[:, 1], ids[:, 0]), torch.where(m, w[:, 1], w[:, 0])
-    else:
-        ids, w = ids[:, 0], w[:, 0]
-    if shared_slots:
-        t = ids.shape[0]
-        ids = torch.cat([ids, torch.arange(shared_first, shared_first + shared_slots, device=ids.device).expand(t, -1)], 1)
-        w = torch.cat([w, w.new_ones(t, shared_slots)], 1)
-    return ids, w
-
-
 def route_topk(logits: torch.Tensor, image_mask: torch.Tensor | None, top_k: int, renormalize: bool,
                shared_first: int = 0, shared_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (T, G, E) with G in (1, 2), or (T, E); image_mask (T,) or (T, 1) bool (needed when G = 2: True
@@ -109,4 +88,4 @@ def route_topk(logits: torch.Tensor, image_mask: torch.Tensor | None, top_k: int
     return ids, w
 
 
-__all__ = ["route_reference", "route_topk"]
+__all__ = ["route_topk"]

@@ -1036,6 +1036,45 @@ def test_fp8_preparation_gives_the_attentions_fp8_rows(monkeypatch):
 
 
 @torch.no_grad()
+def test_compiled_fused_step_writes_the_caches_in_place():
+    """Under torch.compile the mutating rope_kv_write op writes the step's cache inputs themselves: Inductor
+    re-inplaces it (every call's caches are graph inputs, no copy of a cache per layer), and the compiled step
+    matches the eager one, caches included."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from runtime.fast.decode_weights import prepare_decode
+
+    model = build(tiny_config(), seed=0, device=DEV)
+    llm, cfg = model.model.model, model.cfg.llm
+    prepare_decode(model)
+    k_c, v_c = llm.empty_cache(2, 16, device=DEV)
+    for c in (*k_c, *v_c):
+        c.normal_(generator=torch.Generator(DEV).manual_seed(1))
+    x = torch.randn(2, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(2)).to(DEV)
+    mask = torch.ones(2, 16, dtype=torch.long, device=DEV)
+    pos, at = torch.full((2, 1), 5, device=DEV), torch.tensor([5], device=DEV)
+    image = torch.zeros(2, 1, dtype=torch.bool, device=DEV)
+    n = cfg.num_layers
+
+    def step(x, *caches):
+        return llm.forward_static(x, mask, pos, list(caches[:n]), list(caches[n:]), at, image_mask=image,
+                                  moe_mode="fused")
+
+    eager_caches = [c.clone() for c in (*k_c, *v_c)]
+    want = step(x, *eager_caches)
+    caches = [c.clone() for c in (*k_c, *v_c)]
+    torch._dynamo.reset()
+    got, codes = run_and_get_code(torch.compile(step, fullgraph=True), x, *caches)
+    calls = [m.groups() for code in codes for m in re.finditer(r"rope_kv_write\.default\(.*, (\w+), (\w+), \w+\)", code)]
+    assert len(calls) == n and all(re.fullmatch(r"arg\d+_1", name) for call in calls for name in call), calls
+    assert_close("kernels/compiled_fused_step", got, want, 1e-5)
+    for a, b in zip(caches, eager_caches):
+        assert_close("kernels/compiled_fused_step_caches", a, b, 1e-6)
+
+
+@torch.no_grad()
 def test_llm_decode_uses_the_attention_kernel_once_installed():
     """prepare_decode installs the kernel on every LLM attention; a one-token static step in moe_mode
     "fused" then runs through it and through the RoPE + cache-write kernel (and
@@ -1163,7 +1202,7 @@ def test_route_kernel_routes_as_the_routers(groups, renorm, shared):
     id, its weights to fp32 rounding, then the shared experts' slots of weight 1."""
     import dataclasses
 
-    from kernels.routing import route_reference, route_topk
+    from kernels.routing import route_topk
     from models.llm import Router
 
     e, k, t = 64, 6, 8
@@ -1176,12 +1215,14 @@ def test_route_kernel_routes_as_the_routers(groups, renorm, shared):
     mask = (torch.arange(t, device=DEV) % 3 == 0)[:, None] if groups == 2 else None
     ids, w = route_topk(logits, mask, k, renorm, e, shared)
     assert ids.shape == w.shape == (t, k + shared) and ids.dtype == torch.int64 and w.dtype == torch.float32
-    ref_ids, ref_w = route_reference(logits, mask, k, renorm, e, shared)
-    assert torch.equal(ids, ref_ids)
-    assert_close("kernels/route_weights", w, ref_w, 1e-6)
     sel_ids, sel_w = router.select(logits)  # (T, G, k): the model's own choice, per router
     pick = mask[:, 0].long() if groups == 2 else torch.zeros(t, dtype=torch.long, device=DEV)
     rows = torch.arange(t, device=DEV)
+    # the reference: each row's router's choice, then the shared slots
+    ref_ids = torch.cat([sel_ids[rows, pick], torch.arange(e, e + shared, device=DEV).expand(t, -1)], 1)
+    ref_w = torch.cat([sel_w[rows, pick], torch.ones(t, shared, device=DEV)], 1)
+    assert torch.equal(ids, ref_ids)
+    assert_close("kernels/route_weights", w, ref_w, 1e-6)
     assert torch.equal(ids[:, :k], sel_ids[rows, pick])
     assert_close("kernels/route_weights_vs_select", w[:, :k], sel_w[rows, pick], 1e-6)
     assert torch.equal(ids[:, k:], torch.arange(e, e + shared, device=DEV).expand(t, -1))

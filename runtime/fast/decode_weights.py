@@ -45,7 +45,6 @@ from kernels.ops import (
     skinny_linear_op,
     skinny_swiglu_op,
 )
-from kernels.routing import route_reference
 from kernels.skinny import MAX_ROWS
 from models.llm import Attention, ExpertMLP, MoE
 from models.univision import MingUniVision
@@ -133,13 +132,10 @@ class FusedMoEDecode(nn.Module):
         return moe_decode_op(x, ids, w, self.wg, self.wu, self.wd, self.sg, self.su, self.sd)
 
     def route(self, logits: torch.Tensor, image_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Installed as MoE.fused_route: router logits (T, G, E) and the image mask picking a router per row ->
-        this kernel's slots, ids (T, k + shared_slots) and fp32 weights, in one launch (kernels.routing); in
-        PyTorch ops where the kernel cannot run (the CPU without Triton's interpreter)."""
-        args = (self.top_k, self.renormalize, self.num_routed, self.shared_slots)
-        if logits.is_cuda or interpreting():
-            return route_decode_op(logits, image_mask, *args)
-        return route_reference(logits, image_mask, *args)
+        """Installed as MoE.fused_route where the kernel runs: router logits (T, G, E) and the image mask picking a
+        router per row -> this kernel's slots, ids (T, k + shared_slots) and fp32 weights, in one launch
+        (kernels.routing)."""
+        return route_decode_op(logits, image_mask, self.top_k, self.renormalize, self.num_routed, self.shared_slots)
 
 
 def _rows_for_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -308,6 +304,8 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     done = preparation.current(model)
     if done is not None and state is not None and (done.weights, done.settings) == (weights, settings):
         return done.report  # already so, on the same weights: generators share the installed kernels and copies
+    dev = next(model.parameters()).device
+    kernels_run = dev.type == "cuda" or interpreting()  # the one-launch glue kernels (route, cache writes) run here
     moes = [m for m in model.model.model.modules() if isinstance(m, MoE)]
     for m in moes:
         m.fused_decode = FusedMoEDecode(m, weights)
@@ -317,7 +315,7 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
             m.router_linear = router_logits
         else:
             m.__dict__.pop("router_linear", None)
-        if ROUTE_ON_KERNEL:
+        if ROUTE_ON_KERNEL and kernels_run:
             m.fused_route = m.fused_decode.route
         else:
             m.__dict__.pop("fused_route", None)
@@ -325,10 +323,9 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
             _set_fused_router(m, torch.cat([m.gate.weight, m.image_gate.weight]).detach())
     attns = [m for m in model.model.model.modules() if isinstance(m, Attention)]
     attns += [m for m in model.vision.semantic_decoder.modules() if isinstance(m, SelfAttention)]
-    dev = next(model.parameters()).device
     for m in attns:  # the attention kernel of fused one-token steps (the FP8 swap below may change it)
         m.fused_decode_attention = decode_attention_op
-        if KV_WRITE_ON_KERNEL and (dev.type == "cuda" or interpreting()):  # the cache writes (the LLM's with RoPE) in one launch
+        if KV_WRITE_ON_KERNEL and kernels_run:  # the cache writes (the LLM's with RoPE) in one launch
             m.fused_kv_write = rope_kv_write_op
         else:
             m.__dict__.pop("fused_kv_write", None)
