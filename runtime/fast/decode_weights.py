@@ -163,7 +163,8 @@ def decode_attention_fp16_rows(q, k, v, mask, scale, last=None):
     """The decode-attention kernel for an attention whose output projection is an FP8Linear: it writes its output
     as that linear's rows (fp16_rows of the q-dtype output, the same bits), so the compiled step has no conversion
     kernel between the two (one a layer)."""
-    return decode_attention_op(q, k, v, mask, scale, last, q.shape[0] <= MAX_ROWS)  # more rows: the linear's reference
+    # rows the linear takes on its kernel (more: it runs its reference, on q's dtype)
+    return decode_attention_op(q, k, v, mask, scale, last, _decode_rows(q, q.shape[1] * q.shape[3]) > 0)
 
 
 def _decode_rows(x, in_features: int) -> int:
