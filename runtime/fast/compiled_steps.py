@@ -118,15 +118,13 @@ def _device_index(device: torch.device) -> int:
 
 
 def probe_load(path: Path, device: torch.device, timeout: float = 300.0) -> str | None:
-    """Load a CUDA package in a child process first; None when it loads, else why not.
+    """Load a package in a child process first; None when it loads, else why not.
 
-    AOTInductor's CUDA loader can take the whole process down (a segfault in the loader itself, seen
-    with torch 2.11+cu130 on an H200 even for a two-layer MLP), which a service must not inherit.
-    A few seconds once per package and process; CPU packages are loaded directly."""
-    if device.type != "cuda":
-        return None
+    AOTInductor's loader can take the whole process down (a segfault in the loader itself, seen with
+    torch 2.11+cu130 on an H200 for a two-layer MLP, on the GPU and on the CPU alike), which a service
+    must not inherit. A few seconds once per package and process."""
     path = Path(path)
-    key = (str(path.resolve()), path.stat().st_mtime_ns, device.index)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, device.type, device.index)
     if key not in _PROBED:
         try:
             r = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(_device_index(device)), str(_ROOT)],
@@ -134,8 +132,8 @@ def probe_load(path: Path, device: torch.device, timeout: float = 300.0) -> str 
             if r.returncode == 0:
                 why = None
             elif r.returncode < 0:
-                why = (f"AOTInductor's CUDA loader crashed a test process (signal {-r.returncode}) "
-                       f"with torch {torch.__version__}")
+                why = (f"AOTInductor's loader crashed a test process (signal {-r.returncode}) "
+                       f"with torch {torch.__version__} on {device.type}")
             else:
                 why = f"AOTInductor's loader failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
         except subprocess.TimeoutExpired:
