@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-sdvae", action="store_true")
     p.add_argument("--compile-tokenizer", action="store_true",
                    help="also time MingTok's encoder and pixel decoder torch.compile'd inside their CUDA graphs")
-    p.add_argument("--compile-sdvae", action="store_true", help="also time torch.compile'd SD-VAE decode (minutes of compile)")
+    p.add_argument("--compile-sdvae", action="store_true",
+                   help="also time torch.compile'd SD-VAE encode and decode at both sizes (minutes of compile)")
     p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae,sdvae-ar,fp8,engines "
                                                "(default: all)")
     p.add_argument("--no-kernels", action="store_true", help="skip the Triton-kernel variants")
@@ -463,6 +464,7 @@ def main(argv=None) -> int:
         # --- the same LLM + flow head generating SD-VAE latents (1024 tokens) -----------------------
         if want("sdvae-ar") and not smoke and not a.skip_sdvae:
             sdvae_ar(results, rec, model, cache, kw, gen, use_kernels, a.e2e_runs)
+            torch.cuda.empty_cache()  # its generator's graphs and caches went with the call
 
         # --- FP8 weight streaming last: it swaps the decode linears for FP8 ones in place ----------
         if use_kernels and want("fp8"):
@@ -473,6 +475,9 @@ def main(argv=None) -> int:
             images["fast_fp8"] = fp8_gen.generate(cache, **kw).image.float()
             if bcache is not None:  # the same batch with FP8 weights
                 time_batch(fp8_gen, "fp8", "CUDA graph + kernels (fp8)", "CUDA graph + kernels fp8", floors["fp8"])
+            if want("sdvae-ar") and not a.skip_sdvae:  # the SD-VAE-latent pipeline on the same FP8 weights
+                sdvae_ar(results, rec, model, cache, kw, gen, use_kernels, a.e2e_runs, weights="fp8")
+                torch.cuda.empty_cache()  # its generator's graphs and caches went with the call
         results["accuracy"] = accuracy(images, "fp32" if dtype == torch.float32 else "bf16")
         print("image accuracy:", results["accuracy"], flush=True)
         print("single-step accuracy (relative L2 vs the eager reference):", step_accuracy, flush=True)
@@ -487,19 +492,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def sdvae_ar(results, rec, model, cache, kw, gen, use_kernels: bool, runs: int):
+def sdvae_ar(results, rec, model, cache, kw, gen, use_kernels: bool, runs: int, weights: str = "bf16"):
+    """The same LLM + flow head generating SD-VAE latents (1024 tokens for 512 px) and decoding them with the
+    SD-VAE, on the fast path with `weights` (benchmarks/sdvae_ar.py)."""
     try:
         from benchmarks.sdvae_ar import SDVAELatentGenerator, sd_vae
         vae = sd_vae(next(model.parameters()).device)
     except ImportError:
         results["sdvae"]["note_ar"] = "diffusers is not installed: pip install diffusers"
         return
-    sd_gen = SDVAELatentGenerator(model, vae, kernels=use_kernels)
+    sd_gen = SDVAELatentGenerator(model, vae, kernels=use_kernels, **({"weights": weights} if use_kernels else {}))
     n = sd_gen.cfg.num_image_tokens
     skw = dict(kw, noise=draw_noise(gen, 1, n, model.cfg.mingtok.latent_dim).to(kw["noise"].device))
     image = sd_gen.generate(cache, **skw).image  # captures the graph
     results["sdvae"]["ar_image_shape"] = list(image.shape)
-    label = "CUDA graph + kernels bf16" if use_kernels else "CUDA graph"
+    label = f"CUDA graph + kernels {weights}" if use_kernels else "CUDA graph"
     rec("pipelines", f"text-to-image via SD-VAE latents ({n} tokens) + SD-VAE decode, {label}",
         lambda: sd_gen.generate(cache, **skw), r=runs, w=0)
 
@@ -591,38 +598,52 @@ def accuracy(images: dict, model_precision: str) -> dict:
     return out
 
 
-def sdvae(results, device, runs, warmup, rec, model, compile_decode: bool):
+def sdvae(results, device, runs, warmup, rec, model, compile_vae: bool, sizes=(512, 1024)):
+    """SD-VAE (diffusers AutoencoderKL, SD config, random weights) encode and decode at 512 and 1024 px as users
+    run it (fp16 eager; torch.compile'd with --compile-sdvae), against MingTok's encoder (to latents, and with
+    the semantic features), and pixel decoder at the same sizes, eager and in the runtime's CUDA graphs."""
     try:
-        from diffusers import AutoencoderKL
+        from benchmarks.sdvae_ar import SD_LATENT_CHANNELS, sd_vae
+        vae = sd_vae(device)
     except ImportError:
         results["sdvae"]["note"] = "diffusers is not installed: pip install diffusers"
         return
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, sample_size=512).to(device, torch.float16).eval()
-    for size in (512, 1024):
-        x = torch.randn(1, 3, size, size, device=device, dtype=torch.float16)
-        z = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=torch.float16)
-        rec("sdvae", f"SD-VAE encode {size}px fp16 eager", lambda: vae.encode(x).latent_dist.mode())
-        rec("sdvae", f"SD-VAE decode {size}px fp16 eager", lambda: vae.decode(z).sample)
+    from runtime.fast.graphed import GraphedCall
+
+    mt, vdt = model.cfg.mingtok, next(vae.parameters()).dtype  # fp16, as users run it
+    enc, dec = (lambda x: vae.encode(x).latent_dist.mode()), (lambda z: vae.decode(z).sample)
+    # one compiled callable per direction; dynamic=False: each size compiles once, as a service warms up
+    cenc, cdec = (torch.compile(enc, dynamic=False), torch.compile(dec, dynamic=False)) if compile_vae else (None, None)
+    g_lat = GraphedCall(model.vision.encode_latents, name="encoder_latents")
+    g_enc = GraphedCall(model.vision.encode, name="encoder")
+    g_dec = GraphedCall(model.vision.decode_pixels, name="pixel_decoder")
+    compile_s = results["sdvae"].setdefault("compile_seconds", {})
+    for size in sizes:
+        x = torch.randn(1, 3, size, size, device=device, dtype=vdt)
+        z = torch.randn(1, SD_LATENT_CHANNELS, size // 8, size // 8, device=device, dtype=vdt)
+        rec("sdvae", f"SD-VAE encode {size}px fp16 eager", lambda: enc(x))
+        rec("sdvae", f"SD-VAE decode {size}px fp16 eager", lambda: dec(z))
+        if compile_vae:
+            for name, fn, arg in (("encode", cenc, x), ("decode", cdec, z)):
+                t = time.perf_counter()
+                try:
+                    fn(arg)
+                    torch.cuda.synchronize(device)
+                except Exception as exc:  # report, don't hide
+                    results["sdvae"][f"compile_error_{name}_{size}"] = repr(exc)[:300]
+                    continue
+                compile_s[f"{name} {size}px"] = time.perf_counter() - t
+                rec("sdvae", f"SD-VAE {name} {size}px fp16 torch.compile", lambda fn=fn, arg=arg: fn(arg))
+        g = size // mt.patch_size  # encoder patch grid
         img = torch.rand(1, 3, size, size, device=device, dtype=torch.bfloat16) * 2 - 1
-        pos = None
-        if size != model.cfg.mingtok.image_size:
-            g = size // model.cfg.mingtok.patch_size
-            pos = model.vision.low_level_encoder.position_embedding(g, g).detach()
-        rec("sdvae", f"MingTok encode {size}px bf16 eager", lambda: model.vision.encode(img, pos))
-        rec("sdvae", f"MingTok encode to latents {size}px bf16 eager", lambda: model.vision.encode_latents(img, pos))
-    if not compile_decode:
-        return
-    try:
-        cvae = torch.compile(vae.decode)
-        z = torch.randn(1, 4, 64, 64, device=device, dtype=torch.float16)
-        t = time.perf_counter()
-        cvae(z)
-        results["sdvae"]["compile_seconds_decode_512"] = time.perf_counter() - t
-        rec("sdvae", "SD-VAE decode 512px fp16 torch.compile", lambda: cvae(z).sample)
-    except Exception as exc:  # report, don't hide
-        results["sdvae"]["compile_error"] = repr(exc)[:300]
+        pos = () if g == mt.grid else (model.vision.low_level_encoder.position_embedding(g, g).detach(),)
+        feats = torch.randn(1, g * g, mt.semantic_dim, device=device, dtype=torch.bfloat16)  # one per encoder patch
+        for label, fn, graphed, args in (("encode to latents", model.vision.encode_latents, g_lat, (img, *pos)),
+                                          ("encode (latents + semantic features)", model.vision.encode, g_enc, (img, *pos)),
+                                          ("pixel decoder", model.vision.decode_pixels, g_dec, (feats,))):
+            rec("sdvae", f"MingTok {label} {size}px bf16 eager", lambda fn=fn, args=args: fn(*args))
+            rec("sdvae", f"MingTok {label} {size}px bf16 CUDA graph", lambda graphed=graphed, args=args: graphed(*args))
+    del g_lat, g_enc, g_dec
 
 
 def markdown(r: dict) -> str:
