@@ -200,8 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-sdvae", action="store_true")
     p.add_argument("--compile-tokenizer", action="store_true",
                    help="also time MingTok's encoder and pixel decoder torch.compile'd inside their CUDA graphs")
-    p.add_argument("--compile-sdvae", action="store_true",
-                   help="also time torch.compile'd SD-VAE encode and decode at both sizes (minutes of compile)")
+    p.add_argument("--compile-sdvae", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time torch.compile'd SD-VAE encode and decode at both sizes, as users run it "
+                        "(about 20 s of compile each on an H200)")
     p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae,sdvae-ar,fp8,engines "
                                                "(default: all)")
     p.add_argument("--no-kernels", action="store_true", help="skip the Triton-kernel variants")
@@ -214,7 +215,15 @@ def main(argv=None) -> int:
     p.add_argument("--hbm-tbps", type=float, help="peak HBM bandwidth for the floor (default: by GPU name)")
     p.add_argument("--engines", type=Path, help="an export.build folder: also time its onnxruntime/TensorRT engines "
                                                "(per piece and end to end) where they run here")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only write the markdown table and plot of a saved results JSON (next to it), then exit")
     a = p.parse_args(argv)
+    if a.render is not None:
+        r = json.loads(a.render.read_text())
+        a.render.with_suffix(".md").write_text(markdown(r))
+        plot(r, a.render.with_suffix(".png"))
+        print(f"wrote {a.render.with_suffix('.md')}")
+        return 0
     only = {x for x in a.only.split(",") if x}
     want = lambda part: not only or part in only
     smoke = a.smoke or not torch.cuda.is_available()
@@ -600,7 +609,7 @@ def accuracy(images: dict, model_precision: str) -> dict:
 
 def sdvae(results, device, runs, warmup, rec, model, compile_vae: bool, sizes=(512, 1024)):
     """SD-VAE (diffusers AutoencoderKL, SD config, random weights) encode and decode at 512 and 1024 px as users
-    run it (fp16 eager; torch.compile'd with --compile-sdvae), against MingTok's encoder (to latents, and with
+    run it (fp16 eager, and torch.compile'd unless --no-compile-sdvae), against MingTok's encoder (to latents, and with
     the semantic features), and pixel decoder at the same sizes, eager and in the runtime's CUDA graphs."""
     try:
         from benchmarks.sdvae_ar import SD_LATENT_CHANNELS, sd_vae
@@ -685,6 +694,7 @@ def markdown(r: dict) -> str:
         lines += ["", f"Programmatic dependent launch (default: on, {trigger} trigger, "
                       f"{r['pdl']['default_prefetch_tiles']} weight tiles prefetched into L2 per program before the wait), "
                       "the same token graph recaptured: " + "; ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in pdl.items())]
+    lines += sdvae_table(r)
     acc = r.get("single_step_accuracy") or {}
     if acc:
         lines += ["", "Single-step accuracy (relative L2 against the eager bf16 reference, same inputs, no feedback):", "",
@@ -697,6 +707,39 @@ def markdown(r: dict) -> str:
                       "any rounding difference through the feedback loop, so read 'graph' as the baseline): "
                   + ", ".join(f"{k.replace('_psnr_db', '')} {v:.1f}" for k, v in img.items() if k.endswith("psnr_db"))]
     return "\n".join(lines) + "\n"
+
+
+def sdvae_table(r: dict) -> list[str]:
+    """Markdown lines: SD-VAE against MingTok side by side per image size (medians, ms; '-' where not timed), and
+    the two text-to-image pipelines (s) for each weight format timed."""
+    sd, pipe = r.get("sdvae", {}), r.get("pipelines", {})
+    sizes = sorted({int(w[:-2]) for k in sd for w in k.split() if w.endswith("px") and w[:-2].isdigit()})
+    if not sizes:
+        return []
+
+    def t(group: dict, label: str, scale: float = 1.0) -> str:
+        v = group.get(label)
+        return f"{v['median_ms'] / scale:.2f}" if isinstance(v, dict) and "median_ms" in v else "-"
+
+    mt = lambda what, s: f"{t(sd, f'MingTok {what} {s}px bf16 CUDA graph')} ({t(sd, f'MingTok {what} {s}px bf16 eager')})"
+    rows = [("SD-VAE encode, fp16 eager / torch.compile",
+             lambda s: f"{t(sd, f'SD-VAE encode {s}px fp16 eager')} / {t(sd, f'SD-VAE encode {s}px fp16 torch.compile')}"),
+            ("MingTok encoder to latents, bf16 CUDA graph (eager)", lambda s: mt("encode to latents", s)),
+            ("MingTok encoder with semantic features, bf16 CUDA graph (eager)",
+             lambda s: mt("encode (latents + semantic features)", s)),
+            ("SD-VAE decode, fp16 eager / torch.compile",
+             lambda s: f"{t(sd, f'SD-VAE decode {s}px fp16 eager')} / {t(sd, f'SD-VAE decode {s}px fp16 torch.compile')}"),
+            ("MingTok pixel decoder, bf16 CUDA graph (eager)", lambda s: mt("pixel decoder", s))]
+    lines = ["", "SD-VAE against MingTok (median ms):", "", "| | " + " | ".join(f"{s} px" for s in sizes) + " |",
+             "| --- |" + " ---: |" * len(sizes)]
+    lines += [f"| {name} | " + " | ".join(cell(s) for s in sizes) + " |" for name, cell in rows]
+    sd_ar = {k.rsplit(" ", 1)[-1]: k for k in pipe if k.startswith("text-to-image via SD-VAE latents")}
+    for fmt, label in sorted(sd_ar.items()):
+        lines.append(f"| text-to-image {fmt} (s): MingTok 256 tokens / SD-VAE latents "
+                     f"{label.split('(')[1].split(')')[0]} + SD-VAE decode | "
+                     f"{t(pipe, f'text-to-image, CUDA graph + kernels {fmt} (batch 1)', 1e3)} / {t(pipe, label, 1e3)} |"
+                     + " |" * (len(sizes) - 1))
+    return lines
 
 
 def plot(r: dict, path: Path) -> None:

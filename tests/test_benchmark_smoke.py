@@ -157,3 +157,29 @@ def test_kernels_benchmark_rejects_a_batch_it_cannot_time():
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), *args],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_sdvae_table_is_rendered_from_the_results(tmp_path):
+    """speed.py --render rewrites a saved JSON's markdown; the SD-VAE/MingTok table reads its cells by label."""
+    t = lambda ms: {"median_ms": ms, "p90_ms": ms, "runs": 20}
+    sd = {"SD-VAE encode 512px fp16 eager": t(11.0), "SD-VAE encode 512px fp16 torch.compile": t(4.0),
+          "SD-VAE decode 512px fp16 eager": t(22.0), "SD-VAE decode 1024px fp16 eager": t(86.0),
+          "MingTok pixel decoder 512px bf16 CUDA graph": t(2.5), "MingTok pixel decoder 512px bf16 eager": t(9.5),
+          "MingTok encode to latents 1024px bf16 CUDA graph": t(1.25), "compile_seconds": {"encode 512px": 20.0}}
+    pipe = {"text-to-image, CUDA graph + kernels fp8 (batch 1)": t(2090.0),
+            "text-to-image via SD-VAE latents (1024 tokens) + SD-VAE decode, CUDA graph + kernels fp8": t(7960.0)}
+    res = {"env": {"torch": "x", "device": "cuda", "gpu": "G"}, "config": "full", "dtype": "torch.bfloat16",
+           "pipelines": pipe, "sdvae": sd}
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps(res))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "speed.md").read_text()
+    assert "| | 512 px | 1024 px |" in md
+    assert "| SD-VAE encode, fp16 eager / torch.compile | 11.00 / 4.00 | - / - |" in md
+    assert "| SD-VAE decode, fp16 eager / torch.compile | 22.00 / - | 86.00 / - |" in md
+    assert "| MingTok pixel decoder, bf16 CUDA graph (eager) | 2.50 (9.50) | - (-) |" in md
+    assert "| MingTok encoder to latents, bf16 CUDA graph (eager) | - (-) | 1.25 (-) |" in md
+    assert "| text-to-image fp8 (s): MingTok 256 tokens / SD-VAE latents 1024 tokens + SD-VAE decode | 2.09 / 7.96 | |" in md
+    assert "text-to-image bf16" not in md  # no bf16 pipeline timed: no row
