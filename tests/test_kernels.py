@@ -328,6 +328,14 @@ def test_fp8_moe_runs_the_shared_experts_as_slots(monkeypatch):
     flat = x.reshape(-1, x.shape[-1])
     routed_only = apart(flat, *moe.route(flat, None)[:2]).view_as(got)
     assert not torch.allclose(got.float(), routed_only, atol=1e-3)  # the shared experts' share is in there
+    # forward takes the ids routed only (width k: it appends the shared slots) or already with them (k + n)
+    ids, w = moe.route(flat, None)[:2]
+    n = folded.shared_slots
+    with_shared = (torch.cat([ids, folded.shared_ids.to(ids.dtype).expand(len(ids), -1)], 1),
+                   torch.cat([w, w.new_ones(len(w), n)], 1))
+    assert torch.equal(folded(flat, ids, w), folded(flat, *with_shared))
+    with pytest.raises(ValueError, match=f"width {ids.shape[1] - 1}: expected {ids.shape[1]} routed or {ids.shape[1] + n}"):
+        folded(flat, ids[:, 1:], w[:, 1:])
     monkeypatch.setenv(SHARED_IN_MOE_ENV, "0")
     assert FusedMoEDecode(moe, "fp8").shared_slots == 0
     assert FusedMoEDecode(moe, "bf16", shared=True).shared_slots == 0  # bf16 reads the stacked parameters in place
