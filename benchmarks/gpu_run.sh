@@ -13,7 +13,8 @@
 #   DETERMINISM_ARGS="--replays 3 --cases 0,1,5"   also run benchmarks/determinism_check.py with these flags
 #   MOE_GROUPED=1       first run benchmarks/moe_grouped.py (per-slot against grouped MoE kernels), MOE_GROUPED_ARGS its flags
 #   ATTENTION_CHECK=1   first run benchmarks/attention_check.py (decode attention: repeatability and time per call)
-#   PROFILE=1           also run benchmarks/profile_step.py (every kernel of the FP8 token step, by part)
+#   PROFILE=1           also run benchmarks/profile_step.py (every kernel of the FP8 token step, by part);
+#                       PROFILE_ARGS="--prompts 8" its flags
 #   FLOW_CHAIN=1        first run benchmarks/flow_chain_check.py (the experimental one-launch Euler step);
 #                       FLOW_CHAIN_ARGS="--sweep --formats fp8" its flags
 #   FLOW_ABLATION=1     first run benchmarks/flow_ablation.py --formats fp8,bf16 (each launch kind's cost in the head)
@@ -89,7 +90,7 @@ if [ -n "${STEP_BATCHES_ARGS:-}" ]; then
   grep -E "batch" "$OUT/step_batches.log" | grep -v Warn | tail -6
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
-  timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_step.py --out "$OUT" > "$OUT/profile_step.log" 2>&1
+  timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_step.py --out "$OUT" ${PROFILE_ARGS:-} > "$OUT/profile_step.log" 2>&1
   tail -3 "$OUT/profile_step.log"
 fi
 pack() { [ "${TAR:-0}" = 1 ] && tar czf "${OUT%/}.tgz" -C "$OUT" . && echo "packed ${OUT%/}.tgz"; return 0; }

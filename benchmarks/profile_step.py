@@ -1,6 +1,6 @@
 """benchmarks/profile_step.py: every kernel of one image-token step, by part, with its GPU time.
 
-    python benchmarks/profile_step.py --out OUT [--weights fp8]     # a GPU: full shapes, random weights
+    python benchmarks/profile_step.py --out OUT [--weights fp8] [--prompts 8]   # a GPU: full shapes, random weights
     python benchmarks/profile_step.py --out OUT --smoke             # the tiny model on the CPU (ops, no graph)
 
 The step's three parts (speed.token_parts: LLM step, flow head, semantic-decoder step + connector) are each
@@ -70,7 +70,9 @@ def profile(fn, replays: int, cuda: bool) -> dict:
 
 
 def markdown(res: dict, top: int) -> str:
-    lines = [f"# Kernels of one image-token step ({res['weights']} weights, {res['env'].get('gpu', res['env'].get('device'))})", ""]
+    batch = f", {res['prompts']} prompts" if res.get("prompts", 1) > 1 else ""
+    lines = [f"# Kernels of one image-token step ({res['weights']} weights{batch}, "
+             f"{res['env'].get('gpu', res['env'].get('device'))})", ""]
     for part, t in res["parts"].items():
         lines += [f"## {part}: {t['kernels_per_replay']:.0f} kernels, {t['busy_us']:.0f} us busy, "
                   f"{t['span_us']:.0f} us span, {t['gap_us']:.0f} us between kernels", "",
@@ -86,23 +88,27 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--weights", choices=("bf16", "fp8"), default="fp8")
     p.add_argument("--replays", type=int, default=5)
+    p.add_argument("--prompts", type=int, default=1, help="prompts in the batch (2 CFG rows each): where batch 8 "
+                                                          "spends its time beyond batch 1's")
     p.add_argument("--top", type=int, default=25, help="kernels per part in the markdown table")
     p.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, eager ops (CI)")
     a = p.parse_args(argv)
+    if a.prompts < 1:
+        p.error("--prompts must be at least 1")
     smoke = a.smoke or not torch.cuda.is_available()
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA GPU (or --smoke)")
     dev = torch.device("cpu" if smoke else "cuda")
     model = build(tiny_config() if smoke else full_config(), seed=0, device=dev,
                   dtype=torch.float32 if smoke else torch.bfloat16)
-    cache, kw = token_inputs(model, dev)
+    cache, kw = token_inputs(model, dev, prompts=a.prompts)
     with torch.no_grad():
         gen = GraphImageGenerator(model, use_graph=not smoke, kernels=not smoke, weights="bf16" if smoke else a.weights)
-        k = gen.bucket_for(1, 2, cache.kv[0].shape[2])  # captures the token graph on a GPU
+        k = gen.bucket_for(a.prompts, 2, cache.kv[0].shape[2])  # captures the token graph on a GPU
         gen.generate(cache, **kw)  # real state in the buffers
         pin_step(k, cache.kv[0].shape[2])
         res = {"env": environment(dev), "weights": a.weights if not smoke else "fp32 (smoke)", "replays": a.replays,
-               "parts": {}}
+               "prompts": a.prompts, "parts": {}}
         for name, fn in token_parts(gen, k).items():
             res["parts"][name] = profile(fn if smoke else capture(fn), a.replays, cuda=not smoke)
             t = res["parts"][name]

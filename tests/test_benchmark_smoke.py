@@ -146,6 +146,14 @@ def test_profile_step_smoke(tmp_path):
 
     llm = {r["kernel"]: r["count"] for r in res["parts"]["LLM step"]["rows"]}
     assert llm["aten::scaled_dot_product_attention"] == tiny_config().llm.num_layers  # one attention per layer
+    # a batch of prompts: the same parts on a bucket of that batch
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--smoke", "--out",
+                           str(tmp_path / "b2"), "--replays", "1", "--prompts", "2"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res2 = json.loads((tmp_path / "b2" / "profile_step.json").read_text())
+    assert res2["prompts"] == 2 and "2 prompts" in (tmp_path / "b2" / "profile_step.md").read_text()
+    assert res2["parts"]["flow head"]["kernels_per_replay"] > 10
 
 
 def test_kernels_benchmark_rejects_a_batch_it_cannot_time():
