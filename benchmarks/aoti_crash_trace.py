@@ -3,8 +3,9 @@ under gdb (where the machine has it) for a native backtrace; without gdb, the lo
 
     python benchmarks/aoti_crash_trace.py OUT_DIR
 
-Session 16 on the H200 machine (torch 2.11.0+cu130): the CPU loader segfaulted too (aoti_load_check_h200_s16.log),
-so the crash is not CUDA's. Writes OUT_DIR/aoti_crash_trace.log.
+Session 16 on the H200 machine (torch 2.11.0+cu130): the CPU loader segfaulted too (the test fixture in
+gpu_tests_h200_s16_crash.log; aoti_load_check.py builds CUDA packages only), so the crash is not CUDA's. Writes
+OUT_DIR/aoti_crash_trace.log (benchmarks/results/aoti_crash_trace_h200_s16.log is an excerpt of it).
 """
 import shutil
 import subprocess

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         r["packages"] = {n: {"bytes": e["bytes"], "seconds": e["seconds"], "constants": len(e["constants"])}
                          for n, e in entries.items()}
         errors = {e["load_error"] for e in entries.values() if e.get("load_error")}
-        if errors:  # written, but AOTInductor's CUDA loader cannot run here (runtime/fast/compiled_steps.probe_load)
+        if errors:  # written, but AOTInductor's loader cannot run here (runtime/fast/compiled_steps.probe_load)
             r["aot_load_error"] = errors.pop()
             print(f"{fmt}: aot build {r['aot_build_s']:.1f}s; not loadable here: {r['aot_load_error']}", flush=True)
             save()

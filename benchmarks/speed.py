@@ -201,10 +201,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile-tokenizer", action="store_true",
                    help="also time MingTok's encoder and pixel decoder torch.compile'd inside their CUDA graphs")
     p.add_argument("--compile-sdvae", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time torch.compile'd SD-VAE encode and decode at both sizes, as users run it "
-                        "(about 20 s of compile each on an H200)")
+                   help="time torch.compile'd SD-VAE encode and decode at both sizes too, as users run it (default; "
+                        "about 20 s of compile each on an H200; --no-compile-sdvae: eager only)")
     p.add_argument("--only", default="", help="comma-separated subset: pieces,e2e,batch,eager-e2e,sdvae,sdvae-ar,fp8,engines "
-                                               "(default: all)")
+                                               "(default: all; the FP8 SD-VAE-latent pipeline needs sdvae-ar and fp8)")
     p.add_argument("--no-kernels", action="store_true", help="skip the Triton-kernel variants")
     p.add_argument("--flow-chain", action="store_true",
                    help="also time the FP8 token graph with the experimental one-launch flow-head Euler step "

@@ -150,13 +150,15 @@ class Runtime:
         self._fast_lock = threading.Lock()  # one generator's static buffers serve one request at a time
 
     def _attach_packages(self, packages: dict, folder: Path | None, compiled: str, verify_hashes: bool) -> None:
-        from .fast.compiled_steps import load_compiled_steps, mismatch, probe_packages
+        from .fast.compiled_steps import check_package_files, load_compiled_steps, mismatch, probe_packages
 
         gen = self._fast
-        why = mismatch(packages, gen.device, gen.dtype, gen.weights, gen.kernels) or probe_packages(folder, packages,
-                                                                                                 gen.device)
+        why = mismatch(packages, gen.device, gen.dtype, gen.weights, gen.kernels)
+        if why is None:  # packages meant for this run: a damaged file is an error, before a probe could excuse it
+            check_package_files(folder, packages, verify_hashes=verify_hashes)
+            why = probe_packages(folder, packages, gen.device)
         if why is None:
-            gen.use_compiled_steps(load_compiled_steps(folder, packages, gen, verify_hashes=verify_hashes))
+            gen.use_compiled_steps(load_compiled_steps(folder, packages, gen))  # (hashes checked just above)
         elif compiled == "aot":
             raise EngineError(f"{folder}: the compiled steps cannot run here: {why}; rebuild them on this machine "
                               "with python -m export.build --targets aoti")

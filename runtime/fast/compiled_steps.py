@@ -122,9 +122,10 @@ def probe_load(path: Path, device: torch.device, timeout: float = 300.0) -> str 
 
     AOTInductor's loader can take the whole process down (a segfault in the loader itself, seen with
     torch 2.11+cu130 on an H200 for a two-layer MLP, on the GPU and on the CPU alike), which a service
-    must not inherit. A few seconds once per package and process."""
+    must not inherit. A few seconds (a Python child importing torch) once per package, device and process; where
+    sys.executable is not a Python interpreter (some embedded servers) the probe fails and the caller falls back."""
     path = Path(path)
-    key = (str(path.resolve()), path.stat().st_mtime_ns, device.type, device.index)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, device.type, _device_index(device))
     if key not in _PROBED:
         try:
             r = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(_device_index(device)), str(_ROOT)],
@@ -175,19 +176,26 @@ class CompiledStep:
         return self.runner(*args)  # the module's own output structure (a tensor, or a tuple)
 
 
-def load_compiled_steps(folder: Path, entry: dict, gen, *, verify_hashes: bool = False) -> dict[str, CompiledStep]:
-    """Open the packages in `folder` for the generator `gen` (whose modules supply the weights)."""
+def check_package_files(folder: Path, entry: dict, *, verify_hashes: bool = False) -> None:
+    """EngineError unless every package the manifest lists is there with its size (and sha256, if asked): a damaged
+    folder is an error before any loader (or probe) sees it."""
     from export import manifest as mf
 
-    modules = step_modules(gen)
-    steps = {}
-    for name, info in entry["steps"].items():
+    for info in entry["steps"].values():
         path = Path(folder) / info["file"]
         if not path.exists():
             raise EngineError(f"{path} is missing; rebuild with python -m export.build --targets aoti")
         if path.stat().st_size != info["bytes"] or (verify_hashes and mf.sha256_file(path) != info["sha256"]):
             raise EngineError(f"{path} differs from the manifest (size or sha256); rebuild it")
-        steps[name] = CompiledStep(path, modules[name], info["constants"], gen.device)
+
+
+def load_compiled_steps(folder: Path, entry: dict, gen, *, verify_hashes: bool = False) -> dict[str, CompiledStep]:
+    """Open the packages in `folder` for the generator `gen` (whose modules supply the weights)."""
+    check_package_files(folder, entry, verify_hashes=verify_hashes)
+    modules = step_modules(gen)
+    steps = {}
+    for name, info in entry["steps"].items():
+        steps[name] = CompiledStep(Path(folder) / info["file"], modules[name], info["constants"], gen.device)
     logger.info("loaded AOTInductor steps %s from %s", sorted(steps), folder)
     return steps
 
@@ -196,6 +204,7 @@ __all__ = [
     "MAX_ROWS",
     "STEP_FILES",
     "CompiledStep",
+    "check_package_files",
     "constants_signature",
     "device_key",
     "dynamic_shapes",
