@@ -694,6 +694,7 @@ def markdown(r: dict) -> str:
         lines += ["", f"Programmatic dependent launch (default: on, {trigger} trigger, "
                       f"{r['pdl']['default_prefetch_tiles']} weight tiles prefetched into L2 per program before the wait), "
                       "the same token graph recaptured: " + "; ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in pdl.items())]
+    lines += eager_ratios(r)
     lines += sdvae_table(r)
     acc = r.get("single_step_accuracy") or {}
     if acc:
@@ -707,6 +708,28 @@ def markdown(r: dict) -> str:
                       "any rounding difference through the feedback loop, so read 'graph' as the baseline): "
                   + ", ".join(f"{k.replace('_psnr_db', '')} {v:.1f}" for k, v in img.items() if k.endswith("psnr_db"))]
     return "\n".join(lines) + "\n"
+
+
+EAGER_STEP = "image-token step: static caches, eager"
+EAGER_T2I = "text-to-image, eager pieces (baseline)"
+
+
+def eager_ratios(r: dict) -> list[str]:
+    """Markdown lines: each batch-1 token step and text-to-image against the eager reference of the same run
+    (eager median / its median), as issue 5 asks every number to be reported."""
+    pipe = r.get("pipelines", {})
+    out = []
+    for base, prefix in ((EAGER_STEP, "image-token step: "), (EAGER_T2I, "text-to-image")):
+        ref = pipe.get(base)
+        if not isinstance(ref, dict):
+            continue
+        for label, v in pipe.items():
+            if label != base and label.startswith(prefix) and "batch" not in label.replace("(batch 1)", "") \
+                    and isinstance(v, dict) and v.get("median_ms"):
+                out.append(f"- {label}: {ref['median_ms'] / v['median_ms']:.1f}x")
+    if not out:
+        return []
+    return ["", "Against the eager reference of the same run (eager median / median; batch 1):", *out]
 
 
 def sdvae_table(r: dict) -> list[str]:

@@ -175,7 +175,10 @@ def test_sdvae_table_is_rendered_from_the_results(tmp_path):
           "MingTok pixel decoder 512px bf16 CUDA graph": t(2.5), "MingTok pixel decoder 512px bf16 eager": t(9.5),
           "MingTok encode to latents 1024px bf16 CUDA graph": t(1.25), "compile_seconds": {"encode 512px": 20.0}}
     pipe = {"text-to-image, CUDA graph + kernels fp8 (batch 1)": t(2090.0),
-            "text-to-image via SD-VAE latents (1024 tokens) + SD-VAE decode, CUDA graph + kernels fp8": t(7960.0)}
+            "text-to-image via SD-VAE latents (1024 tokens) + SD-VAE decode, CUDA graph + kernels fp8": t(7960.0),
+            "text-to-image, eager pieces (baseline)": t(28215.0), "text-to-image, CUDA graph + kernels fp8 (batch 8)": t(2800.0),
+            "image-token step: static caches, eager": t(88.0), "image-token step: CUDA graph + kernels (fp8)": t(8.0),
+            "image-token step: CUDA graph + kernels (fp8), batch 8": t(11.0)}
     res = {"env": {"torch": "x", "device": "cuda", "gpu": "G"}, "config": "full", "dtype": "torch.bfloat16",
            "pipelines": pipe, "sdvae": sd}
     path = tmp_path / "speed.json"
@@ -191,3 +194,9 @@ def test_sdvae_table_is_rendered_from_the_results(tmp_path):
     assert "| MingTok encoder to latents, bf16 CUDA graph (eager) | - (-) | 1.25 (-) |" in md
     assert "| text-to-image fp8 (s): MingTok 256 tokens / SD-VAE latents 1024 tokens + SD-VAE decode | 2.09 / 7.96 | |" in md
     assert "text-to-image bf16" not in md  # no bf16 pipeline timed: no row
+    # every batch-1 step and text-to-image against the eager reference of the same run; batches are not
+    ratios = md.split("Against the eager reference")[1].split("\n\n")[0]
+    assert "- image-token step: CUDA graph + kernels (fp8): 11.0x" in ratios
+    assert "- text-to-image, CUDA graph + kernels fp8 (batch 1): 13.5x" in ratios
+    assert "- text-to-image via SD-VAE latents (1024 tokens) + SD-VAE decode, CUDA graph + kernels fp8: 3.5x" in ratios
+    assert "batch 8" not in ratios and "eager pieces (baseline):" not in ratios
