@@ -1,6 +1,7 @@
 """benchmarks/speed.py in its CPU smoke mode: runs end to end and writes JSON with an environment block."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,18 @@ def test_sdvae_table_is_rendered_from_the_results(tmp_path):
     assert "- text-to-image, CUDA graph + kernels fp8 (batch 1): 13.5x" in ratios
     assert "- text-to-image via SD-VAE latents (1024 tokens) + SD-VAE decode, CUDA graph + kernels fp8: 3.5x" in ratios
     assert "batch 8" not in ratios and "eager pieces (baseline):" not in ratios
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="the SIGSEGV handler is built with a C compiler")
+def test_segv_backtrace_names_the_frames(tmp_path):
+    """benchmarks/aoti_crash_trace.py --self-test: the handler it installs before a crashing call prints the native
+    stack of a deliberate segfault (the handler itself, then libc's strlen under ctypes.string_at) and the process
+    still dies of the signal."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aoti_crash_trace.py"), str(tmp_path), "--self-test"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "aoti_crash_trace.log").read_text()
+    assert "self-test rc=-11" in log
+    frames = [line for line in log.splitlines() if line.startswith("#")]
+    assert frames[0].startswith("#0 ") and "segv_backtrace.so" in frames[0] and "on_segv" in frames[0]
+    assert any("libc.so" in f for f in frames[1:4]) and any("_ctypes" in f for f in frames)
