@@ -78,12 +78,18 @@ def name_frames(stderr: str) -> list[str]:
     return [f"#{i} {lib}+0x{off} {named.get((lib, off), sym)}" for i, lib, off, sym in frames]
 
 
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--cuda", action="store_true", help="a CUDA package (the default: a CPU one)")
     p.add_argument("--self-test", action="store_true", help="only check the handler on a deliberate segfault")
     p.add_argument("--no-gdb", action="store_true", help="the handler even where gdb exists")
+    p.add_argument("--no-ld-debug", dest="ld_debug", action="store_false",
+                   help="without LD_DEBUG=files (the libraries loaded before the crash)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
@@ -92,8 +98,10 @@ def main(argv=None) -> int:
     if a.self_test:
         if handler is None:
             raise SystemExit("no C compiler: the handler cannot be built")
-        r = subprocess.run([sys.executable, "-c", SELF_TEST, str(handler)], capture_output=True, text=True)
-        log += [f"self-test rc={r.returncode}", *name_frames(r.stderr)]
+        r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", SELF_TEST, str(handler)], capture_output=True,
+                           text=True, timeout=120)
+        log += [f"self-test rc={r.returncode}", *name_frames(r.stderr),
+                "faulthandler after ours: " + str("Fatal Python error: Segmentation fault" in r.stderr)]
     else:
         pkg, dev = str(a.out / "aoti_trace.pt2"), "cuda" if a.cuda else "cpu"
         r = subprocess.run([sys.executable, "-c", BUILD, pkg, dev], capture_output=True, text=True)
@@ -106,10 +114,19 @@ def main(argv=None) -> int:
                                 "--args", sys.executable, "-c", LOAD, pkg, "", index],
                                capture_output=True, text=True, timeout=240)
             log += [r.stdout[-12000:], r.stderr[-3000:]]
-        else:
-            r = subprocess.run([sys.executable, "-c", LOAD, pkg, str(handler or ""), index], capture_output=True,
-                               text=True, timeout=240, env=dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1"))
-            log += [f"load rc={r.returncode}", r.stdout[-2000:], *name_frames(r.stderr), r.stderr[-6000:]]
+        else:  # faulthandler: the Python frames after ours; LD_DEBUG=files: which libraries were loaded last
+            env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1", **({"LD_DEBUG": "files"} if a.ld_debug else {}))
+            try:
+                r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", LOAD, pkg, str(handler or ""), index],
+                                   capture_output=True, text=True, timeout=240, env=env)
+                rc, out, err = r.returncode, r.stdout, r.stderr
+            except subprocess.TimeoutExpired as exc:  # a hang (e.g. a deadlock in the handler): keep what it printed
+                rc, out, err = "timeout (240 s)", _text(exc.stdout), _text(exc.stderr)
+            loaded = [ln for ln in err.splitlines() if "file=" in ln and "calling init" not in ln][-12:]
+            rest = [ln for ln in err.splitlines() if "file=" not in ln and not FRAME.match(ln) and ln.strip()
+                    and not re.match(r"^\s*\d+:\s", ln)]
+            log += [f"load rc={rc}", out[-2000:], "last libraries loaded:", *loaded, "native frames:",
+                    *name_frames(err), "the rest of stderr:", *rest[-80:]]
     for cmd in (["c++", "--version"], ["ldd", "--version"]):
         try:
             log.append(subprocess.run(cmd, capture_output=True, text=True).stdout[:300])

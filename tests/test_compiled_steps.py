@@ -179,8 +179,8 @@ def test_a_crashing_loader_is_caught_in_a_child_process(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert "crashed" in cs.probe_load(pkg, torch.device("cuda"))
     assert cs.probe_load(pkg, torch.device("cpu")) is None  # cached from before the crash probe
-    assert cs.probe_load(pkg, torch.device("cuda", 1)) == cs.probe_load(pkg, torch.device("cuda"))  # the same GPU
-    monkeypatch.setattr(cs, "_PROBE", "pass")
+    monkeypatch.setattr(cs, "_PROBE", "pass")  # a probe from now on would load: cached answers still crash
+    assert "crashed" in cs.probe_load(pkg, torch.device("cuda", 1))  # "cuda" is cuda:1 here: the same answer
     assert cs.probe_load(pkg, torch.device("cuda", 0)) is None  # another GPU: probed again
 
 

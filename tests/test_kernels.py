@@ -336,6 +336,8 @@ def test_fp8_moe_runs_the_shared_experts_as_slots(monkeypatch):
     assert torch.equal(folded(flat, ids, w), folded(flat, *with_shared))
     with pytest.raises(ValueError, match=f"width {ids.shape[1] - 1}: expected {ids.shape[1]} routed or {ids.shape[1] + n}"):
         folded(flat, ids[:, 1:], w[:, 1:])
+    with pytest.raises(ValueError, match="weights of the ids' shape"):
+        folded(flat, ids, w[:, 1:])
     monkeypatch.setenv(SHARED_IN_MOE_ENV, "0")
     assert FusedMoEDecode(moe, "fp8").shared_slots == 0
     assert FusedMoEDecode(moe, "bf16", shared=True).shared_slots == 0  # bf16 reads the stacked parameters in place

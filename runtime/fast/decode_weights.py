@@ -123,12 +123,13 @@ class FusedMoEDecode(nn.Module):
                             torch.float16 if weights == "fp8" else moe.w_down.dtype, MAX_ROWS)
 
     def forward(self, x, ids, w):
+        # ids come routed only (T, k), from MoE.route, or with the shared slots appended (T, k + n), from route()
+        if ids.shape[1] not in (self.top_k, self.top_k + self.shared_slots) or w.shape != ids.shape:
+            raise ValueError(f"expert ids of width {ids.shape[1]}: expected {self.top_k} routed"
+                             + (f" or {self.top_k + self.shared_slots} with the shared slots" if self.shared_slots else "")
+                             + f", and weights of the ids' shape (got {tuple(w.shape)} for {tuple(ids.shape)})")
         if self.sg is not None:  # FP8: the rows as the kernels multiply them
             x = _rows_for_fp8(x)
-        # ids come routed only (T, k), from MoE.route, or with the shared slots appended (T, k + n), from route()
-        if ids.shape[1] not in (self.top_k, self.top_k + self.shared_slots):
-            raise ValueError(f"expert ids of width {ids.shape[1]}: expected {self.top_k} routed"
-                             + (f" or {self.top_k + self.shared_slots} with the shared slots" if self.shared_slots else ""))
         if self.shared_slots and ids.shape[1] == self.top_k:  # each row's shared experts after its routed ones: (T, k + n)
             t = ids.shape[0]
             ids = torch.cat([ids, self.shared_ids.to(ids.dtype).expand(t, -1)], dim=1)
