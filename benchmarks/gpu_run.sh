@@ -27,11 +27,20 @@
 #                       KERNELS_INSTALL=1 then copies the swept table into kernels/configs/ for the runs below
 #   SKIP_EXPORTS=1      no full-size exports; FP8_PIECES / BF16_PIECES / FP8_TIMEOUT / BF16_TIMEOUT choose them
 #   STEP_BATCHES_ARGS="--formats fp8 --batches 1,8"   also run benchmarks/step_batches.py (batch ratio in one process)
+#   AOTI_TRACE=1        first run benchmarks/aoti_crash_trace.py for a CPU and a CUDA package (native frames of
+#                       AOTInductor's loader crash, where it crashes; ~60 s)
 #   TAR=1               at the end, pack OUT_DIR into OUT_DIR.tgz (the device tool returns at most 8 files)
 set -u
 OUT=${1:?output folder}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 mkdir -p "$OUT"
+if [ "${AOTI_TRACE:-0}" = 1 ]; then
+  for how in cpu cuda; do
+    flag=""; [ "$how" = cuda ] && flag="--cuda"
+    timeout 300 python3 benchmarks/aoti_crash_trace.py "$OUT/aoti_trace_$how" $flag > /dev/null 2>&1
+    grep -E "^(build|load) |^#[0-9]+ " "$OUT/aoti_trace_$how/aoti_crash_trace.log" | head -30
+  done
+fi
 if [ -n "${KERNELS_ARGS:-}" ]; then
   timeout "${KERNELS_TIMEOUT:-240}" python3 benchmarks/kernels.py --out "$OUT" $KERNELS_ARGS > "$OUT/kernels.log" 2>&1
   tail -3 "$OUT/kernels.log"
