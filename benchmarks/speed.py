@@ -189,6 +189,20 @@ def prompt(cfg, n_text: int, gen: torch.Generator):
     return [*t.user_prefix, *ids, *t.assistant_prefix]
 
 
+# result labels that the markdown reads back (eager_ratios, sdvae_table, batch_floor): written and read from here
+EAGER_STEP = "image-token step: static caches, eager"
+EAGER_T2I = "text-to-image, eager pieces (baseline)"
+
+
+def t2i_label(how: str, batch: int = 1) -> str:
+    return f"text-to-image, {how} (batch {batch})"
+
+
+def tokenizer_label(who: str, what: str, size: int, how: str) -> str:
+    """who: "SD-VAE" (fp16) or "MingTok" (bf16); how: "eager", "torch.compile" or "CUDA graph"."""
+    return f"{who} {what} {size}px {'fp16' if who == 'SD-VAE' else 'bf16'} {how}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser("python benchmarks/speed.py", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few runs (CI)")
@@ -351,7 +365,7 @@ def main(argv=None) -> int:
         graph_gen.generate(cache, **kw)  # loads the buffers; then time replays of the token graph alone
         eager_gen.generate(cache, **kw)
 
-        rec("pipelines", "image-token step: static caches, eager", step_of(eager_gen, eb, p_len))
+        rec("pipelines", EAGER_STEP, step_of(eager_gen, eb, p_len))
         step = rec("pipelines", "image-token step: one CUDA graph", step_of(graph_gen, bucket, p_len))  # always: the floor needs it
         # --- the HBM floor (weights one token must stream) --------------------------------------------------------------------------
         tb = token_bytes(model, rows)
@@ -424,10 +438,10 @@ def main(argv=None) -> int:
         fast_gen = kern_gen if use_kernels else graph_gen
         images = {}
         if want("e2e"):
-            rec("pipelines", "text-to-image, CUDA graph per token (batch 1)", lambda: graph_gen.generate(cache, **kw),
+            rec("pipelines", t2i_label("CUDA graph per token"), lambda: graph_gen.generate(cache, **kw),
                 r=a.e2e_runs, w=1)
             if use_kernels:
-                rec("pipelines", "text-to-image, CUDA graph + kernels bf16 (batch 1)", lambda: kern_gen.generate(cache, **kw),
+                rec("pipelines", t2i_label("CUDA graph + kernels bf16"), lambda: kern_gen.generate(cache, **kw),
                     r=a.e2e_runs, w=1)
             images["fast"] = fast_gen.generate(cache, **kw).image.float()
             images["graph"] = graph_gen.generate(cache, **kw).image.float()
@@ -442,7 +456,7 @@ def main(argv=None) -> int:
             def time_batch(g, fmt: str, step_label: str, e2e_label: str, floor: dict):
                 """Batch text-to-image, its token step and parts on generator g, and their ratios to batch 1."""
                 g.generate(bcache, **bkw)
-                rec("pipelines", f"text-to-image, {e2e_label} (batch {bsz})", lambda: g.generate(bcache, **bkw),
+                rec("pipelines", t2i_label(e2e_label, bsz), lambda: g.generate(bcache, **bkw),
                     r=a.e2e_runs, w=0)
                 bk = g.bucket_for(bsz, rows, pb)
                 rec("pipelines", f"image-token step: {step_label}, batch {bsz}", step_of(g, bk, pb))
@@ -463,7 +477,7 @@ def main(argv=None) -> int:
                 time_batch(fast_gen, str(dtype).split(".")[-1], "one CUDA graph", "CUDA graph per token", floors["model"])
         if want("eager-e2e") and not a.skip_eager_e2e:
             out = {}
-            rec("pipelines", "text-to-image, eager pieces (baseline)",
+            rec("pipelines", EAGER_T2I,
                 lambda: out.update(img=loop.generate_image(backend, cfg, cache, **kw).image), r=a.eager_e2e_runs, w=0)
             images["eager"] = out["img"].float()
 
@@ -480,7 +494,7 @@ def main(argv=None) -> int:
         if use_kernels and want("fp8"):
             fp8_gen, fs = kernel_variant("fp8")
             results["floor"]["kernel_fp8_fraction_of_fp8_floor"] = results["floor"]["fp8_token_floor_ms"] / fs["median_ms"]
-            rec("pipelines", "text-to-image, CUDA graph + kernels fp8 (batch 1)", lambda: fp8_gen.generate(cache, **kw),
+            rec("pipelines", t2i_label("CUDA graph + kernels fp8"), lambda: fp8_gen.generate(cache, **kw),
                 r=a.e2e_runs, w=1)
             images["fast_fp8"] = fp8_gen.generate(cache, **kw).image.float()
             if bcache is not None:  # the same batch with FP8 weights
@@ -583,7 +597,7 @@ def batch_floor(results: dict, floor: dict, bsz: int, fmt: str, step_label: str,
            "step_ms": {"1": one["median_ms"], str(bsz): many["median_ms"]},
            "step_ratio": many["median_ms"] / one["median_ms"],
            "fraction_of_floor": {"1": floor[1] / one["median_ms"], str(bsz): floor[bsz] / many["median_ms"]}}
-    e2e = {b: step.get(f"text-to-image, {e2e_label} (batch {b})") for b in (1, bsz)}
+    e2e = {b: step.get(t2i_label(e2e_label, b)) for b in (1, bsz)}
     if all(e2e.values()):
         out["text_to_image_ratio"] = e2e[bsz]["median_ms"] / e2e[1]["median_ms"]
     results["batch"]["formats"][fmt] = out
@@ -631,8 +645,8 @@ def sdvae(results, device, runs, warmup, rec, model, compile_vae: bool, sizes=(5
     for size in sizes:
         x = torch.randn(1, 3, size, size, device=device, dtype=vdt)
         z = torch.randn(1, SD_LATENT_CHANNELS, size // 8, size // 8, device=device, dtype=vdt)
-        rec("sdvae", f"SD-VAE encode {size}px fp16 eager", lambda: enc(x))
-        rec("sdvae", f"SD-VAE decode {size}px fp16 eager", lambda: dec(z))
+        rec("sdvae", tokenizer_label("SD-VAE", "encode", size, "eager"), lambda: enc(x))
+        rec("sdvae", tokenizer_label("SD-VAE", "decode", size, "eager"), lambda: dec(z))
         if compile_vae:
             for name, fn, arg in (("encode", cenc, x), ("decode", cdec, z)):
                 t = time.perf_counter()
@@ -643,7 +657,7 @@ def sdvae(results, device, runs, warmup, rec, model, compile_vae: bool, sizes=(5
                     results["sdvae"][f"compile_error_{name}_{size}"] = repr(exc)[:300]
                     continue
                 compile_s[f"{name} {size}px"] = time.perf_counter() - t
-                rec("sdvae", f"SD-VAE {name} {size}px fp16 torch.compile", lambda fn=fn, arg=arg: fn(arg))
+                rec("sdvae", tokenizer_label("SD-VAE", name, size, "torch.compile"), lambda fn=fn, arg=arg: fn(arg))
         g = size // mt.patch_size  # encoder patch grid
         img = torch.rand(1, 3, size, size, device=device, dtype=torch.bfloat16) * 2 - 1
         pos = () if g == mt.grid else (model.vision.low_level_encoder.position_embedding(g, g).detach(),)
@@ -651,9 +665,9 @@ def sdvae(results, device, runs, warmup, rec, model, compile_vae: bool, sizes=(5
         for label, fn, graphed, args in (("encode to latents", model.vision.encode_latents, g_lat, (img, *pos)),
                                           ("encode (latents + semantic features)", model.vision.encode, g_enc, (img, *pos)),
                                           ("pixel decoder", model.vision.decode_pixels, g_dec, (feats,))):
-            rec("sdvae", f"MingTok {label} {size}px bf16 eager", lambda fn=fn, args=args: fn(*args))
-            rec("sdvae", f"MingTok {label} {size}px bf16 CUDA graph", lambda graphed=graphed, args=args: graphed(*args))
-    del g_lat, g_enc, g_dec
+            rec("sdvae", tokenizer_label("MingTok", label, size, "eager"), lambda fn=fn, args=args: fn(*args))
+            rec("sdvae", tokenizer_label("MingTok", label, size, "CUDA graph"),
+                lambda graphed=graphed, args=args: graphed(*args))
 
 
 def markdown(r: dict) -> str:
@@ -711,10 +725,6 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-EAGER_STEP = "image-token step: static caches, eager"
-EAGER_T2I = "text-to-image, eager pieces (baseline)"
-
-
 def eager_ratios(r: dict) -> list[str]:
     """Markdown lines: each batch-1 token step and MingTok text-to-image against the eager reference of the same run
     (eager median / its median), as issue 5 asks every number to be reported. Only the pipelines themselves: not the
@@ -746,22 +756,23 @@ def sdvae_table(r: dict) -> list[str]:
         v = group.get(label)
         return f"{v['median_ms'] / scale:.2f}" if isinstance(v, dict) and "median_ms" in v else "-"
 
-    mt = lambda what, s: f"{t(sd, f'MingTok {what} {s}px bf16 CUDA graph')} ({t(sd, f'MingTok {what} {s}px bf16 eager')})"
-    rows = [("SD-VAE encode, fp16 eager / torch.compile",
-             lambda s: f"{t(sd, f'SD-VAE encode {s}px fp16 eager')} / {t(sd, f'SD-VAE encode {s}px fp16 torch.compile')}"),
+    mt = lambda what, s: (f"{t(sd, tokenizer_label('MingTok', what, s, 'CUDA graph'))} "
+                          f"({t(sd, tokenizer_label('MingTok', what, s, 'eager'))})")
+    vae = lambda what, s: (f"{t(sd, tokenizer_label('SD-VAE', what, s, 'eager'))} / "
+                           f"{t(sd, tokenizer_label('SD-VAE', what, s, 'torch.compile'))}")
+    rows = [("SD-VAE encode, fp16 eager / torch.compile", lambda s: vae("encode", s)),
             ("MingTok encoder to latents, bf16 CUDA graph (eager)", lambda s: mt("encode to latents", s)),
             ("MingTok encoder with semantic features, bf16 CUDA graph (eager)",
              lambda s: mt("encode (latents + semantic features)", s)),
-            ("SD-VAE decode, fp16 eager / torch.compile",
-             lambda s: f"{t(sd, f'SD-VAE decode {s}px fp16 eager')} / {t(sd, f'SD-VAE decode {s}px fp16 torch.compile')}"),
+            ("SD-VAE decode, fp16 eager / torch.compile", lambda s: vae("decode", s)),
             ("MingTok pixel decoder, bf16 CUDA graph (eager)", lambda s: mt("pixel decoder", s))]
     lines = ["", "SD-VAE against MingTok (median ms):", "", "| | " + " | ".join(f"{s} px" for s in sizes) + " |",
              "| --- |" + " ---: |" * len(sizes)]
     lines += [f"| {name} | " + " | ".join(cell(s) for s in sizes) + " |" for name, cell in rows]
     for label in sorted(k for k in pipe if k.startswith("text-to-image via SD-VAE latents")):
         kern = re.search(r"kernels (\w+)$", label)  # the fast path's weights; else the cuBLAS graph (--no-kernels)
-        how, mingtok = ((kern.group(1), f"text-to-image, CUDA graph + kernels {kern.group(1)} (batch 1)") if kern
-                        else ("CUDA graph", "text-to-image, CUDA graph per token (batch 1)"))
+        how, mingtok = ((kern.group(1), t2i_label(f"CUDA graph + kernels {kern.group(1)}")) if kern
+                        else ("CUDA graph", t2i_label("CUDA graph per token")))
         tokens = re.search(r"\((\d+ tokens)\)", label)
         lines.append(f"| text-to-image {how} (s): MingTok 256 tokens / SD-VAE latents "
                      f"{tokens.group(1) if tokens else ''} + SD-VAE decode | {t(pipe, mingtok, 1e3)} / {t(pipe, label, 1e3)} |"

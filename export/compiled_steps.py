@@ -45,16 +45,9 @@ def fingerprint(precision: str, model_hash: str, src_hash: str, device: torch.de
     from runtime.fast import decode_weights
     from runtime.fast.compiled_steps import SCHEMA, device_key
 
-    # MINGRT_MOE_SHARED changes the FP8 LLM step's graph (its shared experts as MoE slots or apart),
-    # decode_weights' switches: ROUTER_ON_KERNEL and ROUTE_ON_KERNEL the LLM step's router GEMMs and softmax-top-k,
-    # KV_WRITE_ON_KERNEL both steps' cache writes (both formats); ATTENTION_FP8_ROWS both FP8 steps' attention outputs
-    extra = ({"moe_shared_slots": decode_weights.shared_in_moe_default(),
-              "attention_fp8_rows": decode_weights.ATTENTION_FP8_ROWS} if precision == "fp8" else {})
+    settings = decode_weights.decode_settings("fp8" if precision == "fp8" else "bf16")  # switches the graphs follow
     return mf.sha256_json({"aoti": SCHEMA, "precision": precision, "weights": model_hash, "source": src_hash,
-                           "torch": torch.__version__, **device_key(device), "max_sequence": max_sequence,
-                           "router_on_kernel": decode_weights.ROUTER_ON_KERNEL,
-                           "route_on_kernel": decode_weights.ROUTE_ON_KERNEL,
-                           "kv_write_on_kernel": decode_weights.KV_WRITE_ON_KERNEL, **extra})
+                           "torch": torch.__version__, **device_key(device), "max_sequence": max_sequence, **settings})
 
 
 def up_to_date(folder: Path, old: dict | None, fp: str) -> bool:

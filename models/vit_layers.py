@@ -106,7 +106,7 @@ class SelfAttention(nn.Module):
         # fused: one-query steps on the installed kernel (torch's backends pad them into a general kernel,
         # ~17 us a layer on an H200)
         return self._attend(q, k_cache.to(q.dtype), v_cache.to(q.dtype), mask=mask, cache_position=cache_position,
-                            decode_kernel=getattr(self, "fused_decode_attention", None) if fused else None)
+                            decode_kernel=decode)
 
 
 class Block(nn.Module):

@@ -184,11 +184,15 @@ def test_sdvae_table_is_rendered_from_the_results(tmp_path):
     res = {"env": {"torch": "x", "device": "cuda", "gpu": "G"}, "config": "full", "dtype": "torch.bfloat16",
            "pipelines": pipe, "sdvae": sd}
     path = tmp_path / "speed.json"
-    path.write_text(json.dumps(res))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render", str(path)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    md = (tmp_path / "speed.md").read_text()
+
+    def render(res: dict) -> str:
+        path.write_text(json.dumps(res))
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render", str(path)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return (tmp_path / "speed.md").read_text()
+
+    md = render(res)
     assert "| | 512 px | 1024 px |" in md
     assert "| SD-VAE encode, fp16 eager / torch.compile | 11.00 / 4.00 | - / - |" in md
     assert "| SD-VAE decode, fp16 eager / torch.compile | 22.00 / - | 86.00 / - |" in md
@@ -207,11 +211,7 @@ def test_sdvae_table_is_rendered_from_the_results(tmp_path):
     res["pipelines"] = {"text-to-image, CUDA graph per token (batch 1)": t(6700.0),
                         "text-to-image via SD-VAE latents (1024 tokens) + SD-VAE decode, CUDA graph": t(20000.0)}
     del res["env"], res["config"]  # an older or hand-made JSON still renders
-    path.write_text(json.dumps(res))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render", str(path)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    md = (tmp_path / "speed.md").read_text()
+    md = render(res)
     assert "| text-to-image CUDA graph (s): MingTok 256 tokens / SD-VAE latents 1024 tokens + SD-VAE decode | 6.70 / 20.00 | |" in md
 
 

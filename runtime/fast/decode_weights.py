@@ -71,6 +71,16 @@ def shared_in_moe_default() -> bool:
     return raw == "1"
 
 
+def decode_settings(weights: str) -> dict:
+    """The switches a preparation for `weights` depends on, each of which changes the compiled steps' graphs: part
+    of a preparation's identity (prepare_decode) and of the AOTInductor fingerprint (export.compiled_steps)."""
+    out = {"router_on_kernel": ROUTER_ON_KERNEL, "route_on_kernel": ROUTE_ON_KERNEL,
+           "kv_write_on_kernel": KV_WRITE_ON_KERNEL}
+    if weights == "fp8":  # the FP8 steps' shared experts as MoE slots or apart, and their attention outputs
+        out.update(moe_shared_slots=shared_in_moe_default(), attention_fp8_rows=ATTENTION_FP8_ROWS)
+    return out
+
+
 def _shared_as_experts(moe: MoE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The shared experts' weights cut into routed-expert shapes, (n, I, H) gate and up and (n, H, I) down
     (n = their intermediate size / I), or None when it is not a whole number of experts. Exact: SiLU(g) * u
@@ -304,9 +314,7 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     state = preparation.weights_state(model)
-    fp8 = weights == "fp8"
-    settings = (shared_in_moe_default() if fp8 else None, ROUTER_ON_KERNEL, ROUTE_ON_KERNEL, KV_WRITE_ON_KERNEL,
-                ATTENTION_FP8_ROWS if fp8 else None, state)
+    settings = (tuple(sorted(decode_settings(weights).items())), state)
     done = preparation.current(model)
     if done is not None and state is not None and (done.weights, done.settings) == (weights, settings):
         return done.report  # already so, on the same weights: generators share the installed kernels and copies
@@ -362,5 +370,5 @@ def prepare_decode(model: MingUniVision, weights: str = "bf16") -> dict:
 
 
 __all__ = ["ATTENTION_FP8_ROWS", "FP8_LINEAR_NAMES", "FP8Linear", "FusedMoEDecode", "FusedSwiGLUDecode",
-           "KV_WRITE_ON_KERNEL", "decode_attention_fp16_rows", "ROUTER_ON_KERNEL", "ROUTE_ON_KERNEL", "SHARED_IN_MOE_ENV",
+           "KV_WRITE_ON_KERNEL", "decode_attention_fp16_rows", "decode_settings", "ROUTER_ON_KERNEL", "ROUTE_ON_KERNEL", "SHARED_IN_MOE_ENV",
            "prepare_decode", "router_logits"]
