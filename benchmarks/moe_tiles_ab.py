@@ -1,0 +1,135 @@
+"""benchmarks/moe_tiles_ab.py: the FP8 MoE layers of the token step under launch-config variants, in one process.
+
+    python benchmarks/moe_tiles_ab.py --out OUT [--rows 2,16] [--variants "num_warps=2;num_warps=2,BLOCK_N=64"]
+
+--layers MoE layers of the LLM's full-size shapes (random weights, FP8 with the shared experts as slots, as
+runtime.fast.decode_weights builds them) run back to back in one CUDA graph, routed by their own routers from
+rows that come in CFG pairs (a prompt's two rows choose the same experts with random weights,
+benchmarks/routing_census.py). 2 rows (batch 1) run the per-slot kernels, whose launch config is the table
+entry "moe" / h{H}_i{I}_fp8_k{slots}; from 3 rows the grouped kernels, "moe_grouped" / h{H}_i{I}_fp8_k{slots}
+(GROUPED_DEFAULT where untabled). Each variant overrides keys of that entry; the graphs are captured per variant
+and timed in --rounds rounds in turn (best median kept), and each variant's outputs are compared with the
+first's bit for bit. Writes OUT/moe_tiles_ab.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import kernels.skinny as skinny  # noqa: E402
+from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
+from kernels.moe import GROUPED_DEFAULT, grouped_min_rows  # noqa: E402
+from models import full_config  # noqa: E402
+from models.llm import MoE  # noqa: E402
+from runtime.fast.decode_weights import FusedMoEDecode  # noqa: E402
+
+
+def parse_variants(text: str) -> list[dict]:
+    """'num_warps=2;num_warps=2,BLOCK_N=64' -> [{}, {"num_warps": 2}, {"num_warps": 2, "BLOCK_N": 64}] (the
+    tabled entry first)."""
+    out = [{}]
+    for spec in filter(None, (s.strip() for s in text.split(";"))):
+        out.append({k.strip(): int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rows", default="2,16")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--variants", default="num_warps=2")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("moe_tiles_ab.py needs a GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    llm = full_config().llm
+    torch.manual_seed(0)
+    moes, fused = [], []
+    for _ in range(a.layers):  # one layer's bf16 weights at a time: each is ~1.1 GB
+        with dev:
+            m = MoE(llm)
+            for w in m.parameters():  # the router is left uninitialised by its constructor
+                torch.nn.init.normal_(w, std=0.02)
+            m = m.to(torch.bfloat16).eval()
+        moes.append(m)
+        fused.append(FusedMoEDecode(m, "fp8", shared=True))
+    h, i = llm.hidden_size, llm.moe_intermediate_size
+    slots = llm.num_experts_per_tok + fused[0].shared_slots
+    skinny.tuned_configs_for("moe")  # loads the installed table; the kernels read it at each launch
+    tables = {"moe": skinny._TUNED.setdefault("moe", {}), "moe_grouped": skinny._TUNED.setdefault("moe_grouped", {})}
+    key = f"h{h}_i{i}_fp8_k{slots}"
+    variants = parse_variants(a.variants)
+    res = {"env": environment(dev), "layers": a.layers, "slots_per_row": slots, "key": key, "cases": []}
+    path = a.out / "moe_tiles_ab.json"
+    a.out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for rows in (int(r) for r in a.rows.split(",")):
+            g = torch.Generator(device=dev).manual_seed(rows)
+            half = torch.randn((rows + 1) // 2, h, generator=g, device=dev).to(torch.bfloat16)
+            x = half.repeat_interleave(2, dim=0)[:rows]  # CFG pairs
+            routes = [m.gate(x)[:2] for m in moes]
+            distinct = sum(len(torch.unique(ids)) for ids, _ in routes) / len(routes)
+            outs = torch.empty(a.layers, rows, h, device=dev)
+            grouped = rows >= grouped_min_rows(True)
+            table = tables["moe_grouped" if grouped else "moe"]
+            tabled = table.get(key)
+            base = dict(tabled if tabled is not None else
+                        (table.get(f"h{h}_i{i}_fp8") or (GROUPED_DEFAULT if grouped else {})))
+
+            def run():
+                for j, (f, (ids, w)) in enumerate(zip(fused, routes)):
+                    outs[j].copy_(f(x, ids, w))
+
+            case = {"rows": rows, "grouped": grouped, "distinct_experts_per_layer": distinct, "base": base,
+                    "variants": []}
+            replays, ref = [], None
+            for over in variants:
+                table[key] = dict(base, **over)
+                try:
+                    replay = capture(run)
+                except Exception as exc:  # e.g. a tile that does not fit in shared memory
+                    case["variants"].append({"override": over, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    replays.append(None)
+                    continue
+                replay()
+                got = outs.clone()
+                ref = got if ref is None else ref
+                case["variants"].append({"override": over, "identical_to_first": bool(torch.equal(got, ref)),
+                                         "rel_l2_to_first": float((got - ref).norm() / ref.norm())})
+                replays.append(replay)
+            if tabled is None:
+                table.pop(key, None)
+            else:
+                table[key] = tabled
+            settle(run, dev)
+            for _ in range(a.rounds):
+                for v, replay in zip(case["variants"], replays):
+                    if replay is None:
+                        continue
+                    ms = timed(replay, dev, 3, a.runs)["median_ms"]
+                    v.setdefault("round_ms", []).append(ms)
+                    v["ms"] = min(v["round_ms"])
+                    v["per_layer_us"] = v["ms"] * 1e3 / a.layers
+            for v in case["variants"]:
+                print(f"{rows:3d} rows {'grouped' if grouped else 'per-slot':8s} {str(v['override']):48s} "
+                      + (f"{v['per_layer_us']:7.2f} us a layer  identical {v['identical_to_first']}" if "ms" in v
+                         else v.get("error", "")), flush=True)
+            res["cases"].append(case)
+            path.write_text(json.dumps(res, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
