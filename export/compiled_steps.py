@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import manifest as mf
+from .aoti_toolchain import dynamic_libstdcxx
 from .verify import REL_L2_BOUND, metrics, within_bound, worst
 
 logger = logging.getLogger("export.build")
@@ -128,7 +129,7 @@ def compile_steps(gen, out: Path, max_sequence: int) -> tuple[dict, dict]:
         ep_constants = [*sig.inputs_to_parameters.values(), *sig.inputs_to_buffers.values()]
         logger.info("aoti: compiling %s with AOTInductor (minutes for the full model)", name)
         path.unlink(missing_ok=True)
-        with sdpa_kernel(REPEATABLE_BACKENDS):
+        with sdpa_kernel(REPEATABLE_BACKENDS), dynamic_libstdcxx():  # a static libstdc++ copy crashes the loader
             torch._inductor.aoti_compile_and_package(
                 ep, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False})
         del ep

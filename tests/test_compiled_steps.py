@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import runtime
+from export.aoti_toolchain import dynamic_libstdcxx
 from export.build import main
 from runtime.errors import EngineError
 
@@ -27,7 +28,8 @@ def cpu_aoti(tmp_path_factory):
     try:  # a toolchain check on a single linear, so that a failure below is ours, not the machine's
         ep = torch.export.export(probe, (torch.randn(2, 8),))
         where = tmp_path_factory.mktemp("probe") / "p.pt2"
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(where))
+        with dynamic_libstdcxx():  # as export.build links its packages
+            path = torch._inductor.aoti_compile_and_package(ep, package_path=str(where))
     except Exception as exc:  # noqa: BLE001 - any toolchain failure is a skip reason
         pytest.skip(f"AOTInductor cannot build for the CPU here: {type(exc).__name__}: {str(exc)[:200]}")
     why = probe_load(path, torch.device("cpu"))  # in a child: on some machines the loader segfaults

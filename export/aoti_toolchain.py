@@ -1,0 +1,117 @@
+"""The C++ toolchain AOTInductor builds packages with: link libstdc++ dynamically, always.
+
+A package's wrapper.so is loaded into a process that already has the shared libstdc++.so.6 (torch's). Where
+the compiler has no libstdc++.so to link against, only libstdc++.a, g++ quietly links a private static copy of
+libstdc++ into wrapper.so; the two copies' std::locale state then meet in the package's first std::regex
+(AOTInductorModel parses its device string with one) and the process dies with SIGSEGV. That is the loader
+crash of the H200 machine we were lent (its GCC 13.3 under /opt/gcc ships libstdc++.a alone): static copy ->
+SIGSEGV, the same package linked against the loaded libstdc++.so.6 -> loads and matches eager
+(benchmarks/aoti_link_check.py, benchmarks/results/h200_session17.md).
+
+`dynamic_libstdcxx()` is a no-op where the compiler has its libstdc++.so. Otherwise it points Inductor at a
+small compiler shim (a script named like the compiler, since Inductor tells GCC from Clang by the name) that
+adds -L for a folder whose libstdc++.so is this process's libstdc++.so.6. The package then needs
+libstdc++.so.6 like any C++ library, and the machine that loads it has one.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("export.build")
+
+SHIM = '#!/bin/sh\n# written by mingrt (export/aoti_toolchain.py): link libstdc++ dynamically\nexec "{cxx}" -L"{libdir}" "$@"\n'
+
+
+def inductor_compiler() -> str | None:
+    """The C++ compiler Inductor would pick (its config.cpp.cxx, first one found), as a path."""
+    from torch._inductor import config
+
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    for name in names:
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def links_libstdcxx_statically(cxx: str) -> bool:
+    """True when `cxx` has libstdc++.a but no libstdc++.so (it then links the static one into shared objects)."""
+    def find(name: str) -> bool:
+        try:
+            r = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        path = r.stdout.strip()
+        return r.returncode == 0 and os.path.isabs(path) and os.path.exists(path)
+
+    return not find("libstdc++.so") and find("libstdc++.a")
+
+
+def loaded_libstdcxx() -> Path | None:
+    """The libstdc++.so.6 mapped into this process (Linux), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if re.search(r"/libstdc\+\+\.so\.6[.\d]*$", path):
+                    return Path(path)
+    except OSError:
+        return None
+    return None
+
+
+def write_shim(cxx: str, lib: Path, root: Path | None = None) -> Path:
+    """A compiler shim adding -L<folder with libstdc++.so -> lib>; the same folder for the same pair, so
+    Inductor's caches see one compiler path across builds."""
+    tag = hashlib.sha256(f"{cxx}\0{lib}".encode()).hexdigest()[:12]
+    folder = Path(root or tempfile.gettempdir()) / f"mingrt-cxx-{tag}"
+    libdir, bindir = folder / "lib", folder / "bin"
+    libdir.mkdir(parents=True, exist_ok=True)
+    bindir.mkdir(parents=True, exist_ok=True)
+    link = libdir / "libstdc++.so"
+    if not (link.is_symlink() and os.readlink(link) == str(lib)):
+        link.unlink(missing_ok=True)
+        link.symlink_to(lib)
+    name = Path(cxx).name if re.search(r"(g\+\+|clang\+\+)", Path(cxx).name) else "g++"
+    shim = bindir / name
+    text = SHIM.format(cxx=cxx, libdir=libdir)
+    if not shim.exists() or shim.read_text() != text:
+        tmp = shim.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        tmp.replace(shim)  # atomic: a concurrent build never runs half a script
+    return shim
+
+
+@contextlib.contextmanager
+def dynamic_libstdcxx(root: Path | None = None):
+    """Within: AOTInductor packages link libstdc++ dynamically (module docstring). Yields the shim in use (written
+    under `root`, default the temp folder), or None where the compiler needs none (or this is not Linux, or no
+    libstdc++.so.6 is loaded: then a warning)."""
+    cxx = inductor_compiler() if sys.platform.startswith("linux") else None
+    if cxx is None or not links_libstdcxx_statically(cxx):
+        yield None
+        return
+    lib = loaded_libstdcxx()
+    if lib is None:
+        logger.warning("aoti: %s has only a static libstdc++ and no libstdc++.so.6 is loaded here to link against; "
+                       "its packages may crash the loader", cxx)
+        yield None
+        return
+    from torch._inductor import config
+
+    shim = write_shim(cxx, lib, root)
+    logger.info("aoti: %s has no libstdc++.so; linking packages against %s through %s", cxx, lib, shim)
+    with config.patch({"cpp.cxx": (str(shim),)}):
+        yield shim
+
+
+__all__ = ["dynamic_libstdcxx", "inductor_compiler", "links_libstdcxx_statically", "loaded_libstdcxx", "write_shim"]
