@@ -10,6 +10,10 @@ Session 16 on the H200 machine (torch 2.11.0+cu130, g++ 13.3, no gdb): the CPU l
 fixture in gpu_tests_h200_s16_crash.log; aoti_load_check.py builds CUDA packages only), after the package's
 wrapper.so had loaded and initialised (LD_DEBUG; benchmarks/results/aoti_crash_trace_h200_s16.log is an excerpt
 of that run's log). The same torch 2.11.0+cu130 wheel builds and loads the package on our CPU machine (g++ 12.2).
+Session 17 ran it there: the frames end in std::regex/std::locale code inside the package's own wrapper.so, a static
+copy of libstdc++ the machine's compiler (which has no libstdc++.so) linked in; benchmarks/aoti_link_check.py
+confirmed it and export/aoti_toolchain.py links packages dynamically now. This script builds the torch way, so it
+still shows the crash on such a machine.
 Writes OUT_DIR/aoti_crash_trace.log.
 """
 from __future__ import annotations

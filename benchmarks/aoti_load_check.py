@@ -2,6 +2,8 @@
 
 Each route runs in its own process, since a failing loader segfaults. Session 3 on an H200 (torch
 2.11.0+cu130): all four crashed with SIGSEGV inside the loader (benchmarks/results/aoti_load_variants_h200.log).
+Session 17 found why (a static libstdc++ in each package, from a compiler without libstdc++.so) and fixed the build
+(export/aoti_toolchain.py); this script builds the torch way and still crashes there.
 
     python benchmarks/aoti_load_check.py
 """

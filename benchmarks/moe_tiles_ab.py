@@ -50,8 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("moe_tiles_ab.py needs a GPU", file=sys.stderr)
-        return 2
+        raise SystemExit("moe_tiles_ab.py needs a CUDA GPU")
     dev = torch.device("cuda")
     llm = full_config().llm
     torch.manual_seed(0)

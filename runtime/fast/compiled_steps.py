@@ -120,9 +120,10 @@ def _device_index(device: torch.device) -> int:
 def probe_load(path: Path, device: torch.device, timeout: float = 300.0) -> str | None:
     """Load a package in a child process first; None when it loads, else why not.
 
-    AOTInductor's loader can take the whole process down (a segfault in the loader itself, seen with
-    torch 2.11+cu130 on an H200 for a two-layer MLP, on the GPU and on the CPU alike), which a service
-    must not inherit. A few seconds (a Python child importing torch) once per package, device and process; where
+    AOTInductor's loader can take the whole process down, which a service must not inherit: on the H200 machine
+    we were lent, every package segfaulted at load, GPU and CPU alike, because its compiler linked a static
+    libstdc++ into the package (export/aoti_toolchain.py now links the shared one; a package built elsewhere,
+    or another toolchain fault, can still crash). A few seconds (a Python child importing torch) once per package, device and process; where
     sys.executable is not a Python interpreter (some embedded servers) the probe fails and the caller falls back."""
     path = Path(path)
     key = (str(path.resolve()), path.stat().st_mtime_ns, device.type, _device_index(device))
