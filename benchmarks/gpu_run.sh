@@ -29,6 +29,9 @@
 #   STEP_BATCHES_ARGS="--formats fp8 --batches 1,8"   also run benchmarks/step_batches.py (batch ratio in one process)
 #   AOTI_TRACE=1        first run benchmarks/aoti_crash_trace.py for a CPU and a CUDA package (native frames of
 #                       AOTInductor's loader crash, where it crashes; ~60 s)
+#   AOTI_LINK=1         first run benchmarks/aoti_link_check.py --devices cuda (a package linked the torch way against
+#                       one linked to the loaded libstdc++.so.6; ~2 min)
+#   MOE_TILES_ARGS="--rows 2,16 --variants num_warps=2"   also run benchmarks/moe_tiles_ab.py with these flags
 #   TAR=1               at the end, pack OUT_DIR into OUT_DIR.tgz (the device tool returns at most 8 files)
 set -u
 OUT=${1:?output folder}
@@ -40,6 +43,10 @@ if [ "${AOTI_TRACE:-0}" = 1 ]; then
     timeout 300 python3 benchmarks/aoti_crash_trace.py "$OUT/aoti_trace_$how" $flag > /dev/null 2>&1
     grep -E "^(build|load) |^#[0-9]+ " "$OUT/aoti_trace_$how/aoti_crash_trace.log" | head -30
   done
+fi
+if [ "${AOTI_LINK:-0}" = 1 ]; then
+  timeout 300 python3 benchmarks/aoti_link_check.py "$OUT/aoti_link" --devices cuda > "$OUT/aoti_link_check.log" 2>&1
+  cut -c1-400 "$OUT/aoti_link_check.log"
 fi
 if [ -n "${KERNELS_ARGS:-}" ]; then
   timeout "${KERNELS_TIMEOUT:-240}" python3 benchmarks/kernels.py --out "$OUT" $KERNELS_ARGS > "$OUT/kernels.log" 2>&1
@@ -97,6 +104,10 @@ fi
 if [ -n "${STEP_BATCHES_ARGS:-}" ]; then
   timeout "${STEP_BATCHES_TIMEOUT:-240}" python3 benchmarks/step_batches.py --out "$OUT" $STEP_BATCHES_ARGS > "$OUT/step_batches.log" 2>&1
   grep -E "batch" "$OUT/step_batches.log" | grep -v Warn | tail -6
+fi
+if [ -n "${MOE_TILES_ARGS:-}" ]; then
+  timeout "${MOE_TILES_TIMEOUT:-240}" python3 benchmarks/moe_tiles_ab.py --out "$OUT" $MOE_TILES_ARGS > "$OUT/moe_tiles_ab.log" 2>&1
+  grep -E "rows" "$OUT/moe_tiles_ab.log" | tail -16
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_step.py --out "$OUT" ${PROFILE_ARGS:-} > "$OUT/profile_step.log" 2>&1

@@ -181,7 +181,7 @@ def moe_weights(llm, fmt: str, dev="cuda") -> tuple[list, tuple | None]:
     return [a for a, _ in q], tuple(s for _, s in q)
 
 
-def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
+def bench_moe(cfg, fmt, reps, sweep, table, rows=2, warps=(2, 4)):
     llm = cfg.llm
     e, i, h, k = llm.num_experts, llm.moe_intermediate_size, llm.hidden_size, llm.num_experts_per_tok
     dev = "cuda"
@@ -207,7 +207,7 @@ def bench_moe(cfg, fmt, reps, sweep, table, rows=2):
     row = {"name": f"moe decode, per-slot kernels ({rows} rows, top-{k} of {e})", "fmt": fmt, "experts_read": used,
            "weight_mb": nbytes / 1e6, "default_config": default, "us": run(default)}
     if sweep:
-        best = fastest(time_configs(moe_candidates(), run), (row["us"], default))  # the shared tile first,
+        best = fastest(time_configs(moe_candidates(warps), run), (row["us"], default))  # the shared tile first,
         best = fastest(time_configs(moe_down_candidates(best[1], k), run), best)   # then the down kernel's own
         row["best_us"], row["best_config"] = best
         table["moe"][f"h{h}_i{i}_{fmt}"] = best[1]
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     p.add_argument("--only-moe", action="store_true", help="only the fused-MoE rows (the GEMMs' table entries are kept)")
     p.add_argument("--only", default="", help="only the GEMM rows whose name contains this, e.g. 'router' (with --skip-moe)")
     p.add_argument("--wide", action="store_true", help="FP8: also sweep 128-wide K tiles and 6 pipeline stages")
-    p.add_argument("--warps", default="4", help="warp counts to sweep each GEMM config with (comma-separated, e.g. 4,8)")
+    p.add_argument("--warps", default="4", help="warp counts to sweep each GEMM config with (comma-separated, e.g. 4,8; the fused-MoE sweep adds 2)")
     p.add_argument("--peak-tbps", type=float, default=None, help="HBM peak (default: by GPU name, speed.HBM_TBPS)")
     p.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (the "
                    "20-launch graphs then pay every launch's ramp-up and tail, as before session 4)")
@@ -285,7 +285,8 @@ def main(argv=None) -> int:
               "times batches): skipped", flush=True)
         a.skip_moe = True
     for fmt in () if a.skip_moe else formats:  # first: few candidates, and the LLM step's largest kernel
-        res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table))
+        res["rows"].append(bench_moe(cfg, fmt, a.reps, a.sweep, table,
+                                     warps=tuple(sorted({2, *(int(w) for w in a.warps.split(","))}))))
         if a.sweep:
             (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
     for idx, (name, m, n, k, epi, kernel_formats) in enumerate(() if a.only_moe else shapes(cfg, a.prompts)):

@@ -218,9 +218,12 @@ if triton is not None:
             rearm(tix, last)
 
 
-def candidate_configs() -> list[dict]:
-    return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 3}
-            for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 16384]
+def candidate_configs(warps: tuple[int, ...] = (2, 4)) -> list[dict]:
+    """The per-slot kernels' tiles a sweep tries. Both warp counts: with FP8 weights 2 warps took the H200's
+    per-slot MoE from 61.7 to 42.0 us a layer (4 warps widen each weight element twice; session 17,
+    benchmarks/results/moe_tiles_ab_h200_s17.json)."""
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 3}
+            for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 16384 for w in warps]
 
 
 def down_candidates(best: dict, topk: int = 6) -> list[dict]:
