@@ -129,7 +129,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
     lib = loaded_libstdcxx()
-    result = {"compiler": compiler_view(cxx), "python_loads": lib,
+    import torch
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "git_sha": os.environ.get("MINGRT_GIT_SHA")}
+    result = {"env": env, "compiler": compiler_view(cxx), "python_loads": lib,
               "plain_shared_lib": plain_shared_lib(out, cxx), "builds": []}
     print(json.dumps({k: result[k] for k in ("compiler", "python_loads", "plain_shared_lib")}), flush=True)
     (out / "aoti_link_check.json").write_text(json.dumps(result, indent=1))

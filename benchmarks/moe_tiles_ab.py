@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import kernels.skinny as skinny  # noqa: E402
 from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
-from kernels.moe import GROUPED_DEFAULT, grouped_min_rows  # noqa: E402
+from kernels.moe import grouped_min_rows, pick_config  # noqa: E402
 from models import full_config  # noqa: E402
 from models.llm import MoE  # noqa: E402
 from runtime.fast.decode_weights import FusedMoEDecode  # noqa: E402
@@ -83,8 +83,7 @@ def main(argv=None) -> int:
             grouped = rows >= grouped_min_rows(True)
             table = tables["moe_grouped" if grouped else "moe"]
             tabled = table.get(key)
-            base = dict(tabled if tabled is not None else
-                        (table.get(f"h{h}_i{i}_fp8") or (GROUPED_DEFAULT if grouped else {})))
+            base = pick_config(h, i, True, grouped, slots)  # what the step launches now (a k6 entry's split fixed)
 
             def run():
                 for j, (f, (ids, w)) in enumerate(zip(fused, routes)):

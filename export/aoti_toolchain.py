@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from pathlib import Path
 
 logger = logging.getLogger("export.build")
 
-SHIM = '#!/bin/sh\n# written by mingrt (export/aoti_toolchain.py): link libstdc++ dynamically\nexec "{cxx}" -L"{libdir}" "$@"\n'
+SHIM = ('#!/bin/sh\n# written by mingrt (export/aoti_toolchain.py): link libstdc++ dynamically\n'
+        'exec {cxx} {libdir_flag} "$@"\n')
 
 
 def inductor_compiler() -> str | None:
@@ -49,7 +51,8 @@ def links_libstdcxx_statically(cxx: str) -> bool:
             r = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
             return False
-        path = r.stdout.strip()
+        lines = r.stdout.strip().splitlines()
+        path = lines[-1].strip() if lines else ""  # the answer is the last line (a wrapper may print before it)
         return r.returncode == 0 and os.path.isabs(path) and os.path.exists(path)
 
     return not find("libstdc++.so") and find("libstdc++.a")
@@ -68,34 +71,72 @@ def loaded_libstdcxx() -> Path | None:
     return None
 
 
+def _shim_root() -> Path:
+    """This user's folder for shims: Inductor's own cache folder (per user), else one in the temp folder."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        return Path(cache_dir()) / "mingrt-cxx"
+    except ImportError:  # older torch: the same per-user idea by hand
+        return Path(tempfile.gettempdir()) / f"mingrt-cxx-{os.getuid()}"
+
+
+def _replace_atomically(target: Path, make) -> None:
+    """Create the new `target` under a unique name with make(path), then rename it over the old one: a build in
+    another process sees the old file or the new one, never none (a compile in that gap would quietly link the
+    static libstdc++ again)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        make(Path(tmp))
+        os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _compiler_kind(cxx: str) -> str:
+    """The shim's name: Inductor tells GCC from Clang by the compiler's name, so keep what the real one is."""
+    name = Path(cxx).name
+    if re.search(r"(g\+\+|clang\+\+)", name):
+        return name
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    return "clang++" if "clang" in version.lower() else "g++"
+
+
 def write_shim(cxx: str, lib: Path, root: Path | None = None) -> Path:
     """A compiler shim adding -L<folder with libstdc++.so -> lib>; the same folder for the same pair, so
-    Inductor's caches see one compiler path across builds."""
+    Inductor's caches see one compiler path across builds. Safe against concurrent builds (atomic renames)."""
     tag = hashlib.sha256(f"{cxx}\0{lib}".encode()).hexdigest()[:12]
-    folder = Path(root or tempfile.gettempdir()) / f"mingrt-cxx-{tag}"
+    folder = Path(root or _shim_root()) / tag
     libdir, bindir = folder / "lib", folder / "bin"
     libdir.mkdir(parents=True, exist_ok=True)
     bindir.mkdir(parents=True, exist_ok=True)
+    if hasattr(os, "getuid") and folder.stat().st_uid != os.getuid():
+        raise PermissionError(f"{folder} belongs to another user: not running a compiler script from it")
     link = libdir / "libstdc++.so"
     if not (link.is_symlink() and os.readlink(link) == str(lib)):
-        link.unlink(missing_ok=True)
-        link.symlink_to(lib)
-    name = Path(cxx).name if re.search(r"(g\+\+|clang\+\+)", Path(cxx).name) else "g++"
-    shim = bindir / name
-    text = SHIM.format(cxx=cxx, libdir=libdir)
+        _replace_atomically(link, lambda p: p.symlink_to(lib))
+    shim = bindir / _compiler_kind(cxx)
+    text = SHIM.format(cxx=shlex.quote(cxx), libdir_flag=shlex.quote(f"-L{libdir}"))
     if not shim.exists() or shim.read_text() != text:
-        tmp = shim.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o755)
-        tmp.replace(shim)  # atomic: a concurrent build never runs half a script
+        def make(p: Path) -> None:
+            p.write_text(text)
+            p.chmod(0o755)
+
+        _replace_atomically(shim, make)
     return shim
 
 
 @contextlib.contextmanager
 def dynamic_libstdcxx(root: Path | None = None):
     """Within: AOTInductor packages link libstdc++ dynamically (module docstring). Yields the shim in use (written
-    under `root`, default the temp folder), or None where the compiler needs none (or this is not Linux, or no
-    libstdc++.so.6 is loaded: then a warning)."""
+    under `root`, default a folder of Inductor's per-user cache), or None where the compiler needs none (or this
+    is not Linux, or no libstdc++.so.6 is loaded: then a warning)."""
     cxx = inductor_compiler() if sys.platform.startswith("linux") else None
     if cxx is None or not links_libstdcxx_statically(cxx):
         yield None

@@ -228,9 +228,10 @@ def candidate_configs(warps: tuple[int, ...] = (2, 4)) -> list[dict]:
 
 def down_candidates(best: dict, topk: int = 6) -> list[dict]:
     """`best` with each other tile for the down kernel alone, and each split of the row's experts over
-    programs (DOWN_SPLIT, a divisor of top-k) (benchmarks/kernels.py times these second)."""
+    programs (DOWN_SPLIT, a divisor of top-k) (benchmarks/kernels.py times these second). The warps stay
+    `best`'s (the two kernels share them), so each tile comes once."""
     out = []
-    for c in candidate_configs():
+    for c in candidate_configs((best.get("num_warps", 4),)):
         for split in (1, 2, 3, 6):
             if topk % split == 0 and ((c["BLOCK_N"], c["BLOCK_K"]) != (best["BLOCK_N"], best["BLOCK_K"]) or split > 1):
                 out.append(dict(best, DOWN_BLOCK_N=c["BLOCK_N"], DOWN_BLOCK_K=c["BLOCK_K"], DOWN_SPLIT=split))

@@ -119,7 +119,7 @@ def test_fp8_kernel_steps_compile_into_a_package(tmp_path, cpu_aoti):
     from kernels._triton import interpreting
 
     if not interpreting():  # a GPU machine: there the CUDA packages are test_gpu_packages_inside_the_cuda_graph's
-        pytest.skip("the decode kernels take CPU tensors only in Triton's interpreter (on where no GPU is present)")
+        pytest.skip("the decode kernels take CPU tensors only in Triton's interpreter (on where no GPU is present: CI)")
     from export.compiled_steps import compile_steps, verify_steps
     from models.config import tiny_config
     from models.univision import build

@@ -399,6 +399,7 @@ def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):
     cands = down_candidates({"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4})
     assert all("DOWN_BLOCK_N" in c and 6 % c["DOWN_SPLIT"] == 0 for c in cands)
     assert {c["DOWN_SPLIT"] for c in cands} == {1, 2, 3, 6}
+    assert len({tuple(sorted(c.items())) for c in cands}) == len(cands) and all(c["num_warps"] == 4 for c in cands)
     tiles = moe_module.candidate_configs()  # every tile at 2 and at 4 warps (2 won with FP8 on the H200)
     assert {c["num_warps"] for c in tiles} == {2, 4} and len(tiles) == 2 * len(moe_module.candidate_configs((4,)))
     launches = []
