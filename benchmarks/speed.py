@@ -11,6 +11,7 @@ The end-to-end eager baseline is slow (tens of seconds per image), so it gets --
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -102,6 +103,12 @@ def environment(device) -> dict:
 
             # MINGRT_MOE_GROUPED_MIN_ROWS may move them
             env["moe_grouped_min_rows"] = {"bf16": GROUPED_MIN_ROWS, "fp8": GROUPED_MIN_ROWS_FP8}
+            from kernels.skinny import gpu_slug
+
+            # the launch-config table the kernels read (gpu_run.sh may install a freshly swept one over the committed)
+            table = ROOT / "kernels" / "configs" / f"{gpu_slug()}.json"
+            env["launch_table"] = ({"file": table.name, "sha256": hashlib.sha256(table.read_bytes()).hexdigest()[:16]}
+                                   if table.exists() else None)
         except ImportError:
             pass
     try:
