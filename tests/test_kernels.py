@@ -529,6 +529,45 @@ def test_grouped_moe_each_expert_once(ids):
         _check("kernels/moe_grouped_each_expert_once", got, ref)
 
 
+@pytest.mark.parametrize("ids", [[[4, 0, 2], [4, 1, 3]], [[0, 1, 2], [3, 4, 5], [6, 7, 0]],
+                                 [[7, 5, 3], [7, 5, 3], [6, 5, 1], [6, 5, 1], [2, 0, 3]]],
+                         ids=["fewer slots than experts", "9 of 8 slots", "CFG pairs, 7 of 8 chosen"])
+def test_grouped_moe_compact_grid(ids, monkeypatch):
+    """COMPACT (a config key, experimental): program p takes the p-th chosen expert on a grid of (blocks,
+    min(slots, experts)), so the idle programs come last. Each working program does the same work as in the
+    default grid: the same bits, and every ticket re-armed."""
+    from kernels import _triton
+    from kernels import moe as moe_module
+    from kernels.moe import grouped_supported, moe_decode
+
+    if not grouped_supported():
+        pytest.skip("the grouped MoE kernels need triton >= 3.5 on a GPU")
+    g = torch.Generator().manual_seed(5)
+    e, i, h = 8, 48, 40
+    wg, wu = (torch.randn(e, i, h, generator=g).to(DEV) * 0.1 for _ in range(2))
+    wd = torch.randn(e, h, i, generator=g).to(DEV) * 0.1
+    ids = torch.tensor(ids, device=DEV)
+    t, k = ids.shape
+    x = torch.randn(t, h, generator=g).to(DEV)
+    w = torch.rand(t, k, generator=g).to(DEV)
+    grids = []
+    for name in ("_gate_up_grouped_kernel", "_down_grouped_kernel"):
+        kernel = getattr(moe_module, name)
+
+        class Recorder:
+            def __getitem__(self, grid, kernel=kernel):
+                grids.append(grid)
+                return kernel[grid]
+
+        monkeypatch.setattr(moe_module, name, Recorder())
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 32}
+    ref = moe_decode(x, ids, w, wg, wu, wd, config=cfg, grouped=True)
+    got = moe_decode(x, ids, w, wg, wu, wd, config=dict(cfg, COMPACT=1), grouped=True)
+    assert not _triton._BUFFERS[("tickets", "moe_decode", _triton.device_key(DEV))].any()
+    assert torch.equal(got, ref)
+    assert grids[2:] == [(2, min(t * k, e)), (2, min(t * k, e))]  # (I blocks, programs), (H blocks, programs)
+
+
 def test_grouped_min_rows_from_the_environment(monkeypatch):
     import os
 
