@@ -81,7 +81,7 @@ def cases():
             out.append((f"moe grouped down {fmt} {rows} rows", moe._down_grouped_kernel, dn,
                         dict(c, BLOCK_N=moe.GROUPED_DEFAULT["DOWN_BLOCK_N"], BLOCK_K=moe.GROUPED_DEFAULT["DOWN_BLOCK_K"]), opts))
             if rows > 2:  # the experimental COMPACT grid (the chosen experts first): 64 routed + 2 shared-slot experts
-                cc = dict(c, BY_SLOT=False, COMPACT=True, BLOCK_E=128)
+                cc = dict(c, BY_SLOT=False, COMPACT=True, BLOCK_E=1 << (experts + 2 - 1).bit_length())
                 out.append((f"moe grouped gate_up {fmt} {rows} rows compact", moe._gate_up_grouped_kernel, gu, cc, opts))
                 out.append((f"moe grouped down {fmt} {rows} rows compact", moe._down_grouped_kernel, dn,
                             dict(cc, BLOCK_N=moe.GROUPED_DEFAULT["DOWN_BLOCK_N"],

@@ -63,9 +63,9 @@ def loaded_libstdcxx() -> Path | None:
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                path = line.split()[-1]
-                if re.search(r"/libstdc\+\+\.so\.6[.\d]*$", path):
-                    return Path(path)
+                path = line.split()[-1] if line.split() else ""
+                if re.search(r"/libstdc\+\+\.so\.6[.\d]*$", path) and os.path.exists(path):
+                    return Path(path)  # (a library replaced on disk since it was mapped ends in " (deleted)": skipped)
     except OSError:
         return None
     return None
