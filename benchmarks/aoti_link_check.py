@@ -26,6 +26,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
 BUILD = r'''
 import sys, torch
 dev = sys.argv[2]
@@ -56,13 +59,6 @@ for a; do
 done
 exec "{cxx}" {extra} "$@"
 """
-
-
-def loaded_libstdcxx() -> str | None:
-    """The libstdc++.so.6 a Python process with torch imported has mapped."""
-    code = "import torch, re; print(next((l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++.so' in l), ''))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    return r.stdout.strip() or None
 
 
 def compiler_view(cxx: str) -> dict:
@@ -127,12 +123,14 @@ def main() -> int:
     args = p.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
-    lib = loaded_libstdcxx()
     import torch
 
+    from export.aoti_toolchain import loaded_libstdcxx
+
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
+    lib = loaded_libstdcxx()  # torch is imported here: its libstdc++.so.6 is mapped
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "git_sha": os.environ.get("MINGRT_GIT_SHA")}
-    result = {"env": env, "compiler": compiler_view(cxx), "python_loads": lib,
+    result = {"env": env, "compiler": compiler_view(cxx), "python_loads": str(lib) if lib else None,
               "plain_shared_lib": plain_shared_lib(out, cxx), "builds": []}
     print(json.dumps({k: result[k] for k in ("compiler", "python_loads", "plain_shared_lib")}), flush=True)
     (out / "aoti_link_check.json").write_text(json.dumps(result, indent=1))

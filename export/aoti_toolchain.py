@@ -34,14 +34,14 @@ SHIM = ('#!/bin/sh\n# written by mingrt (export/aoti_toolchain.py): link libstdc
 
 
 def inductor_compiler() -> str | None:
-    """The C++ compiler Inductor would pick (its config.cpp.cxx, first one found), as a path."""
-    from torch._inductor import config
+    """The C++ compiler Inductor would pick (its own search over config.cpp.cxx), as a path; None if it finds none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
 
-    names = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
-    for name in names:
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+        cxx = get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - torch's InvalidCxxCompiler (no compiler: nothing to link), or no such helper
+        return None
+    return shutil.which(cxx) or cxx
 
 
 def links_libstdcxx_statically(cxx: str) -> bool:

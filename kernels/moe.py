@@ -368,8 +368,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     has_scale = scales is not None
     sg, su, sd = scales if has_scale else (act, act, act)
     config = None if config is None else dict(config)
-    tabled = config.pop("GROUPED", None) if config is not None else None  # choices, not launch arguments
-    compact = bool(config.pop("COMPACT", 0)) if config is not None else False
+    tabled = config.pop("GROUPED", None) if config is not None else None  # a choice, not a launch argument
     grouped = tabled if grouped is None else grouped
     if grouped is None:
         grouped = grouped_min_rows(fp8) <= t <= MAX_TICKET_ROWS and grouped_supported()
@@ -377,17 +376,16 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
         raise ValueError(f"the grouped MoE kernels take <= {MAX_TICKET_ROWS} rows (got {t}) and need triton >= 3.5 "
                          "on a GPU (per-lane results of a vector atomic): pass grouped=False")
     if config is None:
-        config = pick_config(h, i, fp8, grouped, k)
-        compact = bool(config.pop("COMPACT", 0))
+        config = pick_config(h, i, fp8, grouped, k)  # a copy of the table's entry
+    compact = bool(config.pop("COMPACT", 0))  # a choice too (the grouped kernels' grid)
     up, down = split_config(config)
     common = dict(UPCAST=interpreting(), WIDEN=fp8_widen(w_gate.dtype), **pdl_launch(x.device))
     split = down.pop("SPLIT_E")
     n_blocks = triton.cdiv(h, down["BLOCK_N"])
     if grouped:  # a program per expert, or per slot where there are fewer slots (at most one works per expert)
-        by_slot = t * k < e and not compact
-        slots = dict(BLOCK_S=next_pow2(max(t * k, 16)), BLOCK_M=max(16, next_pow2(t)), BY_SLOT=by_slot,
+        slots = dict(BLOCK_S=next_pow2(max(t * k, 16)), BLOCK_M=max(16, next_pow2(t)), BY_SLOT=t * k < e and not compact,
                      COMPACT=compact, BLOCK_E=next_pow2(e) if compact else 1)
-        programs = min(t * k, e) if compact else t * k if by_slot else e
+        programs = min(t * k, e)  # the slots (BY_SLOT), else the experts; COMPACT: as many as can be chosen
         up_blocks = triton.cdiv(i, up["BLOCK_N"])
         _gate_up_grouped_kernel[(up_blocks, programs) if compact else (programs, up_blocks)](
             x, ids, w_gate, w_up, sg, su, act, t * k, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **slots, **common, **up)

@@ -500,6 +500,16 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
     assert launches[0][0] == ("_gate_up_grouped_kernel" if rows >= min_rows else "_gate_up_kernel")
 
 
+def _small_moe(ids, e: int, h: int, seed: int, i: int = 48):
+    """(x, ids, weights, w_gate, w_up, w_down) of a small MoE on DEV: random rows for the routing `ids` (a list)."""
+    g = torch.Generator().manual_seed(seed)
+    wg, wu = (torch.randn(e, i, h, generator=g).to(DEV) * 0.1 for _ in range(2))
+    wd = torch.randn(e, h, i, generator=g).to(DEV) * 0.1
+    ids = torch.tensor(ids, device=DEV)
+    t, k = ids.shape
+    return torch.randn(t, h, generator=g).to(DEV), ids, torch.rand(t, k, generator=g).to(DEV), wg, wu, wd
+
+
 @pytest.mark.parametrize("ids", [[[4, 0, 2], [4, 1, 3]], [[1, 2, 3], [4, 5, 6]], [[0, 1, 2], [3, 4, 5], [6, 7, 0]]],
                          ids=["partly shared", "disjoint", "9 of 8 slots"])
 def test_grouped_moe_each_expert_once(ids):
@@ -511,14 +521,7 @@ def test_grouped_moe_each_expert_once(ids):
 
     if not grouped_supported():
         pytest.skip("the grouped MoE kernels need triton >= 3.5 on a GPU")
-    g = torch.Generator().manual_seed(4)
-    e, i, h = 8, 48, 40
-    wg, wu = (torch.randn(e, i, h, generator=g).to(DEV) * 0.1 for _ in range(2))
-    wd = torch.randn(e, h, i, generator=g).to(DEV) * 0.1
-    ids = torch.tensor(ids, device=DEV)
-    t, k = ids.shape
-    x = torch.randn(t, h, generator=g).to(DEV)
-    w = torch.rand(t, k, generator=g).to(DEV)
+    x, ids, w, wg, wu, wd = _small_moe(ids, e=8, h=40, seed=4)
     cfg = {"BLOCK_N": 32, "BLOCK_K": 32}
     got = moe_decode(x, ids, w, wg, wu, wd, config=cfg, grouped=True)
     assert not _triton._BUFFERS[("tickets", "moe_decode", _triton.device_key(DEV))].any()
@@ -548,14 +551,8 @@ def test_grouped_moe_compact_grid(ids, e, h, down_n, monkeypatch):
 
     if not grouped_supported():
         pytest.skip("the grouped MoE kernels need triton >= 3.5 on a GPU")
-    g = torch.Generator().manual_seed(5)
-    i = 48
-    wg, wu = (torch.randn(e, i, h, generator=g).to(DEV) * 0.1 for _ in range(2))
-    wd = torch.randn(e, h, i, generator=g).to(DEV) * 0.1
-    ids = torch.tensor(ids, device=DEV)
+    x, ids, w, wg, wu, wd = _small_moe(ids, e=e, h=h, seed=5)
     t, k = ids.shape
-    x = torch.randn(t, h, generator=g).to(DEV)
-    w = torch.rand(t, k, generator=g).to(DEV)
     grids = []
     for name in ("_gate_up_grouped_kernel", "_down_grouped_kernel"):
         kernel = getattr(moe_module, name)

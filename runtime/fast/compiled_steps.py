@@ -123,8 +123,9 @@ def probe_load(path: Path, device: torch.device, timeout: float = 300.0) -> str 
     AOTInductor's loader can take the whole process down, which a service must not inherit: on the H200 machine
     we were lent, every package segfaulted at load, GPU and CPU alike, because its compiler linked a static
     libstdc++ into the package (export/aoti_toolchain.py now links the shared one; a package built elsewhere,
-    or another toolchain fault, can still crash). A few seconds (a Python child importing torch) once per package, device and process; where
-    sys.executable is not a Python interpreter (some embedded servers) the probe fails and the caller falls back."""
+    or another toolchain fault, can still crash). A few seconds (a Python child importing torch) once per package,
+    device and process; where sys.executable is not a Python interpreter (some embedded servers) the probe fails
+    and the caller falls back."""
     path = Path(path)
     key = (str(path.resolve()), path.stat().st_mtime_ns, device.type, _device_index(device))
     if key not in _PROBED:
