@@ -16,6 +16,26 @@ from .rope import rope_kv_write
 from .routing import route_topk
 from .skinny import SWIGLU, skinny_gemm
 
+# Output dtypes of the skinny ops travel as names, not torch.dtype: AOTInductor's proxy executor in torch <= 2.11
+# casts a serialized dtype argument's number straight to c10's enum, whose numbering differs (bfloat16 arrives as
+# quint8; pytorch/pytorch#169157, fixed in #173562). A string reaches the op unchanged in every version.
+OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name the skinny ops take for an output dtype (one of OUT_DTYPES)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in OUT_DTYPES:
+        raise ValueError(f"the skinny kernels write {sorted(OUT_DTYPES)}, not {dtype}")
+    return name
+
+
+def _out_dtype(name: str) -> torch.dtype:
+    try:
+        return OUT_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"out_dtype must be one of {sorted(OUT_DTYPES)}, got {name!r}") from None
+
 
 @torch.library.custom_op("mingrt::moe_decode", mutates_args=())
 def moe_decode_op(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
@@ -32,28 +52,29 @@ def _moe_decode_fake(x, ids, weights, w_gate, w_up, w_down, s_gate, s_up, s_down
 
 @torch.library.custom_op("mingrt::skinny_linear", mutates_args=())
 def skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                     out_dtype: torch.dtype) -> torch.Tensor:
-    """y = x @ (weight * scale[:, None])^T + bias for x (rows, K), rows <= kernels.skinny.MAX_ROWS."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype, device=x.device)
+                     out_dtype: str) -> torch.Tensor:
+    """y = x @ (weight * scale[:, None])^T + bias for x (rows, K), rows <= kernels.skinny.MAX_ROWS; out_dtype a
+    name from OUT_DTYPES (dtype_name)."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=_out_dtype(out_dtype), device=x.device)
     return skinny_gemm(x.contiguous(), weight, out, w_scale=scale, bias=bias)
 
 
 @skinny_linear_op.register_fake
 def _skinny_linear_fake(x, weight, scale, bias, out_dtype):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=_out_dtype(out_dtype))
 
 
 @torch.library.custom_op("mingrt::skinny_swiglu", mutates_args=())
 def skinny_swiglu_op(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                     out_dtype: torch.dtype) -> torch.Tensor:
+                     out_dtype: str) -> torch.Tensor:
     """silu(y[:, :N]) * y[:, N:] for y = x @ (weight * scale[:, None])^T + bias, weight (2N, K) = [gate; up]."""
-    out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=out_dtype, device=x.device)
+    out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=_out_dtype(out_dtype), device=x.device)
     return skinny_gemm(x.contiguous(), weight, out, w_scale=scale, bias=bias, epilogue=SWIGLU)
 
 
 @skinny_swiglu_op.register_fake
 def _skinny_swiglu_fake(x, weight, scale, bias, out_dtype):
-    return x.new_empty(x.shape[0], weight.shape[0] // 2, dtype=out_dtype)
+    return x.new_empty(x.shape[0], weight.shape[0] // 2, dtype=_out_dtype(out_dtype))
 
 
 @torch.library.custom_op("mingrt::decode_attention", mutates_args=())
@@ -100,4 +121,4 @@ def _rope_kv_write_fake(qkv, cos, sin, k_cache, v_cache, cache_position):
     return qkv.new_empty(b, qkv.shape[-1] // d - 2 * hkv, 1, d)
 
 
-__all__ = ["decode_attention_op", "moe_decode_op", "rope_kv_write_op", "route_decode_op", "skinny_linear_op", "skinny_swiglu_op"]
+__all__ = ["OUT_DTYPES", "decode_attention_op", "dtype_name", "moe_decode_op", "rope_kv_write_op", "route_decode_op", "skinny_linear_op", "skinny_swiglu_op"]

@@ -190,6 +190,25 @@ def test_a_crashing_loader_is_caught_in_a_child_process(tmp_path, monkeypatch):
     assert cs.probe_load(pkg, torch.device("cuda", 0)) is None  # another GPU: probed again
 
 
+def test_no_decode_op_takes_a_dtype_argument():
+    """Inside a package, custom ops run through AOTInductor's proxy executor, which in torch <= 2.11 reads a dtype
+    argument with the wrong numbering (bfloat16 arrives as quint8: the H200's GPU packages failed so in session 18).
+    The ops take dtype names instead; a float8 output is refused by name."""
+    import kernels.ops as ops
+
+    names = [n.removesuffix("_op") for n in ops.__all__ if n.endswith("_op")]
+    assert {"skinny_linear", "skinny_swiglu", "moe_decode"} <= set(names)
+    for name in names:
+        for arg in getattr(torch.ops.mingrt, name).default._schema.arguments:
+            assert "ScalarType" not in str(arg.type), f"mingrt::{name}({arg.name}: {arg.type})"
+    assert ops.dtype_name(torch.bfloat16) == "bfloat16" and ops.OUT_DTYPES["float16"] is torch.float16
+    with pytest.raises(ValueError, match="not torch.float8_e4m3fn"):
+        ops.dtype_name(torch.float8_e4m3fn)
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="out_dtype must be one of"):
+        ops.skinny_linear_op(x, w, None, None, "int8")
+
+
 def test_the_fp8_fingerprint_follows_the_shared_expert_setting(monkeypatch):
     """MINGRT_MOE_SHARED changes the FP8 LLM step's graph: an FP8 package built under one setting is out of
     date under the other (rebuilt, not refused at load); bf16 packages do not depend on it."""

@@ -39,6 +39,7 @@ from kernels.fp8 import WEIGHT_FORMATS, fp16_rows, quantize_rows_fp8
 from kernels.moe import reserve_scratch
 from kernels.ops import (
     decode_attention_op,
+    dtype_name,
     moe_decode_op,
     rope_kv_write_op,
     route_decode_op,
@@ -169,7 +170,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     expert weights' rounding and can turn a near tie to the other expert."""
     rows = _decode_rows(x, weight.shape[1])
     if rows:
-        y = skinny_linear_op(x.reshape(rows, weight.shape[1]), weight, None, None, x.dtype)
+        y = skinny_linear_op(x.reshape(rows, weight.shape[1]), weight, None, None, dtype_name(x.dtype))
         return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
@@ -202,7 +203,7 @@ class FP8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.reference = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.out_dtype = linear.weight.dtype
+        self.out_dtype = dtype_name(linear.weight.dtype)  # the op takes the name (kernels.ops.OUT_DTYPES)
 
     def forward(self, x):
         rows = _decode_rows(x, self.in_features)
@@ -243,7 +244,7 @@ class FusedSwiGLUDecode(nn.Module):
         rows = _decode_rows(x, self.in_features)
         if rows:
             act = skinny_swiglu_op(_rows_for_fp8(x.reshape(rows, self.in_features)), self.w12_fp8, self.scale12,
-                                   self.bias12, torch.float16)  # (rows, I)
+                                   self.bias12, "float16")  # (rows, I)
             return self.down(act).view(*x.shape[:-1], -1)
         return self.reference(x)
 
