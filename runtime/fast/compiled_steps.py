@@ -164,7 +164,11 @@ class CompiledStep:
             bad = [e[0] for e, h in zip(expected, have) if e != h][:3]
             raise EngineError(f"{path.name} was compiled for other weights ({bad} differ in name, dtype or shape); "
                               "rebuild with python -m export.build --targets aoti")
-        self.runner = torch._inductor.aoti_load_package(str(path), device_index=_device_index(device))
+        # single-threaded: the default container hands each call a model from a pool and first asks (cudaEventQuery)
+        # whether the previous call finished, which a CUDA graph capture refuses ("operation not permitted when
+        # stream is capturing"); the runtime serialises its steps itself (one lock per generator)
+        self.runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
+                                                        device_index=_device_index(device))
         names = self.runner.get_constant_fqns()
         consts = constants_of(module)
         missing = [n for n in names if n not in consts]
