@@ -71,7 +71,7 @@ def cases():
             c = dict(TOPK=top_k, HAS_SCALE=fmt == "fp8", BLOCK_S=max(16, 1 << (rows * top_k - 1).bit_length()),
                      BLOCK_M=max(16, 1 << (rows - 1).bit_length()), BLOCK_N=moe.GROUPED_DEFAULT["BLOCK_N"],
                      BLOCK_K=moe.GROUPED_DEFAULT["BLOCK_K"], BY_SLOT=rows * top_k < experts, UPCAST=False, PDL=0,
-                     WIDEN=0, COMPACT=False, BLOCK_E=1)
+                     WIDEN=0)
             gu = dict(x_ptr="*bf16", ids_ptr="*i64", wg_ptr=wty, wu_ptr=wty, sg_ptr="*fp32", su_ptr="*fp32", act_ptr=act,
                       S="i32", H="i32", I="i32", stride_x="i32")
             dn = dict(act_ptr=act, ids_ptr="*i64", topw_ptr="*fp32", wd_ptr=wty, sd_ptr="*fp32", y_ptr="*fp32",
@@ -80,12 +80,6 @@ def cases():
             out.append((f"moe grouped gate_up {fmt} {rows} rows", moe._gate_up_grouped_kernel, gu, c, opts))
             out.append((f"moe grouped down {fmt} {rows} rows", moe._down_grouped_kernel, dn,
                         dict(c, BLOCK_N=moe.GROUPED_DEFAULT["DOWN_BLOCK_N"], BLOCK_K=moe.GROUPED_DEFAULT["DOWN_BLOCK_K"]), opts))
-            if rows > 2:  # the experimental COMPACT grid (the chosen experts first): 64 routed + 2 shared-slot experts
-                cc = dict(c, BY_SLOT=False, COMPACT=True, BLOCK_E=1 << (experts + 2 - 1).bit_length())
-                out.append((f"moe grouped gate_up {fmt} {rows} rows compact", moe._gate_up_grouped_kernel, gu, cc, opts))
-                out.append((f"moe grouped down {fmt} {rows} rows compact", moe._down_grouped_kernel, dn,
-                            dict(cc, BLOCK_N=moe.GROUPED_DEFAULT["DOWN_BLOCK_N"],
-                                 BLOCK_K=moe.GROUPED_DEFAULT["DOWN_BLOCK_K"]), opts))
     att = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", mask_ptr="*u8", last_ptr="*i64", o_ptr="*bf16",
                part_ptr="*fp32", ticket_ptr="*i32", S="i32",
                scale="fp32", **{f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kh", "ks", "vb", "vh", "vs", "mb", "ob", "oh")})

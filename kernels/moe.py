@@ -15,9 +15,6 @@ grouped (from GROUPED_MIN_ROWS rows: each chosen expert's weights cross HBM once
                                 arrive (a ticket per row and H block) sums its k partials in slot order
   with fewer slots than experts (T*k < E) the grid's first axis is the slots instead: a slot's program
   takes its expert if it is that expert's first slot, so no program waits on the E - T*k idle experts
-  COMPACT (a config key; experimental, in no table until timed: benchmarks/moe_tiles_ab.py --variants COMPACT=1):
-  grid (blocks, min(T*k, E)), program p takes the p-th chosen expert, so the working programs are scheduled
-  first and the idle ones (E - chosen at batch 8: ~30 of 66 per block column) exit at the grid's end
 
 The k-sum runs in a fixed order in every form: inside one program, or (DOWN_SPLIT > 1, grouped) over
 programs whose last to arrive adds the shares in order (kernels._triton.arrive, as the skinny GEMM's
@@ -131,33 +128,14 @@ if triton is not None:
         return slot, used, tl.sum(match, axis=0)
 
     @triton.jit
-    def _nth_chosen_expert(ids_ptr, p, S, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
-        """The p-th smallest expert id that any of the S routing slots chose, and whether there is one (COMPACT)."""
-        rs = tl.arange(0, BLOCK_S)
-        ids = tl.load(ids_ptr + rs, mask=rs < S, other=-1).to(tl.int32)
-        er = tl.arange(0, BLOCK_E)
-        chosen = tl.max((ids[None, :] == er[:, None]).to(tl.int32), axis=1)  # (BLOCK_E,): 1 where some slot chose e
-        rank = tl.cumsum(chosen, axis=0) - 1
-        e = tl.sum(tl.where((chosen == 1) & (rank == p), er, 0), axis=0)
-        return e, tl.sum(chosen, axis=0) > p
-
-    @triton.jit
-    def _program_expert(ids_ptr, p, S, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BY_SLOT: tl.constexpr,
-                        COMPACT: tl.constexpr, BLOCK_E: tl.constexpr):
-        """Program p's expert, the slots that chose it (_expert_slots) and whether it has work. COMPACT: program p
-        takes the p-th chosen expert, so the working programs come first and the rest exit at the grid's end.
-        BY_SLOT (fewer slots than experts): program p takes the expert of slot p, and works only if p is that
-        expert's first slot, so the grid holds the slots, not every expert. Else program p takes expert p."""
-        if COMPACT:
-            e, any_left = _nth_chosen_expert(ids_ptr, p, S, BLOCK_S, BLOCK_E)
-        elif BY_SLOT:
-            e = tl.load(ids_ptr + p).to(tl.int32)
-        else:
-            e = p
+    def _program_expert(ids_ptr, S, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BY_SLOT: tl.constexpr):
+        """This program's expert, the slots that chose it (_expert_slots) and whether it has work. BY_SLOT
+        (fewer slots than experts): program p takes the expert of slot p, and works only if p is that expert's
+        first slot, so the grid holds the slots, not every expert. Else program p takes expert p."""
+        p = tl.program_id(0)
+        e = tl.load(ids_ptr + p).to(tl.int32) if BY_SLOT else p
         slot, used, count = _expert_slots(ids_ptr, e, S, BLOCK_S, BLOCK_M)
-        if COMPACT:
-            work = any_left
-        elif BY_SLOT:
+        if BY_SLOT:
             work = tl.min(tl.where(used, slot, S), axis=0) == p  # column 0 holds the first slot
         else:
             work = count > 0
@@ -167,20 +145,14 @@ if triton is not None:
     def _gate_up_grouped_kernel(x_ptr, ids_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, act_ptr, S, H, I, stride_x,
                                 TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BY_SLOT: tl.constexpr, UPCAST: tl.constexpr,
-                                PDL: tl.constexpr, WIDEN: tl.constexpr = 0, COMPACT: tl.constexpr = False,
-                                BLOCK_E: tl.constexpr = 1):
+                                PDL: tl.constexpr, WIDEN: tl.constexpr = 0):
         """One working program per (chosen expert, I block): every row that chose the expert in one tile, so its weights
-        cross HBM once per call however many rows share it. Programs without an expert exit at once. Grid (experts or
-        slots, I blocks), or with COMPACT (I blocks, chosen experts) so that the idle programs come last."""
+        cross HBM once per call however many rows share it. Programs without an expert exit at once."""
         pdl_enter(PDL)
-        if COMPACT:
-            p, pid_n = tl.program_id(1), tl.program_id(0)
-        else:
-            p, pid_n = tl.program_id(0), tl.program_id(1)
-        e, slot, used, work = _program_expert(ids_ptr, p, S, BLOCK_S, BLOCK_M, BY_SLOT, COMPACT, BLOCK_E)
+        e, slot, used, work = _program_expert(ids_ptr, S, BLOCK_S, BLOCK_M, BY_SLOT)
         if work:
             t = slot // TOPK
-            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             rk = tl.arange(0, BLOCK_K)
             n_ok = rn < I
             rows = (e.to(tl.int64) * I + rn).to(tl.int64) * H
@@ -206,18 +178,13 @@ if triton is not None:
     def _down_grouped_kernel(act_ptr, ids_ptr, topw_ptr, wd_ptr, sd_ptr, y_ptr, part_ptr, ticket_ptr, S, H, I, stride_y,
                              TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BY_SLOT: tl.constexpr, UPCAST: tl.constexpr,
-                             PDL: tl.constexpr, WIDEN: tl.constexpr = 0, COMPACT: tl.constexpr = False,
-                             BLOCK_E: tl.constexpr = 1):
+                             PDL: tl.constexpr, WIDEN: tl.constexpr = 0):
         """One working program per (chosen expert, H block): part[slot] = topw[slot] * (act[slot] @ Wd[e]^T) for the slots
         that chose e. A row's k slots sit in k programs; the last of them to arrive (a ticket per row and
-        H block) sums the row's k partials in routing order: the sum does not depend on scheduling. Grid as the
-        gate_up kernel's."""
+        H block) sums the row's k partials in routing order: the sum does not depend on scheduling."""
         pdl_enter(PDL)
-        if COMPACT:
-            p, pid_n, n_blocks = tl.program_id(1), tl.program_id(0), tl.num_programs(0)
-        else:
-            p, pid_n, n_blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-        e, slot, used, work = _program_expert(ids_ptr, p, S, BLOCK_S, BLOCK_M, BY_SLOT, COMPACT, BLOCK_E)
+        pid_n = tl.program_id(1)
+        e, slot, used, work = _program_expert(ids_ptr, S, BLOCK_S, BLOCK_M, BY_SLOT)
         if work:
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             rk = tl.arange(0, BLOCK_K)
@@ -239,7 +206,7 @@ if triton is not None:
             out_ok = n_ok[:, None] & used[None, :]
             tl.store(part_ptr + slot[None, :].to(tl.int64) * H + rn[:, None], acc, mask=out_ok)
             t = slot // TOPK
-            tix = ticket_ptr + t * n_blocks + pid_n
+            tix = ticket_ptr + t * tl.num_programs(1) + pid_n
             ticket = arrive(tix, used)
             last = used & (ticket == TOPK - 1)
             y = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
@@ -345,8 +312,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     s_down (E, H)) fp32 for fp8 weights. Returns out (T, H) fp32 (act: (T*k, I) scratch).
     grouped: one working program per chosen expert instead of one per routing slot (default: config "GROUPED", else from
     grouped_min_rows(FP8?) to MAX_TICKET_ROWS rows where grouped_supported(); each form has its own tuned tiles);
-    both sum each row's experts in routing order. Config "COMPACT": the grouped kernels' compact grid (module
-    docstring), the same bits.
+    both sum each row's experts in routing order.
 
     Preconditions the router guarantees and this does not check (it would need a host sync): each row's
     k ids are distinct and in [0, E). The activations, partials and tickets are one buffer per GPU
@@ -375,21 +341,17 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     elif grouped and (t > MAX_TICKET_ROWS or not grouped_supported()):
         raise ValueError(f"the grouped MoE kernels take <= {MAX_TICKET_ROWS} rows (got {t}) and need triton >= 3.5 "
                          "on a GPU (per-lane results of a vector atomic): pass grouped=False")
-    if config is None:
-        config = pick_config(h, i, fp8, grouped, k)  # a copy of the table's entry
-    compact = bool(config.pop("COMPACT", 0))  # a choice too (the grouped kernels' grid)
-    up, down = split_config(config)
+    up, down = split_config(config if config is not None else pick_config(h, i, fp8, grouped, k))
     common = dict(UPCAST=interpreting(), WIDEN=fp8_widen(w_gate.dtype), **pdl_launch(x.device))
     split = down.pop("SPLIT_E")
     n_blocks = triton.cdiv(h, down["BLOCK_N"])
     if grouped:  # a program per expert, or per slot where there are fewer slots (at most one works per expert)
-        slots = dict(BLOCK_S=next_pow2(max(t * k, 16)), BLOCK_M=max(16, next_pow2(t)), BY_SLOT=t * k < e and not compact,
-                     COMPACT=compact, BLOCK_E=next_pow2(e) if compact else 1)
-        programs = min(t * k, e)  # the slots (BY_SLOT), else the experts; COMPACT: as many as can be chosen
-        up_blocks = triton.cdiv(i, up["BLOCK_N"])
-        _gate_up_grouped_kernel[(up_blocks, programs) if compact else (programs, up_blocks)](
+        by_slot = t * k < e
+        slots = dict(BLOCK_S=next_pow2(max(t * k, 16)), BLOCK_M=max(16, next_pow2(t)), BY_SLOT=by_slot)
+        programs = t * k if by_slot else e
+        _gate_up_grouped_kernel[(programs, triton.cdiv(i, up["BLOCK_N"]))](
             x, ids, w_gate, w_up, sg, su, act, t * k, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **slots, **common, **up)
-        _down_grouped_kernel[(n_blocks, programs) if compact else (programs, n_blocks)](
+        _down_grouped_kernel[(programs, n_blocks)](
             act, ids, weights, w_down, sd, out, scratch("moe_decode_part", x.device, t * k * h), reserve_tickets(x.device, h, t),
             t * k, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale, **slots, **common, **down)
         return out

@@ -532,51 +532,6 @@ def test_grouped_moe_each_expert_once(ids):
         _check("kernels/moe_grouped_each_expert_once", got, ref)
 
 
-@pytest.mark.parametrize("ids,e,h,down_n", [
-    ([[4, 0, 2], [4, 1, 3]], 8, 40, 32),
-    ([[0, 1, 2], [3, 4, 5], [6, 7, 0]], 8, 40, 32),
-    ([[7, 5, 3], [7, 5, 3], [6, 5, 1], [6, 5, 1], [2, 0, 3]], 8, 40, 32),
-    ([[1, 2, 3], [4, 5, 6]], 8, 40, 32),  # expert 0 unchosen: padding lanes must not count as it
-    ([[19, 3, 11], [19, 3, 11], [2, 17, 5], [2, 17, 5], [13, 0, 19], [8, 9, 10]], 20, 40, 32),  # E not a power of 2
-    ([[5, 1]], 8, 160, 16),  # more H blocks (10) than programs (2): the tickets' stride is the blocks'
-], ids=["fewer slots than experts", "9 of 8 slots", "CFG pairs, 7 of 8 chosen", "no expert 0", "20 experts, 18 slots",
-        "10 H blocks, 2 programs"])
-def test_grouped_moe_compact_grid(ids, e, h, down_n, monkeypatch):
-    """COMPACT (a config key, experimental): program p takes the p-th chosen expert on a grid of (blocks,
-    min(slots, experts)), so the idle programs come last. Each working program does the same work as in the
-    default grid: the same bits, and every ticket re-armed; a tabled COMPACT is honoured too."""
-    from kernels import _triton
-    from kernels import moe as moe_module
-    from kernels.moe import grouped_supported, moe_decode
-
-    if not grouped_supported():
-        pytest.skip("the grouped MoE kernels need triton >= 3.5 on a GPU")
-    x, ids, w, wg, wu, wd = _small_moe(ids, e=e, h=h, seed=5)
-    t, k = ids.shape
-    grids = []
-    for name in ("_gate_up_grouped_kernel", "_down_grouped_kernel"):
-        kernel = getattr(moe_module, name)
-
-        class Recorder:
-            def __getitem__(self, grid, kernel=kernel):
-                grids.append(grid)
-                return kernel[grid]
-
-        monkeypatch.setattr(moe_module, name, Recorder())
-    cfg = {"BLOCK_N": 32, "BLOCK_K": 32, "DOWN_BLOCK_N": down_n}
-    ref = moe_decode(x, ids, w, wg, wu, wd, config=cfg, grouped=True)
-    got = moe_decode(x, ids, w, wg, wu, wd, config=dict(cfg, COMPACT=1), grouped=True)
-    tickets = _triton._BUFFERS[("tickets", "moe_decode", _triton.device_key(DEV))]
-    assert not tickets.any()
-    assert torch.equal(got, ref)
-    programs = min(t * k, e)
-    assert grids[2:] == [(2, programs), (-(-h // down_n), programs)]  # (I blocks, programs), (H blocks, programs)
-    grids.clear()
-    monkeypatch.setattr(moe_module, "pick_config", lambda *a, **kw: dict(cfg, COMPACT=1))  # as a table would give it
-    assert torch.equal(moe_decode(x, ids, w, wg, wu, wd, grouped=True), ref) and not tickets.any()
-    assert grids == [(2, programs), (-(-h // down_n), programs)]
-
-
 def test_grouped_min_rows_from_the_environment(monkeypatch):
     import os
 
