@@ -46,7 +46,7 @@ def layers_part(model, dev, runs: int, rounds: int) -> dict:
     apart = [(FusedMoEDecode(m, "fp8", shared=False), FusedSwiGLUDecode(m.shared_experts)) for m in moes]
     slots = [FusedMoEDecode(m, "fp8", shared=True) for m in moes]
     outs = torch.empty(len(moes), 2, h, device=dev, dtype=torch.bfloat16)
-    moe_table = skinny.tuned_configs_for("moe")  # the live table moe.pick_config reads
+    moe_table = skinny.launch_table().setdefault("moe", {})  # the live entries moe.pick_config reads
     i = moes[0].w_gate.shape[1]
     k = moes[0].gate.top_k + slots[0].shared_slots
     key = f"h{h}_i{i}_fp8_k{k}"

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import kernels.skinny as skinny  # noqa: E402
 from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
-from kernels.moe import grouped_min_rows, pick_config  # noqa: E402
+from kernels.moe import grouped_by_default, pick_config  # noqa: E402
 from models import full_config  # noqa: E402
 from models.llm import MoE  # noqa: E402
 from runtime.fast.decode_weights import FusedMoEDecode  # noqa: E402
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
         fused.append(FusedMoEDecode(m, "fp8", shared=True))
     h, i = llm.hidden_size, llm.moe_intermediate_size
     slots = llm.num_experts_per_tok + fused[0].shared_slots
-    skinny.tuned_configs_for("moe")  # loads the installed table; the kernels read it at each launch
-    tables = {"moe": skinny._TUNED.setdefault("moe", {}), "moe_grouped": skinny._TUNED.setdefault("moe_grouped", {})}
+    live = skinny.launch_table()  # the installed table, edited in place: the kernels read it at each launch
+    tables = {kind: live.setdefault(kind, {}) for kind in ("moe", "moe_grouped")}
     key = f"h{h}_i{i}_fp8_k{slots}"
     variants = parse_variants(a.variants)
     res = {"env": environment(dev), "layers": a.layers, "slots_per_row": slots, "key": key, "cases": []}
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             routes = [m.gate(x)[:2] for m in moes]
             distinct = sum(len(torch.unique(ids)) for ids, _ in routes) / len(routes)
             outs = torch.empty(a.layers, rows, h, device=dev)
-            grouped = rows >= grouped_min_rows(True)
+            grouped = grouped_by_default(rows, True)  # what moe_decode runs for these rows
             table = tables["moe_grouped" if grouped else "moe"]
             tabled = table.get(key)
             base = pick_config(h, i, True, grouped, slots)  # what the step launches now (a k6 entry's split fixed)

@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 import runtime.fast.decode_weights as decode_weights  # noqa: E402
 from benchmarks import pdl_check  # noqa: E402
 from benchmarks.speed import environment  # noqa: E402
-from benchmarks.table_ab import use_table  # noqa: E402
 from kernels import skinny  # noqa: E402
 
 SETTINGS = {"gemm": ("ROUTER_ON_KERNEL", "router on the skinny kernel", "router on cuBLAS"),
@@ -52,14 +51,13 @@ def token_step_ab(model, dev, fmt: str, runs: int, rounds: int, settings: tuple[
     """Every setting in `settings` on, then each one off alone (the others on), under the installed launch-config
     table; with `table`, also all on under that table (kernels/configs/<gpu>.json format, e.g. a fresh
     benchmarks/kernels.py sweep). One build per variant."""
-    skinny.tuned_configs_for("")  # loads the installed table
-    installed = skinny._TUNED
+    installed = skinny.launch_table()
 
     def variant(off: str | None = None, tuned: dict = installed):
         def setup():
             for name in settings:
                 setattr(decode_weights, SETTINGS[name][0], name != off)
-            use_table(tuned)  # read at launch: each build captures its graph under its own table
+            skinny.use_launch_table(tuned)  # read at launch: each build captures its graph under its own table
         return setup
 
     all_on = " + ".join(SETTINGS[n][1] for n in settings)
@@ -72,7 +70,7 @@ def token_step_ab(model, dev, fmt: str, runs: int, rounds: int, settings: tuple[
     finally:
         for name in settings:
             setattr(decode_weights, SETTINGS[name][0], True)
-        use_table(installed)
+        skinny.use_launch_table(installed)
 
 
 def main(argv=None) -> int:

@@ -26,10 +26,6 @@ from kernels import skinny  # noqa: E402
 from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
 
 
-def use_table(table: dict) -> None:
-    skinny._TUNED = table  # what tuned_configs_for reads; graphs captured earlier keep their launches
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -47,10 +43,10 @@ def main(argv=None) -> int:
         head(hid, noise, *sc)  # scratch before any capture
         replays, outs, row = {}, {}, {}
         for name, table in tables.items():
-            use_table(table)
+            skinny.use_launch_table(table)  # graphs captured earlier keep their launches
             out = outs[name] = torch.empty(1, model.cfg.flow_head.latent_dim, device=dev)
             replays[name] = capture(lambda out=out, head=head: out.copy_(head(hid, noise, *sc)))
-        use_table(tables["new"])
+        skinny.use_launch_table(tables["new"])
         settle(replays["new"], dev)
         for _ in range(a.rounds):
             for name, replay in replays.items():

@@ -304,6 +304,11 @@ def grouped_min_rows(fp8: bool) -> int:
     return GROUPED_MIN_ROWS_FP8 if fp8 else GROUPED_MIN_ROWS
 
 
+def grouped_by_default(rows: int, fp8: bool) -> bool:
+    """Whether moe_decode runs the grouped kernels for `rows` rows when neither its caller nor its config chooses."""
+    return grouped_min_rows(fp8) <= rows <= MAX_TICKET_ROWS and grouped_supported()
+
+
 def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                w_down: torch.Tensor, scales: tuple | None = None, *, act: torch.Tensor | None = None,
                out: torch.Tensor | None = None, config: dict | None = None, grouped: bool | None = None) -> torch.Tensor:
@@ -337,7 +342,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     tabled = config.pop("GROUPED", None) if config is not None else None  # a choice, not a launch argument
     grouped = tabled if grouped is None else grouped
     if grouped is None:
-        grouped = grouped_min_rows(fp8) <= t <= MAX_TICKET_ROWS and grouped_supported()
+        grouped = grouped_by_default(t, fp8)
     elif grouped and (t > MAX_TICKET_ROWS or not grouped_supported()):
         raise ValueError(f"the grouped MoE kernels take <= {MAX_TICKET_ROWS} rows (got {t}) and need triton >= 3.5 "
                          "on a GPU (per-lane results of a vector atomic): pass grouped=False")
@@ -402,6 +407,6 @@ def split_config(config: dict) -> tuple[dict, dict]:
     return up, down
 
 
-__all__ = ["GROUPED_DEFAULT", "GROUPED_MIN_ROWS", "GROUPED_MIN_ROWS_FP8", "candidate_configs", "down_candidates",
+__all__ = ["GROUPED_DEFAULT", "GROUPED_MIN_ROWS", "GROUPED_MIN_ROWS_FP8", "candidate_configs", "down_candidates", "grouped_by_default",
            "grouped_min_rows", "grouped_supported", "moe_decode", "pick_config", "reserve_scratch", "reserve_tickets",
            "split_config"]

@@ -177,8 +177,11 @@ def heuristic_config(n: int, k: int, fp8: bool, sm_count: int = SM_COUNT_DEFAULT
 _TUNED: dict | None = None
 
 
-def tuned_configs_for(kernel: str) -> dict:
-    """Configs measured on this GPU model (kernels/configs/<gpu>.json, written by benchmarks/kernels.py)."""
+def launch_table() -> dict:
+    """The launch-config table the kernels read at each launch: kernels/configs/<gpu>.json (written by
+    benchmarks/kernels.py), loaded once; {} without a GPU or a table. A/B scripts edit it in place
+    (launch_table().setdefault(kind, {})[key] = config) or swap it (use_launch_table); CUDA graphs captured
+    earlier keep the launches they recorded."""
     global _TUNED
     if _TUNED is None:
         import json
@@ -189,7 +192,20 @@ def tuned_configs_for(kernel: str) -> dict:
             path = Path(__file__).parent / "configs" / f"{gpu_slug()}.json"
             if path.exists():
                 _TUNED = json.loads(path.read_text())
-    return _TUNED.get(kernel, {})
+    return _TUNED
+
+
+def use_launch_table(table: dict) -> dict:
+    """Make `table` the one the kernels read from their next launch on; returns the table it replaces."""
+    global _TUNED
+    old = launch_table()
+    _TUNED = table
+    return old
+
+
+def tuned_configs_for(kernel: str) -> dict:
+    """Configs measured on this GPU model for one kernel kind ("skinny", "moe", ...; see launch_table)."""
+    return launch_table().get(kernel, {})
 
 
 def gpu_slug() -> str:
@@ -323,4 +339,5 @@ def _launch(x, w, out, m, n, k, epilogue, row_div, w_scale, bias, gate, partials
     _skinny_kernel[grid](*args, **flags, **config)
 
 
-__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "MAX_SPLIT_K", "PARTIALS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "pick_config", "shared_workspace", "skinny_gemm", "skinny_partials"]
+__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "MAX_SPLIT_K", "PARTIALS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "launch_table", "pick_config", "shared_workspace", "skinny_gemm",
+           "skinny_partials", "tuned_configs_for", "use_launch_table"]

@@ -190,6 +190,33 @@ def test_a_crashing_loader_is_caught_in_a_child_process(tmp_path, monkeypatch):
     assert cs.probe_load(pkg, torch.device("cuda", 0)) is None  # another GPU: probed again
 
 
+def test_packages_load_single_threaded_with_the_models_own_tensors(monkeypatch, tmp_path):
+    """CompiledStep opens a package without the container's model pool: the pool asks cudaEventQuery before each call,
+    which the per-token graph's capture refuses (session 18 on the H200); the weights go in as the module's own
+    tensors (user_managed, no copy)."""
+    from runtime.fast.compiled_steps import CompiledStep, constants_signature
+
+    module = torch.nn.Linear(8, 4)
+    calls = {}
+
+    class Runner:
+        def get_constant_fqns(self):
+            return ["bias", "weight"]
+
+        def load_constants(self, consts, **kw):
+            calls["constants"], calls["load_kw"] = consts, kw
+
+    def fake_load(path, **kw):
+        calls["path"], calls["load"] = path, kw
+        return Runner()
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", fake_load)
+    step = CompiledStep(tmp_path / "p.pt2", module, constants_signature(module, ["weight", "bias"]), torch.device("cpu"))
+    assert calls["load"]["run_single_threaded"] is True and calls["path"] == str(tmp_path / "p.pt2")
+    assert calls["constants"]["weight"].data_ptr() == module.weight.data_ptr() and calls["load_kw"]["user_managed"]
+    assert isinstance(step.runner, Runner)
+
+
 def test_no_decode_op_takes_a_dtype_argument():
     """Inside a package, custom ops run through AOTInductor's proxy executor, which in torch <= 2.11 reads a dtype
     argument with the wrong numbering (bfloat16 arrives as quint8: the H200's GPU packages failed so in session 18).

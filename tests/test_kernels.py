@@ -377,6 +377,38 @@ def test_table_lookups_for_the_new_launch_forms(monkeypatch):
     assert table["moe"]["h2048_i1408_fp8"] == six  # the lookups copy, never change the table
 
 
+def test_a_swapped_or_edited_launch_table_reaches_the_next_launch(monkeypatch):
+    """The A/B scripts' hook (kernels.skinny.launch_table / use_launch_table): a swapped table and an entry added in
+    place are what the next pick_config reads, per-slot and grouped apart; the swap hands back the old table."""
+    from kernels import moe as moe_module
+    from kernels import skinny as skinny_module
+
+    monkeypatch.setattr(skinny_module, "_TUNED", {})  # the machine's table, whatever it is, comes back afterwards
+    monkeypatch.setattr(moe_module, "interpreting", lambda: False)
+    per_slot = {"BLOCK_N": 32, "BLOCK_K": 256, "DOWN_SPLIT": 2}
+    table = {"moe": {"h2048_i1408_fp8_k8": per_slot}}
+    assert skinny_module.use_launch_table(table) == {} and skinny_module.launch_table() is table
+    assert moe_module.pick_config(2048, 1408, True, k=8) == per_slot
+    assert moe_module.pick_config(2048, 1408, True, grouped=True, k=8) == moe_module.GROUPED_DEFAULT
+    skinny_module.launch_table().setdefault("moe_grouped", {})["h2048_i1408_fp8_k8"] = dict(per_slot, num_warps=2)
+    assert moe_module.pick_config(2048, 1408, True, grouped=True, k=8) == dict(per_slot, num_warps=2)
+    assert skinny_module.use_launch_table({}) is table
+    assert "DOWN_SPLIT" not in moe_module.pick_config(2048, 1408, True, k=8)  # the untabled default again
+
+
+def test_grouped_by_default_is_moe_decodes_choice(monkeypatch):
+    """grouped_by_default (what moe_tiles_ab.py times) is the form moe_decode runs when nobody chooses."""
+    from kernels import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "grouped_supported", lambda: True)
+    fp8_min, bf16_min = moe_module.grouped_min_rows(True), moe_module.grouped_min_rows(False)
+    assert not moe_module.grouped_by_default(fp8_min - 1, True) and moe_module.grouped_by_default(fp8_min, True)
+    assert not moe_module.grouped_by_default(bf16_min - 1, False) and moe_module.grouped_by_default(bf16_min, False)
+    assert not moe_module.grouped_by_default(moe_module.MAX_TICKET_ROWS + 1, True)
+    monkeypatch.setattr(moe_module, "grouped_supported", lambda: False)
+    assert not moe_module.grouped_by_default(16, True)
+
+
 def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):
     """DOWN_BLOCK_N / DOWN_BLOCK_K retile only the down kernel and DOWN_SPLIT spreads each row's experts
     over programs: the same sums as one shared tile, the gate_up kernel's launch untouched, and the
