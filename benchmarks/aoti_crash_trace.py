@@ -28,13 +28,9 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BUILD = r'''
-import sys, torch
-dev = sys.argv[2]
-layer = torch.nn.Linear(8, 4).to(dev)
-ep = torch.export.export(layer, (torch.randn(2, 8, device=dev),))
-print(torch._inductor.aoti_compile_and_package(ep, package_path=sys.argv[1]))
-'''
+sys.path.insert(0, str(HERE.parent))
+from benchmarks.aoti_link_check import BUILD  # noqa: E402  (argv: package, device; the torch way of linking)
+
 # argv: package, handler .so ('' for none), device index
 LOAD = r'''
 import ctypes, sys, torch

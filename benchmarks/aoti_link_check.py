@@ -3,8 +3,8 @@
 Session 17's native trace of the H200 machine's loader crash (benchmarks/aoti_crash_trace.py) ended in std::regex
 and std::locale code *inside* the package's wrapper.so (AOTInductorModel -> parse_device_str -> regex), and the
 wrapper.so defines std::locale's symbols itself: a static copy of libstdc++ in a process that has already loaded
-the shared one. This script builds the one-linear package of aoti_crash_trace.py through a compiler shim (a
-script named g++ that logs each command) in two ways and loads each in a child process:
+the shared one. This script builds a one-linear package (BUILD, which aoti_crash_trace.py shares) through a
+compiler shim (a script named g++ that logs each command) in two ways and loads each in a child process:
 
   as_is    the command torch gives (only logged);
   dynamic  "-static-libstdc++" dropped and -L pointing at a folder whose libstdc++.so is the libstdc++.so.6 this
