@@ -36,7 +36,7 @@ torch.manual_seed(0)
 layer = torch.nn.Linear(8, 4).to(dev)
 x = torch.randn(2, 8, device=dev)
 ep = torch.export.export(layer, (x,))
-torch._inductor.aoti_compile_and_package(ep, package_path=sys.argv[1])
+print(torch._inductor.aoti_compile_and_package(ep, package_path=sys.argv[1]))
 torch.save({"x": x.cpu(), "y": layer(x).detach().cpu()}, sys.argv[1] + ".io")
 '''
 LOAD = r'''

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     rows = 2
     dev, model, (hid, noise, sc), res = flow_head_bench("flow_sweep.py", a.out, rows)
     cfg = model.cfg
-    table = skinny.tuned_configs_for("skinny")  # the live table pick_config reads
+    table = skinny.launch_table().setdefault("skinny", {})  # the live entries pick_config reads
     out_path = a.out / "flow_sweep.json"
     for fmt in a.formats.split(","):
         heads = {d: KernelFlowHead(model, weights=fmt, deferred_residual=d) for d in (True, False)}

@@ -114,12 +114,15 @@ def _ir_check(expr: str):
 
 def test_kernel_ir_check_compiles_the_decode_kernels():
     """kernel_ir_check passes every constexpr a kernel declares (a compile from source takes no defaults):
-    an FP8 skinny GEMM and a grouped MoE kernel compile for Hopper and run the FP8 converts on mma.sync."""
+    an FP8 skinny GEMM (32-row tiles: mma.sync) and a grouped MoE kernel (64-row tiles: wgmma) compile for Hopper,
+    pipelined, with the FP8 converts in the code."""
     want = ("skinny fp8 epilogue 1 split 1", "moe grouped gate_up fp8 2 rows")
     got = _ir_check(f"{{n: c.inspect(fn, sig, k, o, t) for n, fn, sig, k, o in c.cases() if n in {want!r}}}")
     assert set(got) == {"skinny fp8 epilogue 1 split 1", "moe grouped gate_up fp8 2 rows"}
     skinny = got["skinny fp8 epilogue 1 split 1"]
     assert skinny["pipelined"] and skinny["mma_sync"] > 0 and skinny["fp8_cvt"] > 0
+    grouped = got["moe grouped gate_up fp8 2 rows"]
+    assert grouped["pipelined"] and grouped["wgmma"] > 0 and grouped["fp8_cvt"] > 0
 
 
 def test_kernel_ir_check_compiles_with_the_jit_alignment_facts():

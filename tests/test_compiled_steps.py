@@ -227,7 +227,8 @@ def test_no_decode_op_takes_a_dtype_argument():
     assert {"skinny_linear", "skinny_swiglu", "moe_decode"} <= set(names)
     for name in names:
         for arg in getattr(torch.ops.mingrt, name).default._schema.arguments:
-            assert "ScalarType" not in str(arg.type), f"mingrt::{name}({arg.name}: {arg.type})"
+            # real_type: a dtype argument's `type` prints as int (its serialised form), its real type as ScalarType
+            assert "ScalarType" not in str(arg.real_type), f"mingrt::{name}({arg.name}: {arg.real_type})"
     assert ops.dtype_name(torch.bfloat16) == "bfloat16" and ops.OUT_DTYPES["float16"] is torch.float16
     with pytest.raises(ValueError, match="not torch.float8_e4m3fn"):
         ops.dtype_name(torch.float8_e4m3fn)

@@ -396,8 +396,9 @@ def test_a_swapped_or_edited_launch_table_reaches_the_next_launch(monkeypatch):
     assert "DOWN_SPLIT" not in moe_module.pick_config(2048, 1408, True, k=8)  # the untabled default again
 
 
-def test_grouped_by_default_is_moe_decodes_choice(monkeypatch):
-    """grouped_by_default (what moe_tiles_ab.py times) is the form moe_decode runs when nobody chooses."""
+def test_grouped_by_default_bounds(monkeypatch):
+    """grouped_by_default (what moe_tiles_ab.py times): grouped from grouped_min_rows rows up to MAX_TICKET_ROWS, where
+    the grouped kernels are supported. (That moe_decode launches what it says: the grouped-vs-reference test.)"""
     from kernels import moe as moe_module
 
     monkeypatch.setattr(moe_module, "grouped_supported", lambda: True)
@@ -530,6 +531,7 @@ def test_grouped_moe_equals_the_reference_and_the_per_slot_kernels(fmt, rows, mo
     launches.clear()
     moe_decode(x, ids, w, *ws, scales, config=cfg)
     assert launches[0][0] == ("_gate_up_grouped_kernel" if rows >= min_rows else "_gate_up_kernel")
+    assert (launches[0][0] == "_gate_up_grouped_kernel") == moe_module.grouped_by_default(rows, fmt == "fp8")
 
 
 def _small_moe(ids, e: int, h: int, seed: int, i: int = 48):

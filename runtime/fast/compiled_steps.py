@@ -33,7 +33,7 @@ from ..errors import EngineError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the skinny ops take their output dtype by name (a schema-1 package passes a dtype)
 STEP_FILES = {"llm_step": "compiled_llm_step.pt2", "semantic_step": "compiled_semantic_step.pt2"}
 
 
@@ -108,7 +108,7 @@ _PROBE = ("import sys, torch\n"
           "    import kernels.ops  # packages of the kernel path call its custom ops: register them first\n"
           "except ImportError:\n"
           "    pass\n"
-          "torch._inductor.aoti_load_package(sys.argv[1], device_index=int(sys.argv[2]))\n")
+          "torch._inductor.aoti_load_package(sys.argv[1], run_single_threaded=True, device_index=int(sys.argv[2]))\n")
 
 
 def _device_index(device: torch.device) -> int:
