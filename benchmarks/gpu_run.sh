@@ -32,6 +32,8 @@
 #   AOTI_LINK=1         first run benchmarks/aoti_link_check.py --devices cuda (a package linked the torch way against
 #                       one linked to the loaded libstdc++.so.6; ~2 min)
 #   MOE_TILES_ARGS="--rows 2,16 --variants num_warps=2"   also run benchmarks/moe_tiles_ab.py with these flags
+#   COMPILED_STEPS_ARGS="--formats fp8"   also run benchmarks/compiled_steps.py (full-size AOTInductor packages:
+#                       build, verify, load, token step against torch.compile's); COMPILED_STEPS_TIMEOUT (default 480)
 #   TAR=1               at the end, pack OUT_DIR into OUT_DIR.tgz (the device tool returns at most 8 files)
 set -u
 OUT=${1:?output folder}
@@ -108,6 +110,11 @@ fi
 if [ -n "${MOE_TILES_ARGS:-}" ]; then
   timeout "${MOE_TILES_TIMEOUT:-240}" python3 benchmarks/moe_tiles_ab.py --out "$OUT" $MOE_TILES_ARGS > "$OUT/moe_tiles_ab.log" 2>&1
   grep -E "rows" "$OUT/moe_tiles_ab.log" | tail -16
+fi
+if [ -n "${COMPILED_STEPS_ARGS:-}" ]; then
+  timeout "${COMPILED_STEPS_TIMEOUT:-480}" python3 benchmarks/compiled_steps.py --out "$OUT" $COMPILED_STEPS_ARGS \
+      > "$OUT/compiled_steps.log" 2>&1
+  grep -E "^(bf16|fp8):|wrote" "$OUT/compiled_steps.log" | tail -8
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_step.py --out "$OUT" ${PROFILE_ARGS:-} > "$OUT/profile_step.log" 2>&1
