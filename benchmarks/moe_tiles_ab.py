@@ -5,11 +5,13 @@
 --layers MoE layers of the LLM's full-size shapes (random weights, FP8 with the shared experts as slots, as
 runtime.fast.decode_weights builds them) run back to back in one CUDA graph, routed by their own routers from
 rows that come in CFG pairs (a prompt's two rows choose the same experts with random weights,
-benchmarks/routing_census.py). 2 rows (batch 1) run the per-slot kernels, whose launch config is the table
-entry "moe" / h{H}_i{I}_fp8_k{slots}; from 3 rows the grouped kernels, "moe_grouped" / h{H}_i{I}_fp8_k{slots}
-(GROUPED_DEFAULT where untabled). Each variant overrides keys of that entry; the graphs are captured per variant
-and timed in --rounds rounds in turn (best median kept), and each variant's outputs are compared with the
-first's bit for bit. Writes OUT/moe_tiles_ab.json.
+benchmarks/routing_census.py). Each row count runs the form moe_decode picks (kernels.moe.grouped_by_default:
+per-slot at 2 rows, grouped from 3; MINGRT_MOE_GROUPED_MIN_ROWS=2 runs 2 rows grouped) with the launch config it
+reads (kernels.moe.pick_config: table "moe" or "moe_grouped", entry h{H}_i{I}_fp8_k{slots}_m{rows bucket}, else
+..._k{slots}, else GROUPED_DEFAULT or the per-slot default). Each variant overrides keys of that config, written
+as the row bucket's entry (the one to table if it wins: it serves only that bucket); the graphs are captured per
+variant and timed in --rounds rounds in turn (best median kept), and each variant's outputs are compared with
+the first's bit for bit. Writes OUT/moe_tiles_ab.json.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import kernels.skinny as skinny  # noqa: E402
 from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
+from kernels._triton import next_pow2  # noqa: E402
 from kernels.moe import grouped_by_default, pick_config  # noqa: E402
 from models import full_config  # noqa: E402
 from models.llm import MoE  # noqa: E402
@@ -82,18 +85,19 @@ def main(argv=None) -> int:
             outs = torch.empty(a.layers, rows, h, device=dev)
             grouped = grouped_by_default(rows, True)  # what moe_decode runs for these rows
             table = tables["moe_grouped" if grouped else "moe"]
-            tabled = table.get(key)
-            base = pick_config(h, i, True, grouped, slots)  # what the step launches now (a k6 entry's split fixed)
+            row_key = f"{key}_m{next_pow2(rows)}"  # the most specific entry pick_config reads
+            tabled = table.get(row_key)
+            base = pick_config(h, i, True, grouped, slots, rows=rows)  # what the step launches now
 
             def run():
                 for j, (f, (ids, w)) in enumerate(zip(fused, routes)):
                     outs[j].copy_(f(x, ids, w))
 
-            case = {"rows": rows, "grouped": grouped, "distinct_experts_per_layer": distinct, "base": base,
-                    "variants": []}
+            case = {"rows": rows, "grouped": grouped, "table": "moe_grouped" if grouped else "moe", "entry": row_key,
+                    "distinct_experts_per_layer": distinct, "base": base, "variants": []}
             replays, ref = [], None
             for over in variants:
-                table[key] = dict(base, **over)
+                table[row_key] = dict(base, **over)
                 try:
                     replay = capture(run)
                 except Exception as exc:  # e.g. a tile that does not fit in shared memory
@@ -107,9 +111,9 @@ def main(argv=None) -> int:
                                          "rel_l2_to_first": float((got - ref).norm() / ref.norm())})
                 replays.append(replay)
             if tabled is None:
-                table.pop(key, None)
+                table.pop(row_key, None)
             else:
-                table[key] = tabled
+                table[row_key] = tabled
             settle(run, dev)
             for _ in range(a.rounds):
                 for v, replay in zip(case["variants"], replays):

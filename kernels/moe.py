@@ -252,17 +252,20 @@ def reserve_tickets(device, h: int, rows: int = MAX_TICKET_ROWS) -> torch.Tensor
 GROUPED_DEFAULT = {"BLOCK_N": 64, "BLOCK_K": 128, "DOWN_BLOCK_N": 64, "DOWN_BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
-def pick_config(h: int, i: int, fp8: bool, grouped: bool = False, k: int | None = None) -> dict:
-    """The launch config of the per-slot (table "moe") or grouped (table "moe_grouped") kernels: the entry
-    for k slots a row (`..._k8`: routed + shared experts) if tabled, else the shape's entry, whose DOWN_SPLIT
-    drops to the largest divisor of k not above it (k = 8 with a split tabled for 6: 4)."""
+def pick_config(h: int, i: int, fp8: bool, grouped: bool = False, k: int | None = None, rows: int | None = None) -> dict:
+    """The launch config of the per-slot (table "moe") or grouped (table "moe_grouped") kernels: the entry for k
+    slots a row and this row count's power-of-two bucket (`..._k8_m2`) if tabled, else the entry for k slots a
+    row (`..._k8`: routed + shared experts), else the shape's entry, whose DOWN_SPLIT drops to the largest divisor
+    of k not above it (k = 8 with a split tabled for 6: 4)."""
     if interpreting():
         return {"BLOCK_N": 32, "BLOCK_K": 64}  # few, wide programs: the interpreter runs them one by one
     from .skinny import tuned_configs_for
 
     table = tuned_configs_for("moe_grouped" if grouped else "moe")
     key = f"h{h}_i{i}_{'fp8' if fp8 else 'bf16'}"
-    found = table.get(f"{key}_k{k}") if k is not None else None
+    found = table.get(f"{key}_k{k}_m{next_pow2(rows)}") if k is not None and rows is not None else None
+    if not found and k is not None:
+        found = table.get(f"{key}_k{k}")
     if not found:
         found = table.get(key)
         if found and k is not None and k % found.get("DOWN_SPLIT", 1):
@@ -346,7 +349,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     elif grouped and (t > MAX_TICKET_ROWS or not grouped_supported()):
         raise ValueError(f"the grouped MoE kernels take <= {MAX_TICKET_ROWS} rows (got {t}) and need triton >= 3.5 "
                          "on a GPU (per-lane results of a vector atomic): pass grouped=False")
-    up, down = split_config(config if config is not None else pick_config(h, i, fp8, grouped, k))
+    up, down = split_config(config if config is not None else pick_config(h, i, fp8, grouped, k, rows=t))
     common = dict(UPCAST=interpreting(), WIDEN=fp8_widen(w_gate.dtype), **pdl_launch(x.device))
     split = down.pop("SPLIT_E")
     n_blocks = triton.cdiv(h, down["BLOCK_N"])

@@ -392,8 +392,31 @@ def test_a_swapped_or_edited_launch_table_reaches_the_next_launch(monkeypatch):
     assert moe_module.pick_config(2048, 1408, True, grouped=True, k=8) == moe_module.GROUPED_DEFAULT
     skinny_module.launch_table().setdefault("moe_grouped", {})["h2048_i1408_fp8_k8"] = dict(per_slot, num_warps=2)
     assert moe_module.pick_config(2048, 1408, True, grouped=True, k=8) == dict(per_slot, num_warps=2)
+    two_rows = dict(per_slot, BLOCK_N=16)  # an entry for one row-count bucket serves that bucket only
+    table["moe"]["h2048_i1408_fp8_k8_m2"] = two_rows
+    assert moe_module.pick_config(2048, 1408, True, k=8, rows=2) == two_rows
+    assert moe_module.pick_config(2048, 1408, True, k=8, rows=3) == per_slot  # bucket 4: the k8 entry
+    assert moe_module.pick_config(2048, 1408, True, k=8) == per_slot
+    assert moe_module.pick_config(2048, 1408, True, grouped=True, k=8, rows=2) == dict(per_slot, num_warps=2)
     assert skinny_module.use_launch_table({}) is table
     assert "DOWN_SPLIT" not in moe_module.pick_config(2048, 1408, True, k=8)  # the untabled default again
+
+
+def test_moe_decode_asks_for_its_row_count_config(monkeypatch):
+    """moe_decode looks its launch config up with its row count (the table's row-bucket entries)."""
+    from kernels import moe as moe_module
+
+    asked = []
+    real = moe_module.pick_config
+
+    def recording(*args, **kw):
+        asked.append((args, kw))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(moe_module, "pick_config", recording)
+    x, ids, w, wg, wu, wd = _small_moe([[4, 0, 2], [4, 1, 3], [5, 6, 7]], e=8, h=40, seed=6)
+    moe_module.moe_decode(x, ids, w, wg, wu, wd, grouped=False)
+    assert asked == [((40, 48, False, False, 3), {"rows": 3})]
 
 
 def test_grouped_by_default_bounds(monkeypatch):
