@@ -63,10 +63,11 @@ exec "{cxx}" {extra} "$@"
 
 def compiler_view(cxx: str) -> dict:
     """What the compiler itself says about libstdc++ (a bare name back means it has no such file)."""
+    from export.aoti_toolchain import compiler_file
+
     out = {"cxx": cxx}
     for name in ("libstdc++.so", "libstdc++.a"):
-        r = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True)
-        path = r.stdout.strip()
+        path = compiler_file(cxx, name)
         out[name] = {"path": path, "exists": os.path.exists(path) and os.path.isabs(path),
                      "real": os.path.realpath(path) if os.path.isabs(path) else None}
     out["version"] = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
@@ -125,9 +126,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from export.aoti_toolchain import loaded_libstdcxx
+    from export.aoti_toolchain import inductor_compiler, loaded_libstdcxx
 
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
+    cxx = inductor_compiler() or "g++"  # the compiler Inductor itself would use (CXX, else its search)
     lib = loaded_libstdcxx()  # torch is imported here: its libstdc++.so.6 is mapped
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "git_sha": os.environ.get("MINGRT_GIT_SHA")}
     result = {"env": env, "compiler": compiler_view(cxx), "python_loads": str(lib) if lib else None,

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         out_path.write_text(json.dumps(res, indent=1))
         torch.cuda.empty_cache()
     if a.install:
-        full = json.loads((ROOT / "kernels" / "configs" / f"{gpu_slug()}.json").read_text())
+        full = json.loads(skinny.launch_table_path().read_text())
         full["skinny"].update({k: v for k, v in table.items() if v is not None})
         (a.out / f"{gpu_slug()}.json").write_text(json.dumps(full, indent=1))
     return 0

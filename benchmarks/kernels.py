@@ -51,6 +51,7 @@ from kernels.skinny import (
     candidate_configs,
     config_key,
     gpu_slug,
+    launch_table_path,
     pick_config,
     skinny_gemm,
     skinny_partials,
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
         set_pdl(False)
     cfg = full_config()
     # a sweep updates this GPU's table: entries it does not measure stay as they are
-    known = Path(__file__).resolve().parents[1] / "kernels" / "configs" / f"{gpu_slug()}.json"
+    known = launch_table_path()
     table = json.loads(known.read_text()) if known.exists() else {"skinny": {}, "moe": {}}
     formats = a.formats.split(",")
     res = {"env": environment(torch.device("cuda")), "peak_tbps": hbm_tbps(torch.device("cuda"), a.peak_tbps),

@@ -84,7 +84,8 @@ def main(argv=None) -> int:
             distinct = sum(len(torch.unique(ids)) for ids, _ in routes) / len(routes)
             outs = torch.empty(a.layers, rows, h, device=dev)
             grouped = grouped_by_default(rows, True)  # what moe_decode runs for these rows
-            table = tables["moe_grouped" if grouped else "moe"]
+            kind = "moe_grouped" if grouped else "moe"
+            table = tables[kind]
             row_key = f"{key}_m{next_pow2(rows)}"  # the most specific entry pick_config reads
             tabled = table.get(row_key)
             base = pick_config(h, i, True, grouped, slots, rows=rows)  # what the step launches now
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
                 for j, (f, (ids, w)) in enumerate(zip(fused, routes)):
                     outs[j].copy_(f(x, ids, w))
 
-            case = {"rows": rows, "grouped": grouped, "table": "moe_grouped" if grouped else "moe", "entry": row_key,
+            case = {"rows": rows, "grouped": grouped, "table": kind, "entry": row_key,
                     "distinct_experts_per_layer": distinct, "base": base, "variants": []}
             replays, ref = [], None
             for over in variants:

@@ -103,10 +103,10 @@ def environment(device) -> dict:
 
             # MINGRT_MOE_GROUPED_MIN_ROWS may move them
             env["moe_grouped_min_rows"] = {"bf16": GROUPED_MIN_ROWS, "fp8": GROUPED_MIN_ROWS_FP8}
-            from kernels.skinny import gpu_slug
+            from kernels.skinny import launch_table_path
 
             # the launch-config table the kernels read (gpu_run.sh may install a freshly swept one over the committed)
-            table = ROOT / "kernels" / "configs" / f"{gpu_slug()}.json"
+            table = launch_table_path()
             env["launch_table"] = ({"file": table.name, "sha256": hashlib.sha256(table.read_bytes()).hexdigest()[:16]}
                                    if table.exists() else None)
         except ImportError:

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
     dev, model, (hid, noise, sc), res = flow_head_bench("table_ab.py", a.out)
-    new = a.new or ROOT / "kernels" / "configs" / f"{skinny.gpu_slug()}.json"
+    new = a.new or skinny.launch_table_path()
     tables = {"old": json.loads(a.old.read_text()), "new": json.loads(new.read_text())}
     res.update(old=str(a.old), new=str(new))
     for fmt in a.formats.split(","):

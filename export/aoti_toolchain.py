@@ -44,18 +44,24 @@ def inductor_compiler() -> str | None:
     return shutil.which(cxx) or cxx
 
 
+def compiler_file(cxx: str, name: str) -> str:
+    """What `cxx -print-file-name=name` answers: a path where the compiler has the file, the bare name where it has
+    not, "" where the compiler does not run."""
+    try:
+        r = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = r.stdout.strip().splitlines()
+    return lines[-1].strip() if r.returncode == 0 and lines else ""  # the last line (a wrapper may print before it)
+
+
 def links_libstdcxx_statically(cxx: str) -> bool:
     """True when `cxx` has libstdc++.a but no libstdc++.so (it then links the static one into shared objects)."""
-    def find(name: str) -> bool:
-        try:
-            r = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        lines = r.stdout.strip().splitlines()
-        path = lines[-1].strip() if lines else ""  # the answer is the last line (a wrapper may print before it)
-        return r.returncode == 0 and os.path.isabs(path) and os.path.exists(path)
+    def has(name: str) -> bool:
+        path = compiler_file(cxx, name)
+        return os.path.isabs(path) and os.path.exists(path)
 
-    return not find("libstdc++.so") and find("libstdc++.a")
+    return not has("libstdc++.so") and has("libstdc++.a")
 
 
 def loaded_libstdcxx() -> Path | None:
@@ -63,7 +69,8 @@ def loaded_libstdcxx() -> Path | None:
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                path = line.split()[-1] if line.split() else ""
+                fields = line.split()
+                path = fields[-1] if fields else ""
                 if re.search(r"/libstdc\+\+\.so\.6[.\d]*$", path) and os.path.exists(path):
                     return Path(path)  # (a library replaced on disk since it was mapped ends in " (deleted)": skipped)
     except OSError:
@@ -155,4 +162,4 @@ def dynamic_libstdcxx(root: Path | None = None):
         yield shim
 
 
-__all__ = ["dynamic_libstdcxx", "inductor_compiler", "links_libstdcxx_statically", "loaded_libstdcxx", "write_shim"]
+__all__ = ["compiler_file", "dynamic_libstdcxx", "inductor_compiler", "links_libstdcxx_statically", "loaded_libstdcxx", "write_shim"]

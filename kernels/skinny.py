@@ -23,6 +23,9 @@ bf16; padded `torch._scaled_mm` ~2.1. This kernel is built for that regime:
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from ._triton import fp8_widen, interpreting, next_pow2, pdl_launch, pdl_prefetch_tiles, require, tl, triton
@@ -177,6 +180,11 @@ def heuristic_config(n: int, k: int, fp8: bool, sm_count: int = SM_COUNT_DEFAULT
 _TUNED: dict | None = None
 
 
+def launch_table_path() -> Path:
+    """This GPU model's committed launch-config table: kernels/configs/<gpu_slug()>.json (it may not exist)."""
+    return Path(__file__).parent / "configs" / f"{gpu_slug()}.json"
+
+
 def launch_table() -> dict:
     """The launch-config table the kernels read at each launch: kernels/configs/<gpu>.json (written by
     benchmarks/kernels.py), loaded once; {} without a GPU or a table. A/B scripts edit it in place
@@ -184,12 +192,9 @@ def launch_table() -> dict:
     earlier keep the launches they recorded."""
     global _TUNED
     if _TUNED is None:
-        import json
-        from pathlib import Path
-
         _TUNED = {}
         if torch.cuda.is_available():
-            path = Path(__file__).parent / "configs" / f"{gpu_slug()}.json"
+            path = launch_table_path()
             if path.exists():
                 _TUNED = json.loads(path.read_text())
     return _TUNED
@@ -339,5 +344,5 @@ def _launch(x, w, out, m, n, k, epilogue, row_div, w_scale, bias, gate, partials
     _skinny_kernel[grid](*args, **flags, **config)
 
 
-__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "MAX_SPLIT_K", "PARTIALS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "launch_table", "pick_config", "shared_workspace", "skinny_gemm",
+__all__ = ["GATED_RESIDUAL", "MAX_ROWS", "MAX_SPLIT_K", "PARTIALS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "launch_table", "launch_table_path", "pick_config", "shared_workspace", "skinny_gemm",
            "skinny_partials", "tuned_configs_for", "use_launch_table"]

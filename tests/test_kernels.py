@@ -440,13 +440,8 @@ def test_moe_down_kernel_takes_its_own_tile_and_expert_split(monkeypatch):
     from kernels import moe as moe_module
     from kernels.moe import down_candidates, moe_decode, split_config
 
-    g = torch.Generator().manual_seed(0)
-    e, i, h, t, k = 6, 48, 40, 2, 3
-    wg, wu = (torch.randn(e, i, h, generator=g).to(DEV) * 0.1 for _ in range(2))
-    wd = torch.randn(e, h, i, generator=g).to(DEV) * 0.1
-    x = torch.randn(t, h, generator=g).to(DEV)
-    ids = torch.tensor([[4, 0, 2], [1, 4, 5]], device=DEV)
-    w = torch.rand(t, k, generator=g).to(DEV)
+    x, ids, w, wg, wu, wd = _small_moe([[4, 0, 2], [1, 4, 5]], e=6, h=40, seed=0)
+    t, k = ids.shape
     shared = {"BLOCK_N": 32, "BLOCK_K": 32}
     own = dict(shared, DOWN_BLOCK_N=16, DOWN_BLOCK_K=64)
     split = dict(own, DOWN_SPLIT=3)
