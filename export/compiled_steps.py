@@ -18,12 +18,13 @@ import torch
 
 from . import manifest as mf
 from .aoti_toolchain import dynamic_libstdcxx
-from .verify import REL_L2_BOUND, metrics, within_bound, worst
+from .verify import REL_L2_BOUND, metrics, worst
 
 logger = logging.getLogger("export.build")
 
 AOTI_PRECISIONS = ("fp32", "bf16", "fp8")
 VERIFY_CALLS = 2
+FLOOR_FACTOR = 2.0  # allowed_rel_l2
 
 
 def plan(precision: str, device: str) -> dict:
@@ -78,33 +79,60 @@ def _fresh_inputs(gen, name: str, rows_per_prompt: int, prompts: int, s_max: int
     return tuple(args)
 
 
+def nudged(t: torch.Tensor, seed: int) -> torch.Tensor:
+    """`t` moved by rounding-level noise: relative Gaussian noise of a quarter of its dtype's epsilon (about half an
+    ulp), so that some elements move by one ulp and the rest stay."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)
+    return (t.double() * (1 + torch.finfo(t.dtype).eps / 4 * noise)).to(t.dtype)
+
+
+def allowed_rel_l2(bound: float, floor_rel_l2: float) -> float:
+    """What a package output may differ from eager's by: the precision's bound, or FLOOR_FACTOR times what the
+    eager module itself moves when its input moves by rounding-level noise (`nudged`), whichever is larger. A
+    deep random-weight MoE step at full size amplifies rounding: half an ulp on the input reroutes some rows and
+    moves its output by ~0.1-0.2 rel L2, as Inductor's fused rounding does (benchmarks/results/h200_session19.md)."""
+    return max(bound, FLOOR_FACTOR * floor_rel_l2)
+
+
 def verify_steps(gen, steps: dict, dtype: torch.dtype) -> dict:
-    """Each package against the eager module on fresh inputs (caches compared too: they are outputs)."""
+    """Each package against the eager module on fresh inputs (caches compared too: they are outputs), with the
+    eager module's own sensitivity to its input's rounding as the floor (allowed_rel_l2)."""
     from runtime.fast.compiled_steps import num_caches, step_modules
 
     modules = step_modules(gen)
-    per_step = {}
+    key = "fp32" if dtype == torch.float32 else "bf16"  # both sides stream the same (bf16 or FP8) weights
+    bound = REL_L2_BOUND[key]
+    per_step, passed = {}, True
     for name, step in steps.items():
         res: dict = {}
+        floor: dict = {}
+        ok = True
         for i, (r, b, s) in enumerate([(2, 1, 96), (2, 3, 160)][:VERIFY_CALLS]):
             ref_in = _fresh_inputs(gen, name, r, b, s, seed=100 + i)
             got_in = tuple(t.clone() for t in ref_in)
+            nudged_in = (nudged(ref_in[0], seed=200 + i), *(t.clone() for t in ref_in[1:]))
             with torch.no_grad():
                 ref = modules[name](*ref_in)
+                nudged_out = modules[name](*nudged_in)
                 got = step(*got_in)
-            ref, got = (ref,) if torch.is_tensor(ref) else ref, (got,) if torch.is_tensor(got) else got
             first_cache = len(ref_in) - num_caches(gen, name)
-            outs = {f"out{j}": (g, q) for j, (g, q) in enumerate(zip(got, ref))}
-            outs["caches"] = (torch.cat([t.flatten() for t in got_in[first_cache:]]),
-                              torch.cat([t.flatten() for t in ref_in[first_cache:]]))
-            for key, (g, q) in outs.items():
-                m = metrics(g.float(), q.float())
-                res[key] = m if key not in res else worst({"a": res[key], "b": m})
-        per_step[name] = {"outputs": res, "worst": worst(res)}
-    key = "fp32" if dtype == torch.float32 else "bf16"  # both sides stream the same (bf16 or FP8) weights
-    rel = max(s["worst"]["rel_l2"] for s in per_step.values())
-    return {"judge": "the eager modules, same weights", "steps": per_step, "bound_rel_l2": REL_L2_BOUND[key],
-            "passed": within_bound(key, rel)}
+            sides = {}
+            for side, out, args in (("got", got, got_in), ("nudged", nudged_out, nudged_in), ("ref", ref, ref_in)):
+                out = (out,) if torch.is_tensor(out) else out
+                sides[side] = {**{f"out{j}": o for j, o in enumerate(out)},
+                               "caches": torch.cat([t.flatten() for t in args[first_cache:]])}
+            for k, q in sides["ref"].items():
+                m, f = metrics(sides["got"][k].float(), q.float()), metrics(sides["nudged"][k].float(), q.float())
+                ok = ok and m["rel_l2"] <= allowed_rel_l2(bound, f["rel_l2"])  # each call against its own floor
+                res[k] = m if k not in res else worst({"a": res[k], "b": m})
+                floor[k] = f if k not in floor else worst({"a": floor[k], "b": f})
+        allowed = {k: allowed_rel_l2(bound, f["rel_l2"]) for k, f in floor.items()}  # the loosest of the calls'
+        passed = passed and ok
+        per_step[name] = {"outputs": res, "worst": worst(res), "rounding_floor": floor,
+                          "allowed_rel_l2": allowed, "passed": ok}
+    return {"judge": "the eager modules, same weights; floor: the eager module on its input nudged by half an ulp",
+            "steps": per_step, "bound_rel_l2": bound, "floor_factor": FLOOR_FACTOR, "passed": passed}
 
 
 def compile_steps(gen, out: Path, max_sequence: int) -> tuple[dict, dict]:
@@ -171,5 +199,5 @@ def build_compiled_steps(model, precision: str, out: Path, max_sequence: int, fp
     return entry
 
 
-__all__ = ["AOTI_PRECISIONS", "build_compiled_steps", "compile_steps", "fingerprint", "plan", "up_to_date",
-           "verify_steps"]
+__all__ = ["AOTI_PRECISIONS", "FLOOR_FACTOR", "allowed_rel_l2", "build_compiled_steps", "compile_steps", "fingerprint",
+           "nudged", "plan", "up_to_date", "verify_steps"]

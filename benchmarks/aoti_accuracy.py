@@ -1,0 +1,208 @@
+"""Where an AOTInductor package of a fast-path step departs from the eager module, op by op.
+
+The build's verification compares each package's outputs with the eager module's on random inputs. When
+that fails, this says whether the package computes something else or the step merely amplifies rounding:
+every call of our decode ops (kernels/ops.py) is recorded (first input, outputs, scalar arguments, strides)
+in each of these runs of the same inputs:
+
+- eager, twice (must repeat bit for bit);
+- eager on an input nudged by about half a bf16 ulp (the step's own sensitivity to rounding);
+- the package; and torch.compile of the module (the run-time path the packages replace), unless --no-jit.
+
+Each run's calls are matched with the eager run's by op and occurrence. Per call: rel L2 of its first input
+and of its output, and for the router how many rows chose other experts. Scalar arguments that differ from
+eager's are listed (a package's proxy executor misreading an argument shows there).
+
+    python benchmarks/aoti_accuracy.py --out DIR [--model full] [--weights fp8] [--packages DIR]
+
+Without --packages the packages are built first (export.compiled_steps.compile_steps, minutes at full size);
+with it, the folder's compiled_*.pt2 are loaded onto this process's model (same seed, so the same weights).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# kernels.ops's globals each custom op's body calls: patched to record, so eager, torch.compile and a
+# package (its proxy executor calls the same Python bodies) are all seen
+RECORDED = ("moe_decode", "skinny_gemm", "decode_attention", "route_topk", "rope_kv_write")
+NUDGE = 2.0 ** -9  # relative: about half a bf16 ulp
+
+
+def _as_tuple(x):
+    return x if isinstance(x, (tuple, list)) else (x,)
+
+
+@contextlib.contextmanager
+def recording(calls: list):
+    """Every call of the RECORDED kernel entry points appends (name, first tensor input, outputs, scalars, layout)."""
+    import kernels.ops as ops
+
+    saved = {n: getattr(ops, n) for n in RECORDED}
+
+    def wrap(name, fn):
+        def recorded(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            tensors = [a for a in args if torch.is_tensor(a)]
+            scalars = [repr(a) for a in args if not torch.is_tensor(a) and a is not None]
+            scalars += [f"{k}={v!r}" for k, v in sorted(kwargs.items()) if not torch.is_tensor(v) and v is not None]
+            layout = [[str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride())] for t in tensors]
+            calls.append({"op": name, "x": tensors[0].detach().float().clone(),
+                          "out": [o.detach().float().clone() for o in _as_tuple(out) if torch.is_tensor(o)],
+                          "scalars": scalars, "layout": layout})
+            return out
+        return recorded
+
+    for n, fn in saved.items():
+        setattr(ops, n, wrap(n, fn))
+    try:
+        yield calls
+    finally:
+        for n, fn in saved.items():
+            setattr(ops, n, fn)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().flatten(), b.float().flatten()
+    if a.shape != b.shape:
+        return float("nan")
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den > 0 else float((a - b).norm().item())
+
+
+def compare_calls(got: list, ref: list) -> dict:
+    """Each call of `got` against `ref`'s call of the same op and occurrence."""
+    by_op = defaultdict(list)
+    for c in ref:
+        by_op[c["op"]].append(c)
+    seen: dict = defaultdict(int)
+    rows, first_bad, scalar_diffs, layout_diffs, route_flips = [], None, [], [], []
+    for i, c in enumerate(got):
+        k = seen[c["op"]]
+        seen[c["op"]] += 1
+        if k >= len(by_op[c["op"]]):
+            rows.append({"i": i, "op": c["op"], "unmatched": True})
+            continue
+        r = by_op[c["op"]][k]
+        row = {"i": i, "op": c["op"], "n": k, "x": rel_l2(c["x"], r["x"]),
+               "out": max((rel_l2(o, q) for o, q in zip(c["out"], r["out"])), default=0.0)}
+        if c["op"] == "route_topk":  # rows whose expert set differs from eager's
+            ids, ref_ids = c["out"][0].sort(dim=-1).values, r["out"][0].sort(dim=-1).values
+            row["rows_rerouted"] = int((ids != ref_ids).any(dim=-1).sum().item()) if ids.shape == ref_ids.shape else -1
+            route_flips.append(row["rows_rerouted"])
+        if c["scalars"] != r["scalars"]:
+            scalar_diffs.append({"i": i, "op": c["op"], "got": c["scalars"], "eager": r["scalars"]})
+        if [lay[:2] for lay in c["layout"]] != [lay[:2] for lay in r["layout"]] or c["layout"] != r["layout"]:
+            layout_diffs.append({"i": i, "op": c["op"], "got": c["layout"], "eager": r["layout"]})
+        if first_bad is None and (row["x"] > 1e-2 or row["out"] > 1e-2):
+            first_bad = row
+        rows.append(row)
+    return {"calls": len(got), "eager_calls": len(ref), "first_over_1e-2": first_bad,
+            "route_rows_rerouted": route_flips, "scalar_diffs": scalar_diffs[:10],
+            "layout_diffs": layout_diffs[:10], "layout_diff_count": len(layout_diffs), "per_call": rows}
+
+
+def run_step(fn, inputs: tuple, n_caches: int) -> tuple[list, list, list]:
+    """(outputs, caches after the call, recorded op calls) of one call on clones of `inputs`."""
+    args = tuple(t.clone() for t in inputs)
+    calls: list = []
+    with torch.no_grad(), recording(calls):
+        out = fn(*args)
+    if args[0].is_cuda:
+        torch.cuda.synchronize()
+    return [o.float() for o in _as_tuple(out)], [t.float() for t in args[len(args) - n_caches:]], calls
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser("benchmarks/aoti_accuracy.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["tiny", "full"], default="full")
+    p.add_argument("--weights", choices=["bf16", "fp8"], default="fp8")
+    p.add_argument("--packages", type=Path, help="a folder with compiled_*.pt2 built for this model (else: build them)")
+    p.add_argument("--no-jit", action="store_true", help="skip the torch.compile run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+
+    from benchmarks.speed import environment
+    from export.compiled_steps import _fresh_inputs, compile_steps
+    from models import build, get_config
+    from runtime.fast import compiled_steps as cs
+    from runtime.fast.graph import GraphImageGenerator
+
+    dev = torch.device(a.device)
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"aoti_accuracy_{a.model}_{a.weights}.json"
+    res: dict = {"environment": environment(dev), "command": " ".join(sys.argv), "nudge": NUDGE, "steps": {}}
+    model = build(get_config(a.model), seed=0, device=dev, dtype=torch.bfloat16).eval()
+    gen = GraphImageGenerator(model, use_graph=False, kernels=True, weights=a.weights, compile=False)
+    modules = cs.step_modules(gen)
+    t = time.perf_counter()
+    if a.packages:
+        steps = {}
+        for name, file in cs.STEP_FILES.items():
+            pkg = a.packages / file
+            names = torch._inductor.aoti_load_package(str(pkg), run_single_threaded=True).get_constant_fqns()
+            steps[name] = cs.CompiledStep(pkg, modules[name], cs.constants_signature(modules[name], names), dev)
+        res["packages"] = str(a.packages)
+    else:
+        (a.out / "packages").mkdir(exist_ok=True)
+        _, steps = compile_steps(gen, a.out / "packages", max_sequence=4096)
+    res["packages_s"] = time.perf_counter() - t
+    jit = {}
+    if not a.no_jit:
+        opts = gen._inductor_options()
+        jit = {n: torch.compile(m, dynamic=False, options=opts) for n, m in modules.items()}
+
+    for name, module in modules.items():
+        n_caches = cs.num_caches(gen, name)
+        for case, (r, b, s) in enumerate([(2, 1, 96), (2, 3, 160)]):
+            inputs = _fresh_inputs(gen, name, r, b, s, seed=100 + case)
+            g = torch.Generator().manual_seed(7)
+            nudged = list(inputs)
+            nudged[0] = (inputs[0].float() * (1 + NUDGE * torch.randn(inputs[0].shape, generator=g).to(dev))).to(
+                inputs[0].dtype)
+            runs = {"eager": (module, inputs), "eager_again": (module, inputs), "eager_nudged": (module, tuple(nudged)),
+                    "package": (steps[name], inputs)}
+            if name in jit:
+                runs["jit"] = (jit[name], inputs)
+            got = {}
+            for kind, (fn, args) in runs.items():
+                t = time.perf_counter()
+                got[kind] = run_step(fn, args, n_caches)
+                print(f"{name} case {case} {kind}: {len(got[kind][2])} op calls, {time.perf_counter() - t:.1f}s",
+                      flush=True)
+            ref_out, ref_caches, ref_calls = got["eager"]
+            case_res = {"rows_per_prompt": r, "prompts": b, "s_max": s,
+                        "nudged_input_rel_l2": rel_l2(nudged[0], inputs[0])}
+            for kind, (outs, caches, calls) in got.items():
+                if kind == "eager":
+                    continue
+                cmp = compare_calls(calls, ref_calls)
+                case_res[kind] = {"outputs_rel_l2": [rel_l2(o, q) for o, q in zip(outs, ref_out)],
+                                  "caches_rel_l2": rel_l2(torch.cat([c.flatten() for c in caches]),
+                                                          torch.cat([c.flatten() for c in ref_caches])),
+                                  **cmp}
+                fb = cmp["first_over_1e-2"]
+                print(f"  {kind:12s} outputs {['%.3g' % v for v in case_res[kind]['outputs_rel_l2']]}, "
+                      f"caches {case_res[kind]['caches_rel_l2']:.3g}, calls {cmp['calls']}/{cmp['eager_calls']}, "
+                      f"rerouted rows {sum(x for x in cmp['route_rows_rerouted'] if x > 0)}, first call over 1e-2: "
+                      f"{None if fb is None else (fb['i'], fb['op'], round(fb['x'], 4), round(fb['out'], 4))}, "
+                      f"scalar diffs {len(cmp['scalar_diffs'])}, layout diffs {cmp['layout_diff_count']}", flush=True)
+            res["steps"].setdefault(name, []).append(case_res)
+            path.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
