@@ -6,12 +6,14 @@ every call of our decode ops (kernels/ops.py) is recorded (first input, outputs,
 in each of these runs of the same inputs:
 
 - eager, twice (must repeat bit for bit);
-- eager on an input nudged by about half a bf16 ulp (the step's own sensitivity to rounding);
+- eager on its input nudged by about half an ulp (export.compiled_steps.nudged: the step's own sensitivity to
+  rounding, as the build's verification measures it);
 - the package; and torch.compile of the module (the run-time path the packages replace), unless --no-jit.
 
-Each run's calls are matched with the eager run's by op and occurrence. Per call: rel L2 of its first input
-and of its output, and for the router how many rows chose other experts. Scalar arguments that differ from
-eager's are listed (a package's proxy executor misreading an argument shows there).
+Each run's calls are matched with the eager run's by op and occurrence (and the package's with torch.compile's).
+Per call: rel L2 of its first input and of its outputs (the router's weights in expert order), and for the
+router how many rows chose other experts. Scalar arguments that differ are listed (a package's proxy executor
+misreading an argument shows there), and layout differences (dtype, shape, stride) are counted per op argument.
 
     python benchmarks/aoti_accuracy.py --out DIR [--model full] [--weights fp8] [--packages DIR]
 
@@ -36,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 # kernels.ops's globals each custom op's body calls: patched to record, so eager, torch.compile and a
 # package (its proxy executor calls the same Python bodies) are all seen
 RECORDED = ("moe_decode", "skinny_gemm", "decode_attention", "route_topk", "rope_kv_write")
-NUDGE = 2.0 ** -9  # relative: about half a bf16 ulp
 
 
 def _as_tuple(x):
@@ -86,7 +87,9 @@ def compare_calls(got: list, ref: list) -> dict:
     for c in ref:
         by_op[c["op"]].append(c)
     seen: dict = defaultdict(int)
-    rows, first_bad, scalar_diffs, layout_diffs, route_flips = [], None, [], [], []
+    rows, first_bad, scalar_diffs, route_flips = [], None, [], []
+    layout_counts: dict = defaultdict(int)  # "op: what differs" -> calls
+    layout_examples: dict = {}
     for i, c in enumerate(got):
         k = seen[c["op"]]
         seen[c["op"]] += 1
@@ -94,22 +97,34 @@ def compare_calls(got: list, ref: list) -> dict:
             rows.append({"i": i, "op": c["op"], "unmatched": True})
             continue
         r = by_op[c["op"]][k]
+        outs, ref_outs = c["out"], r["out"]
+        if c["op"] == "route_topk":  # (ids, weights): the weights in expert-id order, and rows whose expert set moved
+            ids, order = outs[0].sort(dim=-1)
+            ref_ids, ref_order = ref_outs[0].sort(dim=-1)
+            outs, ref_outs = [outs[1].gather(-1, order)], [ref_outs[1].gather(-1, ref_order)]
+            moved = int((ids != ref_ids).any(dim=-1).sum().item()) if ids.shape == ref_ids.shape else -1
+            route_flips.append(moved)
         row = {"i": i, "op": c["op"], "n": k, "x": rel_l2(c["x"], r["x"]),
-               "out": max((rel_l2(o, q) for o, q in zip(c["out"], r["out"])), default=0.0)}
-        if c["op"] == "route_topk":  # rows whose expert set differs from eager's
-            ids, ref_ids = c["out"][0].sort(dim=-1).values, r["out"][0].sort(dim=-1).values
-            row["rows_rerouted"] = int((ids != ref_ids).any(dim=-1).sum().item()) if ids.shape == ref_ids.shape else -1
-            route_flips.append(row["rows_rerouted"])
+               "out": max((rel_l2(o, q) for o, q in zip(outs, ref_outs)), default=0.0)}
+        if c["op"] == "route_topk":
+            row["rows_rerouted"] = route_flips[-1]
+        if len(outs) != len(ref_outs):
+            row["out"] = float("nan")
         if c["scalars"] != r["scalars"]:
             scalar_diffs.append({"i": i, "op": c["op"], "got": c["scalars"], "eager": r["scalars"]})
-        if [lay[:2] for lay in c["layout"]] != [lay[:2] for lay in r["layout"]] or c["layout"] != r["layout"]:
-            layout_diffs.append({"i": i, "op": c["op"], "got": c["layout"], "eager": r["layout"]})
-        if first_bad is None and (row["x"] > 1e-2 or row["out"] > 1e-2):
+        for j, (a, b) in enumerate(zip(c["layout"], r["layout"])):
+            for what, pos in (("dtype", 0), ("shape", 1), ("stride", 2)):
+                if a[pos] != b[pos]:
+                    tag = f"{c['op']} arg {j} {what}"
+                    layout_counts[tag] += 1
+                    layout_examples.setdefault(tag, {"got": a, "eager": b})
+        if first_bad is None and not (row["x"] <= 1e-2 and row["out"] <= 1e-2):  # NaN (a mismatch) counts
             first_bad = row
         rows.append(row)
     return {"calls": len(got), "eager_calls": len(ref), "first_over_1e-2": first_bad,
             "route_rows_rerouted": route_flips, "scalar_diffs": scalar_diffs[:10],
-            "layout_diffs": layout_diffs[:10], "layout_diff_count": len(layout_diffs), "per_call": rows}
+            "layout_diffs": dict(layout_counts), "layout_examples": layout_examples,
+            "layout_diff_count": sum(layout_counts.values()), "per_call": rows}
 
 
 def run_step(fn, inputs: tuple, n_caches: int) -> tuple[list, list, list]:
@@ -134,7 +149,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from benchmarks.speed import environment
-    from export.compiled_steps import _fresh_inputs, compile_steps
+    from export.compiled_steps import _fresh_inputs, compile_steps, nudged
     from models import build, get_config
     from runtime.fast import compiled_steps as cs
     from runtime.fast.graph import GraphImageGenerator
@@ -142,7 +157,8 @@ def main(argv=None) -> int:
     dev = torch.device(a.device)
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"aoti_accuracy_{a.model}_{a.weights}.json"
-    res: dict = {"environment": environment(dev), "command": " ".join(sys.argv), "nudge": NUDGE, "steps": {}}
+    res: dict = {"environment": environment(dev), "command": " ".join(sys.argv), "nudge": "export.compiled_steps.nudged",
+                 "steps": {}}
     model = build(get_config(a.model), seed=0, device=dev, dtype=torch.bfloat16).eval()
     gen = GraphImageGenerator(model, use_graph=False, kernels=True, weights=a.weights, compile=False)
     modules = cs.step_modules(gen)
@@ -167,11 +183,8 @@ def main(argv=None) -> int:
         n_caches = cs.num_caches(gen, name)
         for case, (r, b, s) in enumerate([(2, 1, 96), (2, 3, 160)]):
             inputs = _fresh_inputs(gen, name, r, b, s, seed=100 + case)
-            g = torch.Generator().manual_seed(7)
-            nudged = list(inputs)
-            nudged[0] = (inputs[0].float() * (1 + NUDGE * torch.randn(inputs[0].shape, generator=g).to(dev))).to(
-                inputs[0].dtype)
-            runs = {"eager": (module, inputs), "eager_again": (module, inputs), "eager_nudged": (module, tuple(nudged)),
+            nudged_in = (nudged(inputs[0], seed=200 + case), *inputs[1:])  # as the build's verification nudges
+            runs = {"eager": (module, inputs), "eager_again": (module, inputs), "eager_nudged": (module, nudged_in),
                     "package": (steps[name], inputs)}
             if name in jit:
                 runs["jit"] = (jit[name], inputs)
@@ -183,7 +196,7 @@ def main(argv=None) -> int:
                       flush=True)
             ref_out, ref_caches, ref_calls = got["eager"]
             case_res = {"rows_per_prompt": r, "prompts": b, "s_max": s,
-                        "nudged_input_rel_l2": rel_l2(nudged[0], inputs[0])}
+                        "nudged_input_rel_l2": rel_l2(nudged_in[0], inputs[0])}
             for kind, (outs, caches, calls) in got.items():
                 if kind == "eager":
                     continue
@@ -197,7 +210,16 @@ def main(argv=None) -> int:
                       f"caches {case_res[kind]['caches_rel_l2']:.3g}, calls {cmp['calls']}/{cmp['eager_calls']}, "
                       f"rerouted rows {sum(x for x in cmp['route_rows_rerouted'] if x > 0)}, first call over 1e-2: "
                       f"{None if fb is None else (fb['i'], fb['op'], round(fb['x'], 4), round(fb['out'], 4))}, "
-                      f"scalar diffs {len(cmp['scalar_diffs'])}, layout diffs {cmp['layout_diff_count']}", flush=True)
+                      f"scalar diffs {len(cmp['scalar_diffs'])}, layout diffs {cmp['layout_diffs']}", flush=True)
+            if "jit" in got:  # the package against the run-time compile of the same module, call for call
+                cmp = compare_calls(got["package"][2], got["jit"][2])
+                worst_call = max((max(c.get("x", 0), c.get("out", 0)) for c in cmp["per_call"]), default=0.0)
+                case_res["package_vs_jit"] = {
+                    "outputs_rel_l2": [rel_l2(o, q) for o, q in zip(got["package"][0], got["jit"][0])],
+                    "worst_call_rel_l2": worst_call, "calls": cmp["calls"], "jit_calls": cmp["eager_calls"],
+                    "scalar_diffs": cmp["scalar_diffs"], "layout_diffs": cmp["layout_diffs"]}
+                print(f"  package vs jit: outputs {case_res['package_vs_jit']['outputs_rel_l2']}, worst call "
+                      f"{worst_call:.3g}, layout diffs {cmp['layout_diffs']}", flush=True)
             res["steps"].setdefault(name, []).append(case_res)
             path.write_text(json.dumps(res, indent=1, default=str))
     print(f"wrote {path}")

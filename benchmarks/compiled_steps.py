@@ -95,10 +95,10 @@ def main(argv=None) -> int:
             save()
             continue
         r["verification"] = verify_steps(g, steps, torch.bfloat16)
-        print(f"{fmt}: aot build {r['aot_build_s']:.1f}s, verification {r['verification']['passed']} (rel L2 "
-              f"{ {n: round(s['worst']['rel_l2'], 4) for n, s in r['verification']['steps'].items()} }, allowed "
-              f"{ {n: round(max(s['allowed_rel_l2'].values()), 4) for n, s in r['verification']['steps'].items()} })",
-              flush=True)
+        tight = {n: (s["tightest"]["output"], round(s["tightest"]["rel_l2"], 4), round(s["tightest"]["allowed"], 4))
+                 for n, s in r["verification"]["steps"].items()}
+        print(f"{fmt}: aot build {r['aot_build_s']:.1f}s, verification {r['verification']['passed']} "
+              f"(nearest its allowance, per step: output, rel L2, allowed: {tight})", flush=True)
         del steps
         save()
         g = GraphImageGenerator(model, kernels=True, weights=fmt, compile=False)

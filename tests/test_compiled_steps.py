@@ -7,6 +7,7 @@ run in tests/test_gpu_fast_path.py.
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,7 @@ def test_build_records_and_verifies_the_packages(aoti_folder):
         path = aoti_folder / step["file"]
         assert path.stat().st_size == step["bytes"] < 20e6  # code only: the weights stay with the model
         assert any(n.endswith("norm.weight") for n, _, _ in step["constants"]), name
+        assert step["inductor_configs"] == {"aot_inductor.package_constants_in_so": False}, name  # no PDL on a CPU
     v = comp["verification"]
     assert v["passed"] and v["bound_rel_l2"] == 1e-4
     for name, res in v["steps"].items():
@@ -297,32 +299,98 @@ def test_nudged_moves_some_elements_by_one_ulp():
     assert 0 < (nudged(x32, seed=1) != x32).float().mean().item() < 0.5  # fp32: its own (smaller) ulp
 
 
-def test_verification_allows_the_steps_own_rounding_floor():
+def test_verification_allows_the_steps_own_rounding_floor(monkeypatch):
     """A package output passes within the precision's bound, or within twice what the eager module moves when its
-    input is nudged by half an ulp (a deep random-weight MoE step reroutes rows under such noise: session 19's
-    full-size FP8 package and torch.compile both differed from eager by 0.11-0.22 rel L2, as the nudged eager run
-    did). A step that computes something else fails."""
-    from export.compiled_steps import FLOOR_FACTOR, allowed_rel_l2, verify_steps
+    input is nudged (a deep random-weight MoE step reroutes rows under half an ulp: session 19's full-size FP8
+    package and torch.compile both differed from eager by 0.11-0.22 rel L2, as the nudged eager run did). What the
+    first layer writes into its caches is held to the bound alone; anything not finite fails."""
+    import export.compiled_steps as ecs
     from models.config import tiny_config
     from models.univision import build
-    from runtime.fast.compiled_steps import step_modules
+    from runtime.fast.compiled_steps import num_caches, step_modules
     from runtime.fast.graph import GraphImageGenerator
 
-    assert FLOOR_FACTOR == 2.0 and allowed_rel_l2(6e-2, 0.01) == 6e-2
-    assert allowed_rel_l2(6e-2, 0.11) == pytest.approx(0.22)
+    assert ecs.FLOOR_FACTOR == 2.0 and ecs.allowed_rel_l2(6e-2, 0.01) == 6e-2
+    assert ecs.allowed_rel_l2(6e-2, 0.11) == pytest.approx(0.22) and ecs.allowed_rel_l2(6e-2, float("nan")) < 0
     model = build(tiny_config(), seed=0).eval()
     gen = GraphImageGenerator(model, use_graph=False, kernels=False, weights="bf16", compile=False)
     mods = step_modules(gen)
-    good = verify_steps(gen, dict(mods), torch.float32)
-    assert good["passed"] and good["bound_rel_l2"] == 1e-4
+
+    def verify(llm_step):
+        return ecs.verify_steps(gen, {"llm_step": llm_step, "semantic_step": mods["semantic_step"]}, torch.float32)
+
+    def scaled(factor):
+        return lambda *args: mods["llm_step"](*args) * factor
+
+    good = verify(mods["llm_step"])
+    assert good["passed"] and good["bound_rel_l2"] == 1e-4 and good["nudges"] == 2
     for name, res in good["steps"].items():
-        assert res["passed"] and res["worst"]["rel_l2"] == 0, name
-        floor = res["rounding_floor"]["out0"]["rel_l2"]
-        assert 0 < floor < 1e-5 and res["allowed_rel_l2"]["out0"] == 1e-4, name  # fp32: the bound decides
-
-    def off_by_3e4(*args):  # a step that is 3e-4 off: above the bound and far above the floor
-        return mods["llm_step"](*args) * 1.0003
-
-    bad = verify_steps(gen, {"llm_step": off_by_3e4, "semantic_step": mods["semantic_step"]}, torch.float32)
+        assert res["passed"] and res["worst"]["rel_l2"] == 0 and len(res["calls"]) == 2, name
+        for call in res["calls"]:
+            assert 0 < call["floor_rel_l2"]["out0"] < 1e-5 and call["allowed"]["out0"] == 1e-4, name  # fp32: the bound
+            assert call["floor_rel_l2"]["first_layer_writes"] == 0 and call["allowed"]["first_layer_writes"] == 1e-4
+    bad = verify(scaled(1.0003))  # 3e-4 off: above the bound, far above the floor
     assert not bad["passed"] and not bad["steps"]["llm_step"]["passed"] and bad["steps"]["semantic_step"]["passed"]
-    assert bad["steps"]["llm_step"]["outputs"]["out0"]["rel_l2"] == pytest.approx(3e-4, rel=1e-2)
+    assert bad["steps"]["llm_step"]["tightest"] == {"output": "out0", "rel_l2": pytest.approx(3e-4, rel=1e-2),
+                                                    "allowed": 1e-4}
+
+    # a step that amplifies its input's rounding far beyond the bound, as the full-size LLM step does: here by
+    # nudging 1% instead of half an ulp, so that the floor decides
+    def coarse(t, seed):
+        noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return (t.double() * (1 + 1e-2 * noise)).to(t.dtype)
+
+    monkeypatch.setattr(ecs, "nudged", coarse)
+    floors = [c["floor_rel_l2"]["out0"] for c in verify(mods["llm_step"])["steps"]["llm_step"]["calls"]]
+    assert min(floors) > 1e-3  # ten times the fp32 bound
+    assert verify(scaled(1 + 1.5 * min(floors)))["steps"]["llm_step"]["passed"]
+    assert not verify(scaled(1 + 3 * max(floors)))["steps"]["llm_step"]["passed"]
+
+    first = len(ecs._fresh_inputs(gen, "llm_step", 2, 1, 96, seed=0)) - num_caches(gen, "llm_step")
+
+    def wrong_first_layer(*args):  # the outputs right, the first layer's key cache 0.1% off everywhere
+        out = mods["llm_step"](*args)
+        args[first].mul_(1.001)
+        return out
+
+    rep = verify(wrong_first_layer)["steps"]["llm_step"]
+    assert not rep["passed"] and rep["tightest"]["output"] == "first_layer_writes"
+    assert max(c["allowed"]["caches"] for c in rep["calls"]) > 1e-4  # the loose floor alone would have let it by
+
+    assert not verify(scaled(float("nan")))["passed"]  # a package that returns NaN
+    monkeypatch.setattr(ecs, "nudged", lambda t, seed: torch.full_like(t, float("nan")))
+    rep = verify(mods["llm_step"])  # eager itself, but its floor is not finite: nothing is allowed
+    assert not rep["passed"] and all(c["allowed"]["out0"] < 0 for c in rep["steps"]["llm_step"]["calls"])
+
+
+def test_packages_compile_with_the_run_time_inductor_options(monkeypatch, tmp_path):
+    """The packages' Inductor options are the run-time compile's (its kernels' PDL waits included), recorded per
+    package, and the fingerprint follows the Inductor-PDL switch: a torch whose AOTInductor launcher forwards each
+    kernel's launch_pdl launches the packaged kernels as the run-time path does (benchmarks/aoti_pdl_check.py)."""
+    import export.compiled_steps as ecs
+    import runtime.fast.compiled_steps as cs
+    from models.config import tiny_config
+    from models.univision import build
+    from runtime.fast.graph import INDUCTOR_PDL_ENV, GraphImageGenerator
+
+    gen = GraphImageGenerator(build(tiny_config(), seed=0).eval(), use_graph=False, kernels=False, compile=False)
+    monkeypatch.setattr(gen, "_inductor_options", lambda: {"triton.enable_pdl": True})
+    seen = []
+
+    def fake_compile(ep, package_path, inductor_configs):  # no compiler run: record what the build asked for
+        seen.append(dict(inductor_configs))
+        Path(package_path).write_bytes(b"not a package")
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
+    monkeypatch.setattr(cs, "probe_load", lambda path, device: "not loaded in this test")
+    entries, steps = ecs.compile_steps(gen, tmp_path, max_sequence=512)
+    want = {"aot_inductor.package_constants_in_so": False, "triton.enable_pdl": True}
+    assert seen == [want, want] and steps == {}
+    assert all(e["inductor_configs"] == want and e["load_error"] for e in entries.values())
+
+    def fp(setting):
+        monkeypatch.setenv(INDUCTOR_PDL_ENV, setting)
+        return ecs.fingerprint("fp8", "weights", "source", torch.device("cpu"), 64)
+
+    assert fp("0") != fp("1") == fp("1")

@@ -59,6 +59,15 @@ class _Bucket:
     capture_seconds: float = 0.0
 
 
+INDUCTOR_PDL_ENV = "MINGRT_INDUCTOR_PDL"
+
+
+def inductor_pdl_requested() -> bool:
+    """Whether Inductor's kernels in the compiled steps are to launch with PDL ("0" in INDUCTOR_PDL_ENV: no); a
+    generator also needs PDL for its own kernels (GraphImageGenerator._inductor_options)."""
+    return os.environ.get(INDUCTOR_PDL_ENV, "1") != "0"
+
+
 class GraphImageGenerator:
     def __init__(self, model: MingUniVision, use_graph: bool | None = None, bucket: int = 64,
                  kernels: bool | None = None, weights: str = "bf16", compile: bool | None = None):
@@ -107,7 +116,7 @@ class GraphImageGenerator:
         the switch and our kernels use PDL: on the H200 the FP8 token step took 9.07 against 9.41 ms and bf16
         12.57 against 12.68 (one process each: benchmarks/results/pdl_check_h200_s12_inductor*.json), the gaps
         between the compiled steps' small kernels. MINGRT_INDUCTOR_PDL=0 turns it off."""
-        if os.environ.get("MINGRT_INDUCTOR_PDL", "1") == "0" or not self.pdl:
+        if not inductor_pdl_requested() or not self.pdl:
             return None
         import torch._inductor.config as inductor_config
 
