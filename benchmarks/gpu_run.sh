@@ -34,6 +34,10 @@
 #   MOE_TILES_ARGS="--rows 2,16 --variants num_warps=2"   also run benchmarks/moe_tiles_ab.py with these flags
 #   COMPILED_STEPS_ARGS="--formats fp8"   also run benchmarks/compiled_steps.py (full-size AOTInductor packages:
 #                       build, verify, load, token step against torch.compile's); COMPILED_STEPS_TIMEOUT (default 480)
+#   AOTI_PDL=1          first run benchmarks/aoti_pdl_check.py (a small step's package with and without Inductor's PDL
+#                       switch: builds, loads, matches eager, replays in a CUDA graph; ~2 min)
+#   AOTI_ACCURACY_ARGS="--packages DIR"   also run benchmarks/aoti_accuracy.py with these flags (op-by-op record of
+#                       eager, nudged eager, package and torch.compile; without --packages it builds them first)
 #   TAR=1               at the end, pack OUT_DIR into OUT_DIR.tgz (the device tool returns at most 8 files)
 set -u
 OUT=${1:?output folder}
@@ -49,6 +53,10 @@ fi
 if [ "${AOTI_LINK:-0}" = 1 ]; then
   timeout 300 python3 benchmarks/aoti_link_check.py "$OUT/aoti_link" --devices cuda > "$OUT/aoti_link_check.log" 2>&1
   cut -c1-400 "$OUT/aoti_link_check.log"
+fi
+if [ "${AOTI_PDL:-0}" = 1 ]; then
+  timeout 300 python3 benchmarks/aoti_pdl_check.py --out "$OUT" > "$OUT/aoti_pdl_check.log" 2>&1
+  grep -E "^enable_pdl" "$OUT/aoti_pdl_check.log"
 fi
 if [ -n "${KERNELS_ARGS:-}" ]; then
   timeout "${KERNELS_TIMEOUT:-240}" python3 benchmarks/kernels.py --out "$OUT" $KERNELS_ARGS > "$OUT/kernels.log" 2>&1
@@ -115,6 +123,11 @@ if [ -n "${COMPILED_STEPS_ARGS:-}" ]; then
   timeout "${COMPILED_STEPS_TIMEOUT:-480}" python3 benchmarks/compiled_steps.py --out "$OUT" $COMPILED_STEPS_ARGS \
       > "$OUT/compiled_steps.log" 2>&1
   grep -E "^(bf16|fp8):|wrote" "$OUT/compiled_steps.log" | tail -8
+fi
+if [ -n "${AOTI_ACCURACY_ARGS:-}" ]; then
+  timeout "${AOTI_ACCURACY_TIMEOUT:-500}" python3 benchmarks/aoti_accuracy.py --out "$OUT" $AOTI_ACCURACY_ARGS \
+      > "$OUT/aoti_accuracy.log" 2>&1
+  grep -E "^  |wrote" "$OUT/aoti_accuracy.log" | tail -24
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_step.py --out "$OUT" ${PROFILE_ARGS:-} > "$OUT/profile_step.log" 2>&1
