@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -121,6 +122,8 @@ def compare_calls(got: list, ref: list) -> dict:
         if first_bad is None and not (row["x"] <= 1e-2 and row["out"] <= 1e-2):  # NaN (a mismatch) counts
             first_bad = row
         rows.append(row)
+    for op, ref_calls in by_op.items():  # calls the reference made and `got` did not
+        rows.extend({"op": op, "n": k, "unmatched": True, "missing": True} for k in range(seen[op], len(ref_calls)))
     return {"calls": len(got), "eager_calls": len(ref), "first_over_1e-2": first_bad,
             "route_rows_rerouted": route_flips, "scalar_diffs": scalar_diffs[:10],
             "layout_diffs": dict(layout_counts), "layout_examples": layout_examples,
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
         n_caches = cs.num_caches(gen, name)
         for case, (r, b, s) in enumerate([(2, 1, 96), (2, 3, 160)]):
             inputs = _fresh_inputs(gen, name, r, b, s, seed=100 + case)
-            nudged_in = (nudged(inputs[0], seed=200 + case), *inputs[1:])  # as the build's verification nudges
+            nudged_in = (nudged(inputs[0], seed=200 + 10 * case), *inputs[1:])  # the build's first nudge of this call
             runs = {"eager": (module, inputs), "eager_again": (module, inputs), "eager_nudged": (module, nudged_in),
                     "package": (steps[name], inputs)}
             if name in jit:
@@ -213,13 +216,21 @@ def main(argv=None) -> int:
                       f"scalar diffs {len(cmp['scalar_diffs'])}, layout diffs {cmp['layout_diffs']}", flush=True)
             if "jit" in got:  # the package against the run-time compile of the same module, call for call
                 cmp = compare_calls(got["package"][2], got["jit"][2])
-                worst_call = max((max(c.get("x", 0), c.get("out", 0)) for c in cmp["per_call"]), default=0.0)
+
+                def distance(c):  # a NaN (a shape or output-count mismatch) or an unmatched call: infinitely far
+                    vals = [math.inf] if c.get("unmatched") else [c["x"], c["out"]]
+                    return max(math.inf if math.isnan(v) else v for v in vals)
+
+                worst_call = max((distance(c) for c in cmp["per_call"]), default=0.0)
                 case_res["package_vs_jit"] = {
                     "outputs_rel_l2": [rel_l2(o, q) for o, q in zip(got["package"][0], got["jit"][0])],
-                    "worst_call_rel_l2": worst_call, "calls": cmp["calls"], "jit_calls": cmp["eager_calls"],
+                    "worst_call_rel_l2": worst_call, "first_over_1e-2": cmp["first_over_1e-2"],
+                    "unmatched_calls": sum(1 for c in cmp["per_call"] if c.get("unmatched")),
+                    "calls": cmp["calls"], "jit_calls": cmp["eager_calls"],
                     "scalar_diffs": cmp["scalar_diffs"], "layout_diffs": cmp["layout_diffs"]}
                 print(f"  package vs jit: outputs {case_res['package_vs_jit']['outputs_rel_l2']}, worst call "
-                      f"{worst_call:.3g}, layout diffs {cmp['layout_diffs']}", flush=True)
+                      f"{worst_call:.3g}, calls {cmp['calls']}/{cmp['eager_calls']}, layout diffs "
+                      f"{cmp['layout_diffs']}", flush=True)
             res["steps"].setdefault(name, []).append(case_res)
             path.write_text(json.dumps(res, indent=1, default=str))
     print(f"wrote {path}")

@@ -77,6 +77,7 @@ print("RESULT " + json.dumps(res), flush=True)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser("benchmarks/aoti_pdl_check.py", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--timeout", type=float, default=240.0, help="seconds for each variant's process")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
@@ -88,10 +89,16 @@ def main(argv=None) -> int:
     for pdl in ("0", "1"):
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "cache")}
-            r = subprocess.run([sys.executable, "-c", CASE, str(ROOT), pdl, tmp], capture_output=True, text=True,
-                               timeout=300, env=env)
-        line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-        out = json.loads(line[-1][7:]) if line else {"returncode": r.returncode, "stderr_tail": r.stderr[-1500:]}
+            try:
+                r = subprocess.run([sys.executable, "-c", CASE, str(ROOT), pdl, tmp], capture_output=True, text=True,
+                                   timeout=a.timeout, env=env)
+            except subprocess.TimeoutExpired:
+                r = None
+        if r is None:
+            out = {"timed_out_s": a.timeout}
+        else:
+            line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+            out = json.loads(line[-1][7:]) if line else {"returncode": r.returncode, "stderr_tail": r.stderr[-1500:]}
         res["variants"][f"enable_pdl={pdl}"] = out
         print(f"enable_pdl={pdl}: {out}", flush=True)
     path = a.out / "aoti_pdl_check.json"

@@ -55,7 +55,7 @@ if [ "${AOTI_LINK:-0}" = 1 ]; then
   cut -c1-400 "$OUT/aoti_link_check.log"
 fi
 if [ "${AOTI_PDL:-0}" = 1 ]; then
-  timeout 300 python3 benchmarks/aoti_pdl_check.py --out "$OUT" > "$OUT/aoti_pdl_check.log" 2>&1
+  timeout 540 python3 benchmarks/aoti_pdl_check.py --out "$OUT" --timeout 240 > "$OUT/aoti_pdl_check.log" 2>&1
   grep -E "^enable_pdl" "$OUT/aoti_pdl_check.log"
 fi
 if [ -n "${KERNELS_ARGS:-}" ]; then

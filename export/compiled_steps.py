@@ -48,12 +48,12 @@ def plan(precision: str, device: str) -> dict:
 def fingerprint(precision: str, model_hash: str, src_hash: str, device: torch.device, max_sequence: int) -> str:
     from runtime.fast import decode_weights
     from runtime.fast.compiled_steps import SCHEMA, device_key
-    from runtime.fast.graph import inductor_pdl_requested
+    from runtime.fast.graph import inductor_pdl
 
     settings = decode_weights.decode_settings("fp8" if precision == "fp8" else "bf16")  # switches the graphs follow
     return mf.sha256_json({"aoti": SCHEMA, "precision": precision, "weights": model_hash, "source": src_hash,
                            "torch": torch.__version__, **device_key(device), "max_sequence": max_sequence, **settings,
-                           "inductor_pdl": inductor_pdl_requested()})
+                           "inductor_pdl": inductor_pdl(device)})  # the packages' Inductor options follow it
 
 
 def up_to_date(folder: Path, old: dict | None, fp: str) -> bool:
@@ -102,18 +102,14 @@ def allowed_rel_l2(bound: float, floor_rel_l2: float) -> float:
     return max(bound, FLOOR_FACTOR * floor_rel_l2)
 
 
-def _written(after: tuple, before: tuple) -> torch.Tensor:
-    """What a call wrote into caches: after - before, flattened (zero where it wrote nothing)."""
-    return torch.cat([(a.float() - b.float()).flatten() for a, b in zip(after, before)])
-
-
 def verify_steps(gen, steps: dict, dtype: torch.dtype) -> dict:
     """Each package against the eager module on fresh inputs, two calls of other sizes than the export's.
 
     Outputs and caches (they are outputs too) pass within allowed_rel_l2: the precision's bound, or twice the
     step's rounding floor (the mean over NUDGES of what eager moves when its input is nudged by half an ulp),
-    judged per call. What the first layer wrote into its caches, computed before any layer could amplify a
-    rounding, must be within the bound alone. A non-finite eager, nudged or package output fails."""
+    judged per call. The values the first layer wrote into its caches (where the package's or eager's cache
+    changed), computed before any layer could amplify a rounding, must be within the bound alone. A non-finite
+    eager, nudged or package output fails."""
     from runtime.fast.compiled_steps import num_caches, step_modules
 
     modules = step_modules(gen)
@@ -142,8 +138,14 @@ def verify_steps(gen, steps: dict, dtype: torch.dtype) -> dict:
                     sides[side] = {**{f"out{j}": o for j, o in enumerate(out)},
                                    "caches": torch.cat([t.flatten() for t in args[first_cache:]])}
                     if n_caches:
-                        sides[side]["first_layer_writes"] = _written(args[first_cache:first_cache + 2], before)
+                        layer0 = args[first_cache:first_cache + 2]  # the first layer's key and value caches
+                        sides[side]["first_layer_writes"] = torch.cat([t.flatten() for t in layer0])
             call = {"rows_per_prompt": r, "prompts": b, "s_max": s, "rel_l2": {}, "floor_rel_l2": {}, "allowed": {}}
+            if n_caches:  # the values the package or eager wrote (the same slots when both are right)
+                prior = torch.cat([t.flatten() for t in before])
+                changed = (sides["got"]["first_layer_writes"] != prior) | (sides["ref"]["first_layer_writes"] != prior)
+                for side in sides:
+                    sides[side]["first_layer_writes"] = sides[side]["first_layer_writes"][changed]
             for k, q in sides["ref"].items():
                 m = metrics(sides["got"][k].float(), q.float())
                 if not torch.isfinite(q.float()).all():  # metrics() judges only its first argument's finiteness

@@ -464,7 +464,7 @@ def print_summary(man: dict, bc: BuildConfig, out: Path) -> None:
         print(f"compiled steps: {comp['verification']['note']}")
     elif comp and "aoti" in bc.targets:
         ver = comp["verification"]
-        loose = {n: round(max(a for c in r.get("calls", []) for a in c["allowed"].values()), 3)
+        loose = {n: round(max((a for c in r.get("calls", []) for a in c["allowed"].values()), default=0.0), 3)
                  for n, r in ver.get("steps", {}).items()}
         loose = {n: a for n, a in loose.items() if a > ver["bound_rel_l2"]}
         if loose:  # a deep random-weight step amplifies rounding (export.compiled_steps.allowed_rel_l2)

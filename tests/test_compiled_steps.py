@@ -6,6 +6,7 @@ run in tests/test_gpu_fast_path.py.
 """
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -343,24 +344,51 @@ def test_verification_allows_the_steps_own_rounding_floor(monkeypatch):
     monkeypatch.setattr(ecs, "nudged", coarse)
     floors = [c["floor_rel_l2"]["out0"] for c in verify(mods["llm_step"])["steps"]["llm_step"]["calls"]]
     assert min(floors) > 1e-3  # ten times the fp32 bound
+    for i, ((r, b, s), floor) in enumerate(zip([(2, 1, 96), (2, 3, 160)], floors)):  # the mean of two nudges
+        inputs = ecs._fresh_inputs(gen, "llm_step", r, b, s, seed=100 + i)
+        with torch.no_grad():
+            ref = mods["llm_step"](*(t.clone() for t in inputs))
+            moved = [mods["llm_step"](coarse(inputs[0], 200 + 10 * i + j), *(t.clone() for t in inputs[1:]))
+                     for j in range(2)]
+        assert moved[0].shape == ref.shape and not torch.equal(moved[0], moved[1])
+        assert floor == pytest.approx(sum((m - ref).norm().item() for m in moved) / 2 / ref.norm().item(), rel=1e-6)
     assert verify(scaled(1 + 1.5 * min(floors)))["steps"]["llm_step"]["passed"]
     assert not verify(scaled(1 + 3 * max(floors)))["steps"]["llm_step"]["passed"]
 
     first = len(ecs._fresh_inputs(gen, "llm_step", 2, 1, 96, seed=0)) - num_caches(gen, "llm_step")
 
-    def wrong_first_layer(*args):  # the outputs right, the first layer's key cache 0.1% off everywhere
-        out = mods["llm_step"](*args)
-        args[first].mul_(1.001)
-        return out
+    def wrong_first_layer(which):  # the outputs right, what the first layer wrote into its key or value 0.1% off
+        def step(*args):
+            before = args[first + which].clone()
+            out = mods["llm_step"](*args)
+            written = args[first + which] != before
+            args[first + which][written] *= 1.001
+            return out
+        return step
 
-    rep = verify(wrong_first_layer)["steps"]["llm_step"]
-    assert not rep["passed"] and rep["tightest"]["output"] == "first_layer_writes"
-    assert max(c["allowed"]["caches"] for c in rep["calls"]) > 1e-4  # the loose floor alone would have let it by
+    for which in (0, 1):  # its key, its value
+        rep = verify(wrong_first_layer(which))["steps"]["llm_step"]
+        assert not rep["passed"] and rep["tightest"]["output"] == "first_layer_writes", which
+        assert rep["tightest"]["rel_l2"] == pytest.approx(1e-3 / 2 ** 0.5, rel=0.05)  # one of the two written halves
+        assert max(c["allowed"]["caches"] for c in rep["calls"]) > 1e-4  # the loose floor alone would let it by
 
     assert not verify(scaled(float("nan")))["passed"]  # a package that returns NaN
+    assert not verify(scaled(float("inf")))["passed"]
     monkeypatch.setattr(ecs, "nudged", lambda t, seed: torch.full_like(t, float("nan")))
-    rep = verify(mods["llm_step"])  # eager itself, but its floor is not finite: nothing is allowed
-    assert not rep["passed"] and all(c["allowed"]["out0"] < 0 for c in rep["steps"]["llm_step"]["calls"])
+    rep = verify(mods["llm_step"])["steps"]["llm_step"]  # eager itself, but its floor is not finite: nothing allowed
+    assert not rep["passed"] and all(c["allowed"]["out0"] < 0 for c in rep["calls"])
+    assert rep["tightest"]["allowed"] < 0  # the summary shows the output that allowed nothing
+
+    monkeypatch.setattr(ecs, "nudged", coarse)
+    import runtime.fast.compiled_steps as cs
+
+    class NaNEager(torch.nn.Module):  # an eager reference that returns NaN: nothing can be judged against it
+        def forward(self, *args):
+            return mods["llm_step"](*args) * float("nan")
+
+    monkeypatch.setattr(cs, "step_modules", lambda g: {**mods, "llm_step": NaNEager()})
+    rep = verify(mods["llm_step"])["steps"]["llm_step"]
+    assert not rep["passed"] and math.isinf(rep["calls"][0]["rel_l2"]["out0"])
 
 
 def test_packages_compile_with_the_run_time_inductor_options(monkeypatch, tmp_path):
@@ -379,6 +407,7 @@ def test_packages_compile_with_the_run_time_inductor_options(monkeypatch, tmp_pa
 
     def fake_compile(ep, package_path, inductor_configs):  # no compiler run: record what the build asked for
         seen.append(dict(inductor_configs))
+        inductor_configs["aot_inductor.package"] = True  # as Inductor does: the recorded options stay the asked ones
         Path(package_path).write_bytes(b"not a package")
         return package_path
 
@@ -389,8 +418,14 @@ def test_packages_compile_with_the_run_time_inductor_options(monkeypatch, tmp_pa
     assert seen == [want, want] and steps == {}
     assert all(e["inductor_configs"] == want and e["load_error"] for e in entries.values())
 
-    def fp(setting):
-        monkeypatch.setenv(INDUCTOR_PDL_ENV, setting)
-        return ecs.fingerprint("fp8", "weights", "source", torch.device("cpu"), 64)
+    import kernels
 
-    assert fp("0") != fp("1") == fp("1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a GPU's fingerprint
+
+    def fp(setting, pdl):
+        monkeypatch.setenv(INDUCTOR_PDL_ENV, setting)
+        monkeypatch.setattr(kernels, "pdl_enabled", lambda device=None: pdl)
+        return ecs.fingerprint("fp8", "weights", "source", torch.device("cuda"), 64)
+
+    assert fp("0", True) != fp("1", True) == fp("1", True)  # the switch, where the decode kernels use PDL
+    assert fp("0", False) == fp("1", False) == fp("0", True)  # no PDL for the decode kernels (MINGRT_PDL=0, no GPU)

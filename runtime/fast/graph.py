@@ -68,6 +68,14 @@ def inductor_pdl_requested() -> bool:
     return os.environ.get(INDUCTOR_PDL_ENV, "1") != "0"
 
 
+def inductor_pdl(device: torch.device) -> bool:
+    """Whether compiled steps on `device` run Inductor's kernels with PDL: a GPU whose decode kernels launch with
+    PDL (kernels.pdl_enabled: MINGRT_PDL, the triton, the self-check) and INDUCTOR_PDL_ENV not "0"."""
+    from kernels import pdl_enabled
+
+    return device.type == "cuda" and inductor_pdl_requested() and pdl_enabled(device)
+
+
 class GraphImageGenerator:
     def __init__(self, model: MingUniVision, use_graph: bool | None = None, bucket: int = 64,
                  kernels: bool | None = None, weights: str = "bf16", compile: bool | None = None):
