@@ -29,7 +29,7 @@ def metrics(got: torch.Tensor, ref: torch.Tensor, image: bool = False) -> dict[s
     g, r = got.detach().double().cpu().flatten(), ref.detach().double().cpu().flatten()
     if g.shape != r.shape:
         raise ValueError(f"shape mismatch {tuple(got.shape)} vs {tuple(ref.shape)}")
-    if not torch.isfinite(g).all():
+    if not (torch.isfinite(g).all() and torch.isfinite(r).all()):  # nothing to compare with, or nothing sane
         return {"max_abs": math.inf, "rel_l2": math.inf, "cosine": -1.0, **({"psnr": 0.0} if image else {})}
     diff = g - r
     ref_norm = r.norm().item()

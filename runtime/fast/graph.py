@@ -62,18 +62,20 @@ class _Bucket:
 INDUCTOR_PDL_ENV = "MINGRT_INDUCTOR_PDL"
 
 
-def inductor_pdl_requested() -> bool:
-    """Whether Inductor's kernels in the compiled steps are to launch with PDL ("0" in INDUCTOR_PDL_ENV: no); a
-    generator also needs PDL for its own kernels (GraphImageGenerator._inductor_options)."""
-    return os.environ.get(INDUCTOR_PDL_ENV, "1") != "0"
+def inductor_options(decode_pdl: bool) -> dict | None:
+    """Inductor's options for the compiled steps: its own kernels around ours launch with PDL too (its
+    triton.enable_pdl) where our decode kernels do (`decode_pdl`), this torch has the switch and INDUCTOR_PDL_ENV is
+    not "0". On the H200 the FP8 token step took 9.07 against 9.41 ms and bf16 12.57 against 12.68 (one process
+    each: benchmarks/results/pdl_check_h200_s12_inductor*.json), the gaps between the compiled steps' small kernels.
+    The run-time compile and the AOTInductor packages (export.compiled_steps) take the same options."""
+    if not decode_pdl or os.environ.get(INDUCTOR_PDL_ENV, "1") == "0":
+        return None
+    import torch._inductor.config as inductor_config
 
-
-def inductor_pdl(device: torch.device) -> bool:
-    """Whether compiled steps on `device` run Inductor's kernels with PDL: a GPU whose decode kernels launch with
-    PDL (kernels.pdl_enabled: MINGRT_PDL, the triton, the self-check) and INDUCTOR_PDL_ENV not "0"."""
-    from kernels import pdl_enabled
-
-    return device.type == "cuda" and inductor_pdl_requested() and pdl_enabled(device)
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        logger.info("torch %s's Inductor has no PDL switch: its kernels launch without PDL", torch.__version__)
+        return None
+    return {"triton.enable_pdl": True}
 
 
 class GraphImageGenerator:
@@ -120,18 +122,8 @@ class GraphImageGenerator:
         self._pixels = GraphedCall(model.vision.decode_pixels, name="pixel_decoder") if self.use_graph else model.vision.decode_pixels
 
     def _inductor_options(self) -> dict | None:
-        """Inductor's own kernels around ours launch with PDL too (its triton.enable_pdl), where this torch has
-        the switch and our kernels use PDL: on the H200 the FP8 token step took 9.07 against 9.41 ms and bf16
-        12.57 against 12.68 (one process each: benchmarks/results/pdl_check_h200_s12_inductor*.json), the gaps
-        between the compiled steps' small kernels. MINGRT_INDUCTOR_PDL=0 turns it off."""
-        if not inductor_pdl_requested() or not self.pdl:
-            return None
-        import torch._inductor.config as inductor_config
-
-        if not hasattr(inductor_config.triton, "enable_pdl"):
-            logger.info("torch %s's Inductor has no PDL switch: its kernels launch without PDL", torch.__version__)
-            return None
-        return {"triton.enable_pdl": True}
+        """inductor_options for this generator's decode kernels (PDL or not)."""
+        return inductor_options(self.pdl)
 
     def use_compiled_steps(self, steps: dict) -> None:
         """Run `steps` ({"llm_step": f, "semantic_step": g}, same signatures as self.llm / self.sem:
