@@ -1,6 +1,7 @@
 """benchmarks/fp8_gemv_variants.py: where a skinny FP8 GEMM's time goes, by elimination.
 
     python benchmarks/fp8_gemv_variants.py --out OUT      # a GPU; writes OUT/fp8_gemv_variants.json
+    python benchmarks/fp8_gemv_variants.py --out OUT --variants stream,dot,dot-tma --rows 16 --tag _m16
 
 The production kernel (kernels/skinny.py, tensor-core dot on weights widened to fp16) streams FP8 at
 2.2-3.0 TB/s where bf16 reaches 3.0-4.0 (benchmarks/results/kernels_h200.md), although its K loop is
@@ -14,6 +15,12 @@ software-pipelined (benchmarks/kernel_ir_check.py). This times, at the released 
 * dot-prmt  - the production dot, widened by byte permutes and masks (inline PTX, 4 weights per
               call) instead of cvt.rn.f16x2.e4m3x2: E4M3's bits moved into fp16's place are the value
               / 2**8, folded into the channel scale.
+* dot-tma   - the production dot with the weight tiles brought by the Hopper tensor memory accelerator
+              (a host-made TensorDescriptor; cp.async.bulk.tensor into shared memory) instead of
+              per-thread pointer loads; the rows stay pointer loads (a few KB, L2-resident).
+
+Besides the released GEMMs (`shapes`), "moe gate_up, 36 experts flat" is the batch-8 MoE's gate/up weights
+(the ~36 experts 16 rows choose, gate and up, contiguous): what the grouped kernel streams, without its gather.
 
 An experiment: nothing in the runtime uses the variants. Each is checked against torch before timing.
 """
@@ -128,13 +135,47 @@ def _dot_prmt_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr,
     _store_split(y_ptr + rm[None, :] * N + rn[:, None], y, (rn < N)[:, None] & (rm < M)[None, :], SPLIT_K)
 
 
-def shapes():
+@triton.jit
+def _dot_tma_kernel(x_ptr, w_desc, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    lo, hi = _k_share(K, SPLIT_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for k0 in range(lo, hi, BLOCK_K):
+        w = w_desc.load([n0, k0])  # (BN, BK) E4M3 through TMA; rows past N come back as zeros
+        x = tl.load(x_ptr + rm[None, :] * K + (k0 + rk)[:, None], mask=(rm < M)[None, :], other=0.0)  # (BK, BM)
+        acc += tl.dot(w.to(tl.float16), x)
+    y = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]  # (BN, BM)
+    _store_split(y_ptr + rm[None, :] * N + rn[:, None], y, (rn < N)[:, None] & (rm < M)[None, :], SPLIT_K)
+
+
+def tma_configs() -> list[dict]:
+    """TMA boxes are at most 256 elements a side, so BLOCK_K stops at 256."""
+    out = []
+    for bn in (32, 64, 128):
+        for bk in (128, 256):
+            for split in (1, 2, 4):
+                for warps in ((4,) if bn <= 64 else (4, 8)):
+                    for stages in (3, 5):
+                        out.append(dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages))
+    return out
+
+
+def shapes(only: str | None = None):
     cfg = full_config()
     f, llm = cfg.flow_head, cfg.llm
     qkv = (llm.num_heads + 2 * llm.num_kv_heads) * llm.head_dim
-    return [("flow w12 (both halves)", 2 * f.mlp_hidden, f.width), ("flow w3", f.width, f.mlp_hidden),
-            ("flow adaLN", 3 * f.width, f.width), ("llm query_key_value", qkv, llm.hidden_size),
-            ("llm dense", llm.hidden_size, llm.num_heads * llm.head_dim)]
+    out = [("flow w12 (both halves)", 2 * f.mlp_hidden, f.width), ("flow w3", f.width, f.mlp_hidden),
+           ("flow adaLN", 3 * f.width, f.width), ("llm query_key_value", qkv, llm.hidden_size),
+           ("llm dense", llm.hidden_size, llm.num_heads * llm.head_dim),
+           ("moe gate_up, 36 experts flat", 36 * 2 * llm.moe_intermediate_size, llm.hidden_size)]
+    if only:
+        keep = only.split(",")
+        out = [s for s in out if any(s[0].startswith(k) for k in keep)]
+    return out
 
 
 def configs() -> list[dict]:
@@ -153,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rows", type=int, default=2)
     p.add_argument("--variants", default="stream,tiles,dot,fma,dot-prmt")
+    p.add_argument("--shapes", default=None, help="comma-separated name prefixes (default: all)")
+    p.add_argument("--tag", default="", help="suffix of the JSON's name")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("fp8_gemv_variants.py needs a CUDA GPU")
@@ -160,7 +203,7 @@ def main(argv=None) -> int:
     variants = a.variants.split(",")
     res = {"env": environment(dev), "rows": a.rows, "shapes": []}
     m = a.rows
-    for name, n, k in shapes():
+    for name, n, k in shapes(a.shapes):
         wq, sc = quantize_rows_fp8(torch.randn(n, k, device=dev) * 0.02)
         sc = sc.to(dev)
         nbytes = wq.numel()
@@ -226,10 +269,34 @@ def main(argv=None) -> int:
                     print(f"  {label} {c}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
                     continue
                 keep(label, us, c, err)
+        if "dot-tma" in variants:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            y = torch.zeros(m, n, device=dev)
+            for c in tma_configs():
+                if k % (c["BLOCK_K"] * c["SPLIT_K"]):
+                    continue
+                descs = [TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]]) for w in ws]
+                kw = dict(BLOCK_M=16, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SPLIT_K=c["SPLIT_K"],
+                          num_warps=c["num_warps"], num_stages=c["num_stages"])
+                grid = (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
+                try:
+                    y.zero_()
+                    _dot_tma_kernel[grid](x, descs[0], sc, y, m, n, k, **kw)
+                    err = float((y - ref).abs().max() / ref.abs().max())
+                    if err > 1e-2:
+                        print(f"  dot-tma {c}: wrong (rel err {err:.2e})", flush=True)
+                        continue
+                    us = graph_time_us(lambda i: _dot_tma_kernel[grid](x, descs[i], sc, y, m, n, k, **kw), copies,
+                                       a.reps)
+                except Exception as exc:  # out of resources and the like
+                    print(f"  dot-tma {c}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                    continue
+                keep("dot-tma", us, c, err)
         res["shapes"].append(row)
         print(name, json.dumps({v: (r["us"], r["tbps"]) for v, r in row["variants"].items()}), flush=True)
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "fp8_gemv_variants.json").write_text(json.dumps(res, indent=1))
+        (a.out / f"fp8_gemv_variants{a.tag}.json").write_text(json.dumps(res, indent=1))
     return 0
 
 

@@ -733,7 +733,9 @@ def test_kernel_flow_head_modulations_through_cublas(fmt):
     """Above 64 modulation rows (S*M = 4 steps x 18 rows here) the adaLN GEMMs go to cuBLAS (fp32 products in
     the interpreter): the modulations equal the skinny kernel's 64-row passes within fp32 rounding (same
     operands), FP8 scales and biases included, and so does the latent; 64 rows stay on the kernel; only
-    the cuBLAS head widened the weights, at warm-up. On a GPU a captured graph replays the eager call."""
+    the cuBLAS head widened the weights, at warm-up. merge_mods (FP8's default) stacks the D + 1 matrices into
+    one GEMM whose output holds every block's modulations (views), and equals the one-GEMM-per-block head
+    (merge_mods=False). On a GPU a captured graph replays the eager call."""
     from runtime.fast.kernel_flow_head import MM_FP32_OUT, KernelFlowHead
 
     if not MM_FP32_OUT:
@@ -743,24 +745,38 @@ def test_kernel_flow_head_modulations_through_cublas(fmt):
     hid = torch.randn(6, 3, model.cfg.llm.hidden_size, generator=g).to(DEV)
     noise = torch.randn(6, model.cfg.flow_head.latent_dim, generator=g).to(DEV)
     s = [torch.tensor([v], device=DEV) for v in (2.5, 1.2, 0.8)]
-    cublas, skinny = KernelFlowHead(model, weights=fmt), KernelFlowHead(model, weights=fmt)
+    assert KernelFlowHead(model, weights=fmt).merge_mods == (fmt == "fp8")  # bf16 would need a stacked copy
+    cublas, skinny = KernelFlowHead(model, weights=fmt, merge_mods=True), KernelFlowHead(model, weights=fmt)
     skinny.cublas_mods_above = 10**9
     cublas(hid[:4, :2], noise[:4], *s)  # 4 steps x 8 rows = 32: the kernel
     cublas(hid[:, :2].repeat(2, 1, 1)[:8], noise.repeat(2, 1)[:8], *s)  # 64: still the kernel
     assert cublas._wide is None
     got, ref = cublas(hid, noise, *s), skinny(hid, noise, *s)
     assert cublas._wide is not None and skinny._wide is None
-    for lin, wide in zip([b["ada"] for b in cublas.blocks] + [cublas.final_ada], cublas._wide["weights"]):
-        assert wide.dtype == (torch.float16 if fmt == "fp8" else torch.bfloat16)
-        assert torch.equal(wide.float(), lin.weight.float())  # widening FP8 to fp16 is exact
+    lins = [b["ada"] for b in cublas.blocks] + [cublas.final_ada]
+    stacked = cublas._wide["weight"]
+    assert stacked.dtype == (torch.float16 if fmt == "fp8" else torch.bfloat16)
+    assert torch.equal(stacked.float(), torch.cat([lin.weight.float() for lin in lins]))  # widening FP8 is exact
     (buf_c,) = [v for (m, _), v in cublas._scratch.items() if m == 18]
     (buf_s,) = skinny._scratch.values()
     assert "ws_mod" not in buf_c and "ws_mod" in buf_s
+    d, w = len(cublas.blocks), model.cfg.flow_head.width
+    flat = buf_c["mods_flat"]
+    assert flat.shape == (4 * 18, (3 * d + 2) * w) and buf_c["mods_all"].data_ptr() == flat.data_ptr()
+    assert buf_c["fmod"].data_ptr() == flat[:, 3 * d * w:].data_ptr()
+    per_block = KernelFlowHead(model, weights=fmt, merge_mods=False)
+    per_block_out = per_block(hid, noise, *s)
+    (buf_p,) = per_block._scratch.values()
+    assert "mods_flat" not in buf_p and len(per_block._wide["weights"]) == d + 1
     for key in ("mods_all", "fmod"):  # same operands, fp32 sums in another order
         assert_close(f"kernels/flow_mods_cublas_{fmt}_{key}", buf_c[key], buf_s[key],
                      (1e-6 if interpreting() else 1e-4) * buf_s[key].abs().max().item())
+        assert_close(f"kernels/flow_mods_merged_{fmt}_{key}", buf_c[key], buf_p[key],
+                     (1e-6 if interpreting() else 1e-5) * buf_p[key].abs().max().item())
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if interpreting() else 1e-3), f"cuBLAS modulations ({fmt}) against the kernel's: rel L2 {rel:.2e}"
+    rel = ((got - per_block_out).norm() / per_block_out.norm()).item()
+    assert rel < (1e-5 if interpreting() else 1e-3), f"merged modulations ({fmt}) against per-block: rel L2 {rel:.2e}"
     if torch.cuda.is_available() and not interpreting():
         from runtime.fast.graphed import capture_graph
 

@@ -24,7 +24,10 @@ keep the 64-row passes). At 8 prompts they are 256 rows: compute-bound, where th
 cuBLAS pass). Same operands and
 fp32 accumulation as the kernel; FP8 weights are widened once into an fp16 copy (2 bytes per modulation
 weight, made with the scratch of the first such row count, at its warm-up) and their per-channel scale
-applied after the product.
+applied after the product. That copy stacks the D + 1 matrices (merge_mods), so the modulations are one GEMM
+into one (S*M, D*3W + 2W) buffer, whose column blocks the steps read as strided views, and one contiguous
+scale-and-bias pass, where per-block GEMMs left a broadcast pass over a (D, S*M, 3W) view: at 8 prompts on an
+H200, 354 against 394 us a token, the same bits (benchmarks/flow_mods_ab.py, session 20).
 """
 from __future__ import annotations
 
@@ -78,13 +81,18 @@ class PackedLinear:
 
 class KernelFlowHead(nn.Module):
     def __init__(self, model: MingUniVision, *, weights: str = "bf16", time_shift: float | None = None,
-                 renorm: bool = False, chain: bool = False, deferred_residual: bool = True):
+                 renorm: bool = False, chain: bool = False, deferred_residual: bool = True,
+                 merge_mods: bool | None = None):
         """chain (EXPERIMENTAL, kernels/flow_chain.py): each Euler step's blocks in one persistent launch,
         from a second, stacked copy of the block weights; benchmarks/flow_chain_check.py measures it.
         deferred_residual: w3's split-K merge and gated residual run in the next LayerNorm's launch (module
-        docstring); False merges them in w3's launch (a ticket), as before session 13."""
+        docstring); False merges them in w3's launch (a ticket), as before session 13.
+        merge_mods: above MAX_ROWS modulation rows, all D + 1 modulation GEMMs as one cuBLAS GEMM over a
+        stacked copy of their weights (module docstring); False: one GEMM per block. None (default): with FP8
+        weights only, whose fp16 copy exists either way; bf16 would add a 0.7 GB copy for ~30 us a token."""
         super().__init__()
         self.deferred_residual = deferred_residual
+        self.merge_mods = weights == "fp8" if merge_mods is None else bool(merge_mods)
         self.chain, self.chain_config = chain, None
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
@@ -125,18 +133,26 @@ class KernelFlowHead(nn.Module):
             c = self.final.weight.shape[0]
             s = self.hoisted.temb.shape[0]
             rows_dtype = torch.float16 if self.weights == "fp8" else torch.bfloat16  # see kernels._triton.mma
+            d = len(self.blocks)
+            cublas = s * m > self.cublas_mods_above
+            if cublas and self.merge_mods:  # one GEMM's output (S*M, D*3W + 2W); the blocks' and final's are views
+                flat = torch.empty(s * m, d * 3 * w + 2 * w, dtype=torch.float32, device=dev)
+                mods = dict(mods_flat=flat, mods_all=flat[:, :d * 3 * w].view(s * m, d, 3 * w).transpose(0, 1),
+                            fmod=flat[:, d * 3 * w:])  # (D, S*M, 3W) and (S*M, 2W), row stride D*3W + 2W
+            else:
+                mods = dict(mods_all=torch.empty(d, s * m, 3 * w, dtype=torch.float32, device=dev),
+                            fmod=torch.empty(s * m, 2 * w, dtype=torch.float32, device=dev))
             self._scratch[key] = dict(
                 h=torch.empty(m, w, dtype=torch.float32, device=dev),
                 xn=torch.empty(m, w, dtype=rows_dtype, device=dev),
                 act=torch.empty(m, hidden, dtype=rows_dtype, device=dev),
                 v=torch.empty(m, c, dtype=torch.float32, device=dev),
-                mods_all=torch.empty(len(self.blocks), s * m, 3 * w, dtype=torch.float32, device=dev),
-                fmod=torch.empty(s * m, 2 * w, dtype=torch.float32, device=dev),
+                **mods,
                 ws_up=Workspace(hidden, m, dev), ws_down=Workspace(w, m, dev), ws_in=Workspace(w, m, dev),
                 ws_final=Workspace(c, m, dev),
                 parts=torch.empty(MAX_SPLIT_K, m, w, dtype=torch.float32, device=dev),  # w3's split-K sums (deferred)
             )
-            if s * m > self.cublas_mods_above:  # the modulations go to cuBLAS: their weights, not a workspace
+            if cublas:  # the modulations go to cuBLAS: their weights, not a workspace
                 self._wide_mods()
             else:
                 self._scratch[key]["ws_mod"] = Workspace(3 * w, min(s * m, MAX_ROWS), dev)
@@ -152,31 +168,51 @@ class KernelFlowHead(nn.Module):
             skinny_gemm(x[i:i + MAX_ROWS], lin.weight, out[i:i + MAX_ROWS], w_scale=lin.scale, bias=lin.bias,
                         workspace=ws)
 
+    @torch.no_grad()
     def _wide_mods(self) -> dict:
         """The modulation weights for `_mods_cublas`: bf16 as packed, or FP8 widened exactly to fp16 with the
-        per-output-channel scale kept apart (applied after the product, with the bias). Made with the scratch,
-        at warm-up: never inside a CUDA graph capture."""
+        per-output-channel scale kept apart (applied after the product, with the bias); with merge_mods the D + 1
+        matrices stacked into one (D*3W + 2W, W) copy, with their biases and scales. Made with the scratch, at
+        warm-up: never inside a CUDA graph capture."""
         if self._wide is None:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("KernelFlowHead: run a row count once before capturing it (warm-up)")
             lins = [blk["ada"] for blk in self.blocks] + [self.final_ada]
             fp8 = self.weights == "fp8"
+            weights = [lin.weight.to(torch.float16) if fp8 else lin.weight for lin in lins]
             bias = [torch.zeros(lin.weight.shape[0], dtype=torch.float32, device=lin.weight.device)
                     if lin.bias is None else lin.bias for lin in lins]
-            self._wide = dict(fp8=fp8, weights=[lin.weight.to(torch.float16) if fp8 else lin.weight for lin in lins],
-                              bias=torch.stack(bias[:-1])[:, None], fbias=bias[-1])  # (D, 1, 3W), (2W,)
-            if fp8:  # the per-output-channel scales, stacked as the biases
-                scale = [lin.scale.reshape(-1) for lin in lins]
-                self._wide.update(scale=torch.stack(scale[:-1])[:, None], fscale=scale[-1])
-                mib = sum(w.numel() * 2 for w in self._wide["weights"]) / 2**20
-                logger.info("flow head: %.0f MiB fp16 copy of the FP8 modulation weights for cuBLAS (> %d rows)",
-                            mib, self.cublas_mods_above)
+            scale = [lin.scale.reshape(-1) for lin in lins] if fp8 else None
+            if self.merge_mods:
+                self._wide = dict(fp8=fp8, weight=torch.cat(weights), bias=torch.cat(bias),
+                                  scale=torch.cat(scale) if fp8 else None)
+                copy = self._wide["weight"]
+            else:
+                self._wide = dict(fp8=fp8, weights=weights, bias=torch.stack(bias[:-1])[:, None],
+                                  fbias=bias[-1])  # (D, 1, 3W), (2W,)
+                if fp8:  # the per-output-channel scales, stacked as the biases
+                    self._wide.update(scale=torch.stack(scale[:-1])[:, None], fscale=scale[-1])
+                copy = weights if fp8 else []
+            mib = sum(w.numel() * w.element_size() for w in ([copy] if torch.is_tensor(copy) else copy)) / 2**20
+            if mib:
+                logger.info("flow head: %.0f MiB %s copy of the modulation weights for cuBLAS (> %d rows)",
+                            mib, "fp16" if fp8 else "stacked bf16", self.cublas_mods_above)
         return self._wide
 
     def _mods_cublas(self, sy, buf) -> None:
-        """mods_all (D, S*M, 3W) and fmod (S*M, 2W), fp32, = sy @ W^T * scale + bias with cuBLAS (many rows)."""
+        """mods_all (D, S*M, 3W) and fmod (S*M, 2W), fp32, = sy @ W^T * scale + bias with cuBLAS (many rows):
+        with merge_mods one GEMM into their shared (S*M, D*3W + 2W) buffer and one pass for scale and bias."""
         wide = self._wide_mods()
         # FP8: sy is fp16 already (forward rounds it); bf16: the kernel's operand type
+        if self.merge_mods:
+            x = sy if interpreting() else sy.to(wide["weight"].dtype)
+            flat = buf["mods_flat"]
+            _mm_fp32(x, wide["weight"], flat)
+            if wide["fp8"]:  # per-output-channel weight scale, then bias
+                torch.addcmul(wide["bias"], flat, wide["scale"], out=flat)
+            else:
+                flat.add_(wide["bias"])
+            return
         x = sy if interpreting() else sy.to(wide["weights"][0].dtype)
         for w, out in zip(wide["weights"], list(buf["mods_all"]) + [buf["fmod"]]):
             _mm_fp32(x, w, out)
