@@ -34,7 +34,7 @@ import triton.language as tl  # noqa: E402
 
 from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
 from kernels import moe  # noqa: E402
-from kernels._triton import arrive, fp8_widen, mma, next_pow2, pdl_enter, pdl_launch, pdl_main_loop_done, rearm, unwiden  # noqa: E402  # noqa: E402
+from kernels._triton import arrive, fp8_widen, mma, next_pow2, pdl_enter, pdl_launch, pdl_main_loop_done, rearm, unwiden  # noqa: E402, E501
 from kernels.fp8 import quantize_rows_fp8  # noqa: E402
 
 
