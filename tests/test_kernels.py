@@ -584,6 +584,37 @@ def test_grouped_moe_each_expert_once(ids):
         _check("kernels/moe_grouped_each_expert_once", got, ref)
 
 
+@pytest.mark.parametrize("rows", [2, 16])
+def test_experimental_expert_group_down_kernel_sums_every_slot(rows):
+    """benchmarks/moe_down_groups.py's down kernel (an experiment: a program per H block and group of chosen
+    experts, the last group to arrive summing the groups' partials): every row's weighted expert products, FP8
+    scales included, for groups of 1 and 3 experts; its tickets re-armed."""
+    if not interpreting():
+        pytest.skip("checked in the interpreter; the GPU run is benchmarks/moe_down_groups.py itself")
+    import triton
+
+    from benchmarks.moe_down_groups import _down_groups_kernel, routing
+    from kernels._triton import next_pow2
+
+    routed, k_routed, shared, h, i = 12, 3, 2, 64, 48
+    e, k = routed + shared, k_routed + shared
+    gen = torch.Generator().manual_seed(rows)
+    ids = routing(rows // 2, routed, k_routed, shared, gen)
+    topw = torch.rand(rows, k, generator=gen)
+    wd, sd = quantize_rows_fp8(torch.randn(e, h, i, generator=gen) * 0.1)
+    act = torch.randn(rows * k, i, generator=gen).to(torch.float16)
+    ref = torch.stack([sum(topw[r, j] * dequantize_rows_fp8(wd[ids[r, j]], sd[ids[r, j]]) @ act[r * k + j].float()
+                           for j in range(k)) for r in range(rows)])
+    for group in (1, 3):
+        y, tickets = torch.zeros(rows, h), torch.zeros(triton.cdiv(h, 32), dtype=torch.int32)
+        part = torch.empty(min(rows * k, e) * rows * h)
+        _down_groups_kernel[(triton.cdiv(h, 32), triton.cdiv(min(rows * k, e), group))](
+            act, ids, topw, wd, sd, y, part, tickets, rows, h, i, y.stride(0), TOPK=k, BLOCK_J=next_pow2(k),
+            BLOCK_E=next_pow2(e), BLOCK_M=max(16, next_pow2(rows)), GROUP=group, BLOCK_N=32, BLOCK_K=32, PDL=0, WIDEN=0)
+        assert_close(f"kernels/moe_down_groups_{rows}_{group}", y, ref, 1e-5 * ref.abs().max().item())
+        assert not tickets.any()
+
+
 def test_grouped_min_rows_from_the_environment(monkeypatch):
     import os
 
