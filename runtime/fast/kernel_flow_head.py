@@ -179,15 +179,20 @@ class KernelFlowHead(nn.Module):
                 raise RuntimeError("KernelFlowHead: run a row count once before capturing it (warm-up)")
             lins = [blk["ada"] for blk in self.blocks] + [self.final_ada]
             fp8 = self.weights == "fp8"
-            weights = [lin.weight.to(torch.float16) if fp8 else lin.weight for lin in lins]
+            wide_dtype = torch.float16 if fp8 else lins[0].weight.dtype
             bias = [torch.zeros(lin.weight.shape[0], dtype=torch.float32, device=lin.weight.device)
                     if lin.bias is None else lin.bias for lin in lins]
             scale = [lin.scale.reshape(-1) for lin in lins] if fp8 else None
-            if self.merge_mods:
-                self._wide = dict(fp8=fp8, weight=torch.cat(weights), bias=torch.cat(bias),
-                                  scale=torch.cat(scale) if fp8 else None)
-                copy = self._wide["weight"]
+            if self.merge_mods:  # filled matrix by matrix: no second copy at warm-up (FP8 widens exactly)
+                copy = torch.empty(sum(lin.weight.shape[0] for lin in lins), lins[0].weight.shape[1], dtype=wide_dtype,
+                                   device=lins[0].weight.device)
+                row = 0
+                for lin in lins:
+                    copy[row:row + lin.weight.shape[0]].copy_(lin.weight)
+                    row += lin.weight.shape[0]
+                self._wide = dict(fp8=fp8, weight=copy, bias=torch.cat(bias), scale=torch.cat(scale) if fp8 else None)
             else:
+                weights = [lin.weight.to(wide_dtype) for lin in lins]  # bf16: the packed weights themselves
                 self._wide = dict(fp8=fp8, weights=weights, bias=torch.stack(bias[:-1])[:, None],
                                   fbias=bias[-1])  # (D, 1, 3W), (2W,)
                 if fp8:  # the per-output-channel scales, stacked as the biases
