@@ -4,8 +4,8 @@
 
 Above 64 modulation rows (3 prompts or more, 16 steps x 2 CFG rows each) KernelFlowHead computes the adaLN
 modulations of all 16 Euler steps with cuBLAS. At 8 prompts that is 256 rows x 3072 against 12 matrices of
-9216 and one of 6144 columns: compute-bound GEMMs whose 9216 columns make ~1.1 waves of tiles on an H200, and an
-FP8 scale-and-bias pass over a (12, 256, 9216) fp32 view with a broadcast in the middle. merge_mods (FP8's
+9216 and one of 6144 columns: 13 compute-bound GEMMs of a few waves of tiles each, and an FP8 scale-and-bias
+pass over a (12, 256, 9216) fp32 view with a broadcast in the middle. merge_mods (FP8's
 default, forced here for both formats) stacks the 13 matrices into one GEMM with one contiguous pass;
 merge_mods=False is the per-block form.
 

@@ -808,6 +808,11 @@ def test_kernel_flow_head_modulations_through_cublas(fmt):
     assert rel < (1e-5 if interpreting() else 1e-3), f"cuBLAS modulations ({fmt}) against the kernel's: rel L2 {rel:.2e}"
     rel = ((got - per_block_out).norm() / per_block_out.norm()).item()
     assert rel < (1e-5 if interpreting() else 1e-3), f"merged modulations ({fmt}) against per-block: rel L2 {rel:.2e}"
+    # the strided views through the other consumers: w3's own gated-residual merge, and the one-launch chain
+    for kw, bound in (({"deferred_residual": False}, 1e-3), ({"chain": True}, 2e-2)):
+        other = KernelFlowHead(model, weights=fmt, merge_mods=True, **kw)(hid, noise, *s)
+        rel = ((other - per_block_out).norm() / per_block_out.norm()).item()
+        assert rel < (1e-5 if interpreting() else bound), f"merged modulations ({fmt}, {kw}): rel L2 {rel:.2e}"
     if torch.cuda.is_available() and not interpreting():
         from runtime.fast.graphed import capture_graph
 

@@ -1,9 +1,10 @@
 """The flow head on the custom kernels: bf16 or FP8 weight streaming, two launches per block per step.
 
 Same function as FastFlowHead (hoisted invariants: temb once, condition once per token, all S steps'
-adaLN modulations in one GEMM per block), laid out for the memory-bound decode regime:
+adaLN modulations in one GEMM per block, or one for all blocks: merge_mods), laid out for the memory-bound
+decode regime:
 
-  per token:  mods[blk] = adaLN_blk(silu(temb + cond))          (S*M, 3W) fp32, one GEMM per block
+  per token:  mods[blk] = adaLN_blk(silu(temb + cond))          (S*M, 3W) fp32, a GEMM per block (or one)
   per step:   h   = input_proj(x)                                (M, W) fp32 residual stream
               xn  = modulate(LN(h))                              launch 1: one program per row, bf16 out
               act = SwiGLU(w12 @ xn)                             launch 2: both halves in one program
