@@ -1,7 +1,7 @@
 """benchmarks/fp8_gemv_variants.py: where a skinny FP8 GEMM's time goes, by elimination.
 
     python benchmarks/fp8_gemv_variants.py --out OUT      # a GPU; writes OUT/fp8_gemv_variants.json
-    python benchmarks/fp8_gemv_variants.py --out OUT --variants stream,dot,dot-tma --rows 16 --tag _m16
+    python benchmarks/fp8_gemv_variants.py --out OUT --variants stream,dot,dot-swept,dot-tma,dot-pretiled --rows 16 --tag _m16
 
 The production kernel (kernels/skinny.py, tensor-core dot on weights widened to fp16) streams FP8 at
 2.2-3.0 TB/s where bf16 reaches 3.0-4.0 (benchmarks/results/kernels_h200.md), although its K loop is
@@ -18,9 +18,11 @@ software-pipelined (benchmarks/kernel_ir_check.py). This times, at the released 
 * dot-tma   - the production dot with the weight tiles brought by the Hopper tensor memory accelerator
               (a host-made TensorDescriptor; cp.async.bulk.tensor into shared memory) instead of
               per-thread pointer loads; the rows stay pointer loads (a few KB, L2-resident).
-
 * dot-pretiled - the production dot on a copy of the weights laid out tile by tile, (N/BN, K/BK, BN, BK), so each
               program's K step reads one contiguous BN*BK-byte block instead of BN rows K bytes apart.
+* dot-swept - the control for those two: the same kernel with plain pointer loads of the row-major weights, swept
+              over the same configs (split K by atomics too), so a gain of dot-tma or dot-pretiled over it is the
+              load path's or the layout's, not the sweep's. (Session 20 ran dot-tma and dot-pretiled without it.)
 
 Besides the released GEMMs (`shapes`), "moe gate_up, 36 experts flat" is the batch-8 MoE's gate/up weights
 (the ~36 experts 16 rows choose, gate and up, contiguous): what the grouped kernel streams, without its gather.
@@ -174,6 +176,22 @@ def _dot_pretiled_kernel(x_ptr, wt_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.const
     _store_split(y_ptr + rm[None, :] * N + rn[:, None], y, (rn < N)[:, None] & (rm < M)[None, :], SPLIT_K)
 
 
+@triton.jit
+def _dot_swept_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    lo, hi = _k_share(K, SPLIT_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for k0 in range(lo, hi, BLOCK_K):
+        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :], mask=(rn < N)[:, None], other=0.0)
+        x = tl.load(x_ptr + rm[None, :] * K + (k0 + rk)[:, None], mask=(rm < M)[None, :], other=0.0)  # (BK, BM)
+        acc += tl.dot(w.to(tl.float16), x)
+    y = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]  # (BN, BM)
+    _store_split(y_ptr + rm[None, :] * N + rn[:, None], y, (rn < N)[:, None] & (rm < M)[None, :], SPLIT_K)
+
+
 def pretile(w: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
     """(N, K) -> (N/bn, K/bk, bn, bk) contiguous: tile (i, j) is rows i*bn.., columns j*bk.., in one block."""
     n, k = w.shape
@@ -321,6 +339,26 @@ def main(argv=None) -> int:
                     print(f"  dot-tma {c}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                     continue
                 keep("dot-tma", us, c, err)
+        if "dot-swept" in variants:
+            y = torch.zeros(m, n, device=dev)
+            for c in tma_configs():
+                if k % (c["BLOCK_K"] * c["SPLIT_K"]):
+                    continue
+                kw = dict(BLOCK_M=16, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SPLIT_K=c["SPLIT_K"],
+                          num_warps=c["num_warps"], num_stages=c["num_stages"])
+                grid = (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
+                try:
+                    y.zero_()
+                    _dot_swept_kernel[grid](x, ws[0], sc, y, m, n, k, **kw)
+                    err = float((y - ref).abs().max() / ref.abs().max())
+                    if err > 1e-2:
+                        print(f"  dot-swept {c}: wrong (rel err {err:.2e})", flush=True)
+                        continue
+                    us = graph_time_us(lambda i: _dot_swept_kernel[grid](x, ws[i], sc, y, m, n, k, **kw), copies, a.reps)
+                except Exception as exc:  # out of resources and the like
+                    print(f"  dot-swept {c}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                    continue
+                keep("dot-swept", us, c, err)
         if "dot-pretiled" in variants:
             y = torch.zeros(m, n, device=dev)
             packed: dict = {}
