@@ -25,7 +25,9 @@ software-pipelined (benchmarks/kernel_ir_check.py). This times, at the released 
               load path's or the layout's, not the sweep's. (Session 20 ran dot-tma and dot-pretiled without it.)
 
 Besides the released GEMMs (`shapes`), "moe gate_up, 36 experts flat" is the batch-8 MoE's gate/up weights
-(the ~36 experts 16 rows choose, gate and up, contiguous): what the grouped kernel streams, without its gather.
+(the ~36 experts 16 rows choose, gate and up, contiguous): what the grouped kernel streams, without its gather;
+"moe down, 36 experts flat" their down weights as one (36 * H, I) matrix: the down kernel's bytes and its short
+K (1408), without its per-slot partials, tickets and merges.
 
 An experiment: nothing in the runtime uses the variants. Each is checked against torch before timing.
 """
@@ -217,7 +219,8 @@ def shapes(only: str | None = None):
     out = [("flow w12 (both halves)", 2 * f.mlp_hidden, f.width), ("flow w3", f.width, f.mlp_hidden),
            ("flow adaLN", 3 * f.width, f.width), ("llm query_key_value", qkv, llm.hidden_size),
            ("llm dense", llm.hidden_size, llm.num_heads * llm.head_dim),
-           ("moe gate_up, 36 experts flat", 36 * 2 * llm.moe_intermediate_size, llm.hidden_size)]
+           ("moe gate_up, 36 experts flat", 36 * 2 * llm.moe_intermediate_size, llm.hidden_size),
+           ("moe down, 36 experts flat", 36 * llm.hidden_size, llm.moe_intermediate_size)]
     if only:
         keep = only.split(",")
         out = [s for s in out if any(s[0].startswith(k) for k in keep)]
