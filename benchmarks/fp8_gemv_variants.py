@@ -22,7 +22,9 @@ software-pipelined (benchmarks/kernel_ir_check.py). This times, at the released 
               program's K step reads one contiguous BN*BK-byte block instead of BN rows K bytes apart.
 * dot-swept - the control for those two: the same kernel with plain pointer loads of the row-major weights, swept
               over the same configs (split K by atomics too), so a gain of dot-tma or dot-pretiled over it is the
-              load path's or the layout's, not the sweep's. (Session 20 ran dot-tma and dot-pretiled without it.)
+              load path's or the layout's, not the sweep's. The three are one kernel, `_dot_loads_kernel`, whose
+              LOAD picks the weights' path. (Session 20 ran dot-tma and dot-pretiled without the control, as two
+              kernels with this one's arithmetic: the JSON of runs 3 and 9.)
 
 Besides the released GEMMs (`shapes`), "moe gate_up, 36 experts flat" is the batch-8 MoE's gate/up weights
 (the ~36 experts 16 rows choose, gate and up, contiguous): what the grouped kernel streams, without its gather;
@@ -142,54 +144,34 @@ def _dot_prmt_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr,
     _store_split(y_ptr + rm[None, :] * N + rn[:, None], y, (rn < N)[:, None] & (rm < M)[None, :], SPLIT_K)
 
 
-@triton.jit
-def _dot_tma_kernel(x_ptr, w_desc, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    n0 = tl.program_id(0) * BLOCK_N
-    rn = n0 + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    lo, hi = _k_share(K, SPLIT_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    for k0 in range(lo, hi, BLOCK_K):
-        w = w_desc.load([n0, k0])  # (BN, BK) E4M3 through TMA; rows past N come back as zeros
-        x = tl.load(x_ptr + rm[None, :] * K + (k0 + rk)[:, None], mask=(rm < M)[None, :], other=0.0)  # (BK, BM)
-        acc += tl.dot(w.to(tl.float16), x)
-    y = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]  # (BN, BM)
-    _store_split(y_ptr + rm[None, :] * N + rn[:, None], y, (rn < N)[:, None] & (rm < M)[None, :], SPLIT_K)
+# _dot_loads_kernel's LOAD: how the weight tiles arrive (the rest of the kernel is the same for all three)
+POINTER, TMA, PRETILED = 0, 1, 2
+LOADS = {"dot-swept": POINTER, "dot-tma": TMA, "dot-pretiled": PRETILED}
 
 
 @triton.jit
-def _dot_pretiled_kernel(x_ptr, wt_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _dot_loads_kernel(x_ptr, w, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, LOAD: tl.constexpr):
+    """The production dot's arithmetic (E4M3 widened to fp16, fp32 sums, channel scale after) with the weight
+    tiles from `w`: POINTER - row-major (N, K) weights, masked pointer loads; TMA - a TensorDescriptor of them
+    (rows past N come back as zeros); PRETILED - the (N/BN, K/BK, BN, BK) copy of `pretile`, one contiguous block
+    per K step. A split of K adds its share with atomics (timing only)."""
     pid_n = tl.program_id(0)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    in_tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + rk[None, :]  # (BN, BK) offsets inside one tile
     lo, hi = _k_share(K, SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     for k0 in range(lo, hi, BLOCK_K):
-        tile = (pid_n * (K // BLOCK_K) + k0 // BLOCK_K).to(tl.int64) * (BLOCK_N * BLOCK_K)
-        w = tl.load(wt_ptr + tile + in_tile)  # one contiguous BN*BK block
+        if LOAD == 1:
+            wt = w.load([pid_n * BLOCK_N, k0])
+        elif LOAD == 2:
+            tile = (pid_n * (K // BLOCK_K) + k0 // BLOCK_K).to(tl.int64) * (BLOCK_N * BLOCK_K)
+            wt = tl.load(w + tile + tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + rk[None, :])
+        else:
+            wt = tl.load(w + rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :], mask=(rn < N)[:, None], other=0.0)
         x = tl.load(x_ptr + rm[None, :] * K + (k0 + rk)[:, None], mask=(rm < M)[None, :], other=0.0)  # (BK, BM)
-        acc += tl.dot(w.to(tl.float16), x)
-    y = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]  # (BN, BM)
-    _store_split(y_ptr + rm[None, :] * N + rn[:, None], y, (rn < N)[:, None] & (rm < M)[None, :], SPLIT_K)
-
-
-@triton.jit
-def _dot_swept_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    lo, hi = _k_share(K, SPLIT_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    for k0 in range(lo, hi, BLOCK_K):
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + (k0 + rk)[None, :], mask=(rn < N)[:, None], other=0.0)
-        x = tl.load(x_ptr + rm[None, :] * K + (k0 + rk)[:, None], mask=(rm < M)[None, :], other=0.0)  # (BK, BM)
-        acc += tl.dot(w.to(tl.float16), x)
+        acc += tl.dot(wt.to(tl.float16), x)
     y = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]  # (BN, BM)
     _store_split(y_ptr + rm[None, :] * N + rn[:, None], y, (rn < N)[:, None] & (rm < M)[None, :], SPLIT_K)
 
@@ -294,19 +276,20 @@ def main(argv=None) -> int:
             us = graph_time_us(lambda i: skinny_gemm(x, ws[i], out, w_scale=sc, workspace=work, config=config),
                                copies, a.reps)
             keep("dot", us, config, err)
-        for label, kern in (("fma", _fma_kernel), ("dot-prmt", _dot_prmt_kernel)):
-            if label not in variants:
-                continue
+        def sweep(label, kern, cfgs, weights, block_m=16, **const):
+            """Each config the shape takes (weights(c): the kernel's weight argument for each rotating copy, None
+            to skip c): checked against torch, then timed; the fastest kept."""
             y = torch.zeros(m, n, device=dev)
-            src = [w.view(torch.uint8) for w in ws] if label == "dot-prmt" else ws
-            block_m = 16 if label == "dot-prmt" else triton.next_power_of_2(m)
-            for c in configs():
-                if k % (c["BLOCK_K"] * c["SPLIT_K"]) or (label == "fma" and c["BLOCK_N"] * c["BLOCK_K"] * block_m > 32768):
+            for c in cfgs:
+                if k % (c["BLOCK_K"] * c["SPLIT_K"]):
                     continue
                 kw = dict(BLOCK_M=block_m, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SPLIT_K=c["SPLIT_K"],
-                          num_warps=c["num_warps"], num_stages=3)
+                          num_warps=c["num_warps"], num_stages=c.get("num_stages", 3), **const)
                 grid = (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
                 try:
+                    src = weights(c)  # (a descriptor may refuse the tile)
+                    if src is None:
+                        continue
                     y.zero_()
                     kern[grid](x, src[0], sc, y, m, n, k, **kw)
                     err = float((y - ref).abs().max() / ref.abs().max())
@@ -315,80 +298,38 @@ def main(argv=None) -> int:
                         continue
                     us = graph_time_us(lambda i: kern[grid](x, src[i], sc, y, m, n, k, **kw), copies, a.reps)
                 except Exception as exc:  # out of resources and the like
-                    print(f"  {label} {c}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                    print(f"  {label} {c}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                     continue
                 keep(label, us, c, err)
-        if "dot-tma" in variants:
-            from triton.tools.tensor_descriptor import TensorDescriptor
 
-            y = torch.zeros(m, n, device=dev)
-            for c in tma_configs():
-                if k % (c["BLOCK_K"] * c["SPLIT_K"]):
-                    continue
-                descs = [TensorDescriptor.from_tensor(w, [c["BLOCK_N"], c["BLOCK_K"]]) for w in ws]
-                kw = dict(BLOCK_M=16, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SPLIT_K=c["SPLIT_K"],
-                          num_warps=c["num_warps"], num_stages=c["num_stages"])
-                grid = (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
-                try:
-                    y.zero_()
-                    _dot_tma_kernel[grid](x, descs[0], sc, y, m, n, k, **kw)
-                    err = float((y - ref).abs().max() / ref.abs().max())
-                    if err > 1e-2:
-                        print(f"  dot-tma {c}: wrong (rel err {err:.2e})", flush=True)
-                        continue
-                    us = graph_time_us(lambda i: _dot_tma_kernel[grid](x, descs[i], sc, y, m, n, k, **kw), copies,
-                                       a.reps)
-                except Exception as exc:  # out of resources and the like
-                    print(f"  dot-tma {c}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
-                    continue
-                keep("dot-tma", us, c, err)
-        if "dot-swept" in variants:
-            y = torch.zeros(m, n, device=dev)
-            for c in tma_configs():
-                if k % (c["BLOCK_K"] * c["SPLIT_K"]):
-                    continue
-                kw = dict(BLOCK_M=16, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SPLIT_K=c["SPLIT_K"],
-                          num_warps=c["num_warps"], num_stages=c["num_stages"])
-                grid = (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
-                try:
-                    y.zero_()
-                    _dot_swept_kernel[grid](x, ws[0], sc, y, m, n, k, **kw)
-                    err = float((y - ref).abs().max() / ref.abs().max())
-                    if err > 1e-2:
-                        print(f"  dot-swept {c}: wrong (rel err {err:.2e})", flush=True)
-                        continue
-                    us = graph_time_us(lambda i: _dot_swept_kernel[grid](x, ws[i], sc, y, m, n, k, **kw), copies, a.reps)
-                except Exception as exc:  # out of resources and the like
-                    print(f"  dot-swept {c}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
-                    continue
-                keep("dot-swept", us, c, err)
-        if "dot-pretiled" in variants:
-            y = torch.zeros(m, n, device=dev)
-            packed: dict = {}
-            for c in tma_configs():
-                bn, bk = c["BLOCK_N"], c["BLOCK_K"]
-                if k % (bk * c["SPLIT_K"]) or n % bn:
-                    continue
-                if (bn, bk) not in packed:
-                    packed = {(bn, bk): [pretile(w, bn, bk) for w in ws]}  # one layout's copies at a time
-                tiles = packed[(bn, bk)]
-                kw = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=c["SPLIT_K"], num_warps=c["num_warps"],
-                          num_stages=c["num_stages"])
-                grid = (n // bn, c["SPLIT_K"])
-                try:
-                    y.zero_()
-                    _dot_pretiled_kernel[grid](x, tiles[0], sc, y, m, n, k, **kw)
-                    err = float((y - ref).abs().max() / ref.abs().max())
-                    if err > 1e-2:
-                        print(f"  dot-pretiled {c}: wrong (rel err {err:.2e})", flush=True)
-                        continue
-                    us = graph_time_us(lambda i: _dot_pretiled_kernel[grid](x, tiles[i], sc, y, m, n, k, **kw), copies,
-                                       a.reps)
-                except Exception as exc:  # out of resources and the like
-                    print(f"  dot-pretiled {c}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
-                    continue
-                keep("dot-pretiled", us, c, err)
-            del packed
+        if "fma" in variants:
+            block_m = triton.next_power_of_2(m)
+            sweep("fma", _fma_kernel, configs(), lambda c: ws if c["BLOCK_N"] * c["BLOCK_K"] * block_m <= 32768 else None,
+                  block_m=block_m)
+        if "dot-prmt" in variants:
+            u8 = [w.view(torch.uint8) for w in ws]
+            sweep("dot-prmt", _dot_prmt_kernel, configs(), lambda c: u8)
+        layouts: dict = {}  # dot-pretiled's copies, one layout at a time
+
+        def loaded(load, c):
+            bn, bk = c["BLOCK_N"], c["BLOCK_K"]
+            if load == TMA:
+                from triton.tools.tensor_descriptor import TensorDescriptor
+
+                return [TensorDescriptor.from_tensor(w, [bn, bk]) for w in ws]
+            if load == PRETILED:
+                if n % bn:
+                    return None
+                if (bn, bk) not in layouts:
+                    layouts.clear()
+                    layouts[(bn, bk)] = [pretile(w, bn, bk) for w in ws]
+                return layouts[(bn, bk)]
+            return ws
+
+        for label, load in LOADS.items():
+            if label in variants:
+                sweep(label, _dot_loads_kernel, tma_configs(), lambda c, load=load: loaded(load, c), LOAD=load)
+        layouts.clear()
         res["shapes"].append(row)
         print(name, json.dumps({v: (r["us"], r["tbps"]) for v, r in row["variants"].items()}), flush=True)
         a.out.mkdir(parents=True, exist_ok=True)
