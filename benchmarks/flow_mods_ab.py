@@ -22,24 +22,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pdl_check import full_model_on_gpu  # noqa: E402
 from benchmarks.speed import capture, environment, settle, timed  # noqa: E402
-from kernels.fp8 import fp16_rows  # noqa: E402
 from runtime.fast.kernel_flow_head import KernelFlowHead  # noqa: E402
-
-
-def mods_input(head: KernelFlowHead, hid: torch.Tensor) -> torch.Tensor:
-    """The (S*M, W) rows forward() hands the modulation GEMMs."""
-    fh = head.hoisted
-    s, w = fh.temb.shape
-    z = fh.vis_head(hid).reshape(hid.shape[0] * hid.shape[1], -1)
-    sy = F.silu(fh.temb[:, None] + fh.net.cond_embed(z)[None]).reshape(-1, w)
-    return fp16_rows(sy) if head.weights == "fp8" else sy
 
 
 @torch.no_grad()
@@ -66,7 +55,7 @@ def main(argv=None) -> int:
         for name, head in heads.items():
             latents[name] = head(hid, noise, *sc).clone()  # warm-up: scratch and widened weights before capture
             buf = next(iter(head._scratch.values()))
-            sy = mods_input(head, hid)
+            sy = head.modulation_rows(hid)
             out = torch.empty_like(noise)
             graphs[name] = {"mods": capture(lambda h=head, b=buf, x=sy: h._mods_cublas(x, b)),
                             "head": capture(lambda h=head, o=out: o.copy_(h(hid, noise, *sc)))}

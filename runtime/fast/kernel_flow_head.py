@@ -148,7 +148,7 @@ class KernelFlowHead(nn.Module):
                 xn=torch.empty(m, w, dtype=rows_dtype, device=dev),
                 act=torch.empty(m, hidden, dtype=rows_dtype, device=dev),
                 v=torch.empty(m, c, dtype=torch.float32, device=dev),
-                **mods,
+                cublas=cublas, **mods,
                 ws_up=Workspace(hidden, m, dev), ws_down=Workspace(w, m, dev), ws_in=Workspace(w, m, dev),
                 ws_final=Workspace(c, m, dev),
                 parts=torch.empty(MAX_SPLIT_K, m, w, dtype=torch.float32, device=dev),  # w3's split-K sums (deferred)
@@ -192,17 +192,17 @@ class KernelFlowHead(nn.Module):
                     copy[row:row + lin.weight.shape[0]].copy_(lin.weight)
                     row += lin.weight.shape[0]
                 self._wide = dict(fp8=fp8, weight=copy, bias=torch.cat(bias), scale=torch.cat(scale) if fp8 else None)
+                copied = copy.numel() * copy.element_size()
             else:
                 weights = [lin.weight.to(wide_dtype) for lin in lins]  # bf16: the packed weights themselves
                 self._wide = dict(fp8=fp8, weights=weights, bias=torch.stack(bias[:-1])[:, None],
                                   fbias=bias[-1])  # (D, 1, 3W), (2W,)
                 if fp8:  # the per-output-channel scales, stacked as the biases
                     self._wide.update(scale=torch.stack(scale[:-1])[:, None], fscale=scale[-1])
-                copy = weights if fp8 else []
-            mib = sum(w.numel() * w.element_size() for w in ([copy] if torch.is_tensor(copy) else copy)) / 2**20
-            if mib:
+                copied = sum(w.numel() * w.element_size() for w in weights) if fp8 else 0  # bf16: no copy
+            if copied:
                 logger.info("flow head: %.0f MiB %s copy of the modulation weights for cuBLAS (> %d rows)",
-                            mib, "fp16" if fp8 else "stacked bf16", self.cublas_mods_above)
+                            copied / 2**20, "fp16" if fp8 else "stacked bf16", self.cublas_mods_above)
         return self._wide
 
     def _mods_cublas(self, sy, buf) -> None:
@@ -230,6 +230,17 @@ class KernelFlowHead(nn.Module):
             mods.add_(wide["bias"])
             buf["fmod"].add_(wide["fbias"])
 
+    def modulation_rows(self, condition_hidden: torch.Tensor) -> torch.Tensor:
+        """silu(temb + cond_embed(vis_head(hidden))) for every step and row: (B, R, H) -> (S*B*R, W), the operand of
+        the modulation GEMMs (rounded to fp16 next to FP8 weights)."""
+        fh = self.hoisted
+        s, w = fh.temb.shape
+        z = fh.vis_head(condition_hidden).reshape(condition_hidden.shape[0] * condition_hidden.shape[1], -1)  # (M, Z)
+        sy = F.silu(fh.temb[:, None] + fh.net.cond_embed(z)[None]).reshape(-1, w)  # (S*M, W)
+        if self.weights == "fp8":  # once per token, not in every program of the D + 1 modulation GEMMs
+            sy = fp16_rows(sy)
+        return sy
+
     def forward(self, condition_hidden, noise, text_cfg, image_cfg, temperature):
         """condition_hidden (B, R, H) LLM hidden of the CFG rows; noise (B, C) -> latent (B, C) fp32."""
         b, r, _ = condition_hidden.shape
@@ -237,11 +248,8 @@ class KernelFlowHead(nn.Module):
         fh = self.hoisted
         s, w = fh.temb.shape
         buf = self._scratch_for(m, condition_hidden.device, condition_hidden.dtype)
-        z = fh.vis_head(condition_hidden).reshape(m, -1)  # (M, Z)
-        sy = F.silu(fh.temb[:, None] + fh.net.cond_embed(z)[None]).reshape(s * m, w)  # (S*M, W)
-        if self.weights == "fp8":  # once per token, not in every program of the D + 1 modulation GEMMs
-            sy = fp16_rows(sy)
-        if s * m > self.cublas_mods_above:
+        sy = self.modulation_rows(condition_hidden)  # (S*M, W)
+        if buf["cublas"]:
             self._mods_cublas(sy, buf)
         else:
             for blk, mods in zip(self.blocks, buf["mods_all"]):
