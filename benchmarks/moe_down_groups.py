@@ -136,10 +136,9 @@ def main(argv=None) -> int:
     up, down = moe.split_config(cfg)
     down.pop("SPLIT_E")
     common = dict(UPCAST=False, WIDEN=fp8_widen(torch.float8_e4m3fn), **pdl_launch(dev))
-    slots = dict(BLOCK_S=next_pow2(max(t * k, 16)), BLOCK_M=max(16, next_pow2(t)), BY_SLOT=t * k < e)
-    programs = t * k if slots["BY_SLOT"] else e
+    programs, slots = moe.grouped_grid(t, k, e)  # as moe_decode launches them
     part = torch.empty(max(t * k, min(t * k, e) * t) * h, dtype=torch.float32, device=dev)  # per slot / per group
-    prod_tickets = torch.zeros(t * triton.cdiv(h, 16), dtype=torch.int32, device=dev)
+    prod_tickets = moe.reserve_tickets(dev, h, t)
 
     def gate_up(li):
         L = layers[li]

@@ -353,10 +353,8 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
     common = dict(UPCAST=interpreting(), WIDEN=fp8_widen(w_gate.dtype), **pdl_launch(x.device))
     split = down.pop("SPLIT_E")
     n_blocks = triton.cdiv(h, down["BLOCK_N"])
-    if grouped:  # a program per expert, or per slot where there are fewer slots (at most one works per expert)
-        by_slot = t * k < e
-        slots = dict(BLOCK_S=next_pow2(max(t * k, 16)), BLOCK_M=max(16, next_pow2(t)), BY_SLOT=by_slot)
-        programs = t * k if by_slot else e
+    if grouped:
+        programs, slots = grouped_grid(t, k, e)
         _gate_up_grouped_kernel[(programs, triton.cdiv(i, up["BLOCK_N"]))](
             x, ids, w_gate, w_up, sg, su, act, t * k, h, i, x.stride(0), TOPK=k, HAS_SCALE=has_scale, **slots, **common, **up)
         _down_grouped_kernel[(programs, n_blocks)](
@@ -377,6 +375,13 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w_gate
         act, ids, weights, w_down, sd, out, part, arrivals, h, i, out.stride(0), TOPK=k, HAS_SCALE=has_scale,
         SPLIT_E=split, **common, **down)
     return out
+
+
+def grouped_grid(t: int, k: int, e: int) -> tuple[int, dict]:
+    """The grouped kernels' programs along the grid's first axis and their slot constexprs for t rows of k slots over
+    e experts: a program per expert, or per slot where there are fewer slots (at most one works per expert)."""
+    by_slot = t * k < e
+    return (t * k if by_slot else e), dict(BLOCK_S=next_pow2(max(t * k, 16)), BLOCK_M=max(16, next_pow2(t)), BY_SLOT=by_slot)
 
 
 @functools.cache
@@ -411,5 +416,5 @@ def split_config(config: dict) -> tuple[dict, dict]:
 
 
 __all__ = ["GROUPED_DEFAULT", "GROUPED_MIN_ROWS", "GROUPED_MIN_ROWS_FP8", "candidate_configs", "down_candidates", "grouped_by_default",
-           "grouped_min_rows", "grouped_supported", "moe_decode", "pick_config", "reserve_scratch", "reserve_tickets",
+           "grouped_grid", "grouped_min_rows", "grouped_supported", "moe_decode", "pick_config", "reserve_scratch", "reserve_tickets",
            "split_config"]
