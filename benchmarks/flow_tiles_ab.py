@@ -57,6 +57,7 @@ def inputs(model, dev, prompts: int):
     return hid, noise, [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
                         table[key] = kept
                 rows["tiles"].setdefault(f"{tile[0]}x{tile[1]}", []).append(row)
                 print(f"  {name} x{b} {c}: {row}", flush=True)
+                res["gemms"][name] = {"candidates": rows}  # so far (a run cut short keeps what it timed)
+                out_path.write_text(json.dumps(res, indent=1))
         head.tile_weights({name: None})
         # per row count: the control's best, and each tile's best
         best = {}
