@@ -5,8 +5,8 @@
 benchmarks/kernels.py times each GEMM alone, launch after launch of the same kernel. In the head the
 w12 and w3 GEMMs alternate with a LayerNorm between them, each waiting for the one before, so the
 ramp-up, the last wave and the split-K merge could weigh differently. Here every candidate config of the w12 (SwiGLU)
-and w3 (gated residual) shapes is put in the GPU's table in turn and the whole 16-step head (2 CFG rows,
-full-size shapes, random weights) is captured and timed: w3's candidates with w12 at its tabled config,
+and w3 (gated residual) shapes is put in the GPU's table in turn and the whole 16-step head (2 CFG rows of
+--prompts prompts, full-size shapes, random weights) is captured and timed: w3's candidates with w12 at its tabled config,
 then w12's with the best w3. --install writes the table with the winners into OUT/<gpu>.json (copy it to
 kernels/configs/ to adopt it). Each variant's latent is compared with the tabled configs' (relative L2:
 split-K changes the summation order, nothing else).
@@ -54,17 +54,19 @@ def main(argv=None) -> int:
     p.add_argument("--install", action="store_true", help="write the table with the winners to OUT/<gpu>.json")
     p.add_argument("--merge-in-w3", action="store_true", help="tune the head whose w3 merges its own splits")
     p.add_argument("--only", choices=("w3", "w12"), help="sweep this GEMM alone")
+    p.add_argument("--warps", default="4", help="each candidate with each of these warp counts")
+    p.add_argument("--prompts", type=int, default=1, help="prompts in the batch (2 CFG rows each): the row count tuned")
     a = p.parse_args(argv)
     deferred = not a.merge_in_w3
-    rows = 2
-    dev, model, (hid, noise, sc), res = flow_head_bench("flow_sweep.py", a.out, rows)
+    dev, model, (hid, noise, sc), res = flow_head_bench("flow_sweep.py", a.out, prompts=a.prompts)
+    rows = 2 * a.prompts  # the GEMMs' row count
     cfg = model.cfg
     table = skinny.launch_table().setdefault("skinny", {})  # the live entries pick_config reads
     out_path = a.out / "flow_sweep.json"
     for fmt in a.formats.split(","):
         heads = {d: KernelFlowHead(model, weights=fmt, deferred_residual=d) for d in (True, False)}
         head = heads[deferred]
-        out = torch.empty(1, cfg.flow_head.latent_dim, device=dev)
+        out = torch.empty(a.prompts, cfg.flow_head.latent_dim, device=dev)
         for h in heads.values():
             h(hid, noise, *sc)  # scratch before any capture
 
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
         for name in ("w3", "w12") if a.only is None else (a.only,):
             key, n, k, _ = keys[name]
             tried = row["candidates"][name] = []
-            for c in candidate_configs(n, k, fp8=fmt == "fp8", wide=a.wide and fmt == "fp8"):
+            for c in candidate_configs(n, k, fp8=fmt == "fp8", wide=a.wide and fmt == "fp8",
+                                       warps=tuple(int(w) for w in a.warps.split(","))):
                 table[key] = c
                 try:
                     ms, lat = run()

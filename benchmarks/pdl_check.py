@@ -76,22 +76,23 @@ def flow_head(model, fmt: str, runs: int, dev) -> dict:
     return res
 
 
-def flow_head_inputs(model, dev, rows: int = 2):
+def flow_head_inputs(model, dev, rows: int = 2, prompts: int = 1):
     """Seeded inputs of one flow-head call for the flow-head checks (flow_ablation, flow_chain_check,
-    flow_sweep): LLM hidden (1, rows, H) bf16, noise (1, C), the guidance scales and temperature."""
+    flow_sweep): LLM hidden (prompts, rows, H) bf16, noise (prompts, C), the guidance scales and temperature."""
     cfg = model.cfg
     g = torch.Generator(device=dev).manual_seed(0)
-    hid = torch.randn(1, rows, cfg.llm.hidden_size, device=dev, generator=g).to(torch.bfloat16)
-    noise = torch.randn(1, cfg.flow_head.latent_dim, device=dev, generator=g)
+    hid = torch.randn(prompts, rows, cfg.llm.hidden_size, device=dev, generator=g).to(torch.bfloat16)
+    noise = torch.randn(prompts, cfg.flow_head.latent_dim, device=dev, generator=g)
     return hid, noise, [torch.tensor([v], device=dev) for v in (3.0, 1.0, 1.0)]
 
 
-def flow_head_bench(script: str, out: Path, rows: int = 2):
+def flow_head_bench(script: str, out: Path, rows: int = 2, prompts: int = 1):
     """What the flow-head checks (flow_ablation, flow_chain_check, flow_sweep) start from: (device, the
     full model, flow_head_inputs, a results dict with the environment and the head's shape)."""
     dev, model = full_model_on_gpu(script, out)
-    res = {"env": environment(dev), "rows": rows, "steps": model.cfg.flow_head.num_steps, "formats": {}}
-    return dev, model, flow_head_inputs(model, dev, rows), res
+    res = {"env": environment(dev), "rows": rows, "prompts": prompts, "steps": model.cfg.flow_head.num_steps,
+           "formats": {}}
+    return dev, model, flow_head_inputs(model, dev, rows, prompts), res
 
 
 def token_inputs(model, dev, prompts: int = 1):

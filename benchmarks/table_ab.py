@@ -2,7 +2,7 @@
 
     python benchmarks/table_ab.py --out OUT --old OLD.json [--new NEW.json] [--formats fp8,bf16]
 
-Full-size flow head (random weights of the released shapes), 2 CFG rows, its 16 Euler steps from one
+Full-size flow head (random weights of the released shapes), 2 CFG rows per prompt (--prompts), its 16 Euler steps from one
 CUDA graph, captured once with each table (kernels/configs/<gpu>.json format; --new defaults to the
 installed one). The two graphs are timed in turn for --rounds rounds after 2 s of warm-up, each keeping
 its best median, so a slow GPU phase does not fall on one side only; the latents of the two are compared
@@ -33,8 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=Path, default=None)
     p.add_argument("--formats", default="fp8")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prompts", type=int, default=1, help="prompts in the batch (2 CFG rows each)")
     a = p.parse_args(argv)
-    dev, model, (hid, noise, sc), res = flow_head_bench("table_ab.py", a.out)
+    dev, model, (hid, noise, sc), res = flow_head_bench("table_ab.py", a.out, prompts=a.prompts)
     new = a.new or skinny.launch_table_path()
     tables = {"old": json.loads(a.old.read_text()), "new": json.loads(new.read_text())}
     res.update(old=str(a.old), new=str(new))
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
         replays, outs, row = {}, {}, {}
         for name, table in tables.items():
             skinny.use_launch_table(table)  # graphs captured earlier keep their launches
-            out = outs[name] = torch.empty(1, model.cfg.flow_head.latent_dim, device=dev)
+            out = outs[name] = torch.empty(a.prompts, model.cfg.flow_head.latent_dim, device=dev)
             replays[name] = capture(lambda out=out, head=head: out.copy_(head(hid, noise, *sc)))
         skinny.use_launch_table(tables["new"])
         settle(replays["new"], dev)
