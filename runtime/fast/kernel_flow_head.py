@@ -285,6 +285,7 @@ class KernelFlowHead(nn.Module):
             sy = fp16_rows(sy)
         return sy
 
+    @torch.no_grad()  # inference only (the kernels have no backward); the cuBLAS modulations write out=
     def forward(self, condition_hidden, noise, text_cfg, image_cfg, temperature):
         """condition_hidden (B, R, H) LLM hidden of the CFG rows; noise (B, C) -> latent (B, C) fp32."""
         b, r, _ = condition_hidden.shape
