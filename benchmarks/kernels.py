@@ -254,7 +254,8 @@ def main(argv=None) -> int:
                                                               "the table is keyed by rows, so batch-1 entries stay)")
     p.add_argument("--skip-moe", action="store_true", help="no fused-MoE rows (its table entries are kept)")
     p.add_argument("--only-moe", action="store_true", help="only the fused-MoE rows (the GEMMs' table entries are kept)")
-    p.add_argument("--only", default="", help="only the GEMM rows whose name contains this, e.g. 'router' (with --skip-moe)")
+    p.add_argument("--only", default="", help="only the GEMM rows whose name contains this (or one of these, comma-separated), "
+                   "e.g. 'router' (with --skip-moe)")
     p.add_argument("--wide", action="store_true", help="FP8: also sweep 128-wide K tiles and 6 pipeline stages")
     p.add_argument("--warps", default="4", help="warp counts to sweep each GEMM config with (comma-separated, e.g. 4,8; the fused-MoE sweep adds 2)")
     p.add_argument("--peak-tbps", type=float, default=None, help="HBM peak (default: by GPU name, speed.HBM_TBPS)")
@@ -291,7 +292,7 @@ def main(argv=None) -> int:
         if a.sweep:
             (a.out / f"{gpu_slug()}.json").write_text(json.dumps(table, indent=1))
     for idx, (name, m, n, k, epi, kernel_formats) in enumerate(() if a.only_moe else shapes(cfg, a.prompts)):
-        if a.only not in name:
+        if not any(part in name for part in a.only.split(",")):
             continue
         for fmt in formats:
             if fmt not in kernel_formats and fmt != "bf16":  # bf16 stays as the cuBLAS comparison
