@@ -48,7 +48,7 @@ if triton is not None:
         HAS_WSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, PDL: tl.constexpr, PF_TILES: tl.constexpr, W_BYTES: tl.constexpr,
-        WIDEN: tl.constexpr = 0, W_TILED: tl.constexpr = 0,
+        WIDEN: tl.constexpr = 0,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -65,40 +65,22 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + k_span, K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)  # acc[n, m] = y[m, n]
         acc2 = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)  # SwiGLU's value half
-        if W_TILED:  # (N/BN, K/BK, BN, BK) tiles: row r of the tile at k0 is at pid_n*BN*K + k0*BN + r*BK
-            w_rows = w_ptr + pid_n.to(tl.int64) * BLOCK_N * K + tl.arange(0, BLOCK_N) * BLOCK_K
-        else:
-            w_rows = w_ptr + rn.to(tl.int64) * K
+        w_rows = w_ptr + rn.to(tl.int64) * K
         if PF_TILES > 0:  # (with PDL only) scheduled while the previous kernel drains: warm L2 with our first weight tiles
-            if W_TILED:  # our first tiles are one contiguous run of PF_TILES * BN * BK weights
-                sector = tl.arange(0, PF_TILES * BLOCK_N * BLOCK_K * W_BYTES // 32) * (32 // W_BYTES)
-                pf_ok = sector < (k_hi - k_lo) * BLOCK_N
-                first = w_ptr + pid_n.to(tl.int64) * BLOCK_N * K + k_lo * BLOCK_N
-                prefetch_l2(first + sector, pf_ok)
-                if EPILOGUE == 1:
-                    prefetch_l2(first + N * K + sector, pf_ok)
-            else:
-                sector = k_lo + tl.arange(0, PF_TILES * BLOCK_K * W_BYTES // 32) * (32 // W_BYTES)
-                pf_ok = n_ok[:, None] & (sector[None, :] < k_hi)
-                prefetch_l2(w_rows[:, None] + sector[None, :], pf_ok)
-                if EPILOGUE == 1:
-                    prefetch_l2(w_rows[:, None] + N * K + sector[None, :], pf_ok)
+            sector = k_lo + tl.arange(0, PF_TILES * BLOCK_K * W_BYTES // 32) * (32 // W_BYTES)
+            pf_ok = n_ok[:, None] & (sector[None, :] < k_hi)
+            prefetch_l2(w_rows[:, None] + sector[None, :], pf_ok)
+            if EPILOGUE == 1:
+                prefetch_l2(w_rows[:, None] + N * K + sector[None, :], pf_ok)
         pdl_enter(PDL)  # nothing above reads an activation or writes anything
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < k_hi
             xt = tl.load(x_rows[None, :] + kk[:, None], mask=m_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BM)
-            if W_TILED:  # one contiguous BN*BK block, whole (N % BN == K % BK == 0): no mask
-                wt = tl.load(w_rows[:, None] + k0 * BLOCK_N + rk[None, :])  # (BN, BK)
-            else:
-                wt = tl.load(w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
+            wt = tl.load(w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
             acc += mma(wt, xt, UPCAST, WIDEN)
             if EPILOGUE == 1:
-                if W_TILED:
-                    wt2 = tl.load(w_rows[:, None] + N * K + k0 * BLOCK_N + rk[None, :])
-                else:
-                    wt2 = tl.load(w_rows[:, None] + N * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                                  other=0.0)
+                wt2 = tl.load(w_rows[:, None] + N * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 acc2 += mma(wt2, xt, UPCAST, WIDEN)
 
         pdl_main_loop_done(PDL)  # the next kernel's programs may start during our epilogue
@@ -235,61 +217,22 @@ def gpu_slug() -> str:
     return "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name()).strip("_")
 
 
-def config_key(m: int, n: int, k: int, fp8: bool, epilogue: int, tiles: tuple[int, int] | None = None) -> str:
-    key = f"m{next_pow2(max(m, 1))}_n{n}_k{k}_{'fp8' if fp8 else 'bf16'}_e{epilogue}"
-    return key if tiles is None else f"{key}_t{tiles[0]}x{tiles[1]}"
+def config_key(m: int, n: int, k: int, fp8: bool, epilogue: int) -> str:
+    return f"m{next_pow2(max(m, 1))}_n{n}_k{k}_{'fp8' if fp8 else 'bf16'}_e{epilogue}"
 
 
-def pick_config(m: int, n: int, k: int, fp8: bool, epilogue: int, device=None,
-                tiles: tuple[int, int] | None = None) -> dict:
-    """The launch config of one call: the GPU's table (kernels/configs/), else a heuristic. tiles (BN, BK): the
-    weight is laid out in tiles (tile_weight), which fix BLOCK_N and BLOCK_K; an untabled tiled key takes the
-    row-major key's split, warps and stages."""
+def pick_config(m: int, n: int, k: int, fp8: bool, epilogue: int, device=None) -> dict:
     if interpreting():
-        config = {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1}  # few, wide programs: the interpreter runs them one by one
-    else:
-        table = tuned_configs_for("skinny")
-        keys = [(epilogue, tiles), (epilogue, None)] if tiles else [(epilogue, None)]
-        if epilogue == PARTIALS:  # untabled: the ticket-merged GEMM's config, same main loop
-            keys += [(GATED_RESIDUAL, t) for _, t in keys]
-        found = next((table[kk] for kk in (config_key(m, n, k, fp8, e, t) for e, t in keys) if kk in table), None)
-        if found is not None:
-            config = dict(found)
-        else:
-            cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-            sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else SM_COUNT_DEFAULT
-            config = heuristic_config(n, k, fp8, sms)
-    if tiles is not None:
-        config.update(BLOCK_N=tiles[0], BLOCK_K=tiles[1])
-        while config["SPLIT_K"] > 1 and config["SPLIT_K"] * tiles[1] > k:
-            config["SPLIT_K"] //= 2
-    return config
-
-
-def tile_weight(w: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
-    """(N, K) -> (N/BN, K/BK, BN, BK) contiguous: tile (i, j) holds rows i*BN.., columns j*BK.. as one block, so
-    a program's step along K reads BN*BK contiguous bytes instead of BN rows K apart (benchmarks/
-    fp8_gemv_variants.py, "dot-pretiled"). skinny_gemm and skinny_partials take the 4-D result and launch with
-    BLOCK_N = BN, BLOCK_K = BK. The values are the same: only where they sit changes."""
-    n, k = w.shape
-    if n % block_n or k % block_k:
-        raise ValueError(f"a ({n}, {k}) weight does not split into {block_n} x {block_k} tiles")
-    return w.view(n // block_n, block_n, k // block_k, block_k).permute(0, 2, 1, 3).contiguous()
-
-
-def untile_weight(w: torch.Tensor) -> torch.Tensor:
-    """tile_weight's inverse: (N/BN, K/BK, BN, BK) -> (N, K)."""
-    nb, kb, bn, bk = w.shape
-    return w.permute(0, 2, 1, 3).reshape(nb * bn, kb * bk)
-
-
-def weight_layout(w: torch.Tensor) -> tuple[int, int, tuple[int, int] | None]:
-    """(rows N', K, tiles): a row-major (N', K) weight, or tile_weight's (N'/BN, K/BK, BN, BK) with tiles (BN, BK)."""
-    if w.dim() == 4:
-        return w.shape[0] * w.shape[2], w.shape[1] * w.shape[3], (w.shape[2], w.shape[3])
-    if w.dim() != 2:
-        raise ValueError(f"a weight is (N, K) or tile_weight's (N/BN, K/BK, BN, BK), got {tuple(w.shape)}")
-    return w.shape[0], w.shape[1], None
+        return {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1}  # few, wide programs: the interpreter runs them one by one
+    table = tuned_configs_for("skinny")
+    found = table.get(config_key(m, n, k, fp8, epilogue))
+    if found is None and epilogue == PARTIALS:  # untabled: the ticket-merged GEMM's config, same main loop
+        found = table.get(config_key(m, n, k, fp8, GATED_RESIDUAL))
+    if found is not None:
+        return dict(found)
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else SM_COUNT_DEFAULT
+    return heuristic_config(n, k, fp8, sms)
 
 
 class Workspace:
@@ -344,15 +287,13 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
         raise ValueError(f"skinny_gemm epilogue must be STORE, SWIGLU or GATED_RESIDUAL, got {epilogue} "
                          "(the raw partials: skinny_partials)")
     m, n = out.shape
-    w_rows, k, tiles = weight_layout(w)
+    k = w.shape[1]
     if m > MAX_ROWS:
         raise ValueError(f"skinny_gemm is for <= {MAX_ROWS} rows, got {m}")
     if x.shape[-1] != k or x.stride(-1) != 1 or not w.is_contiguous():
         raise ValueError(f"bad operands: x {tuple(x.shape)} (last stride {x.stride(-1)}), w {tuple(w.shape)}")
-    if w_rows != (2 * n if epilogue == SWIGLU else n):
-        raise ValueError(f"w has {w_rows} rows for {n} outputs with epilogue {epilogue}")
-    if tiles is not None and n % tiles[0]:
-        raise ValueError(f"SwiGLU's halves of {n} rows do not split into {tiles[0]}-row tiles")
+    if w.shape[0] != (2 * n if epilogue == SWIGLU else n):
+        raise ValueError(f"w has {w.shape[0]} rows for {n} outputs with epilogue {epilogue}")
     if x.shape[0] * row_div != m:
         raise ValueError(f"{x.shape[0]} input rows x row_div {row_div} != {m} output rows")
     if (gate is None) != (epilogue != GATED_RESIDUAL) or (gate is not None and gate.stride(-1) != 1):
@@ -360,7 +301,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w_scale=
     if workspace is None:
         workspace = shared_workspace(n, m, out.device)
     _launch(x, w, out, m, n, k, epilogue, row_div, w_scale, bias, gate, workspace.partials, workspace.tickets,
-            out.stride(0), config, tiles)
+            out.stride(0), config)
     return out
 
 
@@ -373,30 +314,20 @@ def skinny_partials(x: torch.Tensor, w: torch.Tensor, parts: torch.Tensor, *, co
     """
     require()
     _, m, n = parts.shape
-    w_rows, k, tiles = weight_layout(w)
+    k = w.shape[1]
     if m > MAX_ROWS or x.shape[0] != m or x.shape[-1] != k or x.stride(-1) != 1 or not w.is_contiguous():
         raise ValueError(f"bad operands: x {tuple(x.shape)}, w {tuple(w.shape)} for partials {tuple(parts.shape)}")
-    if w_rows != n or parts.dtype != torch.float32 or not parts.is_contiguous():
-        raise ValueError(f"partials must be contiguous fp32 (S, M, {w_rows}), got {parts.dtype} {tuple(parts.shape)}")
-    config = _layout_config(config, m, n, k, w, PARTIALS, parts.device, tiles)
+    if w.shape[0] != n or parts.dtype != torch.float32 or not parts.is_contiguous():
+        raise ValueError(f"partials must be contiguous fp32 (S, M, {w.shape[0]}), got {parts.dtype} {tuple(parts.shape)}")
+    if config is None:
+        config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, PARTIALS, parts.device)
     if config["SPLIT_K"] > parts.shape[0]:
         raise ValueError(f"config splits K {config['SPLIT_K']} ways, the partials hold {parts.shape[0]}")
-    _launch(x, w, parts, m, n, k, PARTIALS, 1, None, None, None, parts, parts, 0, config, tiles)
+    _launch(x, w, parts, m, n, k, PARTIALS, 1, None, None, None, parts, parts, 0, config)
     return config["SPLIT_K"]
 
 
-def _layout_config(config, m, n, k, w, epilogue, device, tiles) -> dict:
-    """The call's config: pinned or picked; a tiled weight's tiles are its BLOCK_N and BLOCK_K."""
-    if config is None:
-        return pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, epilogue, device, tiles)
-    if tiles is not None and (config["BLOCK_N"], config["BLOCK_K"]) != tuple(tiles):
-        raise ValueError(f"the weight is laid out in {tiles[0]} x {tiles[1]} tiles, the config asks for "
-                         f"{config['BLOCK_N']} x {config['BLOCK_K']}")
-    return config
-
-
-def _launch(x, w, out, m, n, k, epilogue, row_div, w_scale, bias, gate, partials, tickets, stride_out, config,
-            tiles=None):
+def _launch(x, w, out, m, n, k, epilogue, row_div, w_scale, bias, gate, partials, tickets, stride_out, config):
     dummy = out
     args = (x, w, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy, out,
             gate if gate is not None else dummy, partials, tickets,
@@ -405,12 +336,13 @@ def _launch(x, w, out, m, n, k, epilogue, row_div, w_scale, bias, gate, partials
     pdl = pdl_launch(out.device)
     flags = dict(HAS_WSCALE=w_scale is not None, HAS_BIAS=bias is not None, EPILOGUE=epilogue, BLOCK_M=block_m,
                  UPCAST=interpreting(), WIDEN=fp8_widen(w.dtype), PF_TILES=pdl_prefetch_tiles() if pdl["PDL"] else 0, W_BYTES=w.element_size(),
-                 W_TILED=tiles is not None, **pdl)
-    config = _layout_config(config, m, n, k, w, epilogue, out.device, tiles)
+                 **pdl)
+    if config is None:
+        config = pick_config(m, n, k, w.dtype == torch.float8_e4m3fn, epilogue, out.device)
     config = fit_stages(config, w.element_size(), epilogue == SWIGLU, block_m, x.element_size())
     grid = (triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
     _skinny_kernel[grid](*args, **flags, **config)
 
 
 __all__ = ["GATED_RESIDUAL", "MAX_ROWS", "MAX_SPLIT_K", "PARTIALS", "STORE", "SWIGLU", "Workspace", "candidate_configs", "config_key", "launch_table", "launch_table_path", "pick_config", "shared_workspace", "skinny_gemm",
-           "skinny_partials", "tile_weight", "tuned_configs_for", "untile_weight", "use_launch_table", "weight_layout"]
+           "skinny_partials", "tuned_configs_for", "use_launch_table"]

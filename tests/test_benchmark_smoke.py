@@ -92,7 +92,7 @@ def test_sdvae_latent_pipeline_on_tiny():
 @pytest.mark.parametrize("script", ["pdl_check.py", "determinism_check.py", "attention_check.py", "fp8_gemv_variants.py",
                                     "fp8_widen.py", "step_batches.py", "table_ab.py --old kernels/configs/NVIDIA_H200.json",
                                     "router_ab.py", "tokenizer_layers.py", "moe_tiles_ab.py", "moe_down_groups.py",
-                                    "flow_mods_ab.py", "flow_tiles_ab.py"])
+                                    "flow_mods_ab.py"])
 def test_gpu_only_benchmarks_refuse_a_cpu_machine(tmp_path, script):
     name, *args = script.split()
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--out", str(tmp_path), *args],

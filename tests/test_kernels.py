@@ -20,7 +20,7 @@ from kernels import interpreting
 from kernels.fp8 import dequantize_rows_fp8, quantize_rows_fp8
 from kernels.guidance import guide_euler_
 from kernels.layernorm import PendingResidual, ln_modulate
-from kernels.skinny import GATED_RESIDUAL, MAX_SPLIT_K, SWIGLU, Workspace, skinny_gemm, skinny_partials
+from kernels.skinny import GATED_RESIDUAL, SWIGLU, Workspace, skinny_gemm, skinny_partials
 from models import build, tiny_config
 from models.flow_head import guide
 from models.pieces import FlowHeadPiece
@@ -183,86 +183,6 @@ def test_deferred_residual_rejects_bad_operands():
     with pytest.raises(ValueError, match="pending residual"):  # x must be the fp32 residual stream
         ln_modulate(h.half(), mods[:, :8], mods[:, 8:16], torch.empty(3, 8, device=DEV),
                     residual=PendingResidual(parts, 1, mods[:, 16:]))
-
-
-@pytest.mark.parametrize("split", [1, 2, 3])
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
-def test_tiled_weights_give_the_row_major_bits(split, fmt):
-    """A weight laid out in (BN, BK) tiles (tile_weight) gives every epilogue the row-major launch's result bit
-    for bit at the same config: only the addresses of the loads change. Split 3 leaves the splits uneven (5 K
-    tiles). A tile layout read as row-major (the wrong addresses) would differ."""
-    from kernels.skinny import tile_weight, untile_weight, weight_layout
-
-    g = torch.Generator().manual_seed(11)
-    m, n, k = 3, 48, 160
-    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split}
-    rows = torch.float16 if fmt == "fp8" else torch.bfloat16
-
-    def weight(n_out):
-        w = torch.randn(n_out, k, generator=g)
-        if fmt == "fp8":
-            wq, sc = quantize_rows_fp8(w)
-            return wq.to(DEV), sc.to(DEV)
-        return w.to(torch.bfloat16).to(DEV), None
-
-    x = torch.randn(m, k, generator=g).to(rows).to(DEV)
-    w, sc = weight(n)
-    w12, sc12 = weight(2 * n)
-    b, b12 = torch.randn(n, generator=g).to(DEV), torch.randn(2 * n, generator=g).to(DEV)
-    gate = torch.randn(m, n, generator=g).to(DEV)
-    h0 = torch.randn(m, n, generator=g).to(DEV)
-    tw, tw12 = tile_weight(w, 16, 32), tile_weight(w12, 16, 32)
-    assert tw.shape == (3, 5, 16, 32) and weight_layout(tw) == (n, k, (16, 32))
-    assert torch.equal(untile_weight(tw), w) and torch.equal(tw[1, 2], w[16:32, 64:96])
-
-    def run(wt, wt12):
-        y, a, h = torch.empty(m, n, device=DEV), torch.empty(m, n, device=DEV), h0.clone()
-        parts = torch.zeros(MAX_SPLIT_K, m, n, device=DEV)
-        skinny_gemm(x, wt, y, w_scale=sc, bias=b, config=cfg, workspace=Workspace(n, m, DEV))
-        skinny_gemm(x, wt12, a, w_scale=sc12, bias=b12, epilogue=SWIGLU, config=cfg, workspace=Workspace(n, m, DEV))
-        skinny_gemm(x, wt, h, w_scale=sc, bias=b, gate=gate, epilogue=GATED_RESIDUAL, config=cfg,
-                    workspace=Workspace(n, m, DEV))
-        assert skinny_partials(x, wt, parts, config=cfg) == split
-        return y, a, h, parts
-
-    for name, got, want in zip(("store", "swiglu", "gated_residual", "partials"), run(tw, tw12), run(w, w12)):
-        assert torch.equal(got, want), f"tiled {name} ({fmt}, split {split})"
-    _check(f"kernels/tiled_store_{fmt}_split{split}", run(tw, tw12)[0],
-           _act(x, fmt) @ (dequantize_rows_fp8(w, sc) if fmt == "fp8" else w.float()).T + b)
-    scrambled = tw.reshape(n, k)  # the tiles' bytes as if row-major
-    assert not torch.equal(run(scrambled, tw12.reshape(2 * n, k))[0], run(w, w12)[0])
-    # the layout fixes the tile; a config asking for another, or a picked one, follows or refuses
-    with pytest.raises(ValueError, match="16 x 32 tiles"):
-        skinny_gemm(x, tw, torch.empty(m, n, device=DEV), w_scale=sc, config={**cfg, "BLOCK_K": 64})
-    with pytest.raises(ValueError, match="tiles"):
-        tile_weight(w, 32, 32)
-    with pytest.raises(ValueError, match="halves"):
-        skinny_gemm(x, tile_weight(w12, 32, 32), torch.empty(m, n, device=DEV), epilogue=SWIGLU)
-    with pytest.raises(ValueError, match="partials"):
-        skinny_partials(x, tw, torch.zeros(2, m, n, device=DEV), config={**cfg, "SPLIT_K": 3})
-    y = torch.empty(m, n, device=DEV)
-    skinny_gemm(x, tw, y, w_scale=sc, bias=b)  # picked: the interpreter's / table's split with the layout's tile
-    assert torch.allclose(y, run(tw, tw12)[0], rtol=1e-3, atol=1e-3 * y.abs().max().item())
-
-
-def test_tiled_config_lookup(monkeypatch):
-    """A tiled weight's config: its own table key first, else the row-major key's split, warps and stages with
-    the layout's tile (PARTIALS falling back to the gated residual's), its split halved until a split holds a
-    tile."""
-    import kernels.skinny as skinny
-    from kernels.skinny import PARTIALS, config_key, pick_config
-
-    monkeypatch.setattr(skinny, "interpreting", lambda: False)
-    row_major = {"BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 4, "num_warps": 2, "num_stages": 3}
-    own = {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 2, "num_warps": 4, "num_stages": 5}
-    table = {config_key(16, 3072, 8192, True, GATED_RESIDUAL): row_major,
-             config_key(2, 3072, 8192, True, PARTIALS, (32, 256)): own}
-    monkeypatch.setattr(skinny, "tuned_configs_for", lambda kind: table)
-    assert config_key(2, 3072, 8192, True, PARTIALS, (32, 256)) == "m2_n3072_k8192_fp8_e3_t32x256"
-    assert pick_config(2, 3072, 8192, True, PARTIALS, tiles=(32, 256)) == own
-    assert pick_config(16, 3072, 8192, True, PARTIALS, tiles=(64, 128)) == {**row_major, "BLOCK_N": 64, "BLOCK_K": 128}
-    assert pick_config(16, 3072, 8192, True, PARTIALS) == row_major
-    assert pick_config(16, 3072, 8192, True, PARTIALS, tiles=(32, 4096))["SPLIT_K"] == 2
 
 
 def test_skinny_rejects_bad_operands():
@@ -836,52 +756,6 @@ def test_kernel_flow_head_close_to_reference(fmt):
         assert torch.equal(merged_in_w3, got)
     else:
         assert_close(f"kernels/flow_head_{fmt}_deferred_residual", got, merged_in_w3, 1e-5 * merged_in_w3.abs().max().item())
-
-
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
-@torch.no_grad()
-def test_kernel_flow_head_on_tiled_weights(fmt, monkeypatch):
-    """The head with its w12 / w3 weights laid out in tiles: at the tile the row-major launches use (pinned to
-    16 x 16 here) the same latent bit for bit, at another tile within rounding; None lays them back exactly; the
-    one-launch chain refuses tiled weights."""
-    import kernels.skinny as skinny
-    from runtime.fast.kernel_flow_head import KernelFlowHead
-
-    def pinned(m, n, k, fp8, epilogue, device=None, tiles=None):
-        bn, bk = tiles or (16, 16)
-        return {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 2}
-
-    monkeypatch.setattr(skinny, "pick_config", pinned)
-    model = build(tiny_config(), seed=0, device=DEV)
-    head = KernelFlowHead(model, weights=fmt)
-    w3 = head.blocks[0]["w3"].weight.clone()  # (64, 176)
-    g = torch.Generator().manual_seed(6)
-    hid = torch.randn(1, 2, model.cfg.llm.hidden_size, generator=g).to(DEV)
-    noise = torch.randn(1, model.cfg.flow_head.latent_dim, generator=g).to(DEV)
-    s = [torch.tensor([v], device=DEV) for v in (2.5, 1.2, 0.8)]
-    ref = head(hid, noise, *s)
-    head.tile_weights({"w12": (16, 16), "w3": (16, 16)})
-    assert head.tiles() == {"w12": (16, 16), "w3": (16, 16)} and head.blocks[0]["w3"].weight.shape == (4, 11, 16, 16)
-    assert torch.equal(head(hid, noise, *s), ref)
-    with pytest.raises(ValueError, match="halves of 176 rows"):
-        head.tile_weights({"w12": (32, 32)})
-    head.tile_weights({"w12": (16, 32), "w3": (32, 16)})  # another tile: other sums, within rounding
-    got = head(hid, noise, *s)
-    assert_close(f"kernels/flow_head_tiled32_{fmt}", got, ref, 1e-3 * ref.abs().max().item())
-    with pytest.raises(ValueError, match="chain"):
-        head.set_chain(True)
-    with pytest.raises(ValueError, match="w12 and w3"):
-        head.tile_weights({"ada": (16, 16)})
-    head.tile_weights({"w12": None, "w3": None})
-    assert head.tiles() == {"w12": None, "w3": None} and torch.equal(head.blocks[0]["w3"].weight, w3)
-    assert torch.equal(head(hid, noise, *s), ref)
-    # by default the layout this GPU's launch table lists for the format; tiles={} keeps row-major
-    import runtime.fast.kernel_flow_head as kfh
-
-    monkeypatch.setattr(kfh, "launch_table", lambda: {"flow_head_tiles": {fmt: {"w3": [16, 16]}}})
-    assert KernelFlowHead(model, weights=fmt).tiles() == {"w12": None, "w3": (16, 16)}
-    assert KernelFlowHead(model, weights=fmt, tiles={}).tiles() == {"w12": None, "w3": None}
-    assert KernelFlowHead(model, weights="bf16" if fmt == "fp8" else "fp8").tiles() == {"w12": None, "w3": None}
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])

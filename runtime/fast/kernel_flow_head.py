@@ -43,19 +43,7 @@ from kernels import interpreting
 from kernels.fp8 import WEIGHT_FORMATS, fp16_rows, quantize_rows_fp8
 from kernels.guidance import guide_euler_
 from kernels.layernorm import PendingResidual, ln_modulate
-from kernels.skinny import (
-    GATED_RESIDUAL,
-    MAX_ROWS,
-    MAX_SPLIT_K,
-    SWIGLU,
-    Workspace,
-    launch_table,
-    skinny_gemm,
-    skinny_partials,
-    tile_weight,
-    untile_weight,
-    weight_layout,
-)
+from kernels.skinny import GATED_RESIDUAL, MAX_ROWS, MAX_SPLIT_K, SWIGLU, Workspace, skinny_gemm, skinny_partials
 from models.univision import MingUniVision
 
 from .flow_head import FastFlowHead
@@ -95,17 +83,14 @@ class PackedLinear:
 class KernelFlowHead(nn.Module):
     def __init__(self, model: MingUniVision, *, weights: str = "bf16", time_shift: float | None = None,
                  renorm: bool = False, chain: bool = False, deferred_residual: bool = True,
-                 merge_mods: bool | None = None, tiles: dict | None = None):
+                 merge_mods: bool | None = None):
         """chain (EXPERIMENTAL, kernels/flow_chain.py): each Euler step's blocks in one persistent launch,
         from a second, stacked copy of the block weights; benchmarks/flow_chain_check.py measures it.
         deferred_residual: w3's split-K merge and gated residual run in the next LayerNorm's launch (module
         docstring); False merges them in w3's launch (a ticket), as before session 13.
         merge_mods: above MAX_ROWS modulation rows, all D + 1 modulation GEMMs as one cuBLAS GEMM over a
         stacked copy of their weights (module docstring); False: one GEMM per block. None (default): with FP8
-        weights only, whose fp16 copy exists either way; bf16 would add a 0.7 GB copy for ~30 us a token.
-        tiles: the blocks' w12 / w3 weights laid out in tiles (tile_weights), e.g. {"w3": (32, 256)}; None (default):
-        what this GPU's launch table lists under "flow_head_tiles" for the format (benchmarks/flow_tiles_ab.py
-        --install), row-major where it lists nothing."""
+        weights only, whose fp16 copy exists either way; bf16 would add a 0.7 GB copy for ~30 us a token."""
         super().__init__()
         self.deferred_residual = deferred_residual
         self.merge_mods = weights == "fp8" if merge_mods is None else bool(merge_mods)
@@ -125,39 +110,10 @@ class KernelFlowHead(nn.Module):
         self.cublas_mods_above = MAX_ROWS if MM_FP32_OUT else sys.maxsize
         self._scratch: dict[tuple, dict] = {}
         self._wide: dict | None = None  # the modulation weights as cuBLAS takes them, made on first use
-        if tiles is None and not chain:
-            tiles = {g: tuple(t) for g, t in launch_table().get("flow_head_tiles", {}).get(weights, {}).items()}
-        if tiles:
-            self.tile_weights(tiles)
-            logger.info("flow head: %s weights in tiles %s", weights, tiles)
-
-    def tile_weights(self, tiles: dict) -> None:
-        """Lay the blocks' w12 and/or w3 weights out in (BN, BK) tiles ({"w3": (32, 256)}; None: back to row-major;
-        kernels.skinny.tile_weight): each program's K step then reads one contiguous block, and their GEMMs launch
-        with that tile. Same values, same results at the same config. In place (no second copy stays); the
-        scratch (and any graph captured with it: GraphImageGenerator.reset_graphs) must be made again."""
-        if self.chain:
-            raise ValueError("the one-launch chain stacks row-major weights: switch it off before tiling")
-        for name, tile in tiles.items():
-            if name not in ("w12", "w3"):
-                raise ValueError(f"only the blocks' w12 and w3 can be tiled, got {name!r}")
-            for blk in self.blocks:
-                lin = blk[name]
-                w = untile_weight(lin.weight) if lin.weight.dim() == 4 else lin.weight
-                if tile is not None and name == "w12" and (w.shape[0] // 2) % tile[0]:
-                    raise ValueError(f"w12's SwiGLU halves of {w.shape[0] // 2} rows do not split into {tile[0]}-row tiles")
-                lin.weight = w if tile is None else tile_weight(w, *tile)
-        self._scratch.clear()
-
-    def tiles(self) -> dict:
-        """{"w12": (BN, BK) or None, "w3": ...}: how the blocks' weights are laid out now."""
-        return {name: weight_layout(self.blocks[0][name].weight)[2] for name in ("w12", "w3")}
 
     def set_chain(self, on: bool, config: dict | None = None) -> None:
         """Switch the experimental one-launch Euler step on or off (config: FlowChain's launch overrides); the
         scratch (and any captured graph using it: GraphImageGenerator.reset_graphs) must be made again."""
-        if on and any(self.tiles().values()):
-            raise ValueError("the one-launch chain stacks row-major weights: tile_weights({'w12': None, 'w3': None}) first")
         self.chain, self.chain_config = bool(on), config
         self._scratch.clear()
 
@@ -174,7 +130,7 @@ class KernelFlowHead(nn.Module):
         key = (m, dev)
         if key not in self._scratch:
             w = self.hoisted.temb.shape[1]
-            hidden = weight_layout(self.blocks[0]["w3"].weight)[1]
+            hidden = self.blocks[0]["w3"].weight.shape[1]
             c = self.final.weight.shape[0]
             s = self.hoisted.temb.shape[0]
             rows_dtype = torch.float16 if self.weights == "fp8" else torch.bfloat16  # see kernels._triton.mma
