@@ -824,6 +824,27 @@ def test_kernel_flow_head_modulations_through_cublas(fmt):
         assert_close(f"kernels/flow_mods_cublas_{fmt}_graph", first, got, 1e-5 * got.abs().max().item())
 
 
+def test_kernel_flow_head_runs_with_autograd_on():
+    """A service may call the head without torch.no_grad: the head runs without autograd itself (its cuBLAS
+    modulations write into buffers with out=, which autograd refuses while the biases require grad)."""
+    from runtime.fast.kernel_flow_head import MM_FP32_OUT, KernelFlowHead
+
+    if not MM_FP32_OUT:
+        pytest.skip("the cuBLAS modulations need torch >= 2.8 (mm with an fp32 out_dtype)")
+    model = build(tiny_config(), seed=0, device=DEV)
+    head = KernelFlowHead(model, weights="fp8", merge_mods=True)
+    assert any(p.requires_grad for p in head.parameters())
+    g = torch.Generator().manual_seed(3)
+    hid = torch.randn(6, 3, model.cfg.llm.hidden_size, generator=g).to(DEV)  # 4 steps x 18 rows: cuBLAS
+    noise = torch.randn(6, model.cfg.flow_head.latent_dim, generator=g).to(DEV)
+    s = [torch.tensor([v], device=DEV) for v in (2.5, 1.2, 0.8)]
+    with torch.enable_grad():
+        got = head(hid, noise, *s)
+    assert head._wide is not None and not got.requires_grad
+    with torch.no_grad():
+        assert torch.equal(head(hid, noise, *s), got)
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 @torch.no_grad()
 def test_flow_chain_matches_the_block_launches(fmt):
