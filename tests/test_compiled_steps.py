@@ -197,6 +197,7 @@ def test_packages_load_single_threaded_with_the_models_own_tensors(monkeypatch, 
     """CompiledStep opens a package without the container's model pool: the pool asks cudaEventQuery before each call,
     which the per-token graph's capture refuses (session 18 on the H200); the weights go in as the module's own
     tensors (user_managed, no copy)."""
+    from runtime.errors import EngineError
     from runtime.fast.compiled_steps import CompiledStep, constants_signature
 
     module = torch.nn.Linear(8, 4)
@@ -218,6 +219,13 @@ def test_packages_load_single_threaded_with_the_models_own_tensors(monkeypatch, 
     assert calls["load"]["run_single_threaded"] is True and calls["path"] == str(tmp_path / "p.pt2")
     assert calls["constants"]["weight"].data_ptr() == module.weight.data_ptr() and calls["load_kw"]["user_managed"]
     assert isinstance(step.runner, Runner)
+    # without a manifest's signature (benchmarks/aoti_accuracy.py --packages): the package's names, one load
+    calls.clear()
+    step = CompiledStep(tmp_path / "p.pt2", module, None, torch.device("cpu"))
+    assert step.expected == constants_signature(module, ["weight", "bias"]) and set(calls["constants"]) == {"weight", "bias"}
+    Runner.get_constant_fqns = lambda self: ["bias", "weight", "scale"]
+    with pytest.raises(EngineError, match="needs tensors the model lacks: \\['scale'\\]"):
+        CompiledStep(tmp_path / "p.pt2", module, None, torch.device("cpu"))
 
 
 def test_no_decode_op_takes_a_dtype_argument():

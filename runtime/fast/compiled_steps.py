@@ -158,12 +158,16 @@ def probe_packages(folder: Path, entry: dict, device: torch.device) -> str | Non
 class CompiledStep:
     """One loaded package with the live model's tensors attached; called like the eager module."""
 
-    def __init__(self, path: Path, module: nn.Module, expected: list[list], device: torch.device):
-        have = constants_signature(module, [n for n, _, _ in expected])
-        if have != expected:
-            bad = [e[0] for e, h in zip(expected, have) if e != h][:3]
-            raise EngineError(f"{path.name} was compiled for other weights ({bad} differ in name, dtype or shape); "
-                              "rebuild with python -m export.build --targets aoti")
+    def __init__(self, path: Path, module: nn.Module, expected: list[list] | None, device: torch.device):
+        """expected: the manifest's constants_signature, checked before anything loads. None: the package's own
+        tensor names are taken (a benchmark's packages, built for this very model): only that the model has them
+        all is checked, and the package is still loaded once."""
+        if expected is not None:
+            have = constants_signature(module, [n for n, _, _ in expected])
+            if have != expected:
+                bad = [e[0] for e, h in zip(expected, have) if e != h][:3]
+                raise EngineError(f"{path.name} was compiled for other weights ({bad} differ in name, dtype or "
+                                  "shape); rebuild with python -m export.build --targets aoti")
         # single-threaded: the default container hands each call a model from a pool and first asks (cudaEventQuery)
         # whether the previous call finished, which a CUDA graph capture refuses ("operation not permitted when
         # stream is capturing"); the runtime serialises its steps itself (one lock per generator)
@@ -176,7 +180,7 @@ class CompiledStep:
             raise EngineError(f"{path.name} needs tensors the model lacks: {missing[:3]}")
         # user_managed: the package uses these very tensors (no copy, updates are seen)
         self.runner.load_constants({n: consts[n] for n in names}, check_full_update=True, user_managed=True)
-        self.expected = expected
+        self.expected = constants_signature(module, names) if expected is None else expected
 
     def __call__(self, *args: torch.Tensor):
         return self.runner(*args)  # the module's own output structure (a tensor, or a tuple)
